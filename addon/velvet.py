@@ -1,0 +1,8 @@
+"""mitmproxy entry point: ``mitmdump -s addon/velvet.py``.
+
+The code lives in the ``velvet_core`` package beside this file (or installed with pip).
+"""
+
+from velvet_core.capture import Velvet
+
+addons = [Velvet()]

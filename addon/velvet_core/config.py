@@ -1,0 +1,26 @@
+"""Defaults shared by the addon and the CLI: where the database and the spool live."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ENV_DB = "VELVET_DB"
+DEFAULT_HOSTS = ("api.openai.com",)
+
+
+def data_dir() -> Path:
+    """``$VELVET_HOME``, else ``$XDG_DATA_HOME/velvet``, else ``~/.local/share/velvet``."""
+    if home := os.environ.get("VELVET_HOME"):
+        return Path(home)
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "velvet"
+
+
+def default_db_url() -> str:
+    """``$VELVET_DB`` when set, else the SQLite file ``<data dir>/velvet.db``."""
+    return os.environ.get(ENV_DB) or f"sqlite:///{data_dir() / 'velvet.db'}"
+
+
+def default_spool_dir() -> Path:
+    return data_dir() / "spool"

@@ -1,0 +1,142 @@
+"""The end-to-end rig: a real mitmdump subprocess with the addon, and SDK clients through it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import openai
+
+from velvet_core import models
+from velvet_core.database import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+ADDON = ROOT / "addon" / "velvet.py"
+MITMDUMP = Path(sys.executable).with_name("mitmdump")
+API_KEY = "sk-test-" + "k" * 40
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proxy:
+    """``mitmdump -s addon/velvet.py`` with ``map_remote`` from api.openai.com to ``upstream``."""
+
+    def __init__(self, db_url: str, upstream: str, tmp: Path, extra: list[str] | None = None,
+                 program: Path = MITMDUMP) -> None:
+        self.db_url = db_url
+        self.upstream = upstream
+        self.tmp = tmp
+        self.extra = extra or []
+        self.program = program
+        self.port = free_port()
+        self.confdir = tmp / "mitmproxy"
+        self.log_path = tmp / "mitmdump.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ca(self) -> Path:
+        return self.confdir / "mitmproxy-ca-cert.pem"
+
+    def command(self) -> list[str]:
+        return [
+            str(self.program), "-p", str(self.port), "--listen-host", "127.0.0.1",
+            "--set", f"confdir={self.confdir}", "-s", str(ADDON),
+            "--set", f"velvet_db={self.db_url}", "--set", f"velvet_spool_dir={self.tmp / 'spool'}",
+            "--set", "connection_strategy=lazy",
+            "--map-remote", rf"|https://api\.openai\.com/|{self.upstream}/",
+            *self.extra,
+        ]
+
+    def start(self) -> Proxy:
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        self.log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mitmdump exited: {self.output()}")
+            if self.ca.exists():
+                try:
+                    socket.create_connection(("127.0.0.1", self.port), 0.2).close()
+                    return self
+                except OSError:
+                    pass
+            time.sleep(0.05)
+        raise RuntimeError(f"mitmdump did not start: {self.output()}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        self.proc = None
+        self.log.close()
+        return rc
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def env(self) -> dict[str, str]:
+        return {"HTTPS_PROXY": f"http://127.0.0.1:{self.port}", "SSL_CERT_FILE": str(self.ca)}
+
+    def client(self, monkeypatch: Any, **kw: Any) -> openai.OpenAI:
+        """The official SDK, configured only through the environment as a user's app would be."""
+        for k in list(os.environ):
+            if "proxy" in k.lower():
+                monkeypatch.delenv(k)
+        for k, v in self.env().items():
+            monkeypatch.setenv(k, v)
+        return openai.OpenAI(api_key=kw.pop("api_key", API_KEY), max_retries=0, timeout=30, **kw)
+
+
+@contextmanager
+def bound(url: str) -> Iterator[None]:
+    """Bind the models to a separate connection to ``url`` for assertions."""
+    db = connect(url)
+    with db.bind_ctx(models.MODELS):
+        db.connect()
+        try:
+            yield
+        finally:
+            db.close()
+
+
+def wait_for(fn: Callable[[], T], timeout: float = 15, what: str = "condition") -> T:
+    """Poll ``fn`` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except Exception as e:  # the table may not exist yet
+            last = e
+        if last and not isinstance(last, Exception):
+            return last
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
+
+
+def call_row(url: str, request_id: str, timeout: float = 15) -> models.Call:
+    def get() -> models.Call | None:
+        with bound(url):
+            return models.Call.get_or_none(models.Call.request_id == request_id)
+
+    return wait_for(get, timeout, f"call {request_id}")
