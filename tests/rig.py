@@ -111,7 +111,7 @@ class Proxy:
 def bound(url: str) -> Iterator[None]:
     """Bind the models to a separate connection to ``url`` for assertions."""
     db = connect(url)
-    with db.bind_ctx(models.MODELS):
+    with models.use(db):
         db.connect()
         try:
             yield

@@ -48,7 +48,7 @@ def connect(url: str, *, readonly: bool = False) -> Database:
         path = sqlite_path(url)
         if not readonly:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        pragmas = {"journal_mode": "wal", "synchronous": "normal", "busy_timeout": 10000,
+        pragmas = {"busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
                    "foreign_keys": 1}
         if readonly:
             return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
@@ -71,13 +71,15 @@ MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _v1}
 def schema_version(db: Database) -> int:
     if not db.table_exists(models.Meta._meta.table_name):
         return 0
-    row = models.Meta.get_or_none(models.Meta.key == "schema_version")
+    with models.use(db):
+        row = models.Meta.get_or_none(models.Meta.key == "schema_version")
     return int(row.value) if row else 0
 
 
 def migrate(db: Database) -> int:
     """Bring the schema up to :data:`SCHEMA_VERSION`; safe when several proxies start at once."""
-    with db.bind_ctx(models.MODELS), db.atomic():
+    lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
+    with models.use(db), db.atomic(**lock):
         if isinstance(db, PostgresqlDatabase):
             db.execute_sql("SELECT pg_advisory_xact_lock(7041995)")
         current = schema_version(db)

@@ -5,6 +5,10 @@ Timestamps are naive UTC ``datetime``; JSON documents are stored as text.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from peewee import (
     AutoField,
     BigIntegerField,
@@ -20,7 +24,41 @@ from peewee import (
     TextField,
 )
 
-db = DatabaseProxy()
+
+
+class ThreadDatabase(DatabaseProxy):
+    """A database proxy bound per thread: the writer thread and any reader each use their own."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        super().__init__()
+
+    @property
+    def obj(self):  # type: ignore[override]
+        return getattr(self._local, "obj", None)
+
+    def __setattr__(self, attr: str, value) -> None:
+        if attr == "obj":
+            self._local.obj = value
+        else:
+            object.__setattr__(self, attr, value)
+
+
+db = ThreadDatabase()
+
+
+@contextmanager
+def use(database: Database) -> Iterator[Database]:
+    """Run the models against ``database`` in this thread."""
+    previous = db.obj
+    db.obj = database
+    try:
+        yield database
+    finally:
+        db.obj = previous
+
 
 
 class Base(Model):

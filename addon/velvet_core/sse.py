@@ -53,6 +53,13 @@ class SSEParser:
         self._offset += pos
         return events
 
+    def close(self) -> list[Event]:
+        """End of stream: a final lone ``\r`` ends its line."""
+        if not self._buf.endswith(b"\r"):
+            return []
+        self._buf = self._buf[:-1] + b"\n"
+        return self.feed(b"")
+
     @property
     def pending(self) -> bool:
         """True when bytes or an unterminated event are left (the stream was cut)."""
@@ -91,7 +98,7 @@ class StreamResult:
 def reassemble(data: bytes, kind: str) -> StreamResult:
     """Rebuild a chat.completions or responses stream from its decoded SSE bytes."""
     parser = SSEParser()
-    events = parser.feed(data)
+    events = parser.feed(data) + parser.close()
     res = StreamResult()
     if kind == "responses":
         _responses(events, res)

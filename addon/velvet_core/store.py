@@ -38,7 +38,7 @@ class Store:
 
     def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` atomically, grouping consecutive ops of the same kind."""
-        with self.db.bind_ctx(models.MODELS), self.db.atomic():
+        with models.use(self.db), self.db.atomic():
             group: list[Any] = []
             kind = None
             for k, payload in ops:

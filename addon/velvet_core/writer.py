@@ -57,6 +57,7 @@ class Writer:
         self._spool_glob = f"spool-{tag}-*.pkl"
         self._spool_file = spool_dir / f"spool-{tag}-{os.getpid()}-{int(time.time() * 1000)}.pkl"
         self.idle = threading.Event()
+        self.clean = True  # False once anything had to be spooled
         self._abandon = threading.Event()
         self._claimed: list[Path] = []
 
@@ -94,7 +95,7 @@ class Writer:
             self._abandon.set()
             self._thread.join(5)
         self._thread = None
-        return not self.pending
+        return self.clean
 
     # -- thread side -----------------------------------------------------------------------------
 
@@ -205,6 +206,7 @@ class Writer:
     # -- spool -----------------------------------------------------------------------------------
 
     def _spill(self, ops: list[Op]) -> None:
+        self.clean = False
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         with self._overflow_lock, open(self._spool_file, "ab") as f:
             pickle.dump(ops, f, protocol=pickle.HIGHEST_PROTOCOL)

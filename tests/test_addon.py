@@ -1,0 +1,159 @@
+"""The addon's hooks with mitmproxy's test helpers, writing to a real SQLite database."""
+
+from __future__ import annotations
+
+import gzip
+
+import orjson
+import pytest
+from mitmproxy import exceptions, http
+from mitmproxy.test import taddons, tflow, tutils
+
+from rig import bound
+from velvet_core import models
+from velvet_core.calls import build_call
+from velvet_core.capture import Velvet
+from velvet_core.classify import classify
+from velvet_core.pricing import Pricer
+from velvet_core.snapshot import CallSnapshot, StreamRecorder
+
+KEY = "sk-unit-" + "q" * 30
+
+
+def flow(path="/v1/chat/completions", body=b'{"model":"gpt-4o-mini","messages":[]}', host="api.openai.com",
+         resp_body=b'{"model":"gpt-4o-mini","usage":{"prompt_tokens":3,"completion_tokens":2}}',
+         status=200, req_headers=(), resp_headers=()) -> http.HTTPFlow:
+    rh = {"host": host, "authorization": f"Bearer {KEY}", "content-type": "application/json", **dict(req_headers)}
+    req = tutils.treq(host=host, port=443, scheme=b"https", method=b"POST", path=path.encode(),
+                      content=body, headers=http.Headers(**rh))
+    sh = {"content-type": "application/json", "x-request-id": "req_1", **dict(resp_headers)}
+    resp = tutils.tresp(status_code=status, content=resp_body, headers=http.Headers(**sh))
+    return tflow.tflow(req=req, resp=resp)
+
+
+@pytest.fixture
+def addon(sqlite_url, tmp_path):
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        v.running()
+        yield v
+        v.done()
+
+
+def rows(url):
+    with bound(url):
+        return list(models.Call.select().dicts())
+
+
+async def test_hooks_store_a_call_and_strip_tags(addon, sqlite_url):
+    f = flow(req_headers={"velvet-metadata-team": "ml", "Velvet-Metadata-Env": "prod"})
+    addon.requestheaders(f)
+    assert "velvet-metadata-team" not in f.request.headers  # removed before going upstream
+    assert f.metadata["velvet"]["endpoint"] == "chat.completions"
+    f.request.host = "127.0.0.1"  # as map_remote does after our requestheaders
+    addon.responseheaders(f)
+    addon.response(f)
+    addon.done()
+    (row,) = rows(sqlite_url)
+    assert row["host"] == "api.openai.com" and row["input_tokens"] == 3 and row["output_tokens"] == 2
+    assert orjson.loads(row["tags"]) == {"team": "ml", "env": "prod"}
+    assert KEY not in orjson.dumps(row, default=str).decode()
+
+
+async def test_other_hosts_are_ignored(addon, sqlite_url):
+    f = flow(host="example.com")
+    addon.requestheaders(f)
+    addon.response(f)
+    assert "velvet" not in f.metadata
+    addon.done()
+    assert rows(sqlite_url) == []
+
+
+async def test_sse_gets_a_recorder(addon):
+    f = flow(resp_headers={"content-type": "text/event-stream"})
+    addon.requestheaders(f)
+    addon.responseheaders(f)
+    assert isinstance(f.response.stream, StreamRecorder)
+    assert f.response.stream(b"data: x\n\n") == b"data: x\n\n"  # passes chunks on untouched
+
+
+async def test_error_hook_stores_the_failed_call(addon, sqlite_url):
+    f = tflow.tflow(req=flow().request, err=True)
+    addon.requestheaders(f)
+    addon.error(f)
+    addon.done()
+    (row,) = rows(sqlite_url)
+    assert row["status_code"] is None and row["error_type"] == "connection_error" and not row["complete"]
+
+
+async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, caplog):
+    import velvet_core.capture as cap
+
+    def boom(*a, **k):
+        raise RuntimeError("synthetic")
+
+    monkeypatch.setattr(cap, "begin", boom)
+    f = flow()
+    addon.requestheaders(f)  # must not raise
+    addon.response(f)
+    assert "synthetic" in caplog.text and "the flow continues" in caplog.text
+
+
+async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
+    import velvet_core.capture as cap
+
+    monkeypatch.setattr(cap, "build_call", lambda *a: 1 / 0)
+    f = flow()
+    addon.requestheaders(f)
+    addon.response(f)
+    addon.done()
+    (row,) = rows(sqlite_url)
+    assert "ZeroDivisionError" in row["problem"] and row["path"] == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(("opt", "value", "msg"), [
+    ("velvet_db", "mysql://nope/x", "velvet_db"),
+    ("velvet_hosts", ["api.openai.com,other.com"], "velvet_hosts"),
+    ("velvet_prices", "/nonexistent/prices.toml", "velvet_prices"),
+    ("velvet_body_limit", -1, "velvet_body_limit"),
+])
+def test_bad_options(opt, value, msg):
+    v = Velvet()
+    with taddons.context(v) as tctx, pytest.raises(exceptions.OptionsError, match=msg):
+        tctx.configure(v, **{opt: value})
+
+
+def test_extra_hosts():
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_hosts=["api.openai.com", "myres.openai.azure.com"])
+        assert v.hosts == {"api.openai.com", "myres.openai.azure.com"}
+
+
+def snap(path="/v1/chat/completions", body=b"{}", resp=b"{}", status=200, enc=None, ct="application/json"):
+    s = CallSnapshot(flow_id="x", method="POST", host="api.openai.com", path=path, route=classify("POST", path),
+                     key_fingerprint=None, tags={}, request_headers={"content-type": "application/json"},
+                     request_body=body, request_encoding=None, started_at=1.0, ended_at=2.0,
+                     status_code=status, response_headers={"content-type": ct}, response_body=resp,
+                     response_encoding=enc)
+    return build_call(s, Pricer(), 1 << 20)
+
+
+def test_bad_inputs_are_recorded_not_fatal():
+    assert "request body is not JSON" in snap(body=b"{not json")["problem"]
+    assert "response body is not JSON" in snap(resp=b"<html>oops</html>")["problem"]
+    assert "not UTF-8" in snap(resp=b"\xff\xfe bad", ct="text/plain")["problem"]
+    assert "corrupt gzip" in snap(resp=b"garbage", enc="gzip")["problem"]
+    assert "unknown endpoint" in snap(path="/v1/models")["problem"]
+    ok = snap(resp=gzip.compress(b'{"model":"gpt-4o-mini","usage":{"prompt_tokens":1}}'), enc="gzip")
+    assert ok["problem"] is None and ok["input_tokens"] == 1
+
+
+def test_body_limit():
+    s = CallSnapshot(flow_id="x", method="POST", host="h", path="/v1/embeddings",
+                     route=classify("POST", "/v1/embeddings"), key_fingerprint=None, tags={},
+                     request_headers={}, request_body=b'{"input":"' + b"a" * 5000 + b'"}',
+                     request_encoding=None, started_at=1.0)
+    row = build_call(s, Pricer(), 1000)
+    assert row["request_body"] is None and "not stored" in row["problem"] and row["request_bytes"] > 5000
