@@ -9,7 +9,6 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
-
 from rig import Proxy
 from velvet_core.standin import StandIn
 

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
-
 from velvet_core import models
 from velvet_core.database import connect
 

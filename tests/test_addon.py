@@ -8,7 +8,6 @@ import orjson
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
-
 from rig import bound
 from velvet_core import models
 from velvet_core.calls import build_call
@@ -103,7 +102,7 @@ async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, cap
 async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
     import velvet_core.capture as cap
 
-    monkeypatch.setattr(cap, "build_call", lambda *a: 1 / 0)
+    monkeypatch.setattr(cap, "parse_call", lambda *a: 1 / 0)
     f = flow()
     addon.requestheaders(f)
     addon.response(f)

@@ -8,7 +8,6 @@ import openai
 import orjson
 import psycopg
 import pytest
-
 from rig import API_KEY, bound, call_row, wait_for
 from velvet_core import models
 from velvet_core.extract import key_fingerprint
@@ -137,7 +136,7 @@ def test_unauthorized_key_never_stored(proxy, monkeypatch):
 def test_dropped_stream(proxy, monkeypatch):
     client = proxy.client(monkeypatch)
     marker = f"drop-{time.time()}"
-    with pytest.raises(Exception):  # noqa: B017, PT011 - httpx raises a transport error
+    with pytest.raises(Exception):  # noqa: B017 - httpx raises a transport error
         for _ in client.chat.completions.create(
                 model="gpt-4o-mini", messages=[{"role": "user", "content": marker}], stream=True,
                 extra_headers={"x-standin-scenario": "drop"}):

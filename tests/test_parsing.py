@@ -10,7 +10,6 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from velvet_core.classify import classify, normalise
 from velvet_core.decode import DecodeError, Decoder, decode_body, zstd
 from velvet_core.extract import api_error, key_fingerprint, ratelimits, safe_headers, tokens_from_usage

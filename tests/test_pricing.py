@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from velvet_core.extract import Tokens
-from velvet_core.pricing import Pricer, PriceFileError, load_price_file
+from velvet_core.pricing import PriceFileError, Pricer, load_price_file
 
 
 def test_known_model_costs_something():

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-
 from rig import bound, free_port
 from velvet_core import models
 from velvet_core.classify import classify

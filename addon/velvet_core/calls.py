@@ -28,7 +28,7 @@ class Body:
     """A decoded body: its JSON value (if any) and the text to store."""
 
     def __init__(self, raw: bytes | None, encoding: str | None, content_type: str, limit: int,
-                 side: str, problems: list[str]) -> None:
+                 side: str, problems: list[str], opaque: bool = False) -> None:
         self.json: Any = None
         self.text: str | None = None
         self.size: int | None = None
@@ -41,7 +41,7 @@ class Body:
             return
         self.size = len(data)
         ct = content_type.split(";", 1)[0].strip().lower()
-        if not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
+        if opaque or not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
                 "application/octet-stream", "application/jsonl", "application/x-ndjson"):
             return
         try:
@@ -63,6 +63,11 @@ class Body:
 
 def build_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> dict[str, Any]:
     """The ``calls`` row for a finished (or failed) flow."""
+    return parse_call(s, pricer, body_limit)[0]
+
+
+def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[str, Any], Any, Any]:
+    """The ``calls`` row, and the parsed request and response JSON (for the batch module)."""
     problems = list(s.notes)
     route = s.route
     if route.kind == "other":
@@ -96,8 +101,9 @@ def build_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> dict[str, An
     if s.stream_chunks is not None:
         resp_json = _stream(s, row, problems)
     elif s.status_code is not None:
+        # file contents (JSONL, up to hundreds of MB) belong to the batch tables, not here
         resp = Body(s.response_body, s.response_encoding, rh.get("content-type", ""), body_limit,
-                    "response", problems)
+                    "response", problems, opaque=route.action == "content" and s.status_code < 400)
         resp_json = resp.json
         row["response_bytes"] = resp.size
         row["response_body"] = resp.text
@@ -119,7 +125,7 @@ def build_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> dict[str, An
     model = row.get("model") or row.get("model_requested")
     row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None
-    return row
+    return row, req.json, resp_json
 
 
 def _fill_from_response(row: dict[str, Any], body: dict[str, Any]) -> None:

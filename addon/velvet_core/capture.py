@@ -11,8 +11,8 @@ from typing import Any
 
 from mitmproxy import ctx, exceptions, http
 
-from . import config
-from .calls import build_call
+from . import batches, batchstore, config
+from .calls import parse_call
 from .classify import classify
 from .database import DatabaseURLError, check_url
 from .pricing import PriceFileError, Pricer, load_price_file
@@ -107,7 +107,8 @@ class Velvet:
     def _start_writer(self) -> None:
         url = self.db_url()
         spool = Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
-        self.writer = Writer(url, self.preparers(), spool_dir=spool, on_error=self._fallback)
+        self.writer = Writer(url, self.preparers(), spool_dir=spool, on_error=self._fallback,
+                             setup=batchstore.register)
         self.writer.start()
         log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), _redact(url))
 
@@ -121,7 +122,15 @@ class Velvet:
     def preparers(self) -> dict[str, Callable[[Any], list[Op]]]:
         limit = ctx.options.velvet_body_limit
         pricer = self.pricer
-        return {"call": lambda s: [("call", build_call(s, pricer, limit))]}
+
+        def call(s: CallSnapshot) -> list[Op]:
+            row, req, resp = parse_call(s, pricer, limit)
+            ops: list[Op] = [("call", row)]
+            if s.route.kind in ("files", "uploads", "batches"):
+                ops += batches.prepare(s, req, resp, pricer)
+            return ops
+
+        return {"call": call}
 
     @staticmethod
     def _fallback(kind: str, payload: Any, exc: BaseException) -> list[Op]:

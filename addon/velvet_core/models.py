@@ -15,6 +15,7 @@ from peewee import (
     BlobField,
     BooleanField,
     CharField,
+    Database,
     DatabaseProxy,
     DateTimeField,
     FloatField,
@@ -23,7 +24,6 @@ from peewee import (
     Model,
     TextField,
 )
-
 
 
 class ThreadDatabase(DatabaseProxy):

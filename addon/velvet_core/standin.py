@@ -271,6 +271,206 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, embeddings(body))
 
 
+def _multipart(handler: Handler, raw: bytes) -> dict[str, bytes]:
+    """Parse a multipart body with the stdlib (independent of velvet's own scanner)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ct = handler.headers.get("content-type", "")
+    msg = BytesParser(policy=HTTP).parsebytes(b"content-type: " + ct.encode() + b"\r\n\r\n" + raw)
+    out = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        out[name] = part.get_payload(decode=True) or b""
+    return out
+
+
+def batch_answer(line: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], bool]:
+    """The output-file line for one input line, and whether it failed."""
+    body = line.get("body") or {}
+    if body.get("model") == "bad-model":
+        return {"id": new_id("batch_req_"), "custom_id": line.get("custom_id"), "error": None,
+                "response": {"status_code": 400, "request_id": new_id("req_"),
+                             "body": error_body("The model `bad-model` does not exist.",
+                                                "invalid_request_error", "model_not_found", "model")}}, True
+    if endpoint.endswith("/embeddings"):
+        answer = embeddings(body)
+    elif endpoint.endswith("/responses"):
+        answer = response_object(body)
+    else:
+        answer = chat_completion(body)
+    return {"id": new_id("batch_req_"), "custom_id": line.get("custom_id"), "error": None,
+            "response": {"status_code": 200, "request_id": new_id("req_"), "body": answer}}, False
+
+
+class BatchAPI:
+    """Files, uploads and batches. A batch moves one step per retrieve (validating -> in_progress ->
+    finalizing -> completed); ``metadata.standin`` = ``fail`` fails validation, ``expire`` expires it
+    with partial output. Lines whose body asks for model ``bad-model`` fail with a 400."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, Any]] = {}
+        self.content: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.parts: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.clock = 1_790_000_000  # fake API time, advancing 60 s per step
+
+    def tick(self) -> int:
+        self.clock += 60
+        return self.clock
+
+    def new_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        f = {"id": new_id("file-"), "object": "file", "bytes": len(data), "created_at": self.clock,
+             "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+             "status_details": None}
+        self.files[f["id"]] = f
+        self.content[f["id"]] = data
+        return f
+
+    def advance(self, b: dict[str, Any]) -> None:
+        mode = (b.get("metadata") or {}).get("standin")
+        st = b["status"]
+        if st == "validating":
+            if mode == "fail":
+                b.update(status="failed", failed_at=self.tick(), errors={"object": "list", "data": [
+                    {"code": "invalid_request", "message": "Line 2: custom_id is duplicated.",
+                     "param": "custom_id", "line": 2}]})
+            else:
+                b.update(status="in_progress", in_progress_at=self.tick())
+        elif st == "in_progress":
+            if mode == "expire":
+                self.finish(b, "expired", partial=True)
+            else:
+                b.update(status="finalizing", finalizing_at=self.tick())
+        elif st == "finalizing":
+            self.finish(b, "completed")
+        elif st == "cancelling":
+            self.finish(b, "cancelled", partial=True)
+
+    def finish(self, b: dict[str, Any], status: str, partial: bool = False) -> None:
+        lines = []
+        for x in self.content[b["input_file_id"]].splitlines():
+            try:
+                obj = orjson.loads(x)
+            except orjson.JSONDecodeError:
+                continue  # the real API rejects such files; the stand-in just skips the line
+            if isinstance(obj, dict):
+                lines.append(obj)
+        done = lines[: len(lines) // 2] if partial else lines
+        out, err = [], []
+        for line in reversed(done):  # output order is not input order
+            ans, failed = batch_answer(line, b["endpoint"])
+            (err if failed else out).append(ans)
+        if status == "expired":
+            err += [{"id": new_id("batch_req_"), "custom_id": x.get("custom_id"), "response": None,
+                     "error": {"code": "batch_expired",
+                               "message": "This request could not be executed before the "
+                                          "completion window expired."}}
+                    for x in lines[len(done):]]
+        jl = lambda xs: b"".join(orjson.dumps(x) + b"\n" for x in xs)  # noqa: E731
+        if out:
+            b["output_file_id"] = self.new_file(jl(out), "batch_output.jsonl", "batch_output")["id"]
+        if err:
+            b["error_file_id"] = self.new_file(jl(err), "batch_errors.jsonl", "batch_output")["id"]
+        usage = [o["response"]["body"].get("usage") or {} for o in out]
+        inp = sum(u.get("prompt_tokens", u.get("input_tokens", 0)) for u in usage)
+        outp = sum(u.get("completion_tokens", u.get("output_tokens", 0)) for u in usage)
+        b.update(status=status, request_counts={"total": len(lines), "completed": len(out), "failed": len(err)},
+                 model=_snapshot((lines[0].get("body") or {}).get("model")) if lines else None,
+                 usage={"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": outp, "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": inp + outp})
+        b[f"{status}_at"] = self.tick()
+
+    # handlers (called with the Handler as first argument)
+
+    def files_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        form = _multipart(h, raw)
+        if "file" not in form:
+            return h.send_error_json(400, "Missing file", "invalid_request_error", None)
+        with self.lock:
+            f = self.new_file(form["file"], "input.jsonl", form.get("purpose", b"").decode())
+        h.send(200, f)
+
+    def files_get(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        parts = path.split("/")
+        fid = parts[3]
+        if fid not in self.files:
+            return h.send_error_json(404, f"No such File object: {fid}", "invalid_request_error", None)
+        if len(parts) == 5 and parts[4] == "content":
+            return h.send(200, self.content[fid], content_type="application/octet-stream")
+        h.send(200, self.files[fid])
+
+    def files_delete(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        fid = path.split("/")[3]
+        self.files.pop(fid, None)
+        h.send(200, {"id": fid, "object": "file", "deleted": True})
+
+    def uploads_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        u = {"id": new_id("upload_"), "object": "upload", "bytes": body.get("bytes"), "created_at": self.tick(),
+             "filename": body.get("filename"), "purpose": body.get("purpose"), "status": "pending",
+             "expires_at": self.clock + 3600, "file": None}
+        self.uploads[u["id"]] = u
+        h.send(200, u)
+
+    def uploads_action(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        _, _, _, uid, action = path.split("/")
+        u = self.uploads.get(uid)
+        if u is None:
+            return h.send_error_json(404, "No such upload", "invalid_request_error", None)
+        if action == "parts":
+            pid = new_id("part_")
+            self.parts[pid] = _multipart(h, raw).get("data", b"")
+            return h.send(200, {"id": pid, "object": "upload.part", "created_at": self.tick(), "upload_id": uid})
+        if action == "complete":
+            data = b"".join(self.parts[p] for p in body.get("part_ids", []))
+            with self.lock:
+                f = self.new_file(data, u["filename"], u["purpose"])
+            u.update(status="completed", file=f)
+        elif action == "cancel":
+            u.update(status="cancelled")
+        h.send(200, u)
+
+    def batches_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        if body.get("input_file_id") not in self.files:
+            return h.send_error_json(400, "Invalid input_file_id", "invalid_request_error", None)
+        now = self.tick()
+        b = {"id": new_id("batch_"), "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+             "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window"),
+             "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+             "in_progress_at": None, "expires_at": now + 86400, "finalizing_at": None, "completed_at": None,
+             "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
+             "model": None, "usage": None}
+        if body.get("output_expires_after"):
+            b["output_expires_after"] = body["output_expires_after"]
+        self.batches[b["id"]] = b
+        h.send(200, b)
+
+    def batches_get(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        parts = path.split("/")
+        if len(parts) == 3:  # list
+            data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+            return h.send(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                "last_id": data[-1]["id"] if data else None, "has_more": False})
+        b = self.batches.get(parts[3])
+        if b is None:
+            return h.send_error_json(404, "No such batch", "invalid_request_error", None)
+        with self.lock:
+            self.advance(b)
+        h.send(200, b)
+
+    def batches_cancel(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        b = self.batches.get(path.split("/")[3])
+        if b is None:
+            return h.send_error_json(404, "No such batch", "invalid_request_error", None)
+        if b["status"] in ("validating", "in_progress", "finalizing"):
+            b.update(status="cancelling", cancelling_at=self.tick())
+        h.send(200, b)
+
+
 class StandIn(ThreadingHTTPServer):
     """The server. ``StandIn.start()`` runs it in a thread on a free port."""
 
@@ -284,7 +484,20 @@ class StandIn(ThreadingHTTPServer):
             ("POST", "/v1/responses"): Handler.h_responses,
             ("POST", "/v1/embeddings"): Handler.h_embeddings,
         }
-        self.prefix_routes: dict[tuple[str, str], Any] = {}
+        api = self.batch_api = BatchAPI()
+        self.routes.update({
+            ("POST", "/v1/files"): lambda h, *a: api.files_create(h, *a),
+            ("POST", "/v1/uploads"): lambda h, *a: api.uploads_create(h, *a),
+            ("POST", "/v1/batches"): lambda h, *a: api.batches_create(h, *a),
+            ("GET", "/v1/batches"): lambda h, *a: api.batches_get(h, *a),
+        })
+        self.prefix_routes: dict[tuple[str, str], Any] = {
+            ("GET", "/v1/files/"): lambda h, *a: api.files_get(h, *a),
+            ("DELETE", "/v1/files/"): lambda h, *a: api.files_delete(h, *a),
+            ("POST", "/v1/uploads/"): lambda h, *a: api.uploads_action(h, *a),
+            ("POST", "/v1/batches/"): lambda h, *a: api.batches_cancel(h, *a),
+            ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
+        }
         self.thread: threading.Thread | None = None
 
     @property
