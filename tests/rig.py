@@ -61,7 +61,7 @@ class Proxy:
 
     def start(self) -> Proxy:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -118,7 +118,7 @@ def bound(url: str) -> Iterator[None]:
             db.close()
 
 
-def wait_for(fn: Callable[[], T], timeout: float = 15, what: str = "condition") -> T:
+def wait_for[T](fn: Callable[[], T], timeout: float = 15, what: str = "condition") -> T:
     """Poll ``fn`` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     last: Any = None

@@ -92,6 +92,15 @@ def test_full_batch_lifecycle(proxy, monkeypatch):
         files = {x.id: x for x in File.select().where(File.batch_id == b.id)}
         assert files[f.id].role == "input" and files[f.id].lines == 6 and files[f.id].purpose == "batch"
         assert files[b.output_file_id].role == "output" and files[b.error_file_id].role == "error"
+        db = models.Batch._meta.database
+        summary = db.execute_sql(
+            f"SELECT lines, answered, failed, cost_usd FROM batch_summary WHERE id = {db.param}", (b.id,)
+        ).fetchone()
+        assert summary[:3] == (6, 5, 1) and summary[3] > 0
+        (prompt,) = db.execute_sql(
+            f"SELECT request_body FROM batch_lines WHERE batch_id = {db.param} AND custom_id = 'req-3'", (b.id,)
+        ).fetchone()
+        assert "question number 3" in prompt
     # repeated polls duplicate nothing either
     client.batches.retrieve(b.id)
     list(client.batches.list())
@@ -247,5 +256,6 @@ def test_answers_before_inputs_are_linked_later(proxy, monkeypatch, standin):
     wait_rows(url, BatchResult, 3, BatchResult.file_id == b.output_file_id)
     client.batches.retrieve(b.id)  # now the batch: results get their batch id
     client.files.content(f["id"]).read()  # then the input lines: now they match
-    res = wait_rows(url, BatchResult, 3, BatchResult.file_id == b.output_file_id, BatchResult.request.is_null(False))
+    res = wait_rows(url, BatchResult, 3, BatchResult.file_id == b.output_file_id,
+                    BatchResult.request.is_null(False))
     assert {r.custom_id for r in res} == {"late-1", "late-2", "late-3"}

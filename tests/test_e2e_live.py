@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import openai
 import orjson
@@ -49,7 +50,8 @@ def test_chat_gzip_response(proxy, monkeypatch):
         model="gpt-4o-mini", messages=MSG, extra_headers={"x-standin-gzip": "1"})
     row = call_row(proxy.db_url, r.headers["x-request-id"])
     assert orjson.loads(row.response_headers)["content-encoding"] == "gzip"
-    assert orjson.loads(row.response_body)["choices"][0]["message"]["content"] == r.parse().choices[0].message.content
+    answer = r.parse().choices[0].message.content
+    assert orjson.loads(row.response_body)["choices"][0]["message"]["content"] == answer
     assert row.output_tokens == 5
 
 
@@ -172,7 +174,7 @@ def test_pg_or_sqlite_file_has_no_key(proxy):
         from velvet_core.database import sqlite_path
         for suffix in ("", "-wal"):
             try:
-                data = open(sqlite_path(url) + suffix, "rb").read()
+                data = Path(sqlite_path(url) + suffix).read_bytes()
             except FileNotFoundError:
                 continue
             assert API_KEY.encode() not in data

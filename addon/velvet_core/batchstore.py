@@ -85,6 +85,7 @@ def upsert_batch(p: dict[str, Any]) -> None:
     row, observed = dict(p["row"]), p["observed_at"]
     old = Batch.get_or_none(Batch.id == row["id"])
     status = row["status"]
+    stale = False
     if old is None:
         Batch.insert(**row, first_seen_at=observed, last_seen_at=observed).on_conflict_ignore().execute()
         previous = None
@@ -97,8 +98,9 @@ def upsert_batch(p: dict[str, Any]) -> None:
         if not stale:
             update["last_seen_at"] = observed
         Batch.update(**update).where(Batch.id == row["id"]).execute()
-    if previous != status:
-        BatchEvent.insert(batch_id=row["id"], status=status, previous_status=previous, observed_at=observed,
+    if previous != status:  # a stale observation is history too, but we do not know what preceded it
+        BatchEvent.insert(batch_id=row["id"], status=status, previous_status=None if stale else previous,
+                          observed_at=observed,
                           api_at=row.get(STATUS_TIME.get(status, "")), source=p["source"]
                           ).on_conflict_ignore().execute()
     for e in p["errors"]:

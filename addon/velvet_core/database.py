@@ -61,8 +61,33 @@ def connect(url: str, *, readonly: bool = False) -> Database:
     )
 
 
+VIEWS = {
+    # one row per batch: the API's figures beside what the proxy logged and matched
+    "batch_summary": """
+        SELECT b.*,
+          (SELECT count(*) FROM batch_requests r WHERE r.batch_id = b.id) AS lines,
+          (SELECT count(*) FROM batch_results x
+            WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND NOT x.failed) AS answered,
+          (SELECT count(*) FROM batch_results x
+            WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND x.failed) AS failed,
+          (SELECT sum(x.cost_usd) FROM batch_results x WHERE x.batch_id = b.id) AS cost_usd
+        FROM batches b""",
+    # every input line with its answer (if downloaded): the exact prompt next to what came back
+    "batch_lines": """
+        SELECT r.id AS request_row_id, r.batch_id, r.custom_id, r.line_no, r.file_id AS input_file_id,
+               r.model AS model_requested, r.url, r.body AS request_body, r.problem AS request_problem,
+               x.file_id AS result_file_id, x.model, x.status_code, x.failed, x.error_code,
+               x.error_message, x.request_id, x.body AS response_body, x.input_tokens, x.output_tokens,
+               x.cached_tokens, x.reasoning_tokens, x.total_tokens, x.cost_usd
+        FROM batch_requests r LEFT JOIN batch_results x ON x.request_row_id = r.id""",
+}
+
+
 def _v1(db: Database) -> None:
     db.create_tables(models.MODELS, safe=True)
+    for name, sql in VIEWS.items():
+        create = "CREATE VIEW IF NOT EXISTS" if isinstance(db, SqliteDatabase) else "CREATE OR REPLACE VIEW"
+        db.execute_sql(f"{create} {name} AS {sql}")
 
 
 MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _v1}
