@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
-from .batchlines import looks_like_input, request_row, result_row
+from .batchlines import first_object, looks_like_input, request_row, result_row
 from .calls import utc
 from .decode import DecodeError, decode_body
 from .extract import tokens_from_usage
@@ -17,12 +18,10 @@ from .pricing import Pricer
 from .snapshot import CallSnapshot
 from .store import Op
 
+log = logging.getLogger("velvet")
+
 TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
               "expired_at", "cancelling_at", "cancelled_at")
-STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
-               "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
-               "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
-TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
 def ts(v: Any) -> datetime | None:
@@ -174,6 +173,10 @@ def _file_upload(s: CallSnapshot, resp: Any, seen: datetime, problems: list[str]
             rows = [{**request_row(line), "line_no": line.no} for line in LineSplitter().split(parts["file"][1])]
             row.update(lines=len(rows), bad_lines=sum(1 for r in rows if r["problem"]),
                        complete=not problems)
+            if row["bad_lines"]:
+                first = next(r for r in rows if r["problem"])
+                log.warning("velvet: batch input %s: %d of %d lines have problems (line %d: %s)", fid,
+                            row["bad_lines"], len(rows), first["line_no"], first["problem"])
             ops.append(("requests", {"file_id": fid, "rows": rows}))
     if problems:
         row["problem"] = "; ".join(problems)
@@ -188,8 +191,6 @@ def _file_content(s: CallSnapshot, fid: str, seen: datetime, pricer: Pricer) -> 
         row["problem"] = "; ".join(problems)
         return [("file", row)]
     lines = list(LineSplitter().split(data))
-    from .batchlines import first_object
-
     if looks_like_input(first_object(lines)):  # an input file downloaded again: known lines stay as they are
         rows = [{**request_row(line), "line_no": line.no} for line in lines]
         row.update(role="input", lines=len(rows), bad_lines=sum(1 for r in rows if r["problem"]))

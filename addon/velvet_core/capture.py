@@ -125,6 +125,9 @@ class Velvet:
 
         def call(s: CallSnapshot) -> list[Op]:
             row, req, resp = parse_call(s, pricer, limit)
+            if row.get("problem"):
+                level = logging.INFO if row["endpoint"] == "other" else logging.WARNING
+                log.log(level, "velvet: %s %s: %s", s.method, s.path, row["problem"])
             ops: list[Op] = [("call", row)]
             if s.route.kind in ("files", "uploads", "batches"):
                 ops += batches.prepare(s, req, resp, pricer)
