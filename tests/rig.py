@@ -90,7 +90,8 @@ class Proxy:
         return rc
 
     def output(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
     def env(self) -> dict[str, str]:

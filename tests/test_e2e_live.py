@@ -187,3 +187,22 @@ def test_pg_or_sqlite_file_has_no_key(proxy):
 
 def _schema(url: str) -> str:
     return url.rsplit("%3D", 1)[1]
+
+
+def test_nothing_lost_at_shutdown(standin, tmp_path, monkeypatch):
+    """Rows still queued when mitmdump is told to stop are written before it exits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from rig import Proxy
+
+    url = f"sqlite:///{tmp_path / 'shutdown.db'}"
+    p = Proxy(url, standin.url, tmp_path).start()
+    client = p.client(monkeypatch)
+    with ThreadPoolExecutor(8) as ex:
+        list(ex.map(lambda i: client.embeddings.create(model="text-embedding-3-small", input=f"w {i}"),
+                    range(40)))
+    assert p.stop() == 0  # SIGINT right after the last answer
+    with bound(url):
+        assert models.Call.select().where(models.Call.endpoint == "embeddings").count() == 40
+    # (mitmproxy itself may print CancelledError tracebacks for keep-alive connections at exit)
+    assert "velvet_core" not in p.output()
