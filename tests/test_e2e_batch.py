@@ -259,3 +259,27 @@ def test_answers_before_inputs_are_linked_later(proxy, monkeypatch, standin):
     res = wait_rows(url, BatchResult, 3, BatchResult.file_id == b.output_file_id,
                     BatchResult.request.is_null(False))
     assert {r.custom_id for r in res} == {"late-1", "late-2", "late-3"}
+
+
+def test_fifty_thousand_line_batch_through_the_proxy(proxy, monkeypatch):
+    """Correctness at size, end to end (its speed belongs to the benchmarks)."""
+    client = proxy.client(monkeypatch)
+    n = 50_000
+    data = b"".join(b'{"custom_id":"big-%d","method":"POST","url":"/v1/chat/completions","body":'
+                    b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"q %d"}]}}\n' % (i, i)
+                    for i in range(n))
+    f = client.files.create(file=("big.jsonl", io.BytesIO(data)), purpose="batch")
+    b, _ = run_batch(client, f.id)
+    client.files.content(b.output_file_id).read()
+    url = proxy.db_url
+
+    def matched():
+        with bound(url):
+            q = BatchResult.select().where(BatchResult.batch_id == b.id, BatchResult.request.is_null(False))
+            return q.count() == n
+
+    wait_for(matched, timeout=180, what="50,000 matched results")
+    with bound(url):
+        assert BatchRequest.select().where(BatchRequest.file_id == f.id).count() == n
+        r = BatchResult.get(BatchResult.batch_id == b.id, BatchResult.custom_id == "big-31337")
+        assert r.request.line_no == 31338 and r.cost_usd > 0
