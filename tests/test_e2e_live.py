@@ -167,8 +167,10 @@ def assert_nowhere(proxy, secrets_: list[str]) -> None:
         assert s not in out
 
 
-def test_pg_or_sqlite_file_has_no_key(proxy):
+def test_pg_or_sqlite_file_has_no_key(proxy, monkeypatch):
     """A raw scan of the storage itself, beyond the ORM."""
+    r = proxy.client(monkeypatch).chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG)
+    call_row(proxy.db_url, r.headers["x-request-id"])
     url = proxy.db_url
     if url.startswith("sqlite"):
         from velvet_core.database import sqlite_path

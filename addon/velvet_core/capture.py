@@ -44,6 +44,7 @@ class Velvet:
         self.writer: Writer | None = None
         self.pricer = Pricer()
         self.hosts: frozenset[str] = frozenset(config.DEFAULT_HOSTS)
+        self.body_limit = 8 * 1024 * 1024
         self.recorders: dict[str, StreamRecorder] = {}
         self.snapshots: dict[str, CallSnapshot] = {}
 
@@ -88,8 +89,10 @@ class Velvet:
                 self.pricer = Pricer(load_price_file(opts.velvet_prices) if opts.velvet_prices else None)
             except PriceFileError as e:
                 raise exceptions.OptionsError(f"velvet_prices: {e}") from None
-        if "velvet_body_limit" in updated and opts.velvet_body_limit < 0:
-            raise exceptions.OptionsError("velvet_body_limit must be >= 0")
+        if "velvet_body_limit" in updated:
+            if opts.velvet_body_limit < 0:
+                raise exceptions.OptionsError("velvet_body_limit must be >= 0")
+            self.body_limit = opts.velvet_body_limit
         if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir"}:
             self._stop_writer()
             self._start_writer()
@@ -120,11 +123,9 @@ class Velvet:
             log.info("velvet: %d operations written", w.written)
 
     def preparers(self) -> dict[str, Callable[[Any], list[Op]]]:
-        limit = ctx.options.velvet_body_limit
-        pricer = self.pricer
-
         def call(s: CallSnapshot) -> list[Op]:
-            row, req, resp = parse_call(s, pricer, limit)
+            pricer = self.pricer  # read per call: options may change while the writer runs
+            row, req, resp = parse_call(s, pricer, self.body_limit)
             if row.get("problem"):
                 level = logging.INFO if row["endpoint"] == "other" else logging.WARNING
                 log.log(level, "velvet: %s %s: %s", s.method, s.path, row["problem"])
