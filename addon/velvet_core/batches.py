@@ -9,8 +9,7 @@ from typing import Any
 import orjson
 
 from .batchlines import first_object, looks_like_input, request_row, result_row
-from .calls import utc
-from .decode import DecodeError, decode_body
+from .calls import Body, utc
 from .extract import tokens_from_usage
 from .jsonl import LineSplitter
 from .multipart import MultipartError, MultipartScanner, PartData, PartEnd, PartStart, boundary_of
@@ -46,7 +45,7 @@ def file_row(obj: Any, **extra: Any) -> dict[str, Any] | None:
            "created_at": ts(obj.get("created_at")), "expires_at": ts(obj.get("expires_at")),
            "status": obj.get("status")}
     row.update(extra)
-    return {k: v for k, v in row.items() if v is not None}
+    return row  # None values are dropped by batchstore.upsert_file
 
 
 def batch_op(obj: Any, observed: float, source: str, pricer: Pricer, fp: str | None) -> Op | None:
@@ -85,17 +84,6 @@ def batch_op(obj: Any, observed: float, source: str, pricer: Pricer, fp: str | N
     return ("batch", {"row": row, "errors": errors, "observed_at": utc(observed), "source": source})
 
 
-def _decoded(raw: bytes | None, enc: str | None, what: str, problems: list[str]) -> bytes | None:
-    if raw is None:
-        problems.append(f"{what} was not captured")
-        return None
-    try:
-        return decode_body(raw, enc)
-    except DecodeError as e:
-        problems.append(f"{what}: {e}")
-        return None
-
-
 def multipart_parts(data: bytes, content_type: str, problems: list[str]) -> dict[str, tuple[PartStart, bytes]]:
     """``{name: (headers, value)}``; a truncated body keeps what was complete and says so."""
     boundary = boundary_of(content_type)
@@ -120,11 +108,15 @@ def multipart_parts(data: bytes, content_type: str, problems: list[str]) -> dict
     return out
 
 
-def prepare(s: CallSnapshot, req: Any, resp: Any, pricer: Pricer) -> list[Op]:
-    """Operations for a files/uploads/batches flow (empty for failed calls)."""
+def prepare(s: CallSnapshot, req_body: Body, resp_body: Body | None, pricer: Pricer) -> list[Op]:
+    """Operations for a files/uploads/batches flow (empty for failed calls).
+
+    The bodies come decoded (and JSON-parsed where they are JSON) from :func:`calls.parse_call`.
+    """
     route = s.route
-    if s.status_code is None or s.status_code >= 400:
+    if s.status_code is None or s.status_code >= 400 or resp_body is None:
         return []
+    resp = resp_body.json
     problems: list[str] = []
     kind, action = route.kind, route.action
     seen = utc(s.ended_at or s.started_at)
@@ -139,7 +131,7 @@ def prepare(s: CallSnapshot, req: Any, resp: Any, pricer: Pricer) -> list[Op]:
         return []
     if kind == "files":
         if action == "upload":
-            return _file_upload(s, resp, seen, problems)
+            return _file_upload(s, req_body.data, resp, seen, problems)
         if action in ("retrieve",) and (row := file_row(resp, updated_at=seen)):
             return [("file", row)]
         if action == "list" and isinstance(resp, dict) and isinstance(resp.get("data"), list):
@@ -147,15 +139,17 @@ def prepare(s: CallSnapshot, req: Any, resp: Any, pricer: Pricer) -> list[Op]:
         if action == "delete" and isinstance(resp, dict) and resp.get("deleted"):
             return [("file", {"id": route.object_id, "deleted": True, "updated_at": seen})]
         if action == "content" and route.object_id:
-            return _file_content(s, route.object_id, seen, pricer)
+            return _file_content(resp_body.data, route.object_id, seen, pricer)
         return []
     if kind == "uploads":
-        return _uploads(s, req, resp, seen)
+        return _uploads(s, req_body, resp, seen)
     return []
 
 
-def _file_upload(s: CallSnapshot, resp: Any, seen: datetime, problems: list[str]) -> list[Op]:
-    data = _decoded(s.request_body, s.request_encoding, "upload body", problems)
+def _file_upload(s: CallSnapshot, data: bytes | None, resp: Any, seen: datetime,
+                 problems: list[str]) -> list[Op]:
+    if data is None:
+        problems.append("upload body was not captured or could not be decoded")
     parts = multipart_parts(data, s.request_headers.get("content-type", ""), problems) if data else {}
     purpose = parts["purpose"][1].decode("utf-8", "replace").strip() if "purpose" in parts else None
     if not isinstance(resp, dict) or not isinstance(resp.get("id"), str):
@@ -183,12 +177,10 @@ def _file_upload(s: CallSnapshot, resp: Any, seen: datetime, problems: list[str]
     return [("file", row), *ops]
 
 
-def _file_content(s: CallSnapshot, fid: str, seen: datetime, pricer: Pricer) -> list[Op]:
-    problems: list[str] = []
-    data = _decoded(s.response_body, s.response_encoding, "file content", problems)
+def _file_content(data: bytes | None, fid: str, seen: datetime, pricer: Pricer) -> list[Op]:
     row: dict[str, Any] = {"id": fid, "updated_at": seen, "content_seen": True}
     if data is None:
-        row["problem"] = "; ".join(problems)
+        row["problem"] = "file content was not captured or could not be decoded"
         return [("file", row)]
     lines = list(LineSplitter().split(data))
     if looks_like_input(first_object(lines)):  # an input file downloaded again: known lines stay as they are
@@ -200,12 +192,12 @@ def _file_content(s: CallSnapshot, fid: str, seen: datetime, pricer: Pricer) -> 
     return [("file", {**row, "first_seen_at": seen}), ("results", {"file_id": fid, "rows": rows})]
 
 
-def _uploads(s: CallSnapshot, req: Any, resp: Any, seen: datetime) -> list[Op]:
+def _uploads(s: CallSnapshot, req_body: Body, resp: Any, seen: datetime) -> list[Op]:
     action, uid = s.route.action, s.route.object_id
+    req = req_body.json
     if action == "part":
-        problems: list[str] = []
-        data = _decoded(s.request_body, s.request_encoding, "part body", problems)
-        parts = multipart_parts(data, s.request_headers.get("content-type", ""), problems) if data else {}
+        data = req_body.data
+        parts = multipart_parts(data, s.request_headers.get("content-type", ""), []) if data else {}
         if not isinstance(resp, dict) or not isinstance(resp.get("id"), str) or "data" not in parts:
             return []
         return [("upload_part", split_part(resp["id"], uid or resp.get("upload_id"), parts["data"][1], seen))]
@@ -220,9 +212,9 @@ def _uploads(s: CallSnapshot, req: Any, resp: Any, seen: datetime) -> list[Op]:
     if action == "complete" and isinstance(req, dict) and isinstance(req.get("part_ids"), list):
         row["part_ids"] = orjson.dumps(req["part_ids"]).decode()
         frow = file_row(f, first_seen_at=seen, updated_at=seen, upload_id=resp["id"]) if f else None
-        return [("upload", {k: v for k, v in row.items() if v is not None}),
+        return [("upload", row),
                 ("upload_complete", {"upload_id": resp["id"], "part_ids": req["part_ids"], "file": frow})]
-    return [("upload", {k: v for k, v in row.items() if v is not None})]
+    return [("upload", row)]
 
 
 def split_part(part_id: str, upload_id: str | None, data: bytes, seen: datetime) -> dict[str, Any]:

@@ -66,12 +66,16 @@ def mark_duplicates(file_id: str) -> None:
            .where(BatchRequest.file_id == file_id, BatchRequest.custom_id.is_null(False))
            .group_by(BatchRequest.custom_id).having(fn.COUNT(BatchRequest.id) > 1))
     for d in dup:
-        (BatchRequest.update(problem=fn.COALESCE(BatchRequest.problem.concat("; "), "")
-                             .concat("duplicate custom_id (first on line " + str(d.first) + ")"))
-         .where(BatchRequest.file_id == file_id, BatchRequest.custom_id == d.custom_id,
-                BatchRequest.line_no > d.first, BatchRequest.problem.is_null()
-                | ~BatchRequest.problem.contains("duplicate custom_id"))
-         .execute())
+        add_problem(f"duplicate custom_id (first on line {d.first})", "duplicate custom_id",
+                    BatchRequest.file_id == file_id, BatchRequest.custom_id == d.custom_id,
+                    BatchRequest.line_no > d.first)
+
+
+def add_problem(message: str, marker: str, *where: Any) -> None:
+    """Append ``message`` to the problem of the matching requests, once (``marker`` tells)."""
+    (BatchRequest.update(problem=fn.COALESCE(BatchRequest.problem.concat("; "), "").concat(message))
+     .where(*where, BatchRequest.problem.is_null() | ~BatchRequest.problem.contains(marker))
+     .execute())
 
 
 def add_results(file_id: str, rows: list[dict[str, Any]]) -> None:
@@ -157,13 +161,12 @@ def check_urls(b: Batch) -> None:
            .where(BatchRequest.batch_id == b.id, BatchRequest.url.is_null(False))
            if normalise(r.url)[0] != want]
     for ids in chunks(bad):
-        (BatchRequest.update(problem=fn.COALESCE(BatchRequest.problem.concat("; "), "")
-                             .concat(f"url does not match the batch endpoint {b.endpoint}"))
-         .where(BatchRequest.id.in_(ids), BatchRequest.problem.is_null()
-                | ~BatchRequest.problem.contains("batch endpoint")).execute())
+        add_problem(f"url does not match the batch endpoint {b.endpoint}", "batch endpoint",
+                    BatchRequest.id.in_(ids))
 
 
 def upsert_upload(row: dict[str, Any]) -> None:
+    row = {k: v for k, v in row.items() if v is not None}
     if Upload.get_or_none(Upload.id == row["id"]) is None:
         Upload.insert(**row).on_conflict_ignore().execute()
     else:

@@ -25,10 +25,14 @@ def _ms(a: float | None, b: float | None) -> float | None:
 
 
 class Body:
-    """A decoded body: its JSON value (if any) and the text to store."""
+    """A decoded body: the bytes, its JSON value (if any) and the text to store.
+
+    Decoded once here; the batch module reads ``data`` and ``json`` instead of decoding again.
+    """
 
     def __init__(self, raw: bytes | None, encoding: str | None, content_type: str, limit: int,
                  side: str, problems: list[str], opaque: bool = False) -> None:
+        self.data: bytes | None = None
         self.json: Any = None
         self.text: str | None = None
         self.size: int | None = None
@@ -39,6 +43,7 @@ class Body:
         except DecodeError as e:
             problems.append(f"{side} body: {e}")
             return
+        self.data = data
         self.size = len(data)
         ct = content_type.split(";", 1)[0].strip().lower()
         if opaque or not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
@@ -66,8 +71,8 @@ def build_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> dict[str, An
     return parse_call(s, pricer, body_limit)[0]
 
 
-def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[str, Any], Any, Any]:
-    """The ``calls`` row, and the parsed request and response JSON (for the batch module)."""
+def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[str, Any], Body, Body | None]:
+    """The ``calls`` row, and the decoded request and response bodies (for the batch module)."""
     problems = list(s.notes)
     route = s.route
     if route.kind == "other":
@@ -98,6 +103,7 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         row["service_tier"] = str(rq["service_tier"])
 
     resp_json: Any = None
+    resp: Body | None = None
     if s.stream_chunks is not None:
         resp_json = _stream(s, row, problems)
     elif s.status_code is not None:
@@ -125,7 +131,7 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     model = row.get("model") or row.get("model_requested")
     row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None
-    return row, req.json, resp_json
+    return row, req, resp
 
 
 def _fill_from_response(row: dict[str, Any], body: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 
 from . import batches, batchstore, config
-from .calls import parse_call
+from .calls import parse_call, utc
 from .classify import classify
 from .database import DatabaseURLError, check_url
 from .pricing import PriceFileError, Pricer, load_price_file
@@ -145,7 +145,7 @@ class Velvet:
         return [("call", {
             "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
             "endpoint": s.route.kind, "action": s.route.action, "status_code": s.status_code,
-            "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.started_at)),
+            "started_at": utc(s.started_at),
             "key_fingerprint": s.key_fingerprint,
             "problem": f"velvet internal error: {type(exc).__name__}: {exc}",
         })]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable
 
 import brotli
 
@@ -105,15 +104,3 @@ def decode_body(data: bytes, encoding: str | None) -> bytes:
         return data
     d = Decoder(encoding)
     return d.feed(data) + d.finish()
-
-
-def decode_chunks(chunks: Iterable[bytes], encoding: str | None) -> Iterable[bytes]:
-    """Yield decoded pieces of a body given as chunks."""
-    d = Decoder(encoding)
-    for c in chunks:
-        out = d.feed(c)
-        if out:
-            yield out
-    tail = d.finish()
-    if tail:
-        yield tail

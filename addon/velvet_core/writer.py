@@ -56,7 +56,6 @@ class Writer:
         tag = hashlib.sha256(url.encode()).hexdigest()[:10]
         self._spool_glob = f"spool-{tag}-*.pkl"
         self._spool_file = spool_dir / f"spool-{tag}-{os.getpid()}-{int(time.time() * 1000)}.pkl"
-        self.idle = threading.Event()
         self.clean = True  # False once anything had to be spooled
         self._abandon = threading.Event()
         self._claimed: list[Path] = []
@@ -70,7 +69,6 @@ class Writer:
 
     def submit(self, kind: str, payload: Any) -> None:
         """Hand work to the thread without blocking; if the queue is full, spool it to disk."""
-        self.idle.clear()
         try:
             self.queue.put_nowait((kind, payload))
         except queue.Full:
@@ -130,8 +128,6 @@ class Writer:
                 if not stopping:
                     time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
-            elif not self.pending and self.queue.empty():
-                self.idle.set()
         if self.pending:
             self._spill(self.pending)
             for path in self._claimed:  # their operations are in the new spool file now
@@ -140,7 +136,6 @@ class Writer:
                         len(self.pending), self._spool_file)
             self.pending = []
         self._close()
-        self.idle.set()
 
     def _connect(self) -> bool:
         try:
