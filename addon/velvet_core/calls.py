@@ -126,6 +126,8 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         row.update(error_type="connection_error", error_message=s.error)
 
     usage = row.pop("_usage", None) if s.stream_chunks is not None else find_usage(resp_json)
+    if route.kind in ("batches", "files", "uploads"):
+        usage = None  # a batch's usage belongs to the batch (priced there at batch rates), not to this poll
     tokens = tokens_from_usage(usage)
     row.update(tokens.as_dict())
     model = row.get("model") or row.get("model_requested")

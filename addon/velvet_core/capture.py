@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import command, contentviews, ctx, exceptions, http
+from mitmproxy.hooks import UpdateHook
 
-from . import batches, batchstore, config
+from . import annotate, batches, batchstore, config, humanize, queries
 from .calls import parse_call, utc
 from .classify import classify
+from .contentview import BatchJsonlContentview
 from .database import DatabaseURLError, check_url
 from .pricing import PriceFileError, Pricer, load_price_file
 from .snapshot import META_KEY, CallSnapshot, StreamRecorder, begin, finish
@@ -47,10 +51,15 @@ class Velvet:
         self.body_limit = 8 * 1024 * 1024
         self.recorders: dict[str, StreamRecorder] = {}
         self.snapshots: dict[str, CallSnapshot] = {}
+        # flows waiting for their comment; weak, so a flow nobody else keeps (mitmdump) is not held
+        self.flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.batch_status: dict[str, str] = {}  # writer thread only: last status seen per batch
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def load(self, loader: Any) -> None:
+        contentviews.add(BatchJsonlContentview())
         loader.add_option("velvet_db", str, "",
                           "Database URL: sqlite:///relative.db, sqlite:////absolute.db or "
                           "postgresql://user:pass@host:port/db. Default: $VELVET_DB, else "
@@ -98,6 +107,7 @@ class Velvet:
             self._start_writer()
 
     def running(self) -> None:
+        self.loop = ctx.master.event_loop
         if self.writer is None:
             self._start_writer()
 
@@ -132,6 +142,7 @@ class Velvet:
             ops: list[Op] = [("call", row)]
             if s.route.kind in ("files", "uploads", "batches"):
                 ops += batches.prepare(s, req, resp, pricer)
+            self._annotate_later(s, row, ops)
             return ops
 
         return {"call": call}
@@ -149,6 +160,56 @@ class Velvet:
             "key_fingerprint": s.key_fingerprint,
             "problem": f"velvet internal error: {type(exc).__name__}: {exc}",
         })]
+
+    # -- flow comments and markers ------------------------------------------------------------------
+
+    def _annotate_later(self, s: CallSnapshot, row: dict[str, Any], ops: list[Op]) -> None:
+        """(writer thread) Describe the call, then set the comment on the event loop."""
+        try:
+            text = annotate.comment(s.route, row, ops, self.batch_status)
+            status = next((p["row"]["status"] for k, p in ops if k == "batch"), None)
+            mark = annotate.marker(s.route, row.get("status_code"), row.get("complete", True), status)
+            if self.loop is not None and not self.loop.is_closed() and s.flow_id in self.flows:
+                self.loop.call_soon_threadsafe(self._annotate, s.flow_id, text, mark)
+        except Exception:
+            log.exception("velvet: could not describe flow %s", s.flow_id)
+
+    def _annotate(self, flow_id: str, text: str, mark: str | None) -> None:
+        """(event loop) Set our comment and marker unless the user has put their own there."""
+        flow = self.flows.pop(flow_id, None)
+        if flow is None:
+            return
+        if not flow.comment or flow.comment == flow.metadata.get(META_KEY, {}).get("comment"):
+            flow.comment = text
+            flow.metadata.setdefault(META_KEY, {})["comment"] = text
+        if mark and (not flow.marked or flow.marked in annotate.MARKERS):
+            flow.marked = mark
+        try:
+            ctx.master.addons.trigger(UpdateHook([flow]))
+        except Exception:
+            log.debug("velvet: update hook failed for %s", flow_id, exc_info=True)
+
+    @command.command("velvet.summary")
+    def summary(self) -> str:
+        """What velvet has captured: calls, tokens, cost and batches by status."""
+        try:
+            db = queries.open_readonly(self.db_url())
+        except Exception as e:
+            raise exceptions.CommandError(f"velvet: {e}") from None
+        try:
+            s = queries.stats(db, by="endpoint")
+            by_status: dict[str, int] = {}
+            for b in queries.batches(db):
+                by_status[b["status"]] = by_status.get(b["status"], 0) + 1
+        finally:
+            db.close()
+        calls = sum(g["calls"] for g in s["calls"])
+        tokens = sum(g["input_tokens"] + g["output_tokens"] for g in s["calls"])
+        cost = sum(g["cost_usd"] for g in s["calls"]) + sum(g["cost_usd"] for g in s["batches"])
+        lines = sum(g["lines"] for g in s["batches"])
+        statuses = ", ".join(f"{n} {st}" for st, n in sorted(by_status.items())) or "none"
+        return (f"velvet: {calls:,} calls, {tokens:,} tokens; batches: {statuses}; {lines:,} batch lines; "
+                f"cost {humanize.money(cost)}")
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -192,6 +253,12 @@ class Velvet:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished
         finish(snap, flow)
+        if flow.response is None or flow.response.status_code >= 400:
+            if not flow.marked:
+                flow.marked = annotate.FAILED
+        elif (mark := annotate.marker(snap.route, flow.response.status_code)) and not flow.marked:
+            flow.marked = mark  # at once; the writer refines it (batch status) with the comment
+        self.flows[flow.id] = flow
         if self.writer is None:  # only before running() or after done(): keep the row anyway
             self._start_writer()
         assert self.writer is not None

@@ -315,7 +315,7 @@ class BatchAPI:
         self.parts: dict[str, bytes] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
-        self.clock = 1_790_000_000  # fake API time, advancing 60 s per step
+        self.clock = int(time.time())  # fake API time: starts now, advances 60 s per step
 
     def tick(self) -> int:
         self.clock += 60

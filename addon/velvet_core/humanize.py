@@ -1,0 +1,102 @@
+"""Numbers, money, durations and tables for people (the CLI and flow comments)."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+
+def money(v: float | None) -> str:
+    """``$12.34``; small amounts keep two significant digits (``$0.0012``)."""
+    if v is None:
+        return "-"
+    if v == 0:
+        return "$0.00"
+    if abs(v) >= 1:
+        return f"${v:,.2f}"
+    return f"${v:.{max(2, 1 - math.floor(math.log10(abs(v))))}f}"
+
+
+def duration(seconds: float | None) -> str:
+    """``3h 12m``, ``2m 5s``, ``45s``, ``0.8s``, ``2d 3h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
+    s = round(seconds)
+    d, s = divmod(s, 86400)
+    h, s = divmod(s, 3600)
+    m, s = divmod(s, 60)
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {s}s"
+    return f"{s}s"
+
+
+def ms(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.0f} ms" if v < 10_000 else duration(v / 1000)
+
+
+def count(v: int | float | None) -> str:
+    return "-" if v is None else f"{v:,}"
+
+
+def when(iso: str | None) -> str:
+    """An ISO timestamp as ``2026-11-24 15:04:05`` (UTC)."""
+    return "-" if not iso else iso.replace("T", " ").rstrip("Z")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = (),
+          out: TextIO | None = None) -> None:
+    """Print an aligned table; ``right`` are the indexes of right-aligned (numeric) columns."""
+    out = out or sys.stdout
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    for n, r in enumerate(cells):
+        line = "  ".join(v.rjust(w) if i in right else v.ljust(w)
+                         for i, (v, w) in enumerate(zip(r, widths, strict=True)))
+        out.write(line.rstrip() + "\n")
+        if n == 0:
+            out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+def pairs(items: Sequence[tuple[str, Any]], out: TextIO | None = None) -> None:
+    """Print ``label  value`` lines with the labels aligned."""
+    out = out or sys.stdout
+    width = max((len(k) for k, _ in items), default=0)
+    for k, v in items:
+        out.write(f"{k.ljust(width)}  {'-' if v is None or v == '' else v}\n")
+
+
+class Progress:
+    """A one-line progress bar on a terminal's stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+        self.total, self.label = total, label
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty()
+        self.done = 0
+        self._last = 0.0
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if self.enabled and (now - self._last > 0.1 or self.done == self.total):
+            self._last = now
+            frac = self.done / self.total if self.total else 1.0
+            bar = "#" * int(frac * 30)
+            self.stream.write(f"\r{self.label} [{bar:<30}] {self.done:,}/{self.total:,}")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.stream.write("\n")
+            self.stream.flush()

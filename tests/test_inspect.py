@@ -1,0 +1,188 @@
+"""Flow comments and markers, the batch JSONL contentview and the ``velvet.summary`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import tracemalloc
+
+import orjson
+import pytest
+from mitmproxy import contentviews, http
+from mitmproxy.test import taddons, tflow, tutils
+from test_addon import flow
+from velvet_core import annotate
+from velvet_core.classify import classify
+from velvet_core.contentview import BatchJsonlContentview
+
+BOUNDARY = "velvetboundary123"
+
+
+def batch_line(i: int, pad: int = 0) -> bytes:
+    return orjson.dumps({"custom_id": f"c-{i}", "method": "POST", "url": "/v1/chat/completions",
+                         "body": {"model": "gpt-4o-mini", "messages": [{"role": "user",
+                                                                       "content": f"q{i} " + "x" * pad}]}}) + b"\n"
+
+
+def multipart(file: bytes, field: str = "file") -> bytes:
+    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
+            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"in.jsonl\"\r\n"
+            f"Content-Type: application/octet-stream\r\n\r\n").encode() + file + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def upload_flow(body: bytes, path="/v1/files", resp=b'{"id":"file-1","object":"file","purpose":"batch"}'):
+    req = tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"POST", path=path.encode(),
+                      content=body, headers=http.Headers(
+                          host="api.openai.com", **{"content-type": f"multipart/form-data; boundary={BOUNDARY}"}))
+    r = tutils.tresp(status_code=200, content=resp, headers=http.Headers(**{"content-type": "application/json"}))
+    return tflow.tflow(req=req, resp=r)
+
+
+def content_flow(body: bytes, gz: bool = False):
+    req = tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"GET",
+                      path=b"/v1/files/file-out/content", content=b"", headers=http.Headers(host="api.openai.com"))
+    hdrs = {"content-type": "application/jsonl"}
+    if gz:
+        hdrs["content-encoding"] = "gzip"
+    r = tutils.tresp(status_code=200, content=b"", headers=http.Headers(**hdrs))
+    r.content = body  # mitmproxy encodes it as the header says
+    return tflow.tflow(req=req, resp=r)
+
+
+def test_contentview_bounded_on_a_200mb_upload():
+    lines = b"".join(batch_line(i, pad=4000) for i in range(1, 50_001))
+    assert len(lines) > 200_000_000
+    f = upload_flow(multipart(lines))
+    contentviews.add(BatchJsonlContentview())
+    with taddons.context():
+        tracemalloc.start()
+        res = contentviews.prettify_message(f.request, f)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert res.view_name == "Batch JSONL"
+    assert res.text.startswith("File upload in.jsonl · 50,000 lines")
+    assert '"custom_id": "c-1"' in res.text and "# line 10 · c-10" in res.text and "c-11" not in res.text
+    assert "… 49,990 more lines" in res.text
+    assert peak < 2_000_000  # a few lines decoded: no copy of the 200 MB body
+
+
+@pytest.fixture
+def views():
+    contentviews.add(BatchJsonlContentview())
+    with taddons.context() as tctx:
+        yield tctx
+
+
+def test_contentview_downloads_parts_and_others(views):
+    out = b"".join(orjson.dumps({"id": f"r{i}", "custom_id": f"c-{i}", "response": {"status_code": 200,
+                                 "body": {"model": "m"}}, "error": None}) + b"\n" for i in range(3))
+    f = content_flow(out, gz=True)
+    res = contentviews.prettify_message(f.response, f)
+    assert res.view_name == "Batch JSONL" and "Batch file content · 3 lines" in res.text
+    assert "# line 1 · c-0 · 200" in res.text and "more lines" not in res.text
+    part = upload_flow(multipart(b'ial": 1}\n' + batch_line(1) + b'{"custom', field="data"),
+                       path="/v1/uploads/upload_1/parts", resp=b'{"id":"part_1"}')
+    res = contentviews.prettify_message(part.request, part)
+    assert res.view_name == "Batch JSONL" and "Batch upload part · 3 lines" in res.text
+    assert "# line 1: not JSON" in res.text and "# line 2 · c-1" in res.text
+    chat = flow()
+    assert contentviews.prettify_message(chat.request, chat).view_name != "Batch JSONL"
+    bad = upload_flow(b"--nope\r\ngarbage")  # falls back to the raw view, never raises
+    assert contentviews.prettify_message(bad.request, bad).view_name != "Batch JSONL"
+
+
+def test_comments_and_markers():
+    r = classify("POST", "/v1/chat/completions")
+    row = {"status_code": 200, "model": "gpt-4o-mini", "total_tokens": 1234, "cost_usd": 0.0012,
+           "latency_ms": 812.4}
+    assert annotate.comment(r, row, [], {}) == "chat gpt-4o-mini · 1,234 tok · $0.0012 · 812 ms"
+    assert annotate.marker(r, 200) is None and annotate.marker(r, 429) == annotate.FAILED
+    assert annotate.marker(r, 200, complete=False) == annotate.FAILED
+    err = {"status_code": 429, "model_requested": "gpt-4o", "error_code": "rate_limit_exceeded"}
+    assert annotate.comment(r, err, [], {}) == "chat gpt-4o · 429 rate_limit_exceeded"
+    up = classify("POST", "/v1/files")
+    ops = [("call", {}), ("file", {"id": "file-abc", "lines": 50_000, "bad_lines": 2}),
+           ("requests", {"rows": []})]
+    assert annotate.comment(up, {"status_code": 200}, ops, {}) == \
+        "batch input · 50,000 lines (2 malformed) · file-abc"
+    assert annotate.marker(up, 200) == annotate.UPLOAD
+    b = classify("GET", "/v1/batches/batch_abc")
+    seen: dict[str, str] = {}
+    op = ("batch", {"row": {"id": "batch_abc", "status": "in_progress", "request_total": 6,
+                            "request_completed": 2}})
+    assert annotate.comment(b, {"status_code": 200}, [op], seen) == "batch batch_abc: in_progress (2/6 done)"
+    op[1]["row"]["status"] = "finalizing"
+    assert annotate.comment(b, {"status_code": 200}, [op], seen).startswith(
+        "batch batch_abc: in_progress → finalizing")
+    assert annotate.marker(b, 200, batch_status="finalizing") == annotate.POLL
+    assert annotate.marker(b, 200, batch_status="completed") == annotate.DONE
+    assert annotate.marker(b, 200, batch_status="expired") == annotate.ENDED_BADLY
+    dl = classify("GET", "/v1/files/file-x/content")
+    ops = [("file", {"id": "file-x", "lines": 3}), ("results", {"rows": [{"failed": True}] * 3})]
+    assert annotate.comment(dl, {"status_code": 200}, ops, {}) == "batch errors · 3 lines · file-x"
+    assert annotate.marker(dl, 200) == annotate.DOWNLOAD
+
+
+async def wait_comment(f: http.HTTPFlow) -> str:
+    for _ in range(200):
+        if f.comment:
+            return f.comment
+        await asyncio.sleep(0.02)
+    raise AssertionError("no comment")
+
+
+@pytest.fixture
+async def addon(sqlite_url, tmp_path):
+    """The addon inside a running event loop, as in mitmdump (comments come back through the loop)."""
+    from velvet_core.capture import Velvet
+
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        v.running()
+        yield v
+        v.done()
+
+
+async def test_hooks_annotate_flows_and_keep_user_marks(addon):
+    f = flow()
+    await_cycle(addon, f)
+    assert (await wait_comment(f)).startswith("chat gpt-4o-mini · 5 tok · $")
+    assert f.marked == ""
+    bad = flow(status=500, resp_body=b'{"error":{"message":"boom","type":"server_error"}}')
+    await_cycle(addon, bad)
+    assert bad.marked == annotate.FAILED  # set at once in the hook
+    assert await wait_comment(bad) == "chat gpt-4o-mini · 500 server_error"
+    mine = flow(status=500)
+    mine.marked, mine.comment = ":star:", "my note"
+    await_cycle(addon, mine)
+    await asyncio.sleep(0.5)
+    assert (mine.marked, mine.comment) == (":star:", "my note")
+    up = upload_flow(multipart(batch_line(1) + batch_line(2)))
+    await_cycle(addon, up)
+    assert up.marked == annotate.UPLOAD
+    assert await wait_comment(up) == "batch input · 2 lines · file-1"
+    dl = content_flow(b'{"custom_id":"c-1","response":{"status_code":200,"body":{}}}\n', gz=True)
+    assert gzip.decompress(dl.response.raw_content).startswith(b'{"custom_id"')
+    await_cycle(addon, dl)
+    assert dl.marked == annotate.DOWNLOAD and await wait_comment(dl) == "batch output · 1 lines · file-out"
+
+    summary = addon.summary()
+    assert summary.startswith("velvet: 5 calls") and "batch lines" in summary
+
+
+def await_cycle(addon, f):
+    addon.requestheaders(f)
+    addon.responseheaders(f)
+    addon.response(f)
+
+
+def test_summary_command_without_database(tmp_path):
+    from mitmproxy import exceptions
+    from velvet_core.capture import Velvet
+
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=f"sqlite:///{tmp_path}/none.db")
+        with pytest.raises(exceptions.CommandError, match="no database"):
+            tctx.command(v.summary)
