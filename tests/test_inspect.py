@@ -60,7 +60,8 @@ def test_contentview_bounded_on_a_200mb_upload():
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert res.view_name == "Batch JSONL"
-    assert res.text.startswith("File upload in.jsonl · 50,000 lines")
+    assert res.text.startswith("File upload in.jsonl · 50,000 lines · 20")
+    assert res.text.splitlines()[0].endswith(" bytes · the first 10 shown")
     assert '"custom_id": "c-1"' in res.text and "# line 10 · c-10" in res.text and "c-11" not in res.text
     assert "… 49,990 more lines" in res.text
     assert peak < 2_000_000  # a few lines decoded: no copy of the 200 MB body

@@ -59,7 +59,10 @@ def _file_part(data: bytes, boundary: bytes, name: bytes) -> tuple[int, int, str
 def render_lines(data: bytes, start: int, end: int, title: str, partial_edges: bool = False) -> str:
     """The first :data:`SHOW_LINES` lines of ``data[start:end]`` pretty-printed, and a count of the rest."""
     total = data.count(b"\n", start, end) + (0 if end == start or data[end - 1:end] == b"\n" else 1)
-    out = [f"{title} · {total:,} lines · {end - start:,} bytes"]
+    head = f"{title} · {total:,} lines · {end - start:,} bytes"
+    if total > SHOW_LINES:
+        head += f" · the first {SHOW_LINES} shown"
+    out = [head]
     if partial_edges:
         out.append("(an upload part: its first and last lines may be cut; velvet joins them at completion)")
     pos, shown = start, 0

@@ -227,7 +227,8 @@ def batch_errors(db: Database, batch_id: str) -> list[dict[str, Any]]:
         g["count"] += 1
     for e in _rows(db, "SELECT x.error_code, x.error_message, x.custom_id, r.line_no FROM batch_results x "
                        "LEFT JOIN batch_requests r ON r.id = x.request_row_id "
-                       "WHERE x.batch_id = ? AND x.failed ORDER BY x.file_id, x.line_no", (batch_id,)):
+                       "WHERE x.batch_id = ? AND x.failed ORDER BY r.line_no IS NULL, r.line_no, x.line_no",
+                   (batch_id,)):
         g = groups.setdefault(("line", e["error_code"]), {
             "source": "line", "code": e["error_code"], "count": 0,
             "example": {"custom_id": e["custom_id"], "line": e["line_no"], "message": e["error_message"]}})
@@ -374,7 +375,7 @@ def _group_value(by: str, r: dict[str, Any], when: str) -> str:
         dt = to_dt(r[when])
         return dt.date().isoformat() if dt else "(unknown)"
     col = {"model": "model", "endpoint": "endpoint", "key": "key_fingerprint"}[by]
-    return r.get(col) or "(none)"
+    return r.get(col) or {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}[by]
 
 
 def stats(db: Database, by: str = "model", since: datetime | None = None) -> dict[str, Any]:
