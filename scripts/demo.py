@@ -39,7 +39,8 @@ def start_proxy(workdir: Path, db_url: str, upstream: str) -> tuple[subprocess.P
         [str(BIN / "mitmdump"), "-q", "-p", str(port), "--listen-host", "127.0.0.1", "--set", f"confdir={confdir}",
          "-s", str(ROOT / "addon" / "velvet.py"), "--set", f"velvet_db={db_url}",
          "--set", f"velvet_spool_dir={workdir / 'spool'}", "--set", "connection_strategy=lazy",
-         "--map-remote", rf"|https://api\.openai\.com/|{upstream}/"],
+         "--map-remote", rf"|https://api\.openai\.com/|{upstream}/",
+         "-s", str(ROOT / "addon" / "velvet_core" / "standin_route.py"), "--set", f"standin_url={upstream}"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -19,6 +19,7 @@ from velvet_core.database import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "velvet.py"
+ROUTE = ROOT / "addon" / "velvet_core" / "standin_route.py"  # streamed requests skip map_remote
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 API_KEY = "sk-test-" + "k" * 40
 T = TypeVar("T")
@@ -56,6 +57,7 @@ class Proxy:
             "--set", f"velvet_db={self.db_url}", "--set", f"velvet_spool_dir={self.tmp / 'spool'}",
             "--set", "connection_strategy=lazy",
             "--map-remote", rf"|https://api\.openai\.com/|{self.upstream}/",
+            "-s", str(ROUTE), "--set", f"standin_url={self.upstream}",
             *self.extra,
         ]
 

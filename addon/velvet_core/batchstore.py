@@ -29,6 +29,48 @@ def register(store: Store) -> None:
     store.register("upload", lambda ps: [upsert_upload(p) for p in ps])
     store.register("upload_part", lambda ps: [add_part(p) for p in ps])
     store.register("upload_complete", lambda ps: [complete_upload(p) for p in ps])
+    # streamed bodies (see ingest.py): lines staged as they are parsed, bound when the response comes
+    store.register("stage_requests", lambda ps: [_insert(BatchRequest, p["rows"]) for p in ps])
+    store.register("stage_results", lambda ps: [_insert(BatchResult, p["rows"]) for p in ps])
+    store.register("bind_staged", lambda ps: [bind_staged(p["key"], p["file_id"]) for p in ps])
+    store.register("bind_part", lambda ps: [bind_part(p["key"], p["part"]) for p in ps])
+    store.register("drop_staged", lambda ps: [drop_staged(p["key"]) for p in ps])
+    store.register("requests_done", lambda ps: [requests_done(p["file_id"]) for p in ps])
+    store.register("results_done", lambda ps: [results_done(p["file_id"]) for p in ps])
+
+
+def _insert(model: Any, rows: list[dict[str, Any]]) -> None:
+    for part in chunks(rows):
+        model.insert_many(full_rows(model, part)).on_conflict_ignore().execute()
+
+
+def bind_staged(key: str, file_id: str) -> None:
+    """Staged lines of a streamed upload become the file's lines."""
+    BatchRequest.update(file_id=file_id).where(BatchRequest.file_id == key).execute()
+    requests_done(file_id)
+
+
+def bind_part(key: str, part: dict[str, Any]) -> None:
+    UploadPart.insert(**part).on_conflict_ignore().execute()
+    BatchRequest.update(upload_part_id=part["id"]).where(BatchRequest.upload_part_id == key).execute()
+
+
+def drop_staged(key: str) -> None:
+    """A streamed upload that failed or was cut: its lines belong to no file."""
+    BatchRequest.delete().where((BatchRequest.file_id == key) | (BatchRequest.upload_part_id == key)).execute()
+
+
+def requests_done(file_id: str) -> None:
+    """The checks that need the whole input file: duplicates, its batch's endpoint, bad-line count."""
+    mark_duplicates(file_id)
+    for b in Batch.select().where(Batch.input_file_id == file_id):
+        link(b)
+    recount(file_id)
+
+
+def results_done(file_id: str) -> None:
+    for b in Batch.select().where((Batch.output_file_id == file_id) | (Batch.error_file_id == file_id)):
+        link(b)
 
 
 def upsert_file(row: dict[str, Any]) -> None:
@@ -46,12 +88,8 @@ def upsert_file(row: dict[str, Any]) -> None:
 
 
 def add_requests(file_id: str, rows: list[dict[str, Any]]) -> None:
-    for part in chunks([{**r, "file_id": file_id} for r in rows]):
-        BatchRequest.insert_many(full_rows(BatchRequest, part)).on_conflict_ignore().execute()
-    mark_duplicates(file_id)
-    for b in Batch.select().where(Batch.input_file_id == file_id):
-        link(b)
-    recount(file_id)
+    _insert(BatchRequest, [{**r, "file_id": file_id} for r in rows])
+    requests_done(file_id)
 
 
 def recount(file_id: str) -> None:
@@ -79,10 +117,8 @@ def add_problem(message: str, marker: str, *where: Any) -> None:
 
 
 def add_results(file_id: str, rows: list[dict[str, Any]]) -> None:
-    for part in chunks([{**r, "file_id": file_id} for r in rows]):
-        BatchResult.insert_many(full_rows(BatchResult, part)).on_conflict_ignore().execute()
-    for b in Batch.select().where((Batch.output_file_id == file_id) | (Batch.error_file_id == file_id)):
-        link(b)
+    _insert(BatchResult, [{**r, "file_id": file_id} for r in rows])
+    results_done(file_id)
 
 
 def upsert_batch(p: dict[str, Any]) -> None:
@@ -179,8 +215,7 @@ def upsert_upload(row: dict[str, Any]) -> None:
 
 def add_part(p: dict[str, Any]) -> None:
     UploadPart.insert(**p["part"]).on_conflict_ignore().execute()
-    for part in chunks([{**r, "upload_part_id": p["part"]["id"]} for r in p["rows"]]):
-        BatchRequest.insert_many(full_rows(BatchRequest, part)).on_conflict_ignore().execute()
+    _insert(BatchRequest, [{**r, "upload_part_id": p["part"]["id"]} for r in p["rows"]])
 
 
 def complete_upload(p: dict[str, Any]) -> None:

@@ -19,9 +19,11 @@ from .calls import parse_call, utc
 from .classify import classify
 from .contentview import BatchJsonlContentview
 from .database import DatabaseURLError, check_url
+from .ingest import Streams
 from .pricing import PriceFileError, Pricer, load_price_file
-from .snapshot import META_KEY, CallSnapshot, StreamRecorder, begin, finish
+from .snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
 from .store import Op
+from .tap import BodyTap, Budget, remove_stale_spills
 from .writer import Writer, _redact
 
 log = logging.getLogger("velvet")
@@ -55,6 +57,9 @@ class Velvet:
         self.flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.batch_status: dict[str, str] = {}  # writer thread only: last status seen per batch
+        self.stream_threshold = 4 * 1024 * 1024
+        self.budget = Budget(32 * 1024 * 1024)
+        self.taps: dict[str, tuple[BodyTap | None, BodyTap | None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -75,6 +80,15 @@ class Velvet:
         loader.add_option("velvet_spool_dir", str, "",
                           "Where rows wait on disk while the database is unreachable. Default: "
                           f"{config.default_spool_dir()}.")
+        loader.add_option("velvet_stream_threshold", int, 4 * 1024 * 1024,
+                          "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
+                          "are streamed through velvet's parser instead of being buffered: no delay to the "
+                          "transfer, bounded memory, but mitmweb does not show the body (unless "
+                          "store_streamed_bodies is on). Bodies mitmproxy already streams "
+                          "(stream_large_bodies) are always followed.")
+        loader.add_option("velvet_stream_memory", int, 32 * 1024 * 1024,
+                          "Bytes of streamed bodies held in memory while the writer catches up; "
+                          "beyond that they wait in a spill file in velvet_spool_dir.")
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -102,6 +116,14 @@ class Velvet:
             if opts.velvet_body_limit < 0:
                 raise exceptions.OptionsError("velvet_body_limit must be >= 0")
             self.body_limit = opts.velvet_body_limit
+        if "velvet_stream_threshold" in updated:
+            if opts.velvet_stream_threshold < 0:
+                raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
+            self.stream_threshold = opts.velvet_stream_threshold
+        if "velvet_stream_memory" in updated:
+            if opts.velvet_stream_memory < 1024 * 1024:
+                raise exceptions.OptionsError("velvet_stream_memory must be at least 1 MiB (1048576)")
+            self.budget.limit = opts.velvet_stream_memory
         if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir"}:
             self._stop_writer()
             self._start_writer()
@@ -117,9 +139,13 @@ class Velvet:
     def db_url(self) -> str:
         return ctx.options.velvet_db or config.default_db_url()
 
+    def spool_dir(self) -> Path:
+        return Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
+
     def _start_writer(self) -> None:
         url = self.db_url()
-        spool = Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
+        spool = self.spool_dir()
+        remove_stale_spills(spool / "streams")
         self.writer = Writer(url, self.preparers(), spool_dir=spool, on_error=self._fallback,
                              setup=batchstore.register)
         self.writer.start()
@@ -132,20 +158,33 @@ class Velvet:
         if w.stop(ctx.options.velvet_flush_timeout):
             log.info("velvet: %d operations written", w.written)
 
-    def preparers(self) -> dict[str, Callable[[Any], list[Op]]]:
+    def preparers(self) -> dict[str, Callable[[Any], Any]]:
+        streams = Streams(self.budget, lambda: self.pricer)
+
         def call(s: CallSnapshot) -> list[Op]:
             pricer = self.pricer  # read per call: options may change while the writer runs
             row, req, resp = parse_call(s, pricer, self.body_limit)
+            ops: list[Op] = [("call", row)]
+            tap = s.request_tap or s.response_tap
+            if tap is not None:
+                more, problems = streams.finish(s, tap, resp.json if resp else None)
+                ops += more
+                if s.request_tap:
+                    row["request_bytes"] = s.request_tap.bytes
+                else:
+                    row["response_bytes"] = tap.bytes
+                if problems:
+                    row["problem"] = "; ".join(p for p in (row.get("problem"), *problems) if p)
+                    row["complete"] = row.get("complete", True) and tap.finished and not tap.broken
+            elif s.route.kind in ("files", "uploads", "batches"):
+                ops += batches.prepare(s, req, resp, pricer)
             if row.get("problem"):
                 level = logging.INFO if row["endpoint"] == "other" else logging.WARNING
                 log.log(level, "velvet: %s %s: %s", s.method, s.path, row["problem"])
-            ops: list[Op] = [("call", row)]
-            if s.route.kind in ("files", "uploads", "batches"):
-                ops += batches.prepare(s, req, resp, pricer)
             self._annotate_later(s, row, ops)
             return ops
 
-        return {"call": call}
+        return {"call": call, "stream": streams.start, "chunk": streams.chunk}
 
     @staticmethod
     def _fallback(kind: str, payload: Any, exc: BaseException) -> list[Op]:
@@ -226,6 +265,9 @@ class Velvet:
         host = host if host in self.hosts else flow.request.host.lower()
         self.snapshots[flow.id] = begin(flow, route, host)
         flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
+        if (route.kind, route.action) in (("files", "upload"), ("uploads", "part")):
+            kind = "upload" if route.kind == "files" else "part"
+            self._tap(flow, flow.request, "request", {"kind": kind})
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -235,6 +277,32 @@ class Velvet:
             rec = StreamRecorder(time.time)
             self.recorders[flow.id] = rec
             flow.response.stream = rec
+            return
+        route = self.snapshots[flow.id].route
+        if route.kind == "files" and route.action == "content" and route.object_id \
+                and flow.response.status_code < 400:
+            self._tap(flow, flow.response, "response", {"kind": "content", "file_id": route.object_id,
+                                                        "seen": utc(time.time())})
+
+    def _tap(self, flow: http.HTTPFlow, msg: http.Message, side: str, start: dict[str, Any]) -> None:
+        """Stream a big batch body through a :class:`BodyTap` (or one mitmproxy already streams)."""
+        if self.writer is None:
+            return
+        length = msg.headers.get("content-length", "").strip()
+        # a download without a length may be any size
+        big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
+        if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
+            return
+        key = f"~{flow.id}"
+        start.update(key=key, content_type=msg.headers.get("content-type", ""),
+                     encoding=msg.headers.get("content-encoding"))
+        if not self.writer.offer("stream", start):
+            log.warning("velvet: writer queue full; %s body of %s not followed", side, flow.request.path)
+            return
+        tap = BodyTap(key, self.writer.offer, self.budget, self.spool_dir() / "streams")
+        msg.stream = tap
+        req_tap, resp_tap = self.taps.get(flow.id, (None, None))
+        self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)
 
     @guarded
     def response(self, flow: http.HTTPFlow) -> None:
@@ -247,8 +315,14 @@ class Velvet:
     def _submit(self, flow: http.HTTPFlow) -> None:
         snap = self.snapshots.pop(flow.id, None)
         rec = self.recorders.pop(flow.id, None)
+        taps = self.taps.pop(flow.id, (None, None))
         if snap is None:
             return
+        snap.request_tap, snap.response_tap = (
+            None if t is None else TapInfo(t.key, t.bytes, t.finished, t.broken) for t in taps)
+        for t in taps:
+            if t is not None:
+                t.close()
         if rec is not None:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished

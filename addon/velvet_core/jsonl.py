@@ -63,6 +63,11 @@ class LineSplitter:
             self._tail = b""
             yield line
 
+    def remainder(self) -> bytes:
+        """The bytes after the last newline (not counted as a line), and forget them."""
+        tail, self._tail = self._tail, b""
+        return tail
+
     def split(self, data: bytes) -> Iterator[Line]:
         """All lines of a whole body."""
         yield from self.feed(data)

@@ -17,6 +17,16 @@ META_KEY = "velvet"
 
 
 @dataclass(slots=True)
+class TapInfo:
+    """How a body streamed through velvet's tap went (see :mod:`velvet_core.tap`)."""
+
+    key: str
+    bytes: int = 0
+    finished: bool = False
+    broken: str | None = None
+
+
+@dataclass(slots=True)
 class CallSnapshot:
     flow_id: str
     method: str
@@ -40,6 +50,8 @@ class CallSnapshot:
     stream_finished: bool = False
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    request_tap: TapInfo | None = None
+    response_tap: TapInfo | None = None
 
 
 def lower_headers(headers: http.Headers) -> dict[str, str]:
@@ -79,7 +91,7 @@ def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
     snap.request_body = req.raw_content
     snap.request_encoding = req.headers.get("content-encoding")
     snap.request_end_at = req.timestamp_end
-    if req.raw_content is None and req.stream:
+    if req.raw_content is None and req.stream and snap.request_tap is None:
         snap.notes.append("request body was streamed, not captured")
     resp = flow.response
     if resp is not None:
@@ -90,7 +102,7 @@ def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
         snap.ended_at = resp.timestamp_end
         if snap.stream_chunks is None:
             snap.response_body = resp.raw_content
-            if resp.raw_content is None and resp.stream:
+            if resp.raw_content is None and resp.stream and snap.response_tap is None:
                 snap.notes.append("response body was streamed, not captured")
     if flow.error is not None:
         snap.error = flow.error.msg

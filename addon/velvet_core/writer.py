@@ -14,7 +14,7 @@ import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from .store import Op, Store
 
 log = logging.getLogger(__name__)
 
-Prepare = Callable[[Any], list[Op]]
+Prepare = Callable[[Any], Iterable[Op]]
+HEAVY = frozenset({"stage_requests", "stage_results"})  # written at once, so a big stream stays bounded
 _STOP = object()
 
 
@@ -76,6 +77,15 @@ class Writer:
                         self._spool_file)
             self._spill([("raw", (kind, payload))])
 
+    def offer(self, kind: str, payload: Any) -> bool:
+        """Like :meth:`submit` but never spools: False when the queue is full (for stream chunks,
+        whose order and in-memory parser state a spool replay could not keep)."""
+        try:
+            self.queue.put_nowait((kind, payload))
+            return True
+        except queue.Full:
+            return False
+
     def stop(self, timeout: float) -> bool:
         """Write everything queued, waiting at most ``timeout`` s; spool what could not be written."""
         if self._thread is None:
@@ -106,17 +116,19 @@ class Writer:
                 connected = self._connect()
             items, stopping = self._take(stopping, block=not self.pending)
             for kind, payload in items:
-                self.pending.extend(self._prepare(kind, payload))
+                for op in self._prepare(kind, payload):
+                    self.pending.append(op)
+                    if op[0] not in HEAVY:
+                        continue
+                    if connected:
+                        connected = self._try_flush(backoff)
+                    elif sum(k in HEAVY for k, _ in self.pending) > 8:  # database down: to disk, in order
+                        self._spill(self.pending)
+                        self.pending = []
             if self.pending and connected:
-                try:
-                    self._flush()
+                connected = self._try_flush(backoff)
+                if connected:
                     backoff = 0.5
-                except Exception as e:  # database down, constraint bug, …: keep the rows
-                    self.failures += 1
-                    log.warning("velvet: database write failed (%s); %d operations kept, retrying in %.1fs",
-                                e, len(self.pending), backoff)
-                    self._close()
-                    connected = False
             if len(self.pending) > self.max_pending:
                 self._spill(self.pending)
                 self.pending = []
@@ -136,6 +148,18 @@ class Writer:
                         len(self.pending), self._spool_file)
             self.pending = []
         self._close()
+
+    def _try_flush(self, backoff: float) -> bool:
+        """Write what is pending; False (and the rows kept) when the database failed."""
+        try:
+            self._flush()
+            return True
+        except Exception as e:  # database down, constraint bug, …: keep the rows
+            self.failures += 1
+            log.warning("velvet: database write failed (%s); %d operations kept, retrying in %.1fs",
+                        e, len(self.pending), backoff)
+            self._close()
+            return False
 
     def _connect(self) -> bool:
         try:
@@ -178,14 +202,19 @@ class Writer:
                 break
         return items, stopping
 
-    def _prepare(self, kind: str, payload: Any) -> list[Op]:
+    def _prepare(self, kind: str, payload: Any) -> Iterable[Op]:
         if kind == "raw":  # a spooled, unprepared submission
-            return self._prepare(*payload)
+            yield from self._prepare(*payload)
+            return
+        done = 0
         try:
-            return self.prepare[kind](payload)
+            for op in self.prepare[kind](payload):
+                done += 1
+                yield op
         except Exception as e:
             log.exception("velvet: could not process a %s record", kind)
-            return self.on_error(kind, payload, e) if self.on_error else []
+            if self.on_error and not done:
+                yield from self.on_error(kind, payload, e)
 
     def _flush(self) -> None:
         assert self.store is not None
@@ -232,7 +261,7 @@ class Writer:
                         break
             prepared: list[Op] = []
             for op in ops:
-                prepared.extend(self._prepare(*op[1]) if op[0] == "raw" else [op])
+                prepared.extend(self._prepare(*op[1]) if op[0] == "raw" else [op])  # type: ignore[arg-type]
             log.info("velvet: replaying %d spooled operations from %s", len(prepared), path)
             self.pending[:0] = prepared
             self._claimed.append(claimed)
