@@ -106,7 +106,8 @@ class Proxy:
                 monkeypatch.delenv(k)
         for k, v in self.env().items():
             monkeypatch.setenv(k, v)
-        return openai.OpenAI(api_key=kw.pop("api_key", API_KEY), max_retries=0, timeout=30, **kw)
+        kw.setdefault("timeout", 30)
+        return openai.OpenAI(api_key=kw.pop("api_key", API_KEY), max_retries=0, **kw)
 
 
 @contextmanager

@@ -75,6 +75,8 @@ def results_done(file_id: str) -> None:
 
 def upsert_file(row: dict[str, Any]) -> None:
     row = {k: v for k, v in row.items() if v is not None}
+    if row.get("complete") is True and "problem" not in row:
+        row["problem"] = None  # a whole download clears what an earlier, cut one said
     existing = File.get_or_none(File.id == row["id"])
     if existing is None:
         row.setdefault("first_seen_at", row.get("updated_at") or utc(time.time()))

@@ -16,6 +16,7 @@ import argparse
 import gzip
 import itertools
 import secrets
+import socket
 import threading
 import time
 import zlib
@@ -130,7 +131,7 @@ class Handler(BaseHTTPRequestHandler):
         }
 
     def send(self, status: int, body: Any, *, content_type: str = "application/json",
-             headers: dict[str, str] | None = None) -> None:
+             headers: dict[str, str] | None = None, cut: bool = False) -> None:
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         hdrs = {**self._common_headers(), **(headers or {})}
         if self.headers.get("x-standin-gzip") == "1" and "gzip" in self.headers.get("accept-encoding", ""):
@@ -139,6 +140,12 @@ class Handler(BaseHTTPRequestHandler):
         head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
                 f"content-type: {content_type}", f"content-length: {len(data)}"]
         head += [f"{k}: {v}" for k, v in hdrs.items()]
+        if cut:
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         self.wfile.flush()
 
@@ -277,11 +284,31 @@ def _multipart(handler: Handler, raw: bytes) -> dict[str, bytes]:
     from email.policy import HTTP
 
     ct = handler.headers.get("content-type", "")
+    if len(raw) > 8 * 1024 * 1024:
+        return _multipart_big(ct, raw)
     msg = BytesParser(policy=HTTP).parsebytes(b"content-type: " + ct.encode() + b"\r\n\r\n" + raw)
     out = {}
     for part in msg.iter_parts():
         name = part.get_param("name", header="content-disposition")
         out[name] = part.get_payload(decode=True) or b""
+    return out
+
+
+def _multipart_big(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """The stdlib parser is slow on hundreds of MB: split on the boundary with ``bytes.find``."""
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"').encode()
+    delim = b"\r\n--" + boundary
+    out, pos = {}, raw.find(b"--" + boundary)
+    while pos >= 0:
+        head_end = raw.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            break
+        head = raw[pos:head_end]
+        end = raw.find(delim, head_end + 4)
+        i = head.find(b'name="')
+        if i >= 0 and end >= 0:
+            out[head[i + 6:head.find(b'"', i + 6)].decode()] = raw[head_end + 4:end]
+        pos = end + 2 if end >= 0 else -1
     return out
 
 
@@ -400,6 +427,8 @@ class BatchAPI:
         if fid not in self.files:
             return h.send_error_json(404, f"No such File object: {fid}", "invalid_request_error", None)
         if len(parts) == 5 and parts[4] == "content":
+            if h.headers.get("x-standin-scenario") == "drop":  # the connection dies half-way
+                return h.send(200, self.content[fid], content_type="application/octet-stream", cut=True)
             return h.send(200, self.content[fid], content_type="application/octet-stream")
         h.send(200, self.files[fid])
 
