@@ -15,13 +15,15 @@ from rig import bound
 from test_batch_units import multipart_body
 from test_inspect import upload_flow
 from velvet_core import batches, models
+from velvet_core.batchlines import request_row
 from velvet_core.calls import utc
 from velvet_core.capture import Velvet
 from velvet_core.classify import classify
-from velvet_core.ingest import ContentIngest, PartIngest, Streams, UploadIngest
+from velvet_core.ingest import ContentIngest, PartIngest, UploadIngest, ingest_streamed
+from velvet_core.jsonl import LineSplitter
 from velvet_core.pricing import Pricer
 from velvet_core.snapshot import CallSnapshot, TapInfo
-from velvet_core.tap import BodyTap, Budget, Spilled
+from velvet_core.tap import BodyTap
 
 NOW = utc(time.time())
 B = "bnd42"
@@ -42,11 +44,11 @@ def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     return [p for p in [*out, data[i:]] if p]
 
 
-def run(ingest, chunks: list[bytes]) -> list:
+def run(ingest, chunks: list[bytes], whole: bool = True) -> list:
     ops = []
     for c in chunks:
         ops += list(ingest.feed(c))
-    ops += list(ingest.end())
+    ops += list(ingest.end(whole))
     return [r for _, p in ops for r in p["rows"]]
 
 
@@ -55,13 +57,10 @@ def run(ingest, chunks: list[bytes]) -> list:
 def test_streamed_upload_equals_buffered(cuts, bad):
     data = lines_of(12, bad)
     body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", data)])
-    ingest = UploadIngest("~k", f"multipart/form-data; boundary={B}", None)
+    ingest = UploadIngest("file-k", f"multipart/form-data; boundary={B}", None)
     rows = run(ingest, pieces(body, cuts))
     buffered = batches.multipart_parts(body, f"multipart/form-data; boundary={B}", [])
-    from velvet_core.batchlines import request_row
-    from velvet_core.jsonl import LineSplitter
-
-    want = [{**request_row(line), "line_no": line.no, "file_id": "~k"}
+    want = [{**request_row(line), "line_no": line.no, "file_id": "file-k"}
             for line in LineSplitter().split(buffered["file"][1])]
     assert rows == want and ingest.lines == 12 and ingest.bad == len(bad) and ingest.purpose == b"batch"
     assert not ingest.problems
@@ -73,10 +72,11 @@ def test_streamed_part_equals_buffered(cuts, head_cut, tail_cut):
     data = lines_of(6)
     data = data[head_cut:len(data) - tail_cut]
     body = multipart_body(B, [("data", "blob", data)])
-    ingest = PartIngest("~p", f"multipart/form-data; boundary={B}", None)
+    ingest = PartIngest("part_1", f"multipart/form-data; boundary={B}", None)
     rows = run(ingest, pieces(body, cuts))
-    want = batches.split_part("~p", "u", data, NOW)
+    want = batches.split_part("part_1", "u", data, NOW)
     assert [{k: v for k, v in r.items() if k != "upload_part_id"} for r in rows] == want["rows"]
+    assert all(r["upload_part_id"] == "part_1" for r in rows)
     assert ingest.head == want["part"]["head"]
     assert (ingest.tail if not ingest.in_head else None) == want["part"]["tail"]
 
@@ -88,95 +88,90 @@ def test_streamed_download_equals_buffered(cuts):
         "status_code": 200,
         "body": {"model": "gpt-4o-mini", "usage": {"prompt_tokens": 4, "completion_tokens": 5}}},
         "error": None}) + b"\n" for i in range(8))
-    wire = gzip.compress(out)
-    ingest = ContentIngest("~c", "file-out", "gzip", Pricer(), NOW)
-    rows = run(ingest, pieces(wire, cuts))
+    ingest = ContentIngest("file-out", "gzip", Pricer(), NOW)
+    rows = run(ingest, pieces(gzip.compress(out), cuts))
     ops = batches._file_content(out, "file-out", NOW, Pricer())
     assert rows == [{**r, "file_id": "file-out"} for r in ops[1][1]["rows"]]
     assert ingest.mode == "results"
-    again = ContentIngest("~i", "file-in", None, Pricer(), NOW)
+    again = ContentIngest("file-in", None, Pricer(), NOW)
     assert len(run(again, [lines_of(3)])) == 3 and again.mode == "requests"
 
 
 def test_truncated_or_garbled_streams_say_so():
-    ingest = UploadIngest("~k", f"multipart/form-data; boundary={B}", None)
+    ingest = UploadIngest("file-k", f"multipart/form-data; boundary={B}", None)
     body = multipart_body(B, [("file", "in.jsonl", lines_of(5))])
     run(ingest, [body[: len(body) // 2]])
     assert ingest.problems and "truncated" in ingest.problems[0]
-    bad = ContentIngest("~c", "f", "gzip", Pricer(), NOW)
+    bad = ContentIngest("f", "gzip", Pricer(), NOW)
     run(bad, [b"definitely not gzip"])
     assert bad.failed and bad.problems
     with pytest.raises(Exception, match="not a multipart body"):
-        UploadIngest("~k", "application/json", None)
+        UploadIngest("file-k", "application/json", None)
+    cut = ContentIngest("f", None, Pricer(), NOW)
+    assert len(run(cut, [lines_of(3)[:-20]], whole=False)) == 2  # the partial last line is not a line
 
 
-def test_tap_budget_then_spill_keeps_order(tmp_path):
-    items = []
-    budget = Budget(100)
-    tap = BodyTap("~t", lambda kind, p: items.append((kind, p)) or True, budget, tmp_path)
-    chunks = [bytes([65 + i]) * 30 for i in range(10)]
+def test_tap_keeps_the_body_on_disk(tmp_path):
+    tap = BodyTap(tmp_path / "streams")
+    chunks = [bytes([65 + i]) * 30_000 for i in range(10)]
     for c in chunks:
         assert tap(c) is c  # passed on untouched
-    assert tap(b"") == b"" and tap.finished and tap.bytes == 300
-    kinds = [type(p[1]).__name__ for _, p in items]
-    assert kinds[:3] == ["bytes"] * 3 and set(kinds[3:]) == {"Spilled"}
-    assert len(items) == 4  # the spilled chunks coalesced into one run while the writer had not taken it
-    got = b"".join(p[1] if isinstance(p[1], bytes) else b"".join(p[1].pieces(size=7)) for _, p in items)
-    assert got == b"".join(chunks)
-    # once the writer has taken a run, a new one starts where it ended
-    tap2 = BodyTap("~u", lambda kind, p: items.append((kind, p)) or True, Budget(0), tmp_path)
-    tap2(b"x" * 10)
-    run1: Spilled = items[-1][1][1]
-    assert b"".join(run1.pieces()) == b"x" * 10
-    tap2(b"y" * 5)
-    run2: Spilled = items[-1][1][1]
-    assert run2 is not run1 and run2.offset == 10 and b"".join(run2.pieces()) == b"y" * 5
+    assert tap(b"") == b"" and tap.finished and tap.bytes == 300_000
+    assert tap.path is not None and tap.path.read_bytes() == b"".join(chunks)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    broken = BodyTap(blocked / "streams")
+    assert broken(b"abc") == b"abc" and broken(b"def") == b"def"  # the flow goes on
+    assert broken.broken and broken.bytes == 6
 
 
-def test_tap_full_queue_marks_the_body_lost(tmp_path):
-    tap = BodyTap("~t", lambda kind, p: False, Budget(1000), tmp_path)
-    assert tap(b"abc") == b"abc" and tap(b"def") == b"def"
-    assert tap.broken and "queue was full" in tap.broken
-
-
-def snapshot(path: str, method: str = "POST", status: int | None = 200, error: str | None = None) -> CallSnapshot:
+def snapshot(path: str, method: str = "POST", status: int | None = 200, error: str | None = None,
+             ct: str = f"multipart/form-data; boundary={B}") -> CallSnapshot:
     return CallSnapshot(flow_id="f1", method=method, host="api.openai.com", path=path,
-                        route=classify(method, path), key_fingerprint=None, tags={}, request_headers={},
-                        request_body=None, request_encoding=None, started_at=time.time(), status_code=status,
-                        ended_at=time.time(), error=error)
+                        route=classify(method, path), key_fingerprint=None, tags={},
+                        request_headers={"content-type": ct}, request_body=None, request_encoding=None,
+                        started_at=time.time(), status_code=status, ended_at=time.time(), error=error)
 
 
-def test_streams_bind_drop_and_cut(tmp_path):
-    budget = Budget(1 << 20)
-    streams = Streams(budget, Pricer)
-    body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", lines_of(3))])
-    streams.start({"key": "~a", "kind": "upload", "content_type": f"multipart/form-data; boundary={B}",
-                   "encoding": None})
-    budget.take(len(body))
-    staged = list(streams.chunk(("~a", body)))
-    assert budget.inflight == 0 and sum(len(p["rows"]) for _, p in staged) == 0  # under ROWS_PER_OP: kept
-    ops, problems = streams.finish(snapshot("/v1/files"), TapInfo("~a", len(body), True),
-                                   {"id": "file-1", "object": "file", "purpose": "batch"})
-    kinds = [k for k, _ in ops]
-    assert kinds == ["stage_requests", "file", "bind_staged"] and not problems
-    assert ops[1][1]["lines"] == 3 and ops[1][1]["complete"] is True
+def spilled(tmp_path, data: bytes, finished: bool = True) -> TapInfo:
+    tap = BodyTap(tmp_path / "streams")
+    tap(data)
+    if finished:
+        tap(b"")
+    tap.close()
+    return TapInfo(tap.path, tap.bytes, tap.finished, tap.broken)
 
-    streams.start({"key": "~b", "kind": "upload", "content_type": f"multipart/form-data; boundary={B}",
-                   "encoding": None})
-    list(streams.chunk(("~b", body[:50])))
-    ops, problems = streams.finish(snapshot("/v1/files", status=None, error="client disconnected"),
-                                   TapInfo("~b", 50, False), None)
-    assert ops[-1] == ("drop_staged", {"key": "~b"}) and "cut off after 50 bytes" in problems[0]
 
-    streams.start({"key": "~c", "kind": "content", "file_id": "file-out", "encoding": None, "seen": NOW})
-    list(streams.chunk(("~c", b'{"custom_id":"s-1","response":{"status_code":200,"body":{}}}\n{"cus')))
-    ops, problems = streams.finish(snapshot("/v1/files/file-out/content", "GET", error="server hung up"),
-                                   TapInfo("~c", 70, False), None)
+def test_ingest_streamed_outcomes(tmp_path):
+    body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", lines_of(1200))])
+    tap = spilled(tmp_path, body)
+    problems: list[str] = []
+    ops = list(ingest_streamed(snapshot("/v1/files"), tap, {"id": "file-1", "object": "file",
+                                                           "purpose": "batch"}, Pricer(), problems))
+    assert [k for k, _ in ops] == ["request_rows"] * 3 + ["file", "requests_done"] and not problems
+    assert sum(len(p["rows"]) for k, p in ops if k == "request_rows") == 1200
+    assert ops[3][1]["lines"] == 1200 and ops[3][1]["complete"] is True
+    assert not tap.path.exists()  # the spill file is gone once parsed
+
+    cut = spilled(tmp_path, body[:500], finished=False)
+    problems = []
+    ops = list(ingest_streamed(snapshot("/v1/files", status=None, error="client disconnected"), cut, None,
+                               Pricer(), problems))
+    assert ops == [] and "cut off after 500 bytes" in problems[0]
+
+    refused = spilled(tmp_path, body)
+    problems = []
+    assert list(ingest_streamed(snapshot("/v1/files", status=400), refused, {"error": {}}, Pricer(),
+                                problems)) == []
+
+    out = b'{"custom_id":"s-1","response":{"status_code":200,"body":{}}}\n{"custom_id":"s-2","resp'
+    partial = spilled(tmp_path, out, finished=False)
+    problems = []
+    ops = list(ingest_streamed(snapshot("/v1/files/file-out/content", "GET", error="server hung up"), partial,
+                               None, Pricer(), problems))
     file = next(p for k, p in ops if k == "file")
     assert file["complete"] is False and file["lines"] == 1 and "cut off" in file["problem"]
-
-    ops, problems = streams.finish(snapshot("/v1/files/file-x/content", "GET"), TapInfo("~zz", 9, True), None)
-    assert ops[0][1]["complete"] is False and "lost" in problems[0]
+    assert ops[-1] == ("results_done", {"file_id": "file-out"})
 
 
 def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):
@@ -225,8 +220,7 @@ def test_streamed_upload_into_the_database(tmp_path):
     data = lines_of(2000, bad=frozenset({7}))
     body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", data)])
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000,
-                       velvet_stream_memory=1 << 20)
+        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000)
         v.running()
         f = upload_flow(b"", resp=b'{"id":"file-big","object":"file","purpose":"batch","bytes":1}')
         f.request.headers["content-length"] = str(len(body))
@@ -237,13 +231,13 @@ def test_streamed_upload_into_the_database(tmp_path):
             tap(body[i:i + 8192])
         tap(b"")
         f.request.raw_content = None
+        assert tap.path.stat().st_size == len(body)
         v.responseheaders(f)
         v.response(f)
         v.done()
     with bound(url):
         reqs = models.BatchRequest.select().where(models.BatchRequest.file_id == "file-big")
         assert reqs.count() == 2000
-        assert models.BatchRequest.select().where(models.BatchRequest.file_id.startswith("~")).count() == 0
         file = models.File.get_by_id("file-big")
         assert (file.lines, file.bad_lines, file.complete) == (2000, 1, True)
         call = models.Call.get()

@@ -13,7 +13,7 @@ from .calls import utc
 from .classify import normalise
 from .jsonl import Line
 from .models import Batch, BatchError, BatchEvent, BatchRequest, BatchResult, File, Upload, UploadPart
-from .store import Store, chunks, full_rows
+from .store import Store, chunks, insert_rows
 
 STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
                "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
@@ -29,35 +29,12 @@ def register(store: Store) -> None:
     store.register("upload", lambda ps: [upsert_upload(p) for p in ps])
     store.register("upload_part", lambda ps: [add_part(p) for p in ps])
     store.register("upload_complete", lambda ps: [complete_upload(p) for p in ps])
-    # streamed bodies (see ingest.py): lines staged as they are parsed, bound when the response comes
-    store.register("stage_requests", lambda ps: [_insert(BatchRequest, p["rows"]) for p in ps])
-    store.register("stage_results", lambda ps: [_insert(BatchResult, p["rows"]) for p in ps])
-    store.register("bind_staged", lambda ps: [bind_staged(p["key"], p["file_id"]) for p in ps])
-    store.register("bind_part", lambda ps: [bind_part(p["key"], p["part"]) for p in ps])
-    store.register("drop_staged", lambda ps: [drop_staged(p["key"]) for p in ps])
+    # streamed bodies (see ingest.py): rows 500 at a time, then the checks that need the whole file
+    store.register("request_rows", lambda ps: [insert_rows(BatchRequest, p["rows"]) for p in ps])
+    store.register("result_rows", lambda ps: [insert_rows(BatchResult, p["rows"]) for p in ps])
+    store.register("part_done", lambda ps: [UploadPart.insert(**p).on_conflict_ignore().execute() for p in ps])
     store.register("requests_done", lambda ps: [requests_done(p["file_id"]) for p in ps])
     store.register("results_done", lambda ps: [results_done(p["file_id"]) for p in ps])
-
-
-def _insert(model: Any, rows: list[dict[str, Any]]) -> None:
-    for part in chunks(rows):
-        model.insert_many(full_rows(model, part)).on_conflict_ignore().execute()
-
-
-def bind_staged(key: str, file_id: str) -> None:
-    """Staged lines of a streamed upload become the file's lines."""
-    BatchRequest.update(file_id=file_id).where(BatchRequest.file_id == key).execute()
-    requests_done(file_id)
-
-
-def bind_part(key: str, part: dict[str, Any]) -> None:
-    UploadPart.insert(**part).on_conflict_ignore().execute()
-    BatchRequest.update(upload_part_id=part["id"]).where(BatchRequest.upload_part_id == key).execute()
-
-
-def drop_staged(key: str) -> None:
-    """A streamed upload that failed or was cut: its lines belong to no file."""
-    BatchRequest.delete().where((BatchRequest.file_id == key) | (BatchRequest.upload_part_id == key)).execute()
 
 
 def requests_done(file_id: str) -> None:
@@ -90,7 +67,7 @@ def upsert_file(row: dict[str, Any]) -> None:
 
 
 def add_requests(file_id: str, rows: list[dict[str, Any]]) -> None:
-    _insert(BatchRequest, [{**r, "file_id": file_id} for r in rows])
+    insert_rows(BatchRequest, [{**r, "file_id": file_id} for r in rows])
     requests_done(file_id)
 
 
@@ -119,7 +96,7 @@ def add_problem(message: str, marker: str, *where: Any) -> None:
 
 
 def add_results(file_id: str, rows: list[dict[str, Any]]) -> None:
-    _insert(BatchResult, [{**r, "file_id": file_id} for r in rows])
+    insert_rows(BatchResult, [{**r, "file_id": file_id} for r in rows])
     results_done(file_id)
 
 
@@ -217,7 +194,7 @@ def upsert_upload(row: dict[str, Any]) -> None:
 
 def add_part(p: dict[str, Any]) -> None:
     UploadPart.insert(**p["part"]).on_conflict_ignore().execute()
-    _insert(BatchRequest, [{**r, "upload_part_id": p["part"]["id"]} for r in p["rows"]])
+    insert_rows(BatchRequest, [{**r, "upload_part_id": p["part"]["id"]} for r in p["rows"]])
 
 
 def complete_upload(p: dict[str, Any]) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,11 @@ from .calls import parse_call, utc
 from .classify import classify
 from .contentview import BatchJsonlContentview
 from .database import DatabaseURLError, check_url
-from .ingest import Streams
+from .ingest import ingest_streamed
 from .pricing import PriceFileError, Pricer, load_price_file
 from .snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
 from .store import Op
-from .tap import BodyTap, Budget, remove_stale_spills
+from .tap import BodyTap, remove_stale_spills
 from .writer import Writer, _redact
 
 log = logging.getLogger("velvet")
@@ -56,9 +57,10 @@ class Velvet:
         # flows waiting for their comment; weak, so a flow nobody else keeps (mitmdump) is not held
         self.flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._notes: list[tuple[str, str, str | None]] = []  # comments waiting for the event loop
+        self._notes_lock = threading.Lock()
         self.batch_status: dict[str, str] = {}  # writer thread only: last status seen per batch
         self.stream_threshold = 4 * 1024 * 1024
-        self.budget = Budget(32 * 1024 * 1024)
         self.taps: dict[str, tuple[BodyTap | None, BodyTap | None]] = {}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -86,9 +88,6 @@ class Velvet:
                           "transfer, bounded memory, but mitmweb does not show the body (unless "
                           "store_streamed_bodies is on). Bodies mitmproxy already streams "
                           "(stream_large_bodies) are always followed.")
-        loader.add_option("velvet_stream_memory", int, 32 * 1024 * 1024,
-                          "Bytes of streamed bodies held in memory while the writer catches up; "
-                          "beyond that they wait in a spill file in velvet_spool_dir.")
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -120,10 +119,6 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
-        if "velvet_stream_memory" in updated:
-            if opts.velvet_stream_memory < 1024 * 1024:
-                raise exceptions.OptionsError("velvet_stream_memory must be at least 1 MiB (1048576)")
-            self.budget.limit = opts.velvet_stream_memory
         if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir"}:
             self._stop_writer()
             self._start_writer()
@@ -158,33 +153,52 @@ class Velvet:
         if w.stop(ctx.options.velvet_flush_timeout):
             log.info("velvet: %d operations written", w.written)
 
-    def preparers(self) -> dict[str, Callable[[Any], Any]]:
-        streams = Streams(self.budget, lambda: self.pricer)
-
-        def call(s: CallSnapshot) -> list[Op]:
+    def preparers(self) -> dict[str, Callable[[Any], Iterable[Op]]]:
+        def call(s: CallSnapshot) -> Iterable[Op]:
             pricer = self.pricer  # read per call: options may change while the writer runs
             row, req, resp = parse_call(s, pricer, self.body_limit)
-            ops: list[Op] = [("call", row)]
             tap = s.request_tap or s.response_tap
-            if tap is not None:
-                more, problems = streams.finish(s, tap, resp.json if resp else None)
-                ops += more
-                if s.request_tap:
-                    row["request_bytes"] = s.request_tap.bytes
-                else:
-                    row["response_bytes"] = tap.bytes
-                if problems:
-                    row["problem"] = "; ".join(p for p in (row.get("problem"), *problems) if p)
-                    row["complete"] = row.get("complete", True) and tap.finished and not tap.broken
-            elif s.route.kind in ("files", "uploads", "batches"):
+            if tap is not None:  # a big batch body, kept on disk by the tap: parsed now, rows as they come
+                return self._streamed(s, tap, row, resp.json if resp else None, pricer)
+            ops: list[Op] = [("call", row)]
+            if s.route.kind in ("files", "uploads", "batches"):
                 ops += batches.prepare(s, req, resp, pricer)
-            if row.get("problem"):
-                level = logging.INFO if row["endpoint"] == "other" else logging.WARNING
-                log.log(level, "velvet: %s %s: %s", s.method, s.path, row["problem"])
+            self._log_problem(s, row)
             self._annotate_later(s, row, ops)
             return ops
 
-        return {"call": call, "stream": streams.start, "chunk": streams.chunk}
+        return {"call": call}
+
+    def _streamed(self, s: CallSnapshot, tap: TapInfo, row: dict[str, Any], resp: Any,
+                  pricer: Pricer) -> Iterator[Op]:
+        problems: list[str] = []
+        summary: list[Op] = [("call", row)]  # what the flow comment needs, not the rows themselves
+        all_failed = True
+        for op in ingest_streamed(s, tap, resp, pricer, problems):
+            kind, payload = op
+            if kind in ("request_rows", "result_rows"):
+                all_failed = all_failed and all(r.get("failed") for r in payload["rows"])
+                yield op
+            else:
+                summary.append(("upload_part", {"part": payload}) if kind == "part_done" else op)
+                yield op
+        if summary[-1:] and summary[-1][0] == "results_done":
+            summary.append(("results", {"rows": [{"failed": all_failed}]}))
+        if summary[-1:] and summary[-1][0] == "requests_done":
+            summary.append(("requests", {"rows": []}))
+        row["request_bytes" if s.request_tap else "response_bytes"] = tap.bytes
+        if problems:
+            row["problem"] = "; ".join(p for p in (row.get("problem"), *problems) if p)
+            row["complete"] = row.get("complete", True) and tap.finished and not tap.broken
+        self._log_problem(s, row)
+        self._annotate_later(s, row, summary)
+        yield ("call", row)
+
+    @staticmethod
+    def _log_problem(s: CallSnapshot, row: dict[str, Any]) -> None:
+        if row.get("problem"):
+            level = logging.INFO if row["endpoint"] == "other" else logging.WARNING
+            log.log(level, "velvet: %s %s: %s", s.method, s.path, row["problem"])
 
     @staticmethod
     def _fallback(kind: str, payload: Any, exc: BaseException) -> list[Op]:
@@ -208,25 +222,37 @@ class Velvet:
             text = annotate.comment(s.route, row, ops, self.batch_status)
             status = next((p["row"]["status"] for k, p in ops if k == "batch"), None)
             mark = annotate.marker(s.route, row.get("status_code"), row.get("complete", True), status)
-            if self.loop is not None and not self.loop.is_closed() and s.flow_id in self.flows:
-                self.loop.call_soon_threadsafe(self._annotate, s.flow_id, text, mark)
+            if self.loop is None or self.loop.is_closed() or s.flow_id not in self.flows:
+                return
+            with self._notes_lock:  # one loop wake-up per burst, not per call
+                self._notes.append((s.flow_id, text, mark))
+                if len(self._notes) > 1:
+                    return
+            self.loop.call_soon_threadsafe(self._annotate)
         except Exception:
             log.exception("velvet: could not describe flow %s", s.flow_id)
 
-    def _annotate(self, flow_id: str, text: str, mark: str | None) -> None:
-        """(event loop) Set our comment and marker unless the user has put their own there."""
-        flow = self.flows.pop(flow_id, None)
-        if flow is None:
-            return
-        if not flow.comment or flow.comment == flow.metadata.get(META_KEY, {}).get("comment"):
-            flow.comment = text
-            flow.metadata.setdefault(META_KEY, {})["comment"] = text
-        if mark and (not flow.marked or flow.marked in annotate.MARKERS):
-            flow.marked = mark
-        try:
-            ctx.master.addons.trigger(UpdateHook([flow]))
-        except Exception:
-            log.debug("velvet: update hook failed for %s", flow_id, exc_info=True)
+    def _annotate(self) -> None:
+        """(event loop) Set our comments and markers unless the user has put their own there."""
+        with self._notes_lock:
+            notes, self._notes = self._notes, []
+        updated = []
+        for flow_id, text, mark in notes:
+            flow = self.flows.pop(flow_id, None)
+            if flow is None:
+                continue
+            if not flow.comment or flow.comment == flow.metadata.get(META_KEY, {}).get("comment"):
+                flow.comment = text
+                flow.metadata.setdefault(META_KEY, {})["comment"] = text
+            if mark and (not flow.marked or flow.marked in annotate.MARKERS):
+                flow.marked = mark
+            updated.append(flow)
+        # tell mitmweb's view; mitmdump has none, and an extra event per flow costs throughput there
+        if updated and ctx.master.addons.get("view") is not None:
+            try:
+                ctx.master.addons.trigger(UpdateHook(updated))
+            except Exception:
+                log.debug("velvet: update hook failed", exc_info=True)
 
     @command.command("velvet.summary")
     def summary(self) -> str:
@@ -266,8 +292,7 @@ class Velvet:
         self.snapshots[flow.id] = begin(flow, route, host)
         flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
         if (route.kind, route.action) in (("files", "upload"), ("uploads", "part")):
-            kind = "upload" if route.kind == "files" else "part"
-            self._tap(flow, flow.request, "request", {"kind": kind})
+            self._tap(flow, flow.request, "request")
 
     @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -281,10 +306,9 @@ class Velvet:
         route = self.snapshots[flow.id].route
         if route.kind == "files" and route.action == "content" and route.object_id \
                 and flow.response.status_code < 400:
-            self._tap(flow, flow.response, "response", {"kind": "content", "file_id": route.object_id,
-                                                        "seen": utc(time.time())})
+            self._tap(flow, flow.response, "response")
 
-    def _tap(self, flow: http.HTTPFlow, msg: http.Message, side: str, start: dict[str, Any]) -> None:
+    def _tap(self, flow: http.HTTPFlow, msg: http.Message, side: str) -> None:
         """Stream a big batch body through a :class:`BodyTap` (or one mitmproxy already streams)."""
         if self.writer is None:
             return
@@ -293,13 +317,7 @@ class Velvet:
         big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
         if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
             return
-        key = f"~{flow.id}"
-        start.update(key=key, content_type=msg.headers.get("content-type", ""),
-                     encoding=msg.headers.get("content-encoding"))
-        if not self.writer.offer("stream", start):
-            log.warning("velvet: writer queue full; %s body of %s not followed", side, flow.request.path)
-            return
-        tap = BodyTap(key, self.writer.offer, self.budget, self.spool_dir() / "streams")
+        tap = BodyTap(self.spool_dir() / "streams")
         msg.stream = tap
         req_tap, resp_tap = self.taps.get(flow.id, (None, None))
         self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)
@@ -318,11 +336,11 @@ class Velvet:
         taps = self.taps.pop(flow.id, (None, None))
         if snap is None:
             return
-        snap.request_tap, snap.response_tap = (
-            None if t is None else TapInfo(t.key, t.bytes, t.finished, t.broken) for t in taps)
         for t in taps:
             if t is not None:
-                t.close()
+                t.close()  # (no end-of-body call comes when the flow failed)
+        snap.request_tap, snap.response_tap = (
+            None if t is None else TapInfo(t.path, t.bytes, t.finished, t.broken) for t in taps)
         if rec is not None:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished

@@ -1,8 +1,9 @@
-"""Streamed batch bodies, parsed chunk by chunk in the writer thread (uploads, upload parts, downloads).
+"""Streamed batch bodies, parsed in the writer thread from the tap's spill file, chunk by chunk.
 
-Lines are written as they are parsed, under a staging key (``~<flow id>``) while the file or part id
-is not known yet (it comes with the response); the response binds them to it, a failed or cut
-upload drops them. A cut download keeps the lines it got and marks the file incomplete.
+Uploads (``POST /v1/files``), upload parts and file downloads bigger than ``velvet_stream_threshold``
+arrive here once their flow is over, when the response has named the file or part: their lines are
+written 500 at a time (bounded memory, any size). An upload that failed or was cut stores no lines;
+a cut download keeps the lines that arrived and marks the file incomplete.
 """
 
 from __future__ import annotations
@@ -12,26 +13,30 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import orjson
+
 from .batches import file_row
 from .batchlines import looks_like_input, request_row, result_row
+from .calls import utc
 from .decode import DecodeError, Decoder
 from .jsonl import Line, LineSplitter
 from .multipart import MultipartError, MultipartScanner, PartData, PartEnd, PartStart, boundary_of
 from .pricing import Pricer
 from .snapshot import CallSnapshot, TapInfo
 from .store import Op
-from .tap import Budget, Spilled
 
 log = logging.getLogger("velvet")
 
 ROWS_PER_OP = 500
+PIECE = 1 << 20
 
 
 class Ingest:
-    """Incremental parsing of one streamed body; ``feed`` and ``end`` yield staging operations."""
+    """Incremental parsing of one body; ``feed`` and ``end`` yield row operations."""
 
-    def __init__(self, key: str, encoding: str | None) -> None:
-        self.key = key
+    rows_kind = "request_rows"
+
+    def __init__(self, encoding: str | None) -> None:
         self.decoder = Decoder(encoding)
         self.splitter = LineSplitter()
         self.problems: list[str] = []
@@ -41,17 +46,17 @@ class Ingest:
         self.failed = False  # parsing gave up (the rest of the body is ignored)
 
     def feed(self, data: bytes) -> Iterator[Op]:
-        if self.failed:
-            return
-        try:
-            self._feed(self.decoder.feed(data))
-        except (DecodeError, MultipartError) as e:
-            self.problems.append(str(e))
-            self.failed = True
+        if not self.failed:
+            try:
+                self._feed(self.decoder.feed(data))
+            except (DecodeError, MultipartError) as e:
+                self.problems.append(str(e))
+                self.failed = True
         yield from self._flush(ROWS_PER_OP)
 
-    def end(self) -> Iterator[Op]:
-        if not self.failed:
+    def end(self, whole: bool) -> Iterator[Op]:
+        """The body is over; ``whole`` is False when it was cut (the partial last line is dropped)."""
+        if whole and not self.failed:
             try:
                 self._feed(self.decoder.finish())
                 self._end()
@@ -75,21 +80,20 @@ class Ingest:
         self.rows.append(row)
 
     def _flush(self, at_least: int) -> Iterator[Op]:
-        if len(self.rows) >= at_least and self.rows:
-            rows, self.rows = self.rows, []
-            yield (self.stage_kind, {"rows": rows})
-
-    stage_kind = "stage_requests"
+        while self.rows and len(self.rows) >= at_least:
+            rows, self.rows = self.rows[:ROWS_PER_OP], self.rows[ROWS_PER_OP:]
+            yield (self.rows_kind, {"rows": rows})
 
 
 class UploadIngest(Ingest):
     """``POST /v1/files`` (multipart): the ``file`` part's lines, and the ``purpose`` field."""
 
-    def __init__(self, key: str, content_type: str, encoding: str | None) -> None:
-        super().__init__(key, encoding)
+    def __init__(self, file_id: str, content_type: str, encoding: str | None) -> None:
+        super().__init__(encoding)
         boundary = boundary_of(content_type)
         if boundary is None:
             raise MultipartError(f"not a multipart body ({content_type or 'no content-type'})")
+        self.file_id = file_id
         self.scanner = MultipartScanner(boundary)
         self.part: str | None = None
         self.purpose = b""
@@ -116,17 +120,18 @@ class UploadIngest(Ingest):
         self.scanner.finish()
 
     def _line(self, line: Line) -> None:
-        self._add({**request_row(line), "line_no": line.no, "file_id": self.key})
+        self._add({**request_row(line), "line_no": line.no, "file_id": self.file_id})
 
 
 class PartIngest(Ingest):
     """``POST /v1/uploads/{id}/parts``: whole lines now; the partial lines at the edges for ``complete``."""
 
-    def __init__(self, key: str, content_type: str, encoding: str | None) -> None:
-        super().__init__(key, encoding)
+    def __init__(self, part_id: str, content_type: str, encoding: str | None) -> None:
+        super().__init__(encoding)
         boundary = boundary_of(content_type)
         if boundary is None:
             raise MultipartError(f"not a multipart body ({content_type or 'no content-type'})")
+        self.part_id = part_id
         self.scanner = MultipartScanner(boundary)
         self.part: str | None = None
         self.head = b""
@@ -160,14 +165,14 @@ class PartIngest(Ingest):
         self.scanner.finish()
 
     def _line(self, line: Line) -> None:
-        self._add({**request_row(line), "part_line_no": line.no, "upload_part_id": self.key})
+        self._add({**request_row(line), "part_line_no": line.no, "upload_part_id": self.part_id})
 
 
 class ContentIngest(Ingest):
     """``GET /v1/files/{id}/content``: output/error lines (or an input file's lines, downloaded again)."""
 
-    def __init__(self, key: str, file_id: str, encoding: str | None, pricer: Pricer, seen: datetime) -> None:
-        super().__init__(key, encoding)
+    def __init__(self, file_id: str, encoding: str | None, pricer: Pricer, seen: datetime | None) -> None:
+        super().__init__(encoding)
         self.file_id = file_id
         self.pricer = pricer
         self.seen = seen
@@ -178,10 +183,17 @@ class ContentIngest(Ingest):
         for line in self.splitter.feed(data):
             self._line(line)
 
-    def _end(self) -> None:
-        super()._end()
+    def end(self, whole: bool) -> Iterator[Op]:
+        if whole and not self.failed:
+            try:
+                self._feed(self.decoder.finish())
+                for line in self.splitter.finish():
+                    self._line(line)
+            except DecodeError as e:
+                self.problems.append(str(e))
         if self.mode is None and self.waiting:
             self._decide("results")
+        yield from self._flush(1)
 
     def _line(self, line: Line) -> None:
         if self.mode is None:
@@ -197,15 +209,13 @@ class ContentIngest(Ingest):
 
     def _decide(self, mode: str) -> None:
         self.mode = mode
-        self.stage_kind = "stage_requests" if mode == "requests" else "stage_results"
+        self.rows_kind = "request_rows" if mode == "requests" else "result_rows"
         waiting, self.waiting = self.waiting, []
         for line in waiting:
             self._line(line)
 
 
 def _object(line: Line) -> Any:
-    import orjson
-
     if not line.data.strip():
         return None
     try:
@@ -214,112 +224,85 @@ def _object(line: Line) -> Any:
         return None
 
 
-class Streams:
-    """The ingests in progress (writer thread only), fed by ``stream`` and ``chunk`` operations."""
-
-    def __init__(self, budget: Budget, pricer: Any) -> None:
-        self.budget = budget
-        self.pricer = pricer  # a callable returning the current Pricer
-        self.active: dict[str, Ingest] = {}
-        self.spills: dict[str, Any] = {}
-
-    def start(self, p: dict[str, Any]) -> list[Op]:
-        key, kind = p["key"], p["kind"]
-        try:
-            if kind == "upload":
-                self.active[key] = UploadIngest(key, p["content_type"], p["encoding"])
-            elif kind == "part":
-                self.active[key] = PartIngest(key, p["content_type"], p["encoding"])
-            else:
-                self.active[key] = ContentIngest(key, p["file_id"], p["encoding"], self.pricer(), p["seen"])
-        except (DecodeError, MultipartError) as e:
-            log.warning("velvet: cannot follow %s body %s: %s", kind, key, e)
-        return []
-
-    def chunk(self, p: tuple[str, bytes | Spilled]) -> Iterator[Op]:
-        key, data = p
-        ingest = self.active.get(key)
-        if isinstance(data, bytes):
-            try:
-                if ingest is not None:
-                    yield from ingest.feed(data)
-            finally:
-                self.budget.give_back(len(data))
-            return
-        self.spills[key] = data.path
-        if ingest is None:
-            return
-        for piece in data.pieces():
+def _feed_file(ingest: Ingest, tap: TapInfo) -> Iterator[Op]:
+    if tap.path is None:
+        return
+    with open(tap.path, "rb") as f:
+        while piece := f.read(PIECE):
             yield from ingest.feed(piece)
 
-    def finish(self, s: CallSnapshot, tap: TapInfo, resp: Any) -> tuple[list[Op], list[str]]:
-        """Bind or drop what was staged, once the response (or the error) is known."""
-        ingest = self.active.pop(tap.key, None)
-        spill = self.spills.pop(tap.key, None)
-        if spill is not None:
-            spill.unlink(missing_ok=True)
-        problems: list[str] = []
-        if tap.broken:
-            problems.append(tap.broken)
-        if ingest is None:
-            if not tap.broken:
-                problems.append("velvet lost this stream's state (restarted?)")
-            return self._give_up(s, tap), problems
-        ops = list(ingest.end()) if tap.finished and not tap.broken else list(ingest._flush(1))
-        cut = not tap.finished or s.error is not None
-        if cut:
-            problems.append(f"body cut off after {tap.bytes:,} bytes"
-                            + (f" ({s.error})" if s.error else ""))
-        problems += ingest.problems
-        ok = s.status_code is not None and s.status_code < 400 and isinstance(resp, dict)
-        if isinstance(ingest, ContentIngest):
-            return ops + self._content_done(s, ingest, cut or bool(tap.broken), problems), problems
-        if not ok or cut or tap.broken or not isinstance(resp.get("id"), str):
-            return [*ops, ("drop_staged", {"key": tap.key})], problems
-        seen = _utc(s.ended_at or s.started_at)
-        if isinstance(ingest, PartIngest):
-            part = {"id": resp["id"], "upload_id": s.route.object_id or resp.get("upload_id"),
-                    "head": ingest.head, "tail": ingest.tail if not ingest.in_head else None,
-                    "lines": ingest.lines, "bytes": ingest.size, "seen_at": seen}
-            return [*ops, ("bind_part", {"key": tap.key, "part": part})], problems
-        assert isinstance(ingest, UploadIngest)
-        purpose = resp.get("purpose") or ingest.purpose.decode("utf-8", "replace").strip()
-        row = file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}
-        if purpose != "batch":
-            return [*ops, ("drop_staged", {"key": tap.key}), ("file", row)], problems
-        if not ingest.saw_file:
-            problems.append("no 'file' part in the upload")
-        row.update(role="input", content_seen=True, lines=ingest.lines, bad_lines=ingest.bad,
-                   complete=not problems)
-        if problems:
-            row["problem"] = "; ".join(problems)
-        if ingest.bad:
-            log.warning("velvet: batch input %s: %d of %d lines have problems", resp["id"], ingest.bad,
-                        ingest.lines)
-        return [*ops, ("file", row), ("bind_staged", {"key": tap.key, "file_id": resp["id"]})], problems
 
-    def _content_done(self, s: CallSnapshot, ingest: ContentIngest, cut: bool, problems: list[str]) -> list[Op]:
-        seen = _utc(s.ended_at or s.started_at)
-        row: dict[str, Any] = {"id": ingest.file_id, "updated_at": seen, "first_seen_at": seen,
+def ingest_streamed(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: list[str]) -> Iterator[Op]:
+    """Row operations for a streamed batch body, then its file/part operations; ``problems`` is filled."""
+    try:
+        yield from _ingest(s, tap, resp, pricer, problems)
+    finally:
+        if tap.path is not None:
+            tap.path.unlink(missing_ok=True)
+
+
+def _ingest(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: list[str]) -> Iterator[Op]:
+    route = s.route
+    seen = utc(s.ended_at or s.started_at)
+    cut = not tap.finished or (s.error is not None and s.status_code is None)
+    if tap.broken:
+        problems.append(tap.broken)
+    if cut:
+        problems.append(f"body cut off after {tap.bytes:,} bytes" + (f" ({s.error})" if s.error else ""))
+    if route.action == "content":
+        if not route.object_id or s.status_code is None or s.status_code >= 400:
+            return
+        ingest = ContentIngest(route.object_id, s.response_encoding, pricer, seen)
+        if not tap.broken:
+            yield from _feed_file(ingest, tap)
+        yield from ingest.end(whole=not cut and not tap.broken)
+        problems += ingest.problems
+        row: dict[str, Any] = {"id": route.object_id, "updated_at": seen, "first_seen_at": seen,
                                "content_seen": True, "lines": ingest.lines, "bad_lines": ingest.bad,
-                               "complete": not cut and not ingest.problems}
+                               "complete": not (cut or tap.broken or ingest.problems)}
         if ingest.mode == "requests":
             row["role"] = "input"
         if problems:
             row["problem"] = "; ".join(problems)
-        done = "requests_done" if ingest.mode == "requests" else "results_done"
-        return [("file", row), (done, {"file_id": ingest.file_id})]
-
-    def _give_up(self, s: CallSnapshot, tap: TapInfo) -> list[Op]:
-        if s.route.action == "content" and s.route.object_id:
-            seen = _utc(s.ended_at or s.started_at)
-            return [("file", {"id": s.route.object_id, "updated_at": seen, "first_seen_at": seen,
-                              "content_seen": True, "complete": False,
-                              "problem": "content not captured: " + (tap.broken or "stream state lost")})]
-        return [("drop_staged", {"key": tap.key})]
-
-
-def _utc(ts: float | None) -> datetime | None:
-    from .calls import utc
-
-    return utc(ts)
+        yield ("file", row)
+        yield ("requests_done" if ingest.mode == "requests" else "results_done", {"file_id": route.object_id})
+        return
+    ok = s.status_code is not None and s.status_code < 400 and isinstance(resp, dict) \
+        and isinstance(resp.get("id"), str)
+    if not ok or cut or tap.broken:
+        return  # an upload that did not make a file (or that we could not keep) has no lines
+    ct, enc = s.request_headers.get("content-type", ""), s.request_encoding
+    try:
+        if route.kind == "uploads":
+            part_ingest = PartIngest(resp["id"], ct, enc)
+            yield from _feed_file(part_ingest, tap)
+            yield from part_ingest.end(whole=True)
+            problems += part_ingest.problems
+            yield ("part_done", {"id": resp["id"], "upload_id": route.object_id or resp.get("upload_id"),
+                                 "head": part_ingest.head, "lines": part_ingest.lines, "bytes": part_ingest.size,
+                                 "tail": part_ingest.tail if not part_ingest.in_head else None, "seen_at": seen})
+            return
+        ingest = UploadIngest(resp["id"], ct, enc)
+    except MultipartError as e:
+        problems.append(str(e))
+        return
+    purpose = resp.get("purpose")
+    row = file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}
+    if purpose not in (None, "batch"):
+        yield ("file", row)  # not a batch file: its content is not ours to keep
+        return
+    yield from _feed_file(ingest, tap)
+    yield from ingest.end(whole=True)
+    problems += ingest.problems
+    if (purpose or ingest.purpose.decode("utf-8", "replace").strip()) != "batch":
+        yield ("file", row)
+        return
+    if not ingest.saw_file:
+        problems.append("no 'file' part in the upload")
+    row.update(role="input", content_seen=True, lines=ingest.lines, bad_lines=ingest.bad, complete=not problems)
+    if problems:
+        row["problem"] = "; ".join(problems)
+    if ingest.bad:
+        log.warning("velvet: batch input %s: %d of %d lines have problems", resp["id"], ingest.bad, ingest.lines)
+    yield ("file", row)
+    yield ("requests_done", {"file_id": resp["id"]})

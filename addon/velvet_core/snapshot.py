@@ -6,6 +6,7 @@ A snapshot holds references to bytes already in memory (no copies, no parsing): 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mitmproxy import http
@@ -20,7 +21,7 @@ META_KEY = "velvet"
 class TapInfo:
     """How a body streamed through velvet's tap went (see :mod:`velvet_core.tap`)."""
 
-    key: str
+    path: Path | None  # the spill file, removed once parsed
     bytes: int = 0
     finished: bool = False
     broken: str | None = None

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from typing import Any
 
-from peewee import Database
+from peewee import Database, SqliteDatabase
 
 from . import models
 
@@ -13,16 +14,35 @@ Op = tuple[str, Any]
 CHUNK = 500
 
 
-def chunks(rows: list[dict[str, Any]], n: int = CHUNK) -> Iterable[list[dict[str, Any]]]:
+def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:
     for i in range(0, len(rows), n):
         yield rows[i:i + n]
 
 
-def full_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Give every row every column (insert_many wants one shape), using field defaults."""
-    fields = [f for f in model._meta.sorted_fields if not isinstance(f, models.AutoField)]
-    defaults = {f.name: f.default if not callable(f.default) else f.default() for f in fields}
-    return [{**defaults, **r} for r in rows]
+@functools.cache
+def _insert_sql(model: type[models.Base], sqlite: bool, param: str) -> tuple[str, tuple[Any, ...]]:
+    fields = tuple(f for f in model._meta.sorted_fields if not isinstance(f, models.AutoField))
+    names = ", ".join(f'"{f.column_name}"' for f in fields)
+    sql = (f"{'INSERT OR IGNORE' if sqlite else 'INSERT'} INTO \"{model._meta.table_name}\" ({names}) "
+           f"VALUES ({', '.join([param] * len(fields))}){'' if sqlite else ' ON CONFLICT DO NOTHING'}")
+    return sql, fields
+
+
+def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts by field name; missing fields get their defaults), ignoring conflicts.
+
+    One prepared statement and ``executemany``: peewee's query builder spent about three quarters
+    of the ingest time rendering 500-row INSERTs.
+    """
+    if not rows:
+        return
+    db = models.db.obj  # the real database behind the per-thread proxy
+    sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
+    convert = [(f.name, f.db_value, f.default() if callable(f.default) else f.default) for f in fields]
+    values = [tuple(conv(r.get(name, default)) for name, conv, default in convert) for r in rows]
+    cursor = db.cursor()
+    for part in chunks(values, 1000):
+        cursor.executemany(sql, part)
 
 
 class Store:
@@ -51,5 +71,4 @@ class Store:
                 self.handlers[kind](group)
 
     def _calls(self, rows: list[dict[str, Any]]) -> None:
-        for part in chunks(rows, 100):
-            models.Call.insert_many(full_rows(models.Call, part)).on_conflict_ignore().execute()
+        insert_rows(models.Call, rows)

@@ -24,7 +24,7 @@ from .store import Op, Store
 log = logging.getLogger(__name__)
 
 Prepare = Callable[[Any], Iterable[Op]]
-HEAVY = frozenset({"stage_requests", "stage_results"})  # written at once, so a big stream stays bounded
+HEAVY = frozenset({"request_rows", "result_rows"})  # written at once, so a big stream stays bounded
 _STOP = object()
 
 
@@ -76,15 +76,6 @@ class Writer:
             log.warning("velvet: writer queue full (%d); spooling to %s", self.queue.maxsize,
                         self._spool_file)
             self._spill([("raw", (kind, payload))])
-
-    def offer(self, kind: str, payload: Any) -> bool:
-        """Like :meth:`submit` but never spools: False when the queue is full (for stream chunks,
-        whose order and in-memory parser state a spool replay could not keep)."""
-        try:
-            self.queue.put_nowait((kind, payload))
-            return True
-        except queue.Full:
-            return False
 
     def stop(self, timeout: float) -> bool:
         """Write everything queued, waiting at most ``timeout`` s; spool what could not be written."""
@@ -187,7 +178,10 @@ class Writer:
             first = self.queue.get(timeout=0.5) if block else self.queue.get_nowait()
         except queue.Empty:
             return items, stopping
-        deadline = time.monotonic() + self.linger
+        if first is not _STOP and not stopping and self.queue.qsize() < self.batch_size:
+            # let a batch gather while asleep: waking for every item costs a thread switch and a
+            # GIL hand-over per call, measurably slowing the proxy's event loop under load
+            time.sleep(self.linger)
         item = first
         while True:
             if item is _STOP:
@@ -197,7 +191,7 @@ class Writer:
             if len(items) >= self.batch_size:
                 break
             try:
-                item = self.queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self.queue.get_nowait()
             except queue.Empty:
                 break
         return items, stopping

@@ -1,0 +1,441 @@
+"""Benchmarks: plain mitmdump against mitmdump + velvet, alternated in one run, everything on loopback.
+
+Run through ``scripts/bench [--quick] [--json]``. Figures are ratios against the plain proxy (or a bare
+baseline) measured in the same run, because these machines are noisy. See BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gzip
+import io
+import json
+import os
+import signal
+import socket
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+ROUTE = ROOT / "addon" / "velvet_core" / "standin_route.py"
+
+CHAT = orjson.dumps({
+    "id": "chatcmpl-bench", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini-2024-07-18",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello from the bench upstream."},
+                 "finish_reason": "stop"}],
+    "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}})
+REQ_BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}]})
+STREAM_BODY = orjson.dumps({"model": "gpt-4o-mini", "stream": True,
+                            "messages": [{"role": "user", "content": "Say hello"}]})
+
+
+# -- the upstream: a small asyncio HTTP/1.1 server (a separate process, never the bottleneck) -------
+
+def batch_input(n: int, size: int) -> bytes:
+    pad = "x" * max(0, size - 160)
+    return b"".join(orjson.dumps({"custom_id": f"b-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": {"model": "gpt-4o-mini", "messages": [
+                                      {"role": "user", "content": f"{i} {pad}"}]}}) + b"\n" for i in range(n))
+
+
+def batch_output(n: int, size: int) -> bytes:
+    pad = "y" * max(0, size - 420)
+    return b"".join(orjson.dumps({"id": f"batch_req_{i}", "custom_id": f"b-{i}", "error": None, "response": {
+        "status_code": 200, "request_id": f"req_{i}", "body": {
+            "id": f"chatcmpl-{i}", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": pad}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 900, "completion_tokens": 950, "total_tokens": 1850}}}}) + b"\n"
+        for i in range(n))
+
+
+async def serve(port: int, lines: int, line_size: int) -> None:
+    output = gzip.compress(batch_output(lines, line_size), compresslevel=1)
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                line, *hdrs = head.decode("latin-1").split("\r\n")
+                method, path, _ = line.split(" ", 2)
+                h = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in hdrs if x)}
+                size = 0
+                if "content-length" in h:
+                    left = int(h["content-length"])
+                    while left:
+                        got = await reader.read(min(left, 1 << 20))
+                        if not got:
+                            return
+                        size += len(got)
+                        left -= len(got)
+                        if left and method == "POST" and path != "/v1/files" and size < 4096:
+                            continue
+                    body = got if size < 4096 else b""
+                else:
+                    body = b""
+                if path == "/v1/chat/completions" and b'"stream":true' in body:
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                 b"transfer-encoding: chunked\r\n\r\n")
+                    for i in range(4):
+                        ev = b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o-mini",' \
+                             b'"choices":[{"index":0,"delta":{"content":"w%d "}}]}\n\n' % i
+                        writer.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
+                    end = b"data: [DONE]\n\n"
+                    writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(end), end))
+                elif path == "/v1/chat/completions":
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-request-id: req_b\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(CHAT), CHAT))
+                elif path == "/v1/files" and method == "POST":
+                    f = orjson.dumps({"id": f"file-up{time.monotonic_ns()}", "object": "file", "bytes": size,
+                                      "created_at": int(time.time()), "filename": "bench.jsonl",
+                                      "purpose": "batch", "status": "processed"})
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                 b"content-length: %d\r\n\r\n%s" % (len(f), f))
+                elif path.endswith("/content"):
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                                 b"content-encoding: gzip\r\ncontent-length: %d\r\n\r\n" % len(output))
+                    for i in range(0, len(output), 1 << 20):
+                        writer.write(output[i:i + (1 << 20)])
+                        await writer.drain()
+                else:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=512)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = open(log, "ab")  # noqa: SIM115
+        self.p = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.p.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.p.send_signal(signal.SIGINT)
+        try:
+            self.p.wait(120)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+        self.log.close()
+
+
+def mitmdump(tmp: Path, upstream: int, velvet_db: str | None, name: str) -> tuple[Proc, int]:
+    port, confdir = free_port(), tmp / "mitmproxy"
+    args = [str(BIN / "mitmdump"), "-q", "-p", str(port), "--listen-host", "127.0.0.1",
+            "--set", f"confdir={confdir}", "--set", "connection_strategy=lazy"]
+    if velvet_db:
+        args += ["-s", str(ROOT / "addon" / "velvet.py"), "--set", f"velvet_db={velvet_db}",
+                 "--set", f"velvet_spool_dir={tmp / 'spool'}"]
+    args += ["-s", str(ROUTE), "--set", f"standin_url=http://127.0.0.1:{upstream}",
+             "--map-remote", rf"|https://api\.openai\.com/|http://127.0.0.1:{upstream}/"]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    proc = Proc(args, tmp / f"{name}.log", env)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.p.poll() is not None:
+            sys.exit(f"bench: mitmdump exited; see {tmp / (name + '.log')}")
+        try:
+            if (confdir / "mitmproxy-ca-cert.pem").exists():
+                socket.create_connection(("127.0.0.1", port), 0.2).close()
+                return proc, port
+        except OSError:
+            pass
+        time.sleep(0.05)
+    sys.exit("bench: mitmdump did not start")
+
+
+# -- clients ---------------------------------------------------------------------------------------
+
+async def tunnel(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"CONNECT api.openai.com:443 HTTP/1.1\r\nHost: api.openai.com:443\r\n\r\n")
+    await writer.drain()
+    await reader.readuntil(b"\r\n\r\n")
+    await writer.start_tls(ctx, server_hostname="api.openai.com")
+    return reader, writer
+
+
+def request(body: bytes) -> bytes:
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: api.openai.com\r\nAuthorization: Bearer sk-bench-"
+            b"0123456789abcdef\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+            % (len(body), body))
+
+
+async def read_response(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            await reader.readexactly(int(line.split(b":")[1]))
+            return
+    while True:  # chunked
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        await reader.readexactly(size + 2)
+        if size == 0:
+            return
+
+
+async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int) -> tuple[float, list[float]]:
+    """Many small non-streamed chat calls over keep-alive TLS tunnels: (requests/s, latencies in ms)."""
+    conns = [await tunnel(port, ctx) for _ in range(concurrency)]
+    lat: list[float] = []
+    left = [total]
+    req = request(REQ_BODY)
+
+    async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            t = time.perf_counter()
+            writer.write(req)
+            await read_response(reader)
+            lat.append((time.perf_counter() - t) * 1000)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(r, w) for r, w in conns))
+    elapsed = time.perf_counter() - t0
+    for _, w in conns:
+        w.close()
+    return total / elapsed, lat
+
+
+async def ttft(port: int, ctx: ssl.SSLContext, n: int) -> list[float]:
+    """Time from sending a streamed chat request to the first SSE bytes at the client, in ms."""
+    reader, writer = await tunnel(port, ctx)
+    out = []
+    req = request(STREAM_BODY)
+    for _ in range(n):
+        t = time.perf_counter()
+        writer.write(req)
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readuntil(b"data: ")
+        out.append((time.perf_counter() - t) * 1000)
+        await reader.readuntil(b"0\r\n\r\n")
+    writer.close()
+    return out
+
+
+def sdk(port: int, ca: Path) -> Any:
+    import openai
+
+    os.environ.update(HTTPS_PROXY=f"http://127.0.0.1:{port}", SSL_CERT_FILE=str(ca))
+    return openai.OpenAI(api_key="sk-bench-0123456789abcdef", max_retries=0, timeout=600)
+
+
+def wait_lines(db: Path, file_id: str, lines: int, timeout: float = 600) -> float:
+    """Poll the velvet database until the upload's file row has all its lines; the time it happened."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as c:
+                row = c.execute("SELECT lines FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row and row[0] == lines:
+                return time.perf_counter()
+        except sqlite3.Error:
+            pass
+        time.sleep(0.01)
+    raise TimeoutError(f"{file_id}: lines not stored in {timeout} s")
+
+
+def baseline_ingest(data: bytes, path: Path) -> float:
+    """The bare job: orjson.loads per line + executemany into SQLite (WAL), in 500-row transactions."""
+    c = sqlite3.connect(path)
+    c.execute("PRAGMA journal_mode=wal")
+    c.execute("PRAGMA synchronous=normal")
+    c.execute("CREATE TABLE r (id INTEGER PRIMARY KEY, file_id TEXT, line_no INT, custom_id TEXT, method TEXT,"
+              " url TEXT, model TEXT, body TEXT, UNIQUE (file_id, line_no))")
+    t = time.perf_counter()
+    rows = []
+    for no, line in enumerate(data.splitlines(), 1):
+        o = orjson.loads(line)
+        rows.append(("f", no, o["custom_id"], o["method"], o["url"], o["body"]["model"],
+                     orjson.dumps(o["body"]).decode()))
+        if len(rows) == 500:
+            with c:
+                c.executemany("INSERT INTO r (file_id, line_no, custom_id, method, url, model, body) "
+                              "VALUES (?,?,?,?,?,?,?)", rows)
+            rows = []
+    with c:
+        c.executemany("INSERT INTO r (file_id, line_no, custom_id, method, url, model, body) "
+                      "VALUES (?,?,?,?,?,?,?)", rows)
+    elapsed = time.perf_counter() - t
+    c.close()
+    return elapsed
+
+
+def count_calls(db: Path) -> int:
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        return c.execute("SELECT count(*) FROM calls").fetchone()[0]
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def run(quick: bool, log: Any) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
+    lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
+    requests_per_round, rounds, conc = (400, 2, 16) if quick else (2_000, 3, 16)
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(up_port), "--lines", str(lines),
+                                 "--line-size", str(line_size)], stdout=subprocess.PIPE)
+    assert upstream.stdout is not None and upstream.stdout.readline().strip() == b"ready"
+    db = tmp / "velvet.db"
+    url = f"sqlite:///{db}"
+    made = 0
+    out: dict[str, Any] = {}
+    try:
+        plain, plain_port = mitmdump(tmp, up_port, None, "plain")
+        velvet, velvet_port = mitmdump(tmp, up_port, url, "velvet")
+        ctx = ssl.create_default_context(cafile=str(tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"))
+        log(f"bench: live calls, {rounds} x {requests_per_round:,} per proxy, {conc} concurrent, alternated")
+        res: dict[str, list] = {"plain": [], "velvet": []}
+        asyncio.run(live(plain_port, ctx, 200, conc))  # warm up both
+        asyncio.run(live(velvet_port, ctx, 200, conc))
+        made += 200
+        for _ in range(rounds):
+            for name, port in (("plain", plain_port), ("velvet", velvet_port)):
+                rps, lat = asyncio.run(live(port, ctx, requests_per_round, conc))
+                res[name].append((rps, lat))
+                made += requests_per_round if name == "velvet" else 0
+        rps_p = statistics.mean(r for r, _ in res["plain"])
+        rps_v = statistics.mean(r for r, _ in res["velvet"])
+        lat_p = [x for _, lat in res["plain"] for x in lat]
+        lat_v = [x for _, lat in res["velvet"] for x in lat]
+        q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
+        out.update(live_rps_plain=round(rps_p, 1), live_rps_velvet=round(rps_v, 1),
+                   live_rps_ratio=round(rps_v / rps_p, 3),
+                   live_p50_ms_ratio=round(q(lat_v, 50) / q(lat_p, 50), 3),
+                   live_p95_ms_ratio=round(q(lat_v, 95) / q(lat_p, 95), 3))
+        log("bench: streamed TTFT")
+        tt_p, tt_v = [], []
+        for _ in range(3):
+            tt_p += asyncio.run(ttft(plain_port, ctx, 10))
+            tt_v += asyncio.run(ttft(velvet_port, ctx, 10))
+        made += 30
+        out.update(stream_ttft_ms_plain=round(statistics.median(tt_p), 2),
+                   stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
+        plain.stop()
+        velvet.stop()
+
+        data = batch_input(lines, line_size)
+        ca = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"
+        log(f"bench: upload of {len(data) / 1e6:.0f} MB / {lines:,} lines, each proxy fresh (peak RSS)")
+        for name in ("plain", "velvet"):
+            proc, port = mitmdump(tmp, up_port, url if name == "velvet" else None, f"up-{name}")
+            client = sdk(port, ca)
+            t = time.perf_counter()
+            f = client.files.create(file=("bench.jsonl", io.BytesIO(data)), purpose="batch")
+            end = time.perf_counter()
+            out[f"upload_s_{name}"] = round(end - t, 3)
+            if name == "velvet":
+                made += 1
+                done = wait_lines(db, f.id, lines)
+                out["ingest_s"] = round(done - end, 3)
+                ours = lines / (done - t)  # lines per second from the first byte sent to the last line committed
+            out[f"upload_rss_mb_{name}"] = round(proc.peak_rss_mb(), 1)
+            proc.stop()
+        out.update(upload_mb=round(len(data) / 1e6, 1), upload_lines=lines)
+        base = baseline_ingest(data, tmp / "baseline.db")
+        out["ingest_lines_per_s_ratio"] = round(ours / (lines / base), 3)
+        out["ingest_baseline_s"] = round(base, 3)
+        del data
+
+        log("bench: download of the gzip output file, each proxy fresh")
+        for name in ("plain", "velvet"):
+            proc, port = mitmdump(tmp, up_port, url if name == "velvet" else None, f"down-{name}")
+            client = sdk(port, ca)
+            t = time.perf_counter()
+            body = client.files.content("file-out").read()
+            out[f"download_s_{name}"] = round(time.perf_counter() - t, 3)
+            if name == "velvet":
+                made += 1
+                out["download_rss_mb_velvet"] = round(proc.peak_rss_mb(), 1)
+            proc.stop()
+        out["download_mb"] = round(len(body) / 1e6, 1)
+        out["rows_lost"] = made - count_calls(db)
+        out["calls_made"] = made
+    finally:
+        upstream.terminate()
+        upstream.wait()
+    out["machine"] = f"{os.cpu_count()} cores, {_mem_gb():.0f} GB, Python {sys.version.split()[0]}"
+    out["quick"] = quick
+    return out
+
+
+def _mem_gb() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) / 1024 / 1024
+    return 0.0
+
+
+def table(r: dict[str, Any]) -> str:
+    rows = [
+        ("live calls/s", r["live_rps_plain"], r["live_rps_velvet"], f"ratio {r['live_rps_ratio']:.2f}"),
+        ("live latency p50 / p95", "", "", f"ratios {r['live_p50_ms_ratio']:.2f} / {r['live_p95_ms_ratio']:.2f}"),
+        ("stream TTFT ms (median)", r["stream_ttft_ms_plain"], r["stream_ttft_ms_velvet"],
+         f"+{r['stream_ttft_ms_velvet'] - r['stream_ttft_ms_plain']:.2f} ms"),
+        (f"upload {r['upload_mb']} MB / {r['upload_lines']:,} lines, s", r["upload_s_plain"], r["upload_s_velvet"],
+         f"ratio {r['upload_s_velvet'] / r['upload_s_plain']:.2f}"),
+        ("upload peak RSS MB", r["upload_rss_mb_plain"], r["upload_rss_mb_velvet"], ""),
+        ("ingest after upload end, s", "", r["ingest_s"],
+         f"rate ratio {r['ingest_lines_per_s_ratio']:.2f} vs bare ({r['ingest_baseline_s']} s)"),
+        (f"download {r['download_mb']} MB (gzip), s", r["download_s_plain"], r["download_s_velvet"],
+         f"velvet peak RSS {r['download_rss_mb_velvet']} MB"),
+        ("rows lost", "", r["rows_lost"], f"of {r['calls_made']:,} calls"),
+    ]
+    w = max(len(x[0]) for x in rows)
+    lines = [f"{'':<{w}}  {'plain':>10}  {'velvet':>10}", ""]
+    lines += [f"{a:<{w}}  {b!s:>10}  {c!s:>10}  {d}" for a, b, c, d in rows]
+    return "\n".join(lines) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description="velvet benchmarks (see BENCHMARKS.md)")
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--lines", type=int, default=50_000, help=argparse.SUPPRESS)
+    ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        asyncio.run(serve(a.serve, a.lines, a.line_size))
+        return 0
+    for k in [k for k in os.environ if "proxy" in k.lower()]:
+        del os.environ[k]
+    r = run(a.quick, lambda m: print(m, file=sys.stderr, flush=True))
+    print(json.dumps(r, indent=2) if a.json else table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
