@@ -32,6 +32,30 @@ def test_schema_is_created_once_with_version(db_url):
     db.close()
 
 
+def test_v1_database_is_migrated_to_v2(db_url):
+    """A database made by velvet 1 (schema v1, with single-column line indexes) loses them, keeps its rows."""
+    from velvet_core import database
+
+    db = database.connect(db_url)
+    db.connect()
+    with models.use(db):
+        database._v1(db)
+        models.Meta.insert(key="schema_version", value="1").execute()
+        for name in database.REDUNDANT_INDEXES:
+            table, column = name.split("_", 2)[:2], name.split("_", 2)[2]
+            db.execute_sql(f'CREATE INDEX "{name}" ON "{"_".join(table)}" ("{column}")')
+        models.BatchRequest.insert(file_id="file-1", line_no=1, custom_id="a").execute()
+    db.close()
+    db = open_db(db_url)
+    assert schema_version(db) == 2
+    names = {i.name for t in ("batch_requests", "batch_results") for i in db.get_indexes(t)}
+    assert not names & set(database.REDUNDANT_INDEXES)
+    assert "batch_requests_file_id_line_no" in names and "batch_results_batch_id_custom_id" in names
+    with models.use(db):
+        assert models.BatchRequest.get().custom_id == "a"
+    db.close()
+
+
 def test_concurrent_migrations(db_url):
     errors = []
 

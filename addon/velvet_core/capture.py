@@ -141,8 +141,11 @@ class Velvet:
         url = self.db_url()
         spool = self.spool_dir()
         remove_stale_spills(spool / "streams")
-        self.writer = Writer(url, self.preparers(), spool_dir=spool, on_error=self._fallback,
-                             setup=batchstore.register)
+        def setup(store: Any) -> None:  # in the writer thread, before the first flow
+            batchstore.register(store)
+            self.pricer.warm()
+
+        self.writer = Writer(url, self.preparers(), spool_dir=spool, on_error=self._fallback, setup=setup)
         self.writer.start()
         log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), _redact(url))
 

@@ -13,7 +13,7 @@ from . import models
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class DatabaseURLError(ValueError):
@@ -90,7 +90,18 @@ def _v1(db: Database) -> None:
         db.execute_sql(f"{create} {name} AS {sql}")
 
 
-MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _v1}
+# single-column indexes that the composite ones already cover: each cost every inserted line time
+REDUNDANT_INDEXES = ("batch_requests_file_id", "batch_requests_upload_part_id", "batch_requests_custom_id",
+                     "batch_requests_batch_id", "batch_results_file_id", "batch_results_batch_id",
+                     "batch_results_custom_id")
+
+
+def _v2(db: Database) -> None:
+    for name in REDUNDANT_INDEXES:
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+MIGRATIONS: dict[int, Callable[[Database], None]] = {1: _v1, 2: _v2}
 
 
 def schema_version(db: Database) -> int:

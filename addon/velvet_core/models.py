@@ -242,17 +242,17 @@ class BatchRequest(Base):
     """One line of a batch input file: the exact request."""
 
     id = AutoField()
-    file_id = CharField(null=True, index=True)
-    upload_part_id = CharField(null=True, index=True)
+    file_id = CharField(null=True)  # indexed by (file_id, line_no)
+    upload_part_id = CharField(null=True)  # indexed by (upload_part_id, part_line_no)
     part_line_no = IntegerField(null=True)
     line_no = IntegerField(null=True)
-    custom_id = CharField(null=True, index=True)
+    custom_id = CharField(null=True)
     method = CharField(null=True)
     url = CharField(null=True)
     model = CharField(null=True)
     body = TextField(null=True)
     problem = TextField(null=True)
-    batch_id = CharField(null=True, index=True)
+    batch_id = CharField(null=True)  # indexed by (batch_id, custom_id)
 
     class Meta:
         table_name = "batch_requests"
@@ -267,10 +267,10 @@ class BatchResult(Base):
     """One line of a batch output or error file, linked to its request once both are known."""
 
     id = AutoField()
-    file_id = CharField(index=True)
+    file_id = CharField()  # indexed by (file_id, line_no)
     line_no = IntegerField()
-    batch_id = CharField(null=True, index=True)
-    custom_id = CharField(null=True, index=True)
+    batch_id = CharField(null=True)  # indexed by (batch_id, custom_id)
+    custom_id = CharField(null=True)
     request = ForeignKeyField(BatchRequest, null=True, backref="results", on_delete="SET NULL",
                               column_name="request_row_id")
     result_id = CharField(null=True)

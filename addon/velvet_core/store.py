@@ -6,7 +6,7 @@ import functools
 from collections.abc import Iterable
 from typing import Any
 
-from peewee import Database, SqliteDatabase
+from peewee import BigIntegerField, CharField, Database, FloatField, IntegerField, SqliteDatabase, TextField
 
 from . import models
 
@@ -17,6 +17,9 @@ CHUNK = 500
 def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:
     for i in range(0, len(rows), n):
         yield rows[i:i + n]
+
+
+_AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatField})
 
 
 @functools.cache
@@ -38,8 +41,12 @@ def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
         return
     db = models.db.obj  # the real database behind the per-thread proxy
     sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
-    convert = [(f.name, f.db_value, f.default() if callable(f.default) else f.default) for f in fields]
-    values = [tuple(conv(r.get(name, default)) for name, conv, default in convert) for r in rows]
+    plain = [(f.name, f.default() if callable(f.default) else f.default) for f in fields if type(f) in _AS_IS]
+    if len(plain) == len(fields):  # our rows hold str/int/float/None already: no per-value conversion
+        values = [tuple(r.get(name, default) for name, default in plain) for r in rows]
+    else:
+        convert = [(f.name, f.db_value, f.default() if callable(f.default) else f.default) for f in fields]
+        values = [tuple(conv(r.get(name, default)) for name, conv, default in convert) for r in rows]
     cursor = db.cursor()
     for part in chunks(values, 1000):
         cursor.executemany(sql, part)
