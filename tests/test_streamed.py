@@ -209,6 +209,17 @@ def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):
             v.requestheaders(dl)
             v.responseheaders(dl)
             assert isinstance(dl.response.stream, BodyTap)  # a download of unknown size
+            gz = tflow.tflow(req=dl.request.copy(), resp=tutils.tresp(
+                status_code=200, content=b"", headers=http.Headers(**{"content-length": "100",
+                                                                      "content-encoding": "gzip"})))
+            v.requestheaders(gz)
+            v.responseheaders(gz)
+            assert isinstance(gz.response.stream, BodyTap)  # 100 bytes of gzip may be 100 MB of lines
+            small = tflow.tflow(req=dl.request.copy(), resp=tutils.tresp(
+                status_code=200, content=b"", headers=http.Headers(**{"content-length": "100"})))
+            v.requestheaders(small)
+            v.responseheaders(small)
+            assert small.response.stream is False
         finally:
             v.done()
 
@@ -243,3 +254,23 @@ def test_streamed_upload_into_the_database(tmp_path):
         call = models.Call.get()
         assert call.request_bytes == len(body) and call.complete and "streamed" not in (call.problem or "")
     assert not list((tmp_path / "spool" / "streams").glob("*.part"))  # spill files removed
+
+
+def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
+    """100 MB of output lines that gzip to almost nothing: what one read decodes to stays small."""
+    import tracemalloc
+
+    line = orjson.dumps({"custom_id": "c", "response": {"status_code": 200, "body": {"x": "y" * 2000}}}) + b"\n"
+    raw = gzip.compress(line * 50_000, compresslevel=6)
+    assert len(raw) < 2_000_000 and len(line) * 50_000 > 100_000_000
+    tap = spilled(tmp_path, raw)
+    s = snapshot("/v1/files/file-z/content", "GET")
+    s.response_encoding = "gzip"
+    tracemalloc.start()
+    rows = 0
+    for kind, p in ingest_streamed(s, tap, None, Pricer(), []):
+        rows += len(p["rows"]) if kind == "result_rows" else 0
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert rows == 50_000
+    assert peak < 40_000_000, f"peak {peak / 1e6:.0f} MB"

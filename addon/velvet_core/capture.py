@@ -316,8 +316,10 @@ class Velvet:
         if self.writer is None:
             return
         length = msg.headers.get("content-length", "").strip()
-        # a download without a length may be any size
-        big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
+        if msg.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
+            big = True  # compressed: the decoded body may be a hundred times the wire size
+        else:  # a download without a length may be any size
+            big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
         if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
             return
         tap = BodyTap(self.spool_dir() / "streams")

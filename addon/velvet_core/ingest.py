@@ -227,8 +227,10 @@ def _object(line: Line) -> Any:
 def _feed_file(ingest: Ingest, tap: TapInfo) -> Iterator[Op]:
     if tap.path is None:
         return
+    # compressed input in small pieces: what one piece decodes to stays bounded
+    size = PIECE if ingest.decoder.encoding == "identity" else PIECE // 64
     with open(tap.path, "rb") as f:
-        while piece := f.read(PIECE):
+        while piece := f.read(size):
             yield from ingest.feed(piece)
 
 
