@@ -37,7 +37,7 @@ class Writer:
 
     def __init__(self, url: str, prepare: dict[str, Prepare], *, spool_dir: Path,
                  queue_size: int = 10_000, max_pending: int = 50_000, batch_size: int = 500,
-                 linger: float = 0.02, setup: Callable[[Store], None] | None = None,
+                 linger: float = 0.1, setup: Callable[[Store], None] | None = None,
                  on_error: Callable[[str, Any, BaseException], list[Op]] | None = None) -> None:
         self.url = url
         self.prepare = prepare
