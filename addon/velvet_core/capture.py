@@ -176,17 +176,18 @@ class Velvet:
                   pricer: Pricer) -> Iterator[Op]:
         problems: list[str] = []
         summary: list[Op] = [("call", row)]  # what the flow comment needs, not the rows themselves
-        all_failed = True
+        all_failed, any_rows = True, False
         for op in ingest_streamed(s, tap, resp, pricer, problems):
             kind, payload = op
             if kind in ("request_rows", "result_rows"):
+                any_rows = True
                 all_failed = all_failed and all(r.get("failed") for r in payload["rows"])
                 yield op
             else:
                 summary.append(("upload_part", {"part": payload}) if kind == "part_done" else op)
                 yield op
         if summary[-1:] and summary[-1][0] == "results_done":
-            summary.append(("results", {"rows": [{"failed": all_failed}]}))
+            summary.append(("results", {"rows": [{"failed": all_failed}] if any_rows else []}))
         if summary[-1:] and summary[-1][0] == "requests_done":
             summary.append(("requests", {"rows": []}))
         row["request_bytes" if s.request_tap else "response_bytes"] = tap.bytes
