@@ -31,12 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_proxy(workdir: Path, db_url: str, upstream: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_proxy(workdir: Path, db_url: str, upstream: str, program: str = "mitmdump",
+                extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen[bytes], int, Path]:
     port, confdir = free_port(), workdir / "mitmproxy"
-    log = open(workdir / "mitmdump.log", "wb")  # noqa: SIM115 - lives as long as the process
+    log = open(workdir / f"{program}.log", "wb")  # noqa: SIM115 - lives as long as the process
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     proc = subprocess.Popen(
-        [str(BIN / "mitmdump"), "-q", "-p", str(port), "--listen-host", "127.0.0.1", "--set", f"confdir={confdir}",
+        [str(BIN / program), "-q", "-p", str(port), "--listen-host", "127.0.0.1", "--set", f"confdir={confdir}",
+         *extra,
          "-s", str(ROOT / "addon" / "velvet.py"), "--set", f"velvet_db={db_url}",
          "--set", f"velvet_spool_dir={workdir / 'spool'}", "--set", "connection_strategy=lazy",
          "--map-remote", rf"|https://api\.openai\.com/|{upstream}/",
@@ -45,7 +47,7 @@ def start_proxy(workdir: Path, db_url: str, upstream: str) -> tuple[subprocess.P
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"demo: mitmdump exited; see {workdir / 'mitmdump.log'}")
+            sys.exit(f"demo: {program} exited; see {workdir / (program + '.log')}")
         try:
             if (confdir / "mitmproxy-ca-cert.pem").exists():
                 socket.create_connection(("127.0.0.1", port), 0.2).close()
