@@ -274,3 +274,30 @@ def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
     tracemalloc.stop()
     assert rows == 50_000
     assert peak < 40_000_000, f"peak {peak / 1e6:.0f} MB"
+
+
+def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkeypatch):
+    from velvet_core import ingest
+
+    def broken(*a, **k):
+        yield ("request_rows", {"rows": []})
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr("velvet_core.capture.ingest_streamed", broken)
+    assert ingest.ingest_streamed is not broken
+    url = f"sqlite:///{tmp_path}/v.db"
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=10)
+        v.running()
+        f = upload_flow(b"", resp=b'{"id":"file-b","object":"file","purpose":"batch"}')
+        f.request.headers["content-length"] = "100"
+        v.requestheaders(f)
+        f.request.stream(b"x" * 100)
+        f.request.stream(b"")
+        v.responseheaders(f)
+        v.response(f)
+        v.done()
+    with bound(url):
+        call = models.Call.get()
+        assert "parser bug" in call.problem and call.status_code == 200

@@ -177,15 +177,18 @@ class Velvet:
         problems: list[str] = []
         summary: list[Op] = [("call", row)]  # what the flow comment needs, not the rows themselves
         all_failed, any_rows = True, False
-        for op in ingest_streamed(s, tap, resp, pricer, problems):
-            kind, payload = op
-            if kind in ("request_rows", "result_rows"):
-                any_rows = True
-                all_failed = all_failed and all(r.get("failed") for r in payload["rows"])
+        try:
+            for op in ingest_streamed(s, tap, resp, pricer, problems):
+                kind, payload = op
+                if kind in ("request_rows", "result_rows"):
+                    any_rows = True
+                    all_failed = all_failed and all(r.get("failed") for r in payload["rows"])
+                else:
+                    summary.append(("upload_part", {"part": payload}) if kind == "part_done" else op)
                 yield op
-            else:
-                summary.append(("upload_part", {"part": payload}) if kind == "part_done" else op)
-                yield op
+        except Exception as e:  # the call row below is written whatever happened to the body
+            log.exception("velvet: could not parse the streamed body of %s %s", s.method, s.path)
+            problems.append(f"velvet internal error while parsing the body: {type(e).__name__}: {e}")
         if summary[-1:] and summary[-1][0] == "results_done":
             summary.append(("results", {"rows": [{"failed": all_failed}] if any_rows else []}))
         if summary[-1:] and summary[-1][0] == "requests_done":
