@@ -279,3 +279,18 @@ def test_humanize():
         queries.parse_since("soon", now)
     assert queries.percentile([5, 1, 3, 2, 4], 50) == 3 and queries.percentile([1, 2], 95) == 2
     assert queries.percentile([], 50) is None
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    term, pipe = Terminal(), io.StringIO()
+    for stream in (term, pipe):
+        p = humanize.Progress(3, "exporting", stream=stream)
+        for _ in range(3):
+            p.advance()
+        p.close()
+    assert "exporting [" in term.getvalue() and "3/3" in term.getvalue() and term.getvalue().endswith("\n")
+    assert pipe.getvalue() == ""
