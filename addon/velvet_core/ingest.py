@@ -85,17 +85,27 @@ class Ingest:
             yield (self.rows_kind, {"rows": rows})
 
 
-class UploadIngest(Ingest):
-    """``POST /v1/files`` (multipart): the ``file`` part's lines, and the ``purpose`` field."""
+class MultipartIngest(Ingest):
+    """A multipart body: the incremental scanner, and the name of the part being read."""
 
-    def __init__(self, file_id: str, content_type: str, encoding: str | None) -> None:
+    def __init__(self, content_type: str, encoding: str | None) -> None:
         super().__init__(encoding)
         boundary = boundary_of(content_type)
         if boundary is None:
             raise MultipartError(f"not a multipart body ({content_type or 'no content-type'})")
-        self.file_id = file_id
         self.scanner = MultipartScanner(boundary)
         self.part: str | None = None
+
+    def _end(self) -> None:
+        self.scanner.finish()
+
+
+class UploadIngest(MultipartIngest):
+    """``POST /v1/files`` (multipart): the ``file`` part's lines, and the ``purpose`` field."""
+
+    def __init__(self, file_id: str, content_type: str, encoding: str | None) -> None:
+        super().__init__(content_type, encoding)
+        self.file_id = file_id
         self.purpose = b""
         self.saw_file = False
 
@@ -116,24 +126,16 @@ class UploadIngest(Ingest):
                         self._line(line)
                 self.part = None
 
-    def _end(self) -> None:
-        self.scanner.finish()
-
     def _line(self, line: Line) -> None:
         self._add({**request_row(line), "line_no": line.no, "file_id": self.file_id})
 
 
-class PartIngest(Ingest):
+class PartIngest(MultipartIngest):
     """``POST /v1/uploads/{id}/parts``: whole lines now; the partial lines at the edges for ``complete``."""
 
     def __init__(self, part_id: str, content_type: str, encoding: str | None) -> None:
-        super().__init__(encoding)
-        boundary = boundary_of(content_type)
-        if boundary is None:
-            raise MultipartError(f"not a multipart body ({content_type or 'no content-type'})")
+        super().__init__(content_type, encoding)
         self.part_id = part_id
-        self.scanner = MultipartScanner(boundary)
-        self.part: str | None = None
         self.head = b""
         self.in_head = True
         self.tail: bytes | None = None
@@ -160,9 +162,6 @@ class PartIngest(Ingest):
                 if self.part == "data" and not self.in_head:
                     self.tail = self.splitter.remainder()
                 self.part = None
-
-    def _end(self) -> None:
-        self.scanner.finish()
 
     def _line(self, line: Line) -> None:
         self._add({**request_row(line), "part_line_no": line.no, "upload_part_id": self.part_id})

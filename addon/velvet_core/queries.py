@@ -137,15 +137,7 @@ def percentile(values: list[float], p: float) -> float | None:
 
 # -- batches ---------------------------------------------------------------------------------------
 
-_BATCH_SQL = """
-SELECT b.*,
-  (SELECT count(*) FROM batch_requests r WHERE r.batch_id = b.id) AS n_lines,
-  (SELECT count(*) FROM batch_results x
-    WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND NOT x.failed) AS n_answered,
-  (SELECT count(*) FROM batch_results x
-    WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND x.failed) AS n_failed,
-  (SELECT sum(x.cost_usd) FROM batch_results x WHERE x.batch_id = b.id) AS lines_cost
-FROM batches b"""
+_BATCH_SQL = "SELECT * FROM batch_summary b"  # batches.* plus lines, answered, failed, cost_usd
 
 
 def _batch(r: dict[str, Any]) -> dict[str, Any]:
@@ -154,11 +146,10 @@ def _batch(r: dict[str, Any]) -> dict[str, Any]:
         out[k] = iso(r.get(k))
     out["request_counts"] = {"total": r.get("request_total"), "completed": r.get("request_completed"),
                              "failed": r.get("request_failed")}
-    out["lines"], out["answered"], out["failed"] = (int(r["n_lines"]), int(r["n_answered"]),
-                                                    int(r["n_failed"]))
+    out["lines"], out["answered"], out["failed"] = int(r["lines"]), int(r["answered"]), int(r["failed"])
     out["turnaround_seconds"] = r.get("turnaround_s")
     # the logged lines' cost when the output was downloaded, else the API's own usage figure
-    cost = r.get("lines_cost") if r.get("lines_cost") is not None else r.get("usage_cost_usd")
+    cost = r.get("cost_usd") if r.get("cost_usd") is not None else r.get("usage_cost_usd")
     out["cost_usd"] = None if cost is None else round(float(cost), 10)
     return out
 
