@@ -70,20 +70,17 @@ async def serve(port: int, lines: int, line_size: int) -> None:
                 line, *hdrs = head.decode("latin-1").split("\r\n")
                 method, path, _ = line.split(" ", 2)
                 h = {k.strip().lower(): v.strip() for k, _, v in (x.partition(":") for x in hdrs if x)}
-                size = 0
-                if "content-length" in h:
-                    left = int(h["content-length"])
-                    while left:
-                        got = await reader.read(min(left, 1 << 20))
-                        if not got:
-                            return
-                        size += len(got)
-                        left -= len(got)
-                        if left and method == "POST" and path != "/v1/files" and size < 4096:
-                            continue
-                    body = got if size < 4096 else b""
-                else:
-                    body = b""
+                size, kept = 0, []  # small bodies are kept (to see "stream"), big ones only counted
+                left = int(h.get("content-length", 0))
+                while left:
+                    got = await reader.read(min(left, 1 << 20))
+                    if not got:
+                        return
+                    size += len(got)
+                    left -= len(got)
+                    if size <= 65536:
+                        kept.append(got)
+                body = b"".join(kept)
                 if path == "/v1/chat/completions" and b'"stream":true' in body:
                     writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                                  b"transfer-encoding: chunked\r\n\r\n")
