@@ -57,6 +57,7 @@ class Velvet:
         # flows waiting for their comment; weak, so a flow nobody else keeps (mitmdump) is not held
         self.flows: weakref.WeakValueDictionary[str, http.HTTPFlow] = weakref.WeakValueDictionary()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.comments = False  # set in running()
         self._notes: list[tuple[str, str, str | None]] = []  # comments waiting for the event loop
         self._notes_lock = threading.Lock()
         self.batch_status: dict[str, str] = {}  # writer thread only: last status seen per batch
@@ -125,6 +126,8 @@ class Velvet:
 
     def running(self) -> None:
         self.loop = ctx.master.event_loop
+        # comments only where a flow list shows them (mitmweb, the console); mitmdump has none
+        self.comments = ctx.master.addons.get("view") is not None
         if self.writer is None:
             self._start_writer()
 
@@ -225,6 +228,8 @@ class Velvet:
 
     def _annotate_later(self, s: CallSnapshot, row: dict[str, Any], ops: list[Op]) -> None:
         """(writer thread) Describe the call, then set the comment on the event loop."""
+        if not self.comments:
+            return
         try:
             text = annotate.comment(s.route, row, ops, self.batch_status)
             status = next((p["row"]["status"] for k, p in ops if k == "batch"), None)
@@ -285,17 +290,22 @@ class Velvet:
 
     # -- hooks -----------------------------------------------------------------------------------
 
-    def _ours(self, flow: http.HTTPFlow) -> bool:
+    def _host(self, flow: http.HTTPFlow) -> str | None:
+        """The host the client asked for, if it is one of ours (``host`` first: ``pretty_host`` parses
+        the Host header, which costs more on every flow)."""
         req = flow.request
-        return req.host.lower() in self.hosts or req.pretty_host.lower() in self.hosts
+        host = req.host.lower()
+        if host in self.hosts:
+            return host
+        pretty = req.pretty_host.lower()
+        return pretty if pretty in self.hosts else None
 
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if not self._ours(flow):
+        host = self._host(flow)
+        if host is None:
             return
         route = classify(flow.request.method, flow.request.path)
-        host = flow.request.pretty_host.lower()
-        host = host if host in self.hosts else flow.request.host.lower()
         self.snapshots[flow.id] = begin(flow, route, host)
         flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
         if (route.kind, route.action) in (("files", "upload"), ("uploads", "part")):
@@ -359,7 +369,8 @@ class Velvet:
                 flow.marked = annotate.FAILED
         elif (mark := annotate.marker(snap.route, flow.response.status_code)) and not flow.marked:
             flow.marked = mark  # at once; the writer refines it (batch status) with the comment
-        self.flows[flow.id] = flow
+        if self.comments:
+            self.flows[flow.id] = flow
         if self.writer is None:  # only before running() or after done(): keep the row anyway
             self._start_writer()
         assert self.writer is not None
