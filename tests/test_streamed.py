@@ -301,3 +301,17 @@ def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkey
     with bound(url):
         call = models.Call.get()
         assert "parser bug" in call.problem and call.status_code == 200
+
+
+def test_unreadable_streamed_bodies_still_leave_a_file_row(tmp_path):
+    problems: list[str] = []
+    tap = spilled(tmp_path, b"not multipart at all")
+    ops = list(ingest_streamed(snapshot("/v1/files", ct="application/json"), tap,
+                               {"id": "file-j", "object": "file", "purpose": "batch"}, Pricer(), problems))
+    assert ops == [("file", {**ops[0][1]})] and ops[0][1]["complete"] is False
+    assert "not a multipart body" in ops[0][1]["problem"]
+    s = snapshot("/v1/files/file-c/content", "GET")
+    s.response_encoding = "compress"
+    problems = []
+    ops = list(ingest_streamed(s, spilled(tmp_path, b"xx"), None, Pricer(), problems))
+    assert ops[0][1]["complete"] is False and "unsupported content-encoding" in ops[0][1]["problem"]

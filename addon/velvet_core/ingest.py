@@ -253,7 +253,13 @@ def _ingest(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: 
     if route.action == "content":
         if not route.object_id or s.status_code is None or s.status_code >= 400:
             return
-        ingest = ContentIngest(route.object_id, s.response_encoding, pricer, seen)
+        try:
+            ingest = ContentIngest(route.object_id, s.response_encoding, pricer, seen)
+        except DecodeError as e:
+            problems.append(str(e))
+            yield ("file", {"id": route.object_id, "updated_at": seen, "first_seen_at": seen,
+                            "content_seen": True, "complete": False, "problem": "; ".join(problems)})
+            return
         if not tap.broken:
             yield from _feed_file(ingest, tap)
         yield from ingest.end(whole=not cut and not tap.broken)
@@ -284,8 +290,11 @@ def _ingest(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: 
                                  "tail": part_ingest.tail if not part_ingest.in_head else None, "seen_at": seen})
             return
         ingest = UploadIngest(resp["id"], ct, enc)
-    except MultipartError as e:
+    except (MultipartError, DecodeError) as e:
         problems.append(str(e))
+        if route.kind == "files":  # the API made the file all the same
+            yield ("file", {**(file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}),
+                            "content_seen": True, "complete": False, "problem": "; ".join(problems)})
         return
     purpose = resp.get("purpose")
     row = file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}
