@@ -13,8 +13,10 @@ from rig import bound
 from velvet_core import batches, batchstore, models
 from velvet_core.batchlines import request_row, result_row
 from velvet_core.calls import utc
+from velvet_core.classify import classify
 from velvet_core.database import open_db
 from velvet_core.extract import Tokens
+from velvet_core.ingest import ingest_buffered
 from velvet_core.jsonl import LineSplitter
 from velvet_core.multipart import (
     MultipartError,
@@ -26,6 +28,7 @@ from velvet_core.multipart import (
     fields,
 )
 from velvet_core.pricing import Pricer
+from velvet_core.snapshot import CallSnapshot
 from velvet_core.store import Store
 
 NOW = utc(time.time())
@@ -135,6 +138,17 @@ def batch_obj(bid, status, **kw):
     return {**base, **kw}
 
 
+def part_ops(part_id: str, upload_id: str, chunk: bytes) -> list:
+    """What the writer makes of ``POST /v1/uploads/{id}/parts`` carrying ``chunk``."""
+    path = f"/v1/uploads/{upload_id}/parts"
+    s = CallSnapshot(flow_id="f", method="POST", host="api.openai.com", path=path, route=classify("POST", path),
+                     key_fingerprint=None, tags={},
+                     request_headers={"content-type": "multipart/form-data; boundary=pb"}, request_body=None,
+                     request_encoding=None, started_at=time.time(), status_code=200, ended_at=time.time())
+    body = multipart_body("pb", [("data", "blob", chunk)])
+    return list(ingest_buffered(s, body, {"id": part_id, "object": "upload.part"}, Pricer(), []))
+
+
 def apply(store, ops):
     store.apply(ops)
 
@@ -210,7 +224,7 @@ def test_upload_parts_stitched(store):
     parts = [data[a:b] for a, b in itertools.pairwise(cuts)]
     ids = [f"part_{i}" for i in range(len(parts))]
     for pid, chunk in reversed(list(zip(ids, parts, strict=True))):  # out of order
-        apply(s, [("upload_part", batches.split_part(pid, "up1", chunk, NOW))])
+        apply(s, part_ops(pid, "up1", chunk))
     apply(s, [("upload_complete", {"upload_id": "up1", "part_ids": ids,
                                    "file": {"id": "file-up", "purpose": "batch", "first_seen_at": NOW,
                                             "updated_at": NOW}})])

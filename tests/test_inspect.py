@@ -102,7 +102,7 @@ def test_comments_and_markers():
     assert annotate.comment(r, err, [], {}) == "chat gpt-4o · 429 rate_limit_exceeded"
     up = classify("POST", "/v1/files")
     ops = [("call", {}), ("file", {"id": "file-abc", "lines": 50_000, "bad_lines": 2}),
-           ("requests", {"rows": []})]
+           ("requests_done", {"file_id": "file-abc"})]
     assert annotate.comment(up, {"status_code": 200}, ops, {}) == \
         "batch input · 50,000 lines (2 malformed) · file-abc"
     assert annotate.marker(up, 200) == annotate.UPLOAD
@@ -118,7 +118,7 @@ def test_comments_and_markers():
     assert annotate.marker(b, 200, batch_status="completed") == annotate.DONE
     assert annotate.marker(b, 200, batch_status="expired") == annotate.ENDED_BADLY
     dl = classify("GET", "/v1/files/file-x/content")
-    ops = [("file", {"id": "file-x", "lines": 3}), ("results", {"rows": [{"failed": True}] * 3})]
+    ops = [("file", {"id": "file-x", "lines": 3}), ("results_done", {"file_id": "file-x", "all_failed": True})]
     assert annotate.comment(dl, {"status_code": 200}, ops, {}) == "batch errors · 3 lines · file-x"
     assert annotate.marker(dl, 200) == annotate.DOWNLOAD
 

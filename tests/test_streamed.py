@@ -14,13 +14,14 @@ from mitmproxy.test import taddons, tflow, tutils
 from rig import bound
 from test_batch_units import multipart_body
 from test_inspect import upload_flow
-from velvet_core import batches, models
-from velvet_core.batchlines import request_row
+from velvet_core import models
+from velvet_core.batchlines import request_row, result_row
 from velvet_core.calls import utc
 from velvet_core.capture import Velvet
 from velvet_core.classify import classify
 from velvet_core.ingest import ContentIngest, PartIngest, UploadIngest, ingest_streamed
 from velvet_core.jsonl import LineSplitter
+from velvet_core.multipart import fields
 from velvet_core.pricing import Pricer
 from velvet_core.snapshot import CallSnapshot, TapInfo
 from velvet_core.tap import BodyTap
@@ -59,9 +60,9 @@ def test_streamed_upload_equals_buffered(cuts, bad):
     body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", data)])
     ingest = UploadIngest("file-k", f"multipart/form-data; boundary={B}", None)
     rows = run(ingest, pieces(body, cuts))
-    buffered = batches.multipart_parts(body, f"multipart/form-data; boundary={B}", [])
+    buffered = fields(body, B)  # the whole-body multipart helper
     want = [{**request_row(line), "line_no": line.no, "file_id": "file-k"}
-            for line in LineSplitter().split(buffered["file"][1])]
+            for line in LineSplitter().split(buffered["file"])]
     assert rows == want and ingest.lines == 12 and ingest.bad == len(bad) and ingest.purpose == b"batch"
     assert not ingest.problems
 
@@ -74,7 +75,10 @@ def test_streamed_part_equals_buffered(cuts, head_cut, tail_cut):
     body = multipart_body(B, [("data", "blob", data)])
     ingest = PartIngest("part_1", f"multipart/form-data; boundary={B}", None)
     rows = run(ingest, pieces(body, cuts))
-    want = batches.split_part("part_1", "u", data, NOW)
+    first, last = data.find(b"\n"), data.rfind(b"\n")  # a part's whole lines lie between its first and
+    want = {"rows": [] if first < 0 else [  # last newline; the edges wait for the upload's completion
+        {**request_row(line), "part_line_no": line.no} for line in LineSplitter().split(data[first + 1:last + 1])],
+        "part": {"head": data if first < 0 else data[:first], "tail": None if first < 0 else data[last + 1:]}}
     assert [{k: v for k, v in r.items() if k != "upload_part_id"} for r in rows] == want["rows"]
     assert all(r["upload_part_id"] == "part_1" for r in rows)
     assert ingest.head == want["part"]["head"]
@@ -90,8 +94,8 @@ def test_streamed_download_equals_buffered(cuts):
         "error": None}) + b"\n" for i in range(8))
     ingest = ContentIngest("file-out", "gzip", Pricer(), NOW)
     rows = run(ingest, pieces(gzip.compress(out), cuts))
-    ops = batches._file_content(out, "file-out", NOW, Pricer())
-    assert rows == [{**r, "file_id": "file-out"} for r in ops[1][1]["rows"]]
+    want = [result_row(line, Pricer(), NOW) for line in LineSplitter().split(out)]
+    assert rows == [{**r, "file_id": "file-out"} for r in want]
     assert ingest.mode == "results"
     again = ContentIngest("file-in", None, Pricer(), NOW)
     assert len(run(again, [lines_of(3)])) == 3 and again.mode == "requests"
@@ -171,7 +175,7 @@ def test_ingest_streamed_outcomes(tmp_path):
                                None, Pricer(), problems))
     file = next(p for k, p in ops if k == "file")
     assert file["complete"] is False and file["lines"] == 1 and "cut off" in file["problem"]
-    assert ops[-1] == ("results_done", {"file_id": "file-out"})
+    assert ops[-1][0] == "results_done" and ops[-1][1]["file_id"] == "file-out"
 
 
 def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):

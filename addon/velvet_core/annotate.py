@@ -66,18 +66,17 @@ def comment(route: Route, row: dict[str, Any], ops: list[Op], last_status: dict[
     if route.kind == "files":
         f = kinds.get("file") or {}
         fid = f.get("id") or route.object_id or ""
-        if route.action == "upload" and "requests" in kinds:
+        if route.action == "upload" and "requests_done" in kinds:
             return _lines("batch input", f, fid)
-        if route.action == "content" and "results" in kinds:
-            rows = kinds["results"]["rows"]
-            label = "batch errors" if rows and all(r.get("failed") for r in rows) else "batch output"
+        if route.action == "content" and "results_done" in kinds:
+            label = "batch errors" if kinds["results_done"].get("all_failed") else "batch output"
             return _lines(label, f, fid)
-        if route.action == "content" and "requests" in kinds:
+        if route.action == "content" and "requests_done" in kinds:
             return _lines("batch input (downloaded)", f, fid)
         return " ".join(x for x in (f"file {route.action}", fid) if x)
     if route.kind == "uploads":
-        if route.action == "part" and "upload_part" in kinds:
-            part = kinds["upload_part"]["part"]
+        if route.action == "part" and "part_done" in kinds:
+            part = kinds["part_done"]
             return f"upload part · {count(part['lines'])} whole lines · {part['id']}"
         if route.action == "complete" and "upload_complete" in kinds:
             c = kinds["upload_complete"]

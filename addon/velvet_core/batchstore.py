@@ -27,7 +27,6 @@ def register(store: Store) -> None:
     store.register("results", lambda ps: [add_results(p["file_id"], p["rows"]) for p in ps])
     store.register("batch", lambda ps: [upsert_batch(p) for p in ps])
     store.register("upload", lambda ps: [upsert_upload(p) for p in ps])
-    store.register("upload_part", lambda ps: [add_part(p) for p in ps])
     store.register("upload_complete", lambda ps: [complete_upload(p) for p in ps])
     # streamed bodies (see ingest.py): rows 500 at a time, then the checks that need the whole file
     store.register("request_rows", lambda ps: [insert_rows(BatchRequest, p["rows"]) for p in ps])
@@ -190,11 +189,6 @@ def upsert_upload(row: dict[str, Any]) -> None:
         parts = UploadPart.select(UploadPart.id).where(UploadPart.upload_id == row["id"])
         BatchRequest.delete().where(BatchRequest.upload_part_id.in_(parts),
                                     BatchRequest.file_id.is_null()).execute()
-
-
-def add_part(p: dict[str, Any]) -> None:
-    UploadPart.insert(**p["part"]).on_conflict_ignore().execute()
-    insert_rows(BatchRequest, [{**r, "upload_part_id": p["part"]["id"]} for r in p["rows"]])
 
 
 def complete_upload(p: dict[str, Any]) -> None:

@@ -16,14 +16,14 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 from mitmproxy.hooks import UpdateHook
 
 from . import annotate, batches, batchstore, config, humanize, queries
-from .calls import parse_call, utc
+from .calls import Body, parse_call, utc
 from .classify import classify
 from .contentview import BatchJsonlContentview
 from .database import DatabaseURLError, check_url
-from .ingest import ingest_streamed
+from .ingest import ingest_buffered, ingest_streamed
 from .pricing import PriceFileError, Pricer, load_price_file
 from .snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
-from .store import Op
+from .store import ROW_KINDS, Op
 from .tap import BodyTap, remove_stale_spills
 from .writer import Writer, _redact
 
@@ -163,9 +163,8 @@ class Velvet:
         def call(s: CallSnapshot) -> Iterable[Op]:
             pricer = self.pricer  # read per call: options may change while the writer runs
             row, req, resp = parse_call(s, pricer, self.body_limit)
-            tap = s.request_tap or s.response_tap
-            if tap is not None:  # a big batch body, kept on disk by the tap: parsed now, rows as they come
-                return self._streamed(s, tap, row, resp.json if resp else None, pricer)
+            if (s.route.kind, s.route.action) in batches.BODIES:
+                return self._with_body(s, row, req, resp, pricer)
             ops: list[Op] = [("call", row)]
             if s.route.kind in ("files", "uploads", "batches"):
                 ops += batches.prepare(s, req, resp, pricer)
@@ -175,31 +174,34 @@ class Velvet:
 
         return {"call": call}
 
-    def _streamed(self, s: CallSnapshot, tap: TapInfo, row: dict[str, Any], resp: Any,
-                  pricer: Pricer) -> Iterator[Op]:
+    def _with_body(self, s: CallSnapshot, row: dict[str, Any], req: Body, resp: Body | None,
+                   pricer: Pricer) -> Iterator[Op]:
+        """An upload, upload part or download: its lines as they are parsed, then the call row."""
         problems: list[str] = []
-        summary: list[Op] = [("call", row)]  # what the flow comment needs, not the rows themselves
-        all_failed, any_rows = True, False
+        summary: list[Op] = [("call", row)]  # what the flow comment needs, not the lines themselves
+        tap = s.request_tap or s.response_tap
+        resp_json = resp.json if resp else None
         try:
-            for op in ingest_streamed(s, tap, resp, pricer, problems):
-                kind, payload = op
-                if kind in ("request_rows", "result_rows"):
-                    any_rows = True
-                    all_failed = all_failed and all(r.get("failed") for r in payload["rows"])
-                else:
-                    summary.append(("upload_part", {"part": payload}) if kind == "part_done" else op)
+            if tap is not None:  # streamed: the tap kept it on disk
+                ops = ingest_streamed(s, tap, resp_json, pricer, problems)
+            elif s.status_code is not None and s.status_code < 400:
+                body = resp if s.route.action == "content" else req
+                ops = ingest_buffered(s, body.data if body else None, resp_json, pricer, problems)
+            else:
+                ops = iter(())
+            for op in ops:
+                if op[0] not in ROW_KINDS:
+                    summary.append(op)
                 yield op
         except Exception as e:  # the call row below is written whatever happened to the body
-            log.exception("velvet: could not parse the streamed body of %s %s", s.method, s.path)
+            log.exception("velvet: could not parse the body of %s %s", s.method, s.path)
             problems.append(f"velvet internal error while parsing the body: {type(e).__name__}: {e}")
-        if summary[-1:] and summary[-1][0] == "results_done":
-            summary.append(("results", {"rows": [{"failed": all_failed}] if any_rows else []}))
-        if summary[-1:] and summary[-1][0] == "requests_done":
-            summary.append(("requests", {"rows": []}))
-        row["request_bytes" if s.request_tap else "response_bytes"] = tap.bytes
+        if tap is not None:
+            row["request_bytes" if s.request_tap else "response_bytes"] = tap.bytes
         if problems:
             row["problem"] = "; ".join(p for p in (row.get("problem"), *problems) if p)
-            row["complete"] = row.get("complete", True) and tap.finished and not tap.broken
+            if tap is not None:
+                row["complete"] = row.get("complete", True) and tap.finished and not tap.broken
         self._log_problem(s, row)
         self._annotate_later(s, row, summary)
         yield ("call", row)

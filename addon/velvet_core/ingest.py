@@ -1,15 +1,17 @@
-"""Streamed batch bodies, parsed in the writer thread from the tap's spill file, chunk by chunk.
+"""Batch file bodies -> line rows, parsed incrementally in the writer thread.
 
-Uploads (``POST /v1/files``), upload parts and file downloads bigger than ``velvet_stream_threshold``
-arrive here once their flow is over, when the response has named the file or part: their lines are
-written 500 at a time (bounded memory, any size). An upload that failed or was cut stores no lines;
-a cut download keeps the lines that arrived and marks the file incomplete.
+Uploads (``POST /v1/files``), upload parts and file downloads come here once their flow is over, when
+the response has named the file or part: from the tap's spill file when they were streamed (bigger than
+``velvet_stream_threshold``), or from the buffered body. Either way the same parsers read the body
+piece by piece and the lines are written 500 at a time (bounded memory, any size). An upload that
+failed or was cut stores no lines; a cut download keeps the lines that arrived and marks the file
+incomplete.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +45,7 @@ class Ingest:
         self.rows: list[dict[str, Any]] = []
         self.lines = 0
         self.bad = 0
+        self.failed_lines = 0
         self.failed = False  # parsing gave up (the rest of the body is ignored)
 
     def feed(self, data: bytes) -> Iterator[Op]:
@@ -77,6 +80,7 @@ class Ingest:
     def _add(self, row: dict[str, Any]) -> None:
         self.lines += 1
         self.bad += row.get("problem") is not None
+        self.failed_lines += bool(row.get("failed"))
         self.rows.append(row)
 
     def _flush(self, at_least: int) -> Iterator[Op]:
@@ -223,85 +227,118 @@ def _object(line: Line) -> Any:
         return None
 
 
-def _feed_file(ingest: Ingest, tap: TapInfo) -> Iterator[Op]:
-    if tap.path is None:
-        return
+Read = Callable[[int], Iterator[bytes]]  # the body in pieces of at most the given size
+
+
+def _feed(ingest: Ingest, read: Read) -> Iterator[Op]:
     # compressed input in small pieces: what one piece decodes to stays bounded
     size = PIECE if ingest.decoder.encoding == "identity" else PIECE // 64
-    with open(tap.path, "rb") as f:
-        while piece := f.read(size):
-            yield from ingest.feed(piece)
+    for piece in read(size):
+        yield from ingest.feed(piece)
 
 
 def ingest_streamed(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: list[str]) -> Iterator[Op]:
-    """Row operations for a streamed batch body, then its file/part operations; ``problems`` is filled."""
+    """Operations for a batch body the tap kept on disk (still content-encoded); ``problems`` is filled."""
+
+    def read(size: int) -> Iterator[bytes]:
+        if tap.path is None:  # an empty body
+            return
+        with open(tap.path, "rb") as f:
+            while piece := f.read(size):
+                yield piece
+
+    if tap.broken:
+        problems.append(tap.broken)
+    cut = not tap.finished or (s.error is not None and s.status_code is None)
+    if cut:
+        problems.append(f"body cut off after {tap.bytes:,} bytes" + (f" ({s.error})" if s.error else ""))
     try:
-        yield from _ingest(s, tap, resp, pricer, problems)
+        yield from _ingest(s, resp, pricer, problems, None if tap.broken else read, cut, encoded=True)
     finally:
         if tap.path is not None:
             tap.path.unlink(missing_ok=True)
 
 
-def _ingest(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, problems: list[str]) -> Iterator[Op]:
+def ingest_buffered(s: CallSnapshot, data: bytes | None, resp: Any, pricer: Pricer,
+                    problems: list[str]) -> Iterator[Op]:
+    """The same for a body mitmproxy buffered, already decoded (``None``: not captured or undecodable)."""
+
+    def read(size: int) -> Iterator[bytes]:
+        assert data is not None
+        for i in range(0, len(data), size):
+            yield data[i:i + size]
+
+    if data is None:
+        problems.append("body was not captured or could not be decoded")
+    cut = s.error is not None and s.status_code is None
+    yield from _ingest(s, resp, pricer, problems, None if data is None else read, cut, encoded=False)
+
+
+def _ingest(s: CallSnapshot, resp: Any, pricer: Pricer, problems: list[str], read: Read | None, cut: bool,
+            encoded: bool) -> Iterator[Op]:
+    """Lines, then file (or part) operations, for an upload, an upload part or a file download."""
     route = s.route
     seen = utc(s.ended_at or s.started_at)
-    cut = not tap.finished or (s.error is not None and s.status_code is None)
-    if tap.broken:
-        problems.append(tap.broken)
-    if cut:
-        problems.append(f"body cut off after {tap.bytes:,} bytes" + (f" ({s.error})" if s.error else ""))
     if route.action == "content":
         if not route.object_id or s.status_code is None or s.status_code >= 400:
             return
+        unreadable = {"id": route.object_id, "updated_at": seen, "first_seen_at": seen, "content_seen": True,
+                      "complete": False}
         try:
-            ingest = ContentIngest(route.object_id, s.response_encoding, pricer, seen)
+            ingest = ContentIngest(route.object_id, s.response_encoding if encoded else None, pricer, seen)
         except DecodeError as e:
             problems.append(str(e))
-            yield ("file", {"id": route.object_id, "updated_at": seen, "first_seen_at": seen,
-                            "content_seen": True, "complete": False, "problem": "; ".join(problems)})
+            read = None
+        if read is None:
+            yield ("file", {**unreadable, "problem": "; ".join(problems)})
             return
-        if not tap.broken:
-            yield from _feed_file(ingest, tap)
-        yield from ingest.end(whole=not cut and not tap.broken)
+        yield from _feed(ingest, read)
+        yield from ingest.end(whole=not cut)
         problems += ingest.problems
-        row: dict[str, Any] = {"id": route.object_id, "updated_at": seen, "first_seen_at": seen,
-                               "content_seen": True, "lines": ingest.lines, "bad_lines": ingest.bad,
-                               "complete": not (cut or tap.broken or ingest.problems)}
+        row: dict[str, Any] = {**unreadable, "lines": ingest.lines, "bad_lines": ingest.bad,
+                               "complete": not (cut or ingest.problems)}
         if ingest.mode == "requests":
             row["role"] = "input"
         if problems:
             row["problem"] = "; ".join(problems)
         yield ("file", row)
-        yield ("requests_done" if ingest.mode == "requests" else "results_done", {"file_id": route.object_id})
+        if ingest.mode == "requests":
+            yield ("requests_done", {"file_id": route.object_id})
+        else:
+            all_failed = 0 < ingest.lines == ingest.failed_lines  # an error file (for the flow comment)
+            yield ("results_done", {"file_id": route.object_id, "all_failed": all_failed})
         return
     ok = s.status_code is not None and s.status_code < 400 and isinstance(resp, dict) \
         and isinstance(resp.get("id"), str)
-    if not ok or cut or tap.broken:
-        return  # an upload that did not make a file (or that we could not keep) has no lines
-    ct, enc = s.request_headers.get("content-type", ""), s.request_encoding
+    if not ok or cut:
+        return  # an upload that did not make a file has no lines
+    ct, enc = s.request_headers.get("content-type", ""), s.request_encoding if encoded else None
+    row = file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}
     try:
-        if route.kind == "uploads":
-            part_ingest = PartIngest(resp["id"], ct, enc)
-            yield from _feed_file(part_ingest, tap)
-            yield from part_ingest.end(whole=True)
-            problems += part_ingest.problems
-            yield ("part_done", {"id": resp["id"], "upload_id": route.object_id or resp.get("upload_id"),
-                                 "head": part_ingest.head, "lines": part_ingest.lines, "bytes": part_ingest.size,
-                                 "tail": part_ingest.tail if not part_ingest.in_head else None, "seen_at": seen})
-            return
-        ingest = UploadIngest(resp["id"], ct, enc)
+        kind = PartIngest if route.kind == "uploads" else UploadIngest
+        ingest = kind(resp["id"], ct, enc)
     except (MultipartError, DecodeError) as e:
         problems.append(str(e))
-        if route.kind == "files":  # the API made the file all the same
-            yield ("file", {**(file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}),
-                            "content_seen": True, "complete": False, "problem": "; ".join(problems)})
+        read = None
+    if read is None:  # the API made the file (or part) all the same
+        if route.kind == "files":
+            batch = resp.get("purpose") in (None, "batch")
+            yield ("file", {**row, **({"role": "input"} if batch else {}), "content_seen": True,
+                            "complete": False, "problem": "; ".join(problems)})
+        return
+    if isinstance(ingest, PartIngest):
+        yield from _feed(ingest, read)
+        yield from ingest.end(whole=True)
+        problems += ingest.problems
+        yield ("part_done", {"id": resp["id"], "upload_id": route.object_id or resp.get("upload_id"),
+                             "head": ingest.head, "lines": ingest.lines, "bytes": ingest.size,
+                             "tail": ingest.tail if not ingest.in_head else None, "seen_at": seen})
         return
     purpose = resp.get("purpose")
-    row = file_row(resp, first_seen_at=seen, updated_at=seen) or {"id": resp["id"]}
     if purpose not in (None, "batch"):
         yield ("file", row)  # not a batch file: its content is not ours to keep
         return
-    yield from _feed_file(ingest, tap)
+    yield from _feed(ingest, read)
     yield from ingest.end(whole=True)
     problems += ingest.problems
     if (purpose or ingest.purpose.decode("utf-8", "replace").strip()) != "batch":

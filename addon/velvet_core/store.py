@@ -12,6 +12,7 @@ from . import models
 
 Op = tuple[str, Any]
 CHUNK = 500
+ROW_KINDS = frozenset({"request_rows", "result_rows"})  # lines of a batch file, 500 per operation
 
 
 def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:

@@ -19,12 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from .database import open_db
-from .store import Op, Store
+from .store import ROW_KINDS, Op, Store
 
 log = logging.getLogger(__name__)
 
 Prepare = Callable[[Any], Iterable[Op]]
-HEAVY = frozenset({"request_rows", "result_rows"})  # written at once, so a big stream stays bounded
 _STOP = object()
 
 
@@ -109,11 +108,11 @@ class Writer:
             for kind, payload in items:
                 for op in self._prepare(kind, payload):
                     self.pending.append(op)
-                    if op[0] not in HEAVY:
+                    if op[0] not in ROW_KINDS:  # batch lines are written at once: a big body stays bounded
                         continue
                     if connected:
                         connected = self._try_flush(backoff)
-                    elif sum(k in HEAVY for k, _ in self.pending) > 8:  # database down: to disk, in order
+                    elif sum(k in ROW_KINDS for k, _ in self.pending) > 8:  # database down: to disk, in order
                         self._spill(self.pending)
                         self.pending = []
             if self.pending and connected:
