@@ -18,8 +18,10 @@ from pathlib import Path
 
 import openai
 import orjson
-from velvet_core.cli import main as velvet
-from velvet_core.standin import StandIn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the stand-in API
+from standin import StandIn
+from velvet_core.query.cli import main as velvet
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -42,7 +44,7 @@ def start_proxy(workdir: Path, db_url: str, upstream: str, program: str = "mitmd
          "-s", str(ROOT / "addon" / "velvet.py"), "--set", f"velvet_db={db_url}",
          "--set", f"velvet_spool_dir={workdir / 'spool'}", "--set", "connection_strategy=lazy",
          "--map-remote", rf"|https://api\.openai\.com/|{upstream}/",
-         "-s", str(ROOT / "addon" / "velvet_core" / "standin_route.py"), "--set", f"standin_url={upstream}"],
+         "-s", str(ROOT / "tests" / "standin" / "route.py"), "--set", f"standin_url={upstream}"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import openai
 import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the stand-in API
 from demo import free_port, start_proxy, workload
-from velvet_core.standin import StandIn
+from standin import StandIn
 
 PASSWORD = "velvet-demo"
 

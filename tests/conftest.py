@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 from rig import Proxy
-from velvet_core.standin import StandIn
+from standin import StandIn
 
 
 def pg_base_url() -> str:

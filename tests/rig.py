@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import openai
-from velvet_core import models
-from velvet_core.database import connect
+from velvet_core.storage import models
+from velvet_core.storage.database import connect
 
 ROOT = Path(__file__).resolve().parent.parent
 ADDON = ROOT / "addon" / "velvet.py"
-ROUTE = ROOT / "addon" / "velvet_core" / "standin_route.py"  # streamed requests skip map_remote
+ROUTE = ROOT / "tests" / "standin" / "route.py"  # streamed requests skip map_remote
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 API_KEY = "sk-test-" + "k" * 40
 T = TypeVar("T")

@@ -9,12 +9,12 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 from rig import bound
-from velvet_core import models
-from velvet_core.calls import build_call
-from velvet_core.capture import Velvet
-from velvet_core.classify import classify
-from velvet_core.pricing import Pricer
-from velvet_core.snapshot import CallSnapshot, StreamRecorder
+from velvet_core.capture.addon import Velvet
+from velvet_core.capture.snapshot import CallSnapshot, StreamRecorder
+from velvet_core.parsing.classify import classify
+from velvet_core.parsing.pricing import Pricer
+from velvet_core.process.calls import parse_call
+from velvet_core.storage import models
 
 KEY = "sk-unit-" + "q" * 30
 
@@ -87,7 +87,7 @@ async def test_error_hook_stores_the_failed_call(addon, sqlite_url):
 
 
 async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, caplog):
-    import velvet_core.capture as cap
+    import velvet_core.capture.addon as cap
 
     def boom(*a, **k):
         raise RuntimeError("synthetic")
@@ -100,9 +100,9 @@ async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, cap
 
 
 async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
-    import velvet_core.capture as cap
+    import velvet_core.process.processor as processor
 
-    monkeypatch.setattr(cap, "parse_call", lambda *a: 1 / 0)
+    monkeypatch.setattr(processor, "parse_call", lambda *a: 1 / 0)
     f = flow()
     addon.requestheaders(f)
     addon.response(f)
@@ -136,7 +136,7 @@ def snap(path="/v1/chat/completions", body=b"{}", resp=b"{}", status=200, enc=No
                      request_body=body, request_encoding=None, started_at=1.0, ended_at=2.0,
                      status_code=status, response_headers={"content-type": ct}, response_body=resp,
                      response_encoding=enc)
-    return build_call(s, Pricer(), 1 << 20)
+    return parse_call(s, Pricer(), 1 << 20)[0]
 
 
 def test_bad_inputs_are_recorded_not_fatal():
@@ -154,5 +154,5 @@ def test_body_limit():
                      route=classify("POST", "/v1/embeddings"), key_fingerprint=None, tags={},
                      request_headers={}, request_body=b'{"input":"' + b"a" * 5000 + b'"}',
                      request_encoding=None, started_at=1.0)
-    row = build_call(s, Pricer(), 1000)
+    row = parse_call(s, Pricer(), 1000)[0]
     assert row["request_body"] is None and "not stored" in row["problem"] and row["request_bytes"] > 5000

@@ -10,15 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig import bound
-from velvet_core import batches, batchstore, models
-from velvet_core.batchlines import request_row, result_row
-from velvet_core.calls import utc
-from velvet_core.classify import classify
-from velvet_core.database import open_db
-from velvet_core.extract import Tokens
-from velvet_core.ingest import ingest_buffered
-from velvet_core.jsonl import LineSplitter
-from velvet_core.multipart import (
+from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.parsing.classify import classify
+from velvet_core.parsing.extract import Tokens, utc
+from velvet_core.parsing.jsonl import LineSplitter
+from velvet_core.parsing.lines import request_row, result_row
+from velvet_core.parsing.multipart import (
     MultipartError,
     MultipartScanner,
     PartData,
@@ -27,9 +24,13 @@ from velvet_core.multipart import (
     boundary_of,
     fields,
 )
-from velvet_core.pricing import Pricer
-from velvet_core.snapshot import CallSnapshot
-from velvet_core.store import Store
+from velvet_core.parsing.pricing import Pricer
+from velvet_core.process import batches
+from velvet_core.process.ingest import ingest_buffered
+from velvet_core.storage import models
+from velvet_core.storage.database import open_db
+from velvet_core.storage.ops import InputDone, OutputDone, RequestLines, ResultLines, UploadCompleted
+from velvet_core.storage.store import Store
 
 NOW = utc(time.time())
 
@@ -111,7 +112,7 @@ def test_multipart_truncated_and_boundary():
 
 
 def test_request_and_result_rows():
-    from velvet_core.jsonl import Line
+    from velvet_core.parsing.jsonl import Line
     r = request_row(Line(1, orjson.dumps({"custom_id": "a", "method": "POST", "url": "/v1/chat/completions",
                                           "body": {"model": "gpt-4o-mini", "messages": []}})))
     assert r["custom_id"] == "a" and r["model"] == "gpt-4o-mini" and r["problem"] is None
@@ -153,11 +154,21 @@ def apply(store, ops):
     store.apply(ops)
 
 
+def input_ops(file_id: str, data: bytes) -> list:
+    """What ingest emits for an input file's lines: the rows, then the whole-file checks."""
+    rows = [{**request_row(x), "line_no": x.no, "file_id": file_id} for x in LineSplitter().split(data)]
+    return [RequestLines(rows), InputDone(file_id)]
+
+
+def output_ops(file_id: str, data: bytes, p: Pricer) -> list:
+    rows = [{**result_row(x, p, NOW), "file_id": file_id} for x in LineSplitter().split(data)]
+    return [ResultLines(rows), OutputDone(file_id)]
+
+
 @pytest.fixture
 def store(db_url):
     db = open_db(db_url)
     s = Store(db)
-    batchstore.register(s)
     yield s, db_url
     db.close()
 
@@ -170,20 +181,18 @@ def test_store_matching_idempotent_any_order(store):
     outs = b"".join(orjson.dumps({"custom_id": f"c{i}", "response": {"status_code": 200, "body": {
         "model": "gpt-4o-mini", "usage": {"prompt_tokens": 10, "completion_tokens": 2}}}}) + b"\n"
         for i in reversed(range(5)))
-    results_op = ("results", {"file_id": "file-out", "rows": [result_row(x, p, NOW) for x in
-                                                              LineSplitter().split(outs)]})
-    reqs_op = ("requests", {"file_id": "file-in", "rows": [{**request_row(x), "line_no": x.no}
-                                                           for x in LineSplitter().split(lines)]})
+    results_ops = output_ops("file-out", outs, p)
+    reqs_ops = input_ops("file-in", lines)
     t = time.time()
     done = batches.batch_op(batch_obj("batch_1", "completed", output_file_id="file-out", in_progress_at=1010,
                                       finalizing_at=1100, completed_at=1130), t, "retrieve", p, None)
     early = batches.batch_op(batch_obj("batch_1", "in_progress", in_progress_at=1010), t - 5, "list", p, None)
     # answers first, then the batch, then a stale list page, then the inputs; all twice
     for _ in range(2):
-        apply(s, [results_op])
+        apply(s, results_ops)
         apply(s, [done])
         apply(s, [early])
-        apply(s, [reqs_op])
+        apply(s, reqs_ops)
     with bound(url):
         res = list(models.BatchResult.select())
         assert len(res) == 5 and all(r.request and r.request.custom_id == r.custom_id for r in res)
@@ -204,13 +213,11 @@ def test_custom_id_scoped_per_batch(store):
         line = orjson.dumps({"custom_id": "same", "method": "POST", "url": "/v1/chat/completions",
                              "body": {"model": "gpt-4o-mini", "n": n}}) + b"\n"
         out = orjson.dumps({"custom_id": "same", "response": {"status_code": 200, "body": {"n": n}}}) + b"\n"
-        apply(s, [("requests", {"file_id": f"in{n}", "rows": [{**request_row(x), "line_no": x.no}
-                                                              for x in LineSplitter().split(line)]}),
+        apply(s, [*input_ops(f"in{n}", line),
                   batches.batch_op(batch_obj(f"b{n}", "completed", input_file_id=f"in{n}",
                                              output_file_id=f"out{n}"),
                                    time.time(), "retrieve", p, None),
-                  ("results", {"file_id": f"out{n}", "rows": [result_row(x, p, NOW)
-                                                             for x in LineSplitter().split(out)]})])
+                  *output_ops(f"out{n}", out, p)])
     with bound(url):
         for r in models.BatchResult.select():
             assert orjson.loads(r.request.body)["n"] == orjson.loads(r.body)["n"]
@@ -225,9 +232,8 @@ def test_upload_parts_stitched(store):
     ids = [f"part_{i}" for i in range(len(parts))]
     for pid, chunk in reversed(list(zip(ids, parts, strict=True))):  # out of order
         apply(s, part_ops(pid, "up1", chunk))
-    apply(s, [("upload_complete", {"upload_id": "up1", "part_ids": ids,
-                                   "file": {"id": "file-up", "purpose": "batch", "first_seen_at": NOW,
-                                            "updated_at": NOW}})])
+    apply(s, [UploadCompleted("up1", ids, {"id": "file-up", "purpose": "batch", "first_seen_at": NOW,
+                                           "updated_at": NOW})])
     with bound(url):
         got = [(r.line_no, r.custom_id, r.problem) for r in
                models.BatchRequest.select().where(models.BatchRequest.file_id == "file-up")
@@ -247,12 +253,10 @@ def test_fifty_thousand_lines(store):
     out = b"".join(b'{"id":"batch_req_%d","custom_id":"r%d","response":{"status_code":200,"request_id":"x",'
                    b'"body":{"model":"gpt-4o-mini","usage":{"prompt_tokens":7,"completion_tokens":3}}},'
                    b'"error":null}\n' % (i, i) for i in reversed(range(n)))
-    apply(s, [("requests", {"file_id": "big-in", "rows": [{**request_row(x), "line_no": x.no}
-                                                          for x in LineSplitter().split(data)]})])
+    apply(s, input_ops("big-in", data))
     apply(s, [batches.batch_op(batch_obj("big", "completed", input_file_id="big-in", output_file_id="big-out"),
                                time.time(), "retrieve", p, None)])
-    apply(s, [("results", {"file_id": "big-out", "rows": [result_row(x, p, NOW)
-                                                          for x in LineSplitter().split(out)]})])
+    apply(s, output_ops("big-out", out, p))
     with bound(url):
         q = models.BatchResult.select().where(models.BatchResult.batch_id == "big")
         assert q.count() == n

@@ -16,9 +16,10 @@ import orjson
 import pytest
 from conftest import fresh_pg_url
 from rig import Proxy
-from velvet_core import humanize, queries
-from velvet_core.cli import main
-from velvet_core.database import open_db
+from velvet_core import humanize
+from velvet_core.query import queries
+from velvet_core.query.cli import main
+from velvet_core.storage.database import open_db
 
 VELVET = Path(sys.executable).with_name("velvet")
 ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")

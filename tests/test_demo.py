@@ -8,7 +8,7 @@ import subprocess
 
 import orjson
 from rig import ROOT
-from velvet_core.cli import main
+from velvet_core.query.cli import main
 
 
 def test_demo(tmp_path, capsys):

@@ -7,8 +7,8 @@ import io
 import orjson
 import pytest
 from rig import bound, wait_for
-from velvet_core import models
-from velvet_core.models import Batch, BatchEvent, BatchRequest, BatchResult, File
+from velvet_core.storage import models
+from velvet_core.storage.models import Batch, BatchEvent, BatchRequest, BatchResult, File
 
 
 def jsonl(objs) -> bytes:

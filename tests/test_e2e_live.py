@@ -10,8 +10,8 @@ import orjson
 import psycopg
 import pytest
 from rig import API_KEY, bound, call_row, wait_for
-from velvet_core import models
-from velvet_core.extract import key_fingerprint
+from velvet_core.parsing.extract import key_fingerprint
+from velvet_core.storage import models
 
 FP = key_fingerprint({"authorization": f"Bearer {API_KEY}"})
 MSG = [{"role": "user", "content": "Say hello to the proxy"}]
@@ -173,7 +173,7 @@ def test_pg_or_sqlite_file_has_no_key(proxy, monkeypatch):
     call_row(proxy.db_url, r.headers["x-request-id"])
     url = proxy.db_url
     if url.startswith("sqlite"):
-        from velvet_core.database import sqlite_path
+        from velvet_core.storage.database import sqlite_path
         for suffix in ("", "-wal"):
             try:
                 data = Path(sqlite_path(url) + suffix).read_bytes()

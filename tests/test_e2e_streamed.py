@@ -15,7 +15,7 @@ import pytest
 from conftest import fresh_pg_url
 from rig import Proxy, bound, wait_for
 from test_e2e_batch import chat_lines, jsonl, run_batch
-from velvet_core.models import BatchRequest, BatchResult, Call, File
+from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 
 LOW = ["--set", "velvet_stream_threshold=1024"]
 

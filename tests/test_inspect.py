@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
 import tracemalloc
 
 import orjson
@@ -10,9 +11,11 @@ import pytest
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 from test_addon import flow
-from velvet_core import annotate
-from velvet_core.classify import classify
-from velvet_core.contentview import BatchJsonlContentview
+from velvet_core.capture import markers
+from velvet_core.capture.contentview import BatchJsonlContentview
+from velvet_core.parsing.classify import classify
+from velvet_core.process.comments import comment
+from velvet_core.storage.ops import BatchSeen, CallRow, FileSeen, InputDone, OutputDone
 
 BOUNDARY = "velvetboundary123"
 
@@ -91,36 +94,38 @@ def test_contentview_downloads_parts_and_others(views):
     assert contentviews.prettify_message(bad.request, bad).view_name != "Batch JSONL"
 
 
+NOW = datetime.datetime(2026, 11, 24, 10, 0)
+
+
 def test_comments_and_markers():
     r = classify("POST", "/v1/chat/completions")
     row = {"status_code": 200, "model": "gpt-4o-mini", "total_tokens": 1234, "cost_usd": 0.0012,
            "latency_ms": 812.4}
-    assert annotate.comment(r, row, [], {}) == "chat gpt-4o-mini · 1,234 tok · $0.0012 · 812 ms"
-    assert annotate.marker(r, 200) is None and annotate.marker(r, 429) == annotate.FAILED
-    assert annotate.marker(r, 200, complete=False) == annotate.FAILED
+    assert comment(r, row, [], {}) == "chat gpt-4o-mini · 1,234 tok · $0.0012 · 812 ms"
+    assert markers.marker(r, 200) is None and markers.marker(r, 429) == markers.FAILED
+    assert markers.marker(r, 200, complete=False) == markers.FAILED
     err = {"status_code": 429, "model_requested": "gpt-4o", "error_code": "rate_limit_exceeded"}
-    assert annotate.comment(r, err, [], {}) == "chat gpt-4o · 429 rate_limit_exceeded"
+    assert comment(r, err, [], {}) == "chat gpt-4o · 429 rate_limit_exceeded"
     up = classify("POST", "/v1/files")
-    ops = [("call", {}), ("file", {"id": "file-abc", "lines": 50_000, "bad_lines": 2}),
-           ("requests_done", {"file_id": "file-abc"})]
-    assert annotate.comment(up, {"status_code": 200}, ops, {}) == \
+    ops = [CallRow({}), FileSeen({"id": "file-abc", "lines": 50_000, "bad_lines": 2}), InputDone("file-abc")]
+    assert comment(up, {"status_code": 200}, ops, {}) == \
         "batch input · 50,000 lines (2 malformed) · file-abc"
-    assert annotate.marker(up, 200) == annotate.UPLOAD
+    assert markers.marker(up, 200) == markers.UPLOAD
     b = classify("GET", "/v1/batches/batch_abc")
     seen: dict[str, str] = {}
-    op = ("batch", {"row": {"id": "batch_abc", "status": "in_progress", "request_total": 6,
-                            "request_completed": 2}})
-    assert annotate.comment(b, {"status_code": 200}, [op], seen) == "batch batch_abc: in_progress (2/6 done)"
-    op[1]["row"]["status"] = "finalizing"
-    assert annotate.comment(b, {"status_code": 200}, [op], seen).startswith(
+    op = BatchSeen({"id": "batch_abc", "status": "in_progress", "request_total": 6, "request_completed": 2},
+                   NOW, "retrieve")
+    assert comment(b, {"status_code": 200}, [op], seen) == "batch batch_abc: in_progress (2/6 done)"
+    op.row["status"] = "finalizing"
+    assert comment(b, {"status_code": 200}, [op], seen).startswith(
         "batch batch_abc: in_progress → finalizing")
-    assert annotate.marker(b, 200, batch_status="finalizing") == annotate.POLL
-    assert annotate.marker(b, 200, batch_status="completed") == annotate.DONE
-    assert annotate.marker(b, 200, batch_status="expired") == annotate.ENDED_BADLY
+    assert markers.marker(b, 200, batch_status="finalizing") == markers.POLL
+    assert markers.marker(b, 200, batch_status="completed") == markers.DONE
+    assert markers.marker(b, 200, batch_status="expired") == markers.ENDED_BADLY
     dl = classify("GET", "/v1/files/file-x/content")
-    ops = [("file", {"id": "file-x", "lines": 3}), ("results_done", {"file_id": "file-x", "all_failed": True})]
-    assert annotate.comment(dl, {"status_code": 200}, ops, {}) == "batch errors · 3 lines · file-x"
-    assert annotate.marker(dl, 200) == annotate.DOWNLOAD
+    ops = [FileSeen({"id": "file-x", "lines": 3}), OutputDone("file-x", all_failed=True)]
+    assert comment(dl, {"status_code": 200}, ops, {}) == "batch errors · 3 lines · file-x"
+    assert markers.marker(dl, 200) == markers.DOWNLOAD
 
 
 async def wait_comment(f: http.HTTPFlow) -> str:
@@ -134,7 +139,7 @@ async def wait_comment(f: http.HTTPFlow) -> str:
 @pytest.fixture
 async def addon(sqlite_url, tmp_path):
     """The addon inside a running event loop, as in mitmdump (comments come back through the loop)."""
-    from velvet_core.capture import Velvet
+    from velvet_core.capture.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:
@@ -153,7 +158,7 @@ async def test_hooks_annotate_flows_and_keep_user_marks(addon):
     assert f.marked == ""
     bad = flow(status=500, resp_body=b'{"error":{"message":"boom","type":"server_error"}}')
     await_cycle(addon, bad)
-    assert bad.marked == annotate.FAILED  # set at once in the hook
+    assert bad.marked == markers.FAILED  # set at once in the hook
     assert await wait_comment(bad) == "chat gpt-4o-mini · 500 server_error"
     mine = flow(status=500)
     mine.marked, mine.comment = ":star:", "my note"
@@ -162,11 +167,11 @@ async def test_hooks_annotate_flows_and_keep_user_marks(addon):
     assert (mine.marked, mine.comment) == (":star:", "my note")
     up = upload_flow(multipart(batch_line(1) + batch_line(2)))
     await_cycle(addon, up)
-    assert up.marked == annotate.UPLOAD
+    assert up.marked == markers.UPLOAD
     assert await wait_comment(up) == "batch input · 2 lines · file-1"
     dl = content_flow(b'{"custom_id":"c-1","response":{"status_code":200,"body":{}}}\n')
     await_cycle(addon, dl)
-    assert dl.marked == annotate.DOWNLOAD and await wait_comment(dl) == "batch output · 1 lines · file-out"
+    assert dl.marked == markers.DOWNLOAD and await wait_comment(dl) == "batch output · 1 lines · file-out"
 
     for _ in range(200):  # a comment is set as its row is prepared, a moment before the row is written
         summary = addon.summary()
@@ -184,7 +189,7 @@ def await_cycle(addon, f):
 
 def test_summary_command_without_database(tmp_path):
     from mitmproxy import exceptions
-    from velvet_core.capture import Velvet
+    from velvet_core.capture.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:

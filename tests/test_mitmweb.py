@@ -14,7 +14,7 @@ import orjson
 import pytest
 from mitmproxy.utils import emoji
 from rig import Proxy, free_port, wait_for
-from velvet_core import annotate
+from velvet_core.capture import markers
 
 MITMWEB = Path(sys.executable).with_name("mitmweb")
 PASSWORD = "velvet-test-pw"
@@ -72,14 +72,14 @@ def test_comments_markers_and_view_in_mitmweb(web, monkeypatch):
     for fl in flows:
         by_path.setdefault((fl["request"]["method"], fl["request"]["path"]), []).append(fl)
     [upload] = by_path[("POST", "/v1/files")]
-    assert upload["comment"] == f"batch input · 30 lines · {f.id}" and upload["marked"] == E[annotate.UPLOAD]
+    assert upload["comment"] == f"batch input · 30 lines · {f.id}" and upload["marked"] == E[markers.UPLOAD]
     polls = by_path[("GET", f"/v1/batches/{b.id}")]
     assert [p["comment"] for p in polls][-1].startswith(f"batch {b.id}: finalizing → completed (29/30 done")
-    assert polls[-1]["marked"] == E[annotate.DONE] and polls[0]["marked"] == E[annotate.POLL]
+    assert polls[-1]["marked"] == E[markers.DONE] and polls[0]["marked"] == E[markers.POLL]
     assert any("validating → in_progress" in p["comment"] for p in polls)
     [download] = by_path[("GET", f"/v1/files/{b.output_file_id}/content")]
     assert download["comment"] == f"batch output · 29 lines · {b.output_file_id}"
-    assert download["marked"] == E[annotate.DOWNLOAD]
+    assert download["marked"] == E[markers.DOWNLOAD]
     [chat] = by_path[("POST", "/v1/chat/completions")]
     assert chat["comment"].startswith(f"chat {c.model} · {c.usage.total_tokens} tok · $") and chat["marked"] == ""
     assert "🔴" not in {fl["marked"] for fl in flows}  # every marker is a name mitmweb knows

@@ -10,10 +10,10 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from velvet_core.classify import classify, normalise
-from velvet_core.decode import DecodeError, Decoder, decode_body, zstd
-from velvet_core.extract import api_error, key_fingerprint, ratelimits, safe_headers, tokens_from_usage
-from velvet_core.sse import SSEParser, reassemble
+from velvet_core.parsing.classify import classify, normalise
+from velvet_core.parsing.decode import DecodeError, Decoder, decode_body, zstd
+from velvet_core.parsing.extract import api_error, key_fingerprint, ratelimits, safe_headers, tokens_from_usage
+from velvet_core.parsing.sse import SSEParser, reassemble
 
 
 @pytest.mark.parametrize(("method", "path", "kind", "action", "oid"), [

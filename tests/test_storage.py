@@ -7,16 +7,22 @@ import time
 
 import pytest
 from rig import bound, free_port
-from velvet_core import models
-from velvet_core.classify import classify
-from velvet_core.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
-from velvet_core.writer import Writer
+from velvet_core.parsing.classify import classify
+from velvet_core.storage import models
+from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
+from velvet_core.storage.ops import CallRow
+from velvet_core.writer.spool import Unprocessed
+from velvet_core.writer.writer import Writer
+
+
+def call_row(i: int) -> dict:
+    return {"flow_id": f"f{i}", "method": "POST", "host": "api.openai.com",
+            "path": "/v1/chat/completions", "endpoint": "chat.completions", "action": "create",
+            "started_at": "2026-11-24 10:00:00", "model": "gpt-4o-mini", "input_tokens": i}
 
 
 def call_op(i: int) -> list:
-    return [("call", {"flow_id": f"f{i}", "method": "POST", "host": "api.openai.com",
-                      "path": "/v1/chat/completions", "endpoint": "chat.completions", "action": "create",
-                      "started_at": "2026-11-24 10:00:00", "model": "gpt-4o-mini", "input_tokens": i})]
+    return [CallRow(call_row(i))]
 
 
 def test_schema_is_created_once_with_version(db_url):
@@ -29,30 +35,6 @@ def test_schema_is_created_once_with_version(db_url):
         db.get_tables())
     idx = {i.name for i in db.get_indexes("calls")}
     assert any("started_at" in n for n in idx) and any("model" in n for n in idx)
-    db.close()
-
-
-def test_v1_database_is_migrated_to_v2(db_url):
-    """A database made by velvet 1 (schema v1, with single-column line indexes) loses them, keeps its rows."""
-    from velvet_core import database
-
-    db = database.connect(db_url)
-    db.connect()
-    with models.use(db):
-        database._v1(db)
-        models.Meta.insert(key="schema_version", value="1").execute()
-        for name in database.REDUNDANT_INDEXES:
-            table, column = name.split("_", 2)[:2], name.split("_", 2)[2]
-            db.execute_sql(f'CREATE INDEX "{name}" ON "{"_".join(table)}" ("{column}")')
-        models.BatchRequest.insert(file_id="file-1", line_no=1, custom_id="a").execute()
-    db.close()
-    db = open_db(db_url)
-    assert schema_version(db) == 2
-    names = {i.name for t in ("batch_requests", "batch_results") for i in db.get_indexes(t)}
-    assert not names & set(database.REDUNDANT_INDEXES)
-    assert "batch_requests_file_id_line_no" in names and "batch_results_batch_id_custom_id" in names
-    with models.use(db):
-        assert models.BatchRequest.get().custom_id == "a"
     db.close()
 
 
@@ -80,33 +62,31 @@ def test_bad_urls(url):
 
 
 def test_writer_writes_everything(db_url, tmp_path):
-    w = Writer(db_url, {"call": call_op}, spool_dir=tmp_path / "spool", batch_size=37)
+    w = Writer(db_url, call_op, spool_dir=tmp_path / "spool", batch_size=37)
     w.start()
     for i in range(1000):
-        w.submit("call", i)
+        w.submit(i)
     assert w.stop(timeout=60)
     with bound(db_url):
         assert models.Call.select().count() == 1000
         assert sum(r.input_tokens for r in models.Call.select()) == sum(range(1000))
 
 
-def test_writer_survives_bad_records(db_url, tmp_path):
-    def prepare(i):
+def test_writer_survives_bad_records(db_url, tmp_path, caplog):
+    """A bug while processing one flow costs that flow only (the processor's own fallback row aside)."""
+    def process(i):
         if i == 3:
             raise ValueError("boom")
-        return call_op(i)
+        yield from call_op(i)
 
-    def fallback(kind, payload, exc):
-        return [("call", {**call_op(payload)[0][1], "problem": f"internal: {exc}"})]
-
-    w = Writer(db_url, {"call": prepare}, spool_dir=tmp_path, on_error=fallback)
+    w = Writer(db_url, process, spool_dir=tmp_path)
     w.start()
     for i in range(6):
-        w.submit("call", i)
-    w.stop(30)
+        w.submit(i)
+    assert w.stop(30)
     with bound(db_url):
-        assert models.Call.select().count() == 6
-        assert models.Call.get(models.Call.flow_id == "f3").problem == "internal: boom"
+        assert sorted(r.flow_id for r in models.Call.select()) == ["f0", "f1", "f2", "f4", "f5"]
+    assert "boom" in caplog.text
 
 
 def test_unreachable_db_spools_and_replays(tmp_path):
@@ -114,10 +94,10 @@ def test_unreachable_db_spools_and_replays(tmp_path):
     port = free_port()  # nothing listens here
     url = f"postgresql://velvet@127.0.0.1:{port}/nowhere?connect_timeout=1"
     spool = tmp_path / "spool"
-    w = Writer(url, {"call": call_op}, spool_dir=spool)
+    w = Writer(url, call_op, spool_dir=spool)
     w.start()
     for i in range(25):
-        w.submit("call", i)
+        w.submit(i)
     time.sleep(0.5)
     assert not w.stop(timeout=1.0)  # could not write: spooled
     files = list(spool.glob("spool-*.pkl"))
@@ -127,16 +107,18 @@ def test_unreachable_db_spools_and_replays(tmp_path):
 def test_spool_replay_into_real_db(db_url, tmp_path):
     """Operations spooled while the DB was down land once the next writer reaches it."""
     spool = tmp_path / "spool"
-    down = Writer(db_url, {"call": call_op}, spool_dir=spool)
+    down = Writer(db_url, call_op, spool_dir=spool)
     # simulate an outage: spill directly as the writer does when it cannot connect
     down._spill([op for i in range(30) for op in call_op(i)])
-    down._spill([("raw", ("call", 99))])
-    w = Writer(db_url, {"call": call_op}, spool_dir=spool)
+    down._spill([Unprocessed(99)])
+    # and a file written by velvet 0.1, whose entries were (kind, payload) tuples
+    down._spill([("call", call_row(101)), ("raw", ("call", 102))])
+    w = Writer(db_url, call_op, spool_dir=spool)
     w.start()
-    w.submit("call", 100)
+    w.submit(100)
     assert w.stop(30)
     with bound(db_url):
-        assert models.Call.select().count() == 32
+        assert models.Call.select().count() == 34
     assert not list(spool.glob("spool-*"))
 
 
@@ -152,10 +134,10 @@ def test_db_outage_then_recovery(tmp_path):
         # as root, permissions do not stop us: use a file in place of the directory instead
         target.rmdir()
         target.write_text("not a directory")
-    w = Writer(url, {"call": call_op}, spool_dir=tmp_path / "spool")
+    w = Writer(url, call_op, spool_dir=tmp_path / "spool")
     w.start()
     for i in range(10):
-        w.submit("call", i)
+        w.submit(i)
     time.sleep(1.0)
     assert w.failures == 0 and w.written == 0  # could not even connect
     if target.is_file():

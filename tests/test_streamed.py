@@ -14,17 +14,18 @@ from mitmproxy.test import taddons, tflow, tutils
 from rig import bound
 from test_batch_units import multipart_body
 from test_inspect import upload_flow
-from velvet_core import models
-from velvet_core.batchlines import request_row, result_row
-from velvet_core.calls import utc
-from velvet_core.capture import Velvet
-from velvet_core.classify import classify
-from velvet_core.ingest import ContentIngest, PartIngest, UploadIngest, ingest_streamed
-from velvet_core.jsonl import LineSplitter
-from velvet_core.multipart import fields
-from velvet_core.pricing import Pricer
-from velvet_core.snapshot import CallSnapshot, TapInfo
-from velvet_core.tap import BodyTap
+from velvet_core.capture.addon import Velvet
+from velvet_core.capture.snapshot import CallSnapshot, TapInfo
+from velvet_core.capture.tap import BodyTap
+from velvet_core.parsing.classify import classify
+from velvet_core.parsing.jsonl import LineSplitter
+from velvet_core.parsing.lines import request_row, result_row
+from velvet_core.parsing.multipart import fields
+from velvet_core.parsing.pricing import Pricer
+from velvet_core.process.calls import utc
+from velvet_core.process.ingest import ContentIngest, PartIngest, UploadIngest, ingest_streamed
+from velvet_core.storage import models
+from velvet_core.storage.ops import FileSeen, InputDone, OutputDone, RequestLines, ResultLines
 
 NOW = utc(time.time())
 B = "bnd42"
@@ -50,7 +51,7 @@ def run(ingest, chunks: list[bytes], whole: bool = True) -> list:
     for c in chunks:
         ops += list(ingest.feed(c))
     ops += list(ingest.end(whole))
-    return [r for _, p in ops for r in p["rows"]]
+    return [r for op in ops if isinstance(op, RequestLines | ResultLines) for r in op.rows]
 
 
 @settings(max_examples=60, deadline=None)
@@ -152,9 +153,9 @@ def test_ingest_streamed_outcomes(tmp_path):
     problems: list[str] = []
     ops = list(ingest_streamed(snapshot("/v1/files"), tap, {"id": "file-1", "object": "file",
                                                            "purpose": "batch"}, Pricer(), problems))
-    assert [k for k, _ in ops] == ["request_rows"] * 3 + ["file", "requests_done"] and not problems
-    assert sum(len(p["rows"]) for k, p in ops if k == "request_rows") == 1200
-    assert ops[3][1]["lines"] == 1200 and ops[3][1]["complete"] is True
+    assert [type(op) for op in ops] == [RequestLines] * 3 + [FileSeen, InputDone] and not problems
+    assert sum(len(op.rows) for op in ops if isinstance(op, RequestLines)) == 1200
+    assert ops[3].row["lines"] == 1200 and ops[3].row["complete"] is True
     assert not tap.path.exists()  # the spill file is gone once parsed
 
     cut = spilled(tmp_path, body[:500], finished=False)
@@ -173,9 +174,9 @@ def test_ingest_streamed_outcomes(tmp_path):
     problems = []
     ops = list(ingest_streamed(snapshot("/v1/files/file-out/content", "GET", error="server hung up"), partial,
                                None, Pricer(), problems))
-    file = next(p for k, p in ops if k == "file")
+    file = next(op.row for op in ops if isinstance(op, FileSeen))
     assert file["complete"] is False and file["lines"] == 1 and "cut off" in file["problem"]
-    assert ops[-1][0] == "results_done" and ops[-1][1]["file_id"] == "file-out"
+    assert ops[-1] == OutputDone("file-out")
 
 
 def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):
@@ -272,8 +273,8 @@ def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
     s.response_encoding = "gzip"
     tracemalloc.start()
     rows = 0
-    for kind, p in ingest_streamed(s, tap, None, Pricer(), []):
-        rows += len(p["rows"]) if kind == "result_rows" else 0
+    for op in ingest_streamed(s, tap, None, Pricer(), []):
+        rows += len(op.rows) if isinstance(op, ResultLines) else 0
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert rows == 50_000
@@ -281,13 +282,13 @@ def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
 
 
 def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkeypatch):
-    from velvet_core import ingest
+    from velvet_core.process import ingest
 
     def broken(*a, **k):
-        yield ("request_rows", {"rows": []})
+        yield RequestLines([])
         raise RuntimeError("parser bug")
 
-    monkeypatch.setattr("velvet_core.capture.ingest_streamed", broken)
+    monkeypatch.setattr("velvet_core.process.processor.ingest_streamed", broken)
     assert ingest.ingest_streamed is not broken
     url = f"sqlite:///{tmp_path}/v.db"
     v = Velvet()
@@ -312,10 +313,10 @@ def test_unreadable_streamed_bodies_still_leave_a_file_row(tmp_path):
     tap = spilled(tmp_path, b"not multipart at all")
     ops = list(ingest_streamed(snapshot("/v1/files", ct="application/json"), tap,
                                {"id": "file-j", "object": "file", "purpose": "batch"}, Pricer(), problems))
-    assert ops == [("file", {**ops[0][1]})] and ops[0][1]["complete"] is False
-    assert "not a multipart body" in ops[0][1]["problem"]
+    assert len(ops) == 1 and isinstance(ops[0], FileSeen) and ops[0].row["complete"] is False
+    assert "not a multipart body" in ops[0].row["problem"]
     s = snapshot("/v1/files/file-c/content", "GET")
     s.response_encoding = "compress"
     problems = []
     ops = list(ingest_streamed(s, spilled(tmp_path, b"xx"), None, Pricer(), problems))
-    assert ops[0][1]["complete"] is False and "unsupported content-encoding" in ops[0][1]["problem"]
+    assert ops[0].row["complete"] is False and "unsupported content-encoding" in ops[0].row["problem"]

@@ -1,0 +1,140 @@
+"""Plain-data snapshots of flows, taken on mitmproxy's event loop and handed to the writer thread.
+
+A snapshot holds references to bytes already in memory (no copies, no parsing): the cheap part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from velvet_core.parsing.classify import Route
+from velvet_core.parsing.extract import TAG_PREFIX, key_fingerprint, safe_headers
+
+if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
+    from mitmproxy import http
+
+META_KEY = "velvet"
+
+
+@dataclass(slots=True)
+class TapInfo:
+    """How a body streamed through velvet's tap went (see :mod:`velvet_core.capture.tap`)."""
+
+    path: Path | None  # the spill file, removed once parsed
+    bytes: int = 0
+    finished: bool = False
+    broken: str | None = None
+
+
+@dataclass(slots=True)
+class CallSnapshot:
+    flow_id: str
+    method: str
+    host: str
+    path: str
+    route: Route
+    key_fingerprint: str | None
+    tags: dict[str, str]
+    request_headers: dict[str, str]
+    request_body: bytes | None
+    request_encoding: str | None
+    started_at: float
+    request_end_at: float | None = None
+    status_code: int | None = None
+    response_headers: dict[str, str] = field(default_factory=dict)
+    response_body: bytes | None = None
+    response_encoding: str | None = None
+    first_byte_at: float | None = None
+    ended_at: float | None = None
+    stream_chunks: list[tuple[float, bytes]] | None = None
+    stream_finished: bool = False
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    request_tap: TapInfo | None = None
+    response_tap: TapInfo | None = None
+
+
+def lower_headers(headers: http.Headers) -> dict[str, str]:
+    """Headers as a dict with lower-case names (repeated headers joined by ', ').
+
+    Reads the raw ``fields`` (as mitmproxy decodes them): its per-key accessors cost several times more
+    on the event loop.
+    """
+    out: dict[str, str] = {}
+    for k, v in headers.fields:
+        name = k.decode("utf-8", "surrogateescape").lower()
+        value = v.decode("utf-8", "surrogateescape")
+        out[name] = f"{out[name]}, {value}" if name in out else value
+    return out
+
+
+_TAG = TAG_PREFIX.encode()
+
+
+def pop_tags(headers: http.Headers) -> dict[str, str]:
+    """Remove ``velvet-metadata-<key>`` headers (so they never go upstream) and return them."""
+    if not any(k[:len(_TAG)].lower() == _TAG for k, _ in headers.fields):
+        return {}
+    tags: dict[str, str] = {}
+    for name in list(headers.keys()):
+        if name.lower().startswith(TAG_PREFIX):
+            tags[name[len(TAG_PREFIX):].lower()] = ", ".join(headers.get_all(name))
+            del headers[name]
+    return tags
+
+
+def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapshot:
+    """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint."""
+    req = flow.request
+    tags = pop_tags(req.headers)
+    hdrs = lower_headers(req.headers)
+    return CallSnapshot(
+        flow_id=flow.id, method=req.method, host=requested_host, path=req.path, route=route,
+        key_fingerprint=key_fingerprint(hdrs), tags=tags, request_headers=safe_headers(hdrs),
+        request_body=None, request_encoding=None, started_at=req.timestamp_start,
+    )
+
+
+def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
+    """Fill in the request body, the response and the error at ``response``/``error``."""
+    req = flow.request
+    snap.request_body = req.raw_content
+    snap.request_encoding = snap.request_headers.get("content-encoding")
+    snap.request_end_at = req.timestamp_end
+    if req.raw_content is None and req.stream and snap.request_tap is None:
+        snap.notes.append("request body was streamed, not captured")
+    resp = flow.response
+    if resp is not None:
+        snap.status_code = resp.status_code
+        snap.response_headers = lower_headers(resp.headers)
+        snap.response_encoding = snap.response_headers.get("content-encoding")
+        snap.first_byte_at = resp.timestamp_start
+        snap.ended_at = resp.timestamp_end
+        if snap.stream_chunks is None:
+            snap.response_body = resp.raw_content
+            if resp.raw_content is None and resp.stream and snap.response_tap is None:
+                snap.notes.append("response body was streamed, not captured")
+    if flow.error is not None:
+        snap.error = flow.error.msg
+        snap.ended_at = snap.ended_at or flow.error.timestamp
+    return snap
+
+
+class StreamRecorder:
+    """``flow.response.stream`` callable: passes each chunk on untouched and remembers it with its time."""
+
+    __slots__ = ("chunks", "clock", "finished")
+
+    def __init__(self, clock: Any) -> None:
+        self.chunks: list[tuple[float, bytes]] = []
+        self.finished = False
+        self.clock = clock
+
+    def __call__(self, data: bytes) -> bytes:
+        if data:
+            self.chunks.append((self.clock(), data))
+        else:
+            self.finished = True
+        return data

@@ -1,0 +1,83 @@
+"""The stream callable for big batch bodies (event-loop side): pass each chunk on, keep it on disk.
+
+mitmproxy calls a ``flow.request.stream`` / ``flow.response.stream`` callable for every chunk as it
+arrives, inside its event handling. This one only appends the chunk to a spill file (page cache; the
+GIL is released during the write) and returns it untouched: no parsing, no memory growth, whatever
+the body's size. The writer thread parses the file once the flow is over (see :mod:`ingest`):
+parsing during the transfer competes with the event loop for the GIL and measurably slowed uploads
+(see BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+log = logging.getLogger("velvet")
+
+
+class BodyTap:
+    """``stream`` callable: returns each chunk untouched and appends it to a spill file."""
+
+    __slots__ = ("_file", "broken", "bytes", "finished", "path", "spill_dir")
+
+    def __init__(self, spill_dir: Path) -> None:
+        self.spill_dir = spill_dir
+        self.bytes = 0
+        self.finished = False
+        self.broken: str | None = None
+        self.path: Path | None = None
+        self._file: BinaryIO | None = None
+
+    def __call__(self, data: bytes) -> bytes:
+        if not data:
+            self.finished = True
+            self.close()
+            return data
+        self.bytes += len(data)
+        if self.broken is None:
+            try:
+                if self._file is None:
+                    self.spill_dir.mkdir(parents=True, exist_ok=True)
+                    fd, name = tempfile.mkstemp(prefix=f"tap-{os.getpid()}-", suffix=".part", dir=self.spill_dir)
+                    self._file, self.path = os.fdopen(fd, "wb"), Path(name)
+                self._file.write(data)
+            except Exception as e:  # never the user's problem (a full disk, say): note it, pass bytes on
+                self.broken = f"velvet could not keep the body: {type(e).__name__}: {e}"
+                log.warning("velvet: %s; the flow continues", self.broken)
+                self.close()
+        return data
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError as e:
+                self.broken = self.broken or f"velvet could not keep the body: {e}"
+            self._file = None
+
+
+def remove_stale_spills(spill_dir: Path) -> None:
+    """Spill files of proxies that are gone (killed mid-stream)."""
+    if not spill_dir.is_dir():
+        return
+    for path in spill_dir.glob("tap-*-*.part"):
+        try:
+            pid = int(path.name.split("-")[1])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not pid_alive(pid):
+            path.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,159 @@
+"""Pull the interesting fields out of OpenAI request/response JSON and headers."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, overload
+
+RATELIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": "rl_limit_requests",
+    "x-ratelimit-limit-tokens": "rl_limit_tokens",
+    "x-ratelimit-remaining-requests": "rl_remaining_requests",
+    "x-ratelimit-remaining-tokens": "rl_remaining_tokens",
+    "x-ratelimit-reset-requests": "rl_reset_requests",
+    "x-ratelimit-reset-tokens": "rl_reset_tokens",
+}
+SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization", "cookie"})
+TAG_PREFIX = "velvet-metadata-"
+
+
+@dataclass(slots=True)
+class Tokens:
+    """Token counts in common columns, whatever the endpoint's usage shape."""
+
+    input: int | None = None
+    output: int | None = None
+    cached: int | None = None
+    reasoning: int | None = None
+    total: int | None = None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return {
+            "input_tokens": self.input, "output_tokens": self.output, "cached_tokens": self.cached,
+            "reasoning_tokens": self.reasoning, "total_tokens": self.total,
+        }
+
+
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _sub(d: Any, key: str, sub: str) -> int | None:
+    inner = d.get(key) if isinstance(d, dict) else None
+    return _int(inner.get(sub)) if isinstance(inner, dict) else None
+
+
+def tokens_from_usage(usage: Any) -> Tokens:
+    """Normalise chat (prompt/completion), responses (input/output) and embeddings usage."""
+    if not isinstance(usage, dict):
+        return Tokens()
+    if "input_tokens" in usage or "output_tokens" in usage:  # responses, batch.usage
+        t = Tokens(
+            _int(usage.get("input_tokens")), _int(usage.get("output_tokens")),
+            _sub(usage, "input_tokens_details", "cached_tokens"),
+            _sub(usage, "output_tokens_details", "reasoning_tokens"),
+            _int(usage.get("total_tokens")),
+        )
+    else:  # chat completions, completions, embeddings
+        t = Tokens(
+            _int(usage.get("prompt_tokens")), _int(usage.get("completion_tokens")),
+            _sub(usage, "prompt_tokens_details", "cached_tokens"),
+            _sub(usage, "completion_tokens_details", "reasoning_tokens"),
+            _int(usage.get("total_tokens")),
+        )
+    if t.total is None and (t.input is not None or t.output is not None):
+        t.total = (t.input or 0) + (t.output or 0)
+    return t
+
+
+def find_usage(body: Any) -> Any:
+    """The usage object of a response body (responses nest it under ``response`` in events)."""
+    if not isinstance(body, dict):
+        return None
+    if isinstance(body.get("usage"), dict):
+        return body["usage"]
+    inner = body.get("response")
+    if isinstance(inner, dict) and isinstance(inner.get("usage"), dict):
+        return inner["usage"]
+    return None
+
+
+@dataclass(slots=True)
+class ApiError:
+    type: str | None = None
+    code: str | None = None
+    message: str | None = None
+
+
+def api_error(body: Any) -> ApiError:
+    """The ``error`` object of an OpenAI error body (or a bare one), as strings."""
+    err = body.get("error") if isinstance(body, dict) and "error" in body else body
+    if isinstance(err, dict):
+        def s(v: Any) -> str | None:
+            return None if v is None else str(v)
+        return ApiError(s(err.get("type")), s(err.get("code")), s(err.get("message")))
+    if isinstance(err, str):
+        return ApiError(message=err)
+    return ApiError()
+
+
+def key_fingerprint(headers: dict[str, str]) -> str | None:
+    """First 12 hex digits of sha256 of the API key (``Authorization: Bearer`` or Azure ``api-key``)."""
+    raw = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key")
+    if not raw:
+        return None
+    key = raw.split(None, 1)[1] if raw.lower().startswith("bearer ") else raw
+    return hashlib.sha256(key.strip().encode()).hexdigest()[:12]
+
+
+def safe_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Headers minus anything secret."""
+    return {k: v for k, v in headers.items() if k not in SECRET_HEADERS}
+
+
+def ratelimits(headers: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for h, col in RATELIMIT_HEADERS.items():
+        v = headers.get(h)
+        if v is None:
+            continue
+        if "reset" in col:
+            out[col] = v
+        else:
+            try:
+                out[col] = int(v)
+            except ValueError:
+                out[col] = None
+    return out
+
+
+def to_int(v: str | None) -> int | None:
+    try:
+        return int(float(v)) if v is not None else None
+    except ValueError:
+        return None
+
+
+@overload
+def utc(ts: float) -> datetime: ...
+@overload
+def utc(ts: float | None) -> datetime | None: ...
+def utc(ts: float | None) -> datetime | None:
+    """A Unix timestamp as naive UTC, as stored."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
+
+
+def ts(v: Any) -> datetime | None:
+    """A Unix-seconds API timestamp as naive UTC (tolerates ISO strings of old API versions)."""
+    if isinstance(v, bool) or v is None:
+        return None
+    if isinstance(v, int | float):
+        return datetime.fromtimestamp(v, UTC).replace(tzinfo=None)
+    if isinstance(v, str):
+        try:
+            return datetime.fromisoformat(v.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,137 @@
+"""Cost in USD from token counts: genai-prices' bundled data, overridable by a user price file.
+
+Override file (TOML or JSON), prices in USD per million tokens::
+
+    [models."gpt-4o-mini"]
+    input = 0.15
+    cached_input = 0.075   # optional, defaults to input
+    output = 0.60
+    batch_input = 0.075    # optional, defaults to 50 % of input (and so on)
+
+An unknown model costs ``None``, never 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import tomllib
+import warnings
+from dataclasses import dataclass
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+import orjson
+
+from velvet_core.parsing.extract import Tokens
+
+log = logging.getLogger(__name__)
+
+BATCH_DISCOUNT = Decimal("0.5")
+_M = Decimal(1_000_000)
+
+
+class PriceFileError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """USD per million tokens."""
+
+    input: Decimal
+    output: Decimal
+    cached_input: Decimal
+
+    def cost(self, t: Tokens) -> Decimal:
+        cached = min(t.cached or 0, t.input or 0)
+        return (
+            (Decimal((t.input or 0) - cached) * self.input + Decimal(cached) * self.cached_input
+             + Decimal(t.output or 0) * self.output) / _M
+        )
+
+
+def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
+    """Parse an override file into ``{model: (sync rate, batch rate)}``."""
+    p = Path(path).expanduser()
+    try:
+        raw = p.read_bytes()
+        data = orjson.loads(raw) if p.suffix == ".json" else tomllib.loads(raw.decode())
+    except (OSError, ValueError) as e:
+        raise PriceFileError(f"cannot read price file {p}: {e}") from e
+    models = data.get("models", data) if isinstance(data, dict) else None
+    if not isinstance(models, dict):
+        raise PriceFileError(f"{p}: expected a table of models")
+    out: dict[str, tuple[Rate, Rate]] = {}
+    for name, spec in models.items():
+        try:
+            inp, outp = Decimal(str(spec["input"])), Decimal(str(spec["output"]))
+            cached = Decimal(str(spec.get("cached_input", spec["input"])))
+
+            def b(key: str, base: Decimal, spec: dict = spec) -> Decimal:
+                return Decimal(str(spec[key])) if key in spec else base * BATCH_DISCOUNT
+
+            out[name] = (Rate(inp, outp, cached),
+                         Rate(b("batch_input", inp), b("batch_output", outp), b("batch_cached_input", cached)))
+        except (KeyError, TypeError, ArithmeticError) as e:
+            raise PriceFileError(f"{p}: model {name!r} needs numeric 'input' and 'output' ({e})") from e
+    return out
+
+
+class Pricer:
+    """Thread-safe cost calculator."""
+
+    def __init__(self, overrides: dict[str, tuple[Rate, Rate]] | None = None) -> None:
+        self.overrides = overrides or {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def warm() -> None:
+        """Import the price data now (about 0.3 s of CPU) rather than during the first priced call."""
+        import genai_prices  # noqa: F401
+
+    def cost(self, model: str | None, tokens: Tokens, *, batch: bool = False,
+             service_tier: str | None = None) -> float | None:
+        """USD cost, or None when the model or the token counts are unknown."""
+        if not model or (tokens.input is None and tokens.output is None):
+            return None
+        if rate := self._override(model, batch):
+            return float(rate.cost(tokens))
+        with self._lock:
+            return _genai_cost(model, tokens.input or 0, tokens.cached or 0, tokens.output or 0,
+                               batch, service_tier)
+
+    def _override(self, model: str, batch: bool) -> Rate | None:
+        rates = self.overrides.get(model)
+        if rates is None:  # dated snapshot "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"
+            for name, r in self.overrides.items():
+                if model.startswith(name + "-"):
+                    rates = r
+                    break
+        return None if rates is None else rates[1 if batch else 0]
+
+
+@lru_cache(maxsize=65536)
+def _genai_cost(model: str, inp: int, cached: int, out: int, batch: bool,
+                tier: str | None) -> float | None:
+    import genai_prices
+
+    usage = genai_prices.Usage(input_tokens=inp, cache_read_tokens=min(cached, inp), output_tokens=out)
+    ctx = {"service_tier": tier} if tier and tier not in ("auto", "default") else None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = genai_prices.calc_price(usage, model, provider_id="openai", price_context=ctx)
+            if not batch:
+                return float(base.total_price)
+            calc = genai_prices.calc_price(usage, model, provider_id="openai",
+                                           price_context={**(ctx or {}), "processing": "batch"})
+    except LookupError:
+        return None
+    except Exception:  # price data bugs must not lose the row
+        log.warning("velvet: pricing %s failed", model, exc_info=True)
+        return None
+    if calc.model_price == base.model_price:  # no batch price in the data: the documented 50 %
+        return float(calc.total_price * BATCH_DISCOUNT)
+    return float(calc.total_price)

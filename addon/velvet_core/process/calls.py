@@ -1,0 +1,192 @@
+"""Turn a :class:`CallSnapshot` into a ``calls`` row: decode, parse, extract, price (writer thread)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.parsing.decode import DecodeError, Decoder, decode_body
+from velvet_core.parsing.extract import ApiError, api_error, find_usage, ratelimits, to_int, tokens_from_usage, utc
+from velvet_core.parsing.pricing import Pricer
+from velvet_core.parsing.sse import reassemble
+
+
+def _ms(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round((b - a) * 1000, 3)
+
+
+class Body:
+    """A decoded body: the bytes, its JSON value (if any) and the text to store.
+
+    Decoded once here; the batch module reads ``data`` and ``json`` instead of decoding again.
+    """
+
+    def __init__(self, raw: bytes | None, encoding: str | None, content_type: str, limit: int,
+                 side: str, problems: list[str], opaque: bool = False) -> None:
+        self.data: bytes | None = None
+        self.json: Any = None
+        self.text: str | None = None
+        self.size: int | None = None
+        if raw is None:
+            return
+        try:
+            data = decode_body(raw, encoding)
+        except DecodeError as e:
+            problems.append(f"{side} body: {e}")
+            return
+        self.data = data
+        self.size = len(data)
+        ct = content_type.split(";", 1)[0].strip().lower()
+        if opaque or not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
+                "application/octet-stream", "application/jsonl", "application/x-ndjson"):
+            return
+        try:
+            self.json = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if ct in ("application/json", "") or ct.endswith("+json"):
+                problems.append(f"{side} body is not JSON")
+            if len(data) <= limit:
+                try:
+                    self.text = data.decode("utf-8")
+                except UnicodeDecodeError:
+                    problems.append(f"{side} body is not UTF-8")
+            return
+        if len(data) <= limit:
+            self.text = data.decode("utf-8")  # orjson accepted it, so it is UTF-8
+        else:
+            problems.append(f"{side} body of {len(data)} bytes not stored (over velvet_body_limit)")
+
+
+def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[str, Any], Body, Body | None]:
+    """The ``calls`` row, and the decoded request and response bodies (for the batch module)."""
+    problems = list(s.notes)
+    route = s.route
+    if route.kind == "other":
+        problems.append(f"unknown endpoint {s.method} {route.path}")
+    req = Body(s.request_body, s.request_encoding, s.request_headers.get("content-type", ""),
+               body_limit, "request", problems)
+    rq = req.json if isinstance(req.json, dict) else {}
+    rh = s.response_headers
+    row: dict[str, Any] = {
+        "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
+        "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
+        "deployment": route.deployment, "key_fingerprint": s.key_fingerprint,
+        "tags": orjson.dumps(s.tags).decode() if s.tags else None,
+        "request_headers": orjson.dumps(s.request_headers).decode(),
+        "response_headers": orjson.dumps(rh).decode() if rh else None,
+        "started_at": utc(s.started_at), "request_end_at": utc(s.request_end_at),
+        "first_byte_at": utc(s.first_byte_at), "ended_at": utc(s.ended_at),
+        "latency_ms": _ms(s.started_at, s.ended_at), "status_code": s.status_code,
+        "request_id": rh.get("x-request-id"), "processing_ms": to_int(rh.get("openai-processing-ms")),
+        "organization": rh.get("openai-organization") or s.request_headers.get("openai-organization"),
+        "project": rh.get("openai-project") or s.request_headers.get("openai-project"),
+        "model_requested": rq.get("model") if isinstance(rq.get("model"), str) else route.deployment,
+        "stream": bool(rq.get("stream")) or s.stream_chunks is not None,
+        "request_bytes": req.size, "request_body": req.text,
+        **ratelimits(rh),
+    }
+    if rq.get("service_tier"):
+        row["service_tier"] = str(rq["service_tier"])
+
+    resp_json: Any = None
+    resp: Body | None = None
+    if s.stream_chunks is not None:
+        resp_json = _stream(s, row, problems)
+    elif s.status_code is not None:
+        # file contents (JSONL, up to hundreds of MB) belong to the batch tables, not here
+        resp = Body(s.response_body, s.response_encoding, rh.get("content-type", ""), body_limit,
+                    "response", problems, opaque=route.action == "content" and s.status_code < 400)
+        resp_json = resp.json
+        row["response_bytes"] = resp.size
+        row["response_body"] = resp.text
+        if isinstance(resp_json, dict):
+            _fill_from_response(row, resp_json)
+    if s.error and not (s.stream_chunks is not None and row.get("complete")):
+        # (a client may hang up right after a stream's end event: the answer is still whole)
+        row["complete"] = False
+        problems.append(f"connection error: {s.error}")
+    if s.status_code is not None and s.status_code >= 400 and s.stream_chunks is None:
+        err = api_error(resp_json) if resp_json is not None else ApiError(message=row.get("response_body"))
+        row.update(error_type=err.type, error_code=err.code, error_message=err.message)
+    elif s.status_code is None:
+        row.update(error_type="connection_error", error_message=s.error)
+
+    usage = row.pop("_usage", None) if s.stream_chunks is not None else find_usage(resp_json)
+    if route.kind in ("batches", "files", "uploads"):
+        usage = None  # a batch's usage belongs to the batch (priced there at batch rates), not to this poll
+    tokens = tokens_from_usage(usage)
+    row.update(tokens.as_dict())
+    model = row.get("model") or row.get("model_requested")
+    row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
+    row["problem"] = "; ".join(problems) or None
+    return row, req, resp
+
+
+def _fill_from_response(row: dict[str, Any], body: dict[str, Any]) -> None:
+    if isinstance(body.get("model"), str):
+        row["model"] = body["model"]
+    if body.get("service_tier"):
+        row["service_tier"] = str(body["service_tier"])
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        row["finish_reason"] = choices[0].get("finish_reason")
+    elif body.get("object") == "response":
+        row["finish_reason"] = body.get("status")
+
+
+def _stream(s: CallSnapshot, row: dict[str, Any], problems: list[str]) -> Any:
+    """Decode the recorded chunks, reassemble the answer, find the time to first token."""
+    decoder = Decoder(s.response_encoding) if _known(s.response_encoding) else None
+    if decoder is None:
+        problems.append(f"response body: unsupported content-encoding {s.response_encoding!r}")
+        row["complete"] = False
+        return None
+    pieces: list[bytes] = []
+    ends: list[tuple[int, float]] = []  # (decoded length so far, arrival time)
+    size = 0
+    try:
+        for t, chunk in s.stream_chunks or ():
+            out = decoder.feed(chunk)
+            pieces.append(out)
+            size += len(out)
+            ends.append((size, t))
+        if s.stream_finished:
+            pieces.append(decoder.finish())
+    except DecodeError as e:
+        problems.append(f"response stream: {e}")
+    data = b"".join(pieces)
+    row["response_bytes"] = len(data)
+    ct = s.response_headers.get("content-type", "")
+    if "event-stream" not in ct:
+        problems.append(f"streamed response is {ct or 'untyped'}, not text/event-stream")
+    res = reassemble(data, "responses" if s.route.kind == "responses" else "chat")
+    problems.extend(res.problems)
+    row["complete"] = res.complete
+    row["response_text"] = res.text or None
+    row["finish_reason"] = res.finish_reason
+    if res.model:
+        row["model"] = res.model
+    if res.service_tier:
+        row["service_tier"] = res.service_tier
+    if res.body is not None:
+        row["response_body"] = orjson.dumps(res.body).decode()
+    if res.error:
+        err = api_error({"error": res.error})
+        row.update(error_type=err.type, error_code=err.code, error_message=err.message)
+    if res.first_token_offset is not None:
+        for end, t in ends:
+            if end >= res.first_token_offset:
+                row["ttft_ms"] = _ms(s.started_at, t)
+                break
+    row["_usage"] = res.usage
+    return res.body
+
+
+def _known(enc: str | None) -> bool:
+    try:
+        Decoder(enc)
+        return True
+    except DecodeError:
+        return False

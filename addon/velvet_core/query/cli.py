@@ -1,0 +1,301 @@
+"""The ``velvet`` command: batches, lines, calls, stats, SQL and exports from the captured database."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TextIO
+
+import orjson
+from peewee import Database, PostgresqlDatabase
+
+from velvet_core import __version__, config
+from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
+from velvet_core.query import queries
+from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
+
+
+def _default(v: Any) -> Any:
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if isinstance(v, bytes | memoryview):
+        return bytes(v).decode("utf-8", "replace")
+    return str(v)
+
+
+def dump_json(value: Any, out: TextIO | None = None) -> None:
+    (out or sys.stdout).write(orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode() + "\n")
+
+
+def pretty(value: Any) -> str:
+    """JSON pretty-printed; text as it is."""
+    if isinstance(value, dict | list):
+        return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    return "-" if value is None else str(value)
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+def cmd_batches(db: Database, a: argparse.Namespace) -> None:
+    rows = queries.batches(db, status=a.status, since=a.since)
+    if a.json:
+        return dump_json(rows)
+    table(["ID", "STATUS", "ENDPOINT", "MODEL", "CREATED", "LINES", "ANSWERED", "FAILED", "TURNAROUND", "COST"],
+          [[b["id"], b["status"], b["endpoint"] or "-", b["model"] or "-", when(b["created_at"]),
+            count(b["lines"]),
+            count(b["answered"]), count(b["failed"]), duration(b["turnaround_seconds"]), money(b["cost_usd"])]
+           for b in rows], right=(5, 6, 7, 8, 9))
+    if not rows:
+        print("(no batches)")
+
+
+def cmd_batch(db: Database, a: argparse.Namespace) -> None:
+    b = queries.batch(db, a.batch_id)
+    if a.json:
+        return dump_json(b)
+    rc = b["request_counts"]
+    d = b["durations"]
+    pairs([("batch", b["id"]), ("status", b["status"]), ("endpoint", b["endpoint"]), ("model", b["model"]),
+           ("created", when(b["created_at"])), ("input file", b["input_file_id"]),
+           ("output file", b["output_file_id"]), ("error file", b["error_file_id"]),
+           ("API counts", f"{count(rc['completed'])} completed, {count(rc['failed'])} failed "
+                          f"of {count(rc['total'])}" if rc["total"] is not None else None),
+           ("logged lines", f"{count(b['lines'])} ({count(b['answered'])} answered, {count(b['failed'])} failed)"),
+           ("queued", duration(d["queue_seconds"])), ("processing", duration(d["processing_seconds"])),
+           ("finalizing", duration(d["finalize_seconds"])), ("turnaround", duration(d["turnaround_seconds"])),
+           ("cost", money(b["cost_usd"])), ("metadata", orjson.dumps(b["metadata"]).decode()
+                                              if b["metadata"] else None)])
+    print("\nStatus history")
+    table(["STATUS", "OBSERVED", "API TIME", "SEEN BY"],
+          [[e["status"], when(e["observed_at"]), when(e["api_at"]), e["source"]] for e in b["events"]])
+    if b["errors"]:
+        print("\nErrors")
+        table(["SOURCE", "CODE", "COUNT", "EXAMPLE"],
+              [[e["source"], e["code"] or "-", count(e["count"]), _example(e["example"])] for e in b["errors"]],
+              right=(2,))
+    if b["cost_by_model"]:
+        print("\nCost by model")
+        table(["MODEL", "LINES", "INPUT TOK", "OUTPUT TOK", "COST"],
+              [[m["model"] or "-", count(m["lines"]), count(m["input_tokens"]), count(m["output_tokens"]),
+                money(m["cost_usd"])] for m in b["cost_by_model"]], right=(1, 2, 3, 4))
+
+
+def _example(ex: dict[str, Any]) -> str:
+    where = f"line {ex['line']}" if ex.get("line") is not None else ""
+    if ex.get("custom_id"):
+        where = f"{where} {ex['custom_id']}".strip()
+    msg = (ex.get("message") or "").replace("\n", " ")
+    msg = msg if len(msg) <= 70 else msg[:67] + "..."
+    return f"{where}: {msg}" if where else msg
+
+
+def cmd_lines(db: Database, a: argparse.Namespace) -> None:
+    rows = queries.lines(db, a.batch_id, failed=a.failed, custom_id=a.custom_id)
+    if a.json:
+        return dump_json(rows)
+    table(["LINE", "CUSTOM_ID", "STATUS", "ERROR", "MODEL", "IN", "OUT", "COST"],
+          [[count(r["line"]), r["custom_id"] or "-", r["status_code"] or "-",
+            r["error_code"] or (r["problem"] or "")[:40] or "-", r["model"] or "-", count(r["input_tokens"]),
+            count(r["output_tokens"]), money(r["cost_usd"])] for r in rows], right=(0, 5, 6, 7))
+    if not rows:
+        print("(no lines)")
+
+
+def cmd_show(db: Database, a: argparse.Namespace) -> None:
+    if a.custom_id is not None:
+        r = queries.batch_line(db, a.ref, a.custom_id)
+        head = [("batch", r["batch_id"]), ("custom_id", r["custom_id"]), ("line", r["line"]), ("url", r["url"]),
+                ("model", r["model"]), ("status", r["status_code"]), ("error", r["error_message"]),
+                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"),
+                ("cost", money(r["cost_usd"])), ("request id", r["request_id"]), ("problem", r["problem"])]
+    else:
+        r = queries.call(db, a.ref)
+        head = [("call", r["id"]), ("request id", r["request_id"]), ("started", when(r["started_at"])),
+                ("request", f"{r['method']} {r['url']}"), ("model", r["model"]), ("status", r["status_code"]),
+                ("latency", ms(r["latency_ms"])), ("ttft", ms(r["ttft_ms"]) if r["stream"] else None),
+                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"),
+                ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
+    if a.json:
+        return dump_json(r)
+    pairs(head)
+    print("\n--- request ---")
+    print(pretty(r["request"]))
+    print("\n--- response ---")
+    if a.custom_id is None and r["stream"] and r["response_text"] is not None:
+        print(r["response_text"])
+        print("\n(streamed; reassembled from the SSE events)")
+    else:
+        print(pretty(r["response"]))
+
+
+def cmd_calls(db: Database, a: argparse.Namespace) -> None:
+    rows = queries.calls(db, model=a.model, status=a.status, since=a.since, endpoint=a.endpoint,
+                         limit=a.limit or None)
+    if a.json:
+        return dump_json(rows)
+    table(["ID", "STARTED", "ENDPOINT", "MODEL", "STATUS", "LATENCY", "TTFT", "IN", "OUT", "COST"],
+          [[c["id"], when(c["started_at"]), c["endpoint"], c["model"] or "-",
+            c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
+            count(c["input_tokens"]), count(c["output_tokens"]), money(c["cost_usd"])] for c in rows],
+          right=(0, 5, 6, 7, 8, 9))
+    if not rows:
+        print("(no calls)")
+
+
+def cmd_stats(db: Database, a: argparse.Namespace) -> None:
+    s = queries.stats(db, by=a.by, since=a.since)
+    if a.json:
+        return dump_json(s)
+    by = a.by.upper()
+    print("Live calls")
+    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "P50", "P95", "TTFT P50"],
+          [[g[a.by], count(g["calls"]), f"{g['error_rate'] * 100:.1f}%", count(g["input_tokens"]),
+            count(g["output_tokens"]), money(g["cost_usd"]), ms(g["latency_p50_ms"]), ms(g["latency_p95_ms"]),
+            ms(g["ttft_p50_ms"])] for g in s["calls"]], right=tuple(range(1, 9)))
+    print("\nBatches")
+    table([by, "BATCHES", "LINES", "FAILED", "IN TOK", "OUT TOK", "COST", "TURNAROUND P50", "P95"],
+          [[g[a.by], count(g["batches"]), count(g["lines"]), count(g["failed_lines"]), count(g["input_tokens"]),
+            count(g["output_tokens"]), money(g["cost_usd"]), duration(g["turnaround_p50_seconds"]),
+            duration(g["turnaround_p95_seconds"])] for g in s["batches"]], right=tuple(range(1, 9)))
+
+
+def cmd_sql(db: Database, a: argparse.Namespace) -> None:
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("BEGIN READ ONLY")
+    cur = db.execute_sql(a.query)
+    cols = [d[0] for d in cur.description or ()]
+    rows = [tuple(r) for r in cur.fetchall()] if cols else []
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("ROLLBACK")
+    if a.json:
+        return dump_json([dict(zip(cols, r, strict=True)) for r in rows])
+    table(cols, [[_default(v) if v is not None and not isinstance(v, int | float | str) else v for v in r]
+                 for r in rows])
+
+
+def cmd_export(db: Database, a: argparse.Namespace) -> None:
+    total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
+    out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
+    progress = Progress(total, f"exporting to {a.output}") if a.output else None
+    try:
+        writer: csv.DictWriter | None = None
+        for r in rows:
+            if a.format == "jsonl":
+                out.write(orjson.dumps(r, default=_default).decode() + "\n")
+            else:
+                if writer is None:
+                    writer = csv.DictWriter(out, fieldnames=list(r))
+                    writer.writeheader()
+                writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+            if progress:
+                progress.advance()
+    finally:
+        if progress:
+            progress.close()
+        if out is not sys.stdout:
+            out.close()
+    if a.output:
+        print(f"{total:,} rows written to {a.output}", file=sys.stderr)
+
+
+# -- arguments -------------------------------------------------------------------------------------
+
+def _since(text: str) -> datetime:
+    try:
+        return queries.parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="velvet", description="Query the OpenAI traffic velvet captured.",
+        epilog="--db URL may come before or after the command; default $VELVET_DB, else "
+               f"{config.default_db_url()}. WHEN is 2h, 30m, 7d, today, yesterday or an ISO date/time (UTC).")
+    ap.add_argument("--db", default=None, help="database URL (sqlite:///path or postgresql://...)")
+    ap.add_argument("--version", action="version", version=f"velvet {__version__} (schema v{SCHEMA_VERSION})")
+    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    def command(name: str, func: Callable, help: str, json: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--db", default=argparse.SUPPRESS, help="database URL")
+        if json:
+            p.add_argument("--json", action="store_true", help="print JSON for machines")
+        p.set_defaults(func=func)
+        return p
+
+    p = command("batches", cmd_batches, "one row per batch, newest first")
+    p.add_argument("--status", help="only batches in this status (completed, failed, in_progress, ...)")
+    p.add_argument("--since", type=_since, metavar="WHEN", help="only batches created since WHEN")
+    p = command("batch", cmd_batch, "one batch: status history, durations, errors by code, cost by model")
+    p.add_argument("batch_id")
+    p = command("lines", cmd_lines, "a batch's lines with status, error, tokens and cost")
+    p.add_argument("batch_id")
+    p.add_argument("--failed", action="store_true", help="only failed or malformed lines")
+    p.add_argument("--custom-id", help="only the line with this custom_id")
+    p = command("show", cmd_show, "the exact request and answer of a batch line (BATCH_ID CUSTOM_ID) "
+                                  "or of a live call (its id or x-request-id)")
+    p.add_argument("ref", metavar="ID", help="a batch id (with CUSTOM_ID), or a call id / x-request-id")
+    p.add_argument("custom_id", nargs="?", metavar="CUSTOM_ID")
+    p = command("calls", cmd_calls, "live calls, newest first")
+    p.add_argument("--model")
+    p.add_argument("--status", help="a status code (429), a class (4xx) or 'error'")
+    p.add_argument("--endpoint", help="chat.completions, responses, embeddings, files, batches, ...")
+    p.add_argument("--since", type=_since, metavar="WHEN")
+    p.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
+    p = command("stats", cmd_stats, "calls, tokens, cost, error rate, latency and batch turnaround")
+    p.add_argument("--by", choices=queries.GROUPS, default="model")
+    p.add_argument("--since", type=_since, metavar="WHEN")
+    p = command("sql", cmd_sql, "run a read-only SQL query")
+    p.add_argument("query")
+    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV", json=False)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
+    what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
+    p.add_argument("--since", type=_since, metavar="WHEN")
+    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    url = args.db or config.default_db_url()
+    try:
+        db = queries.open_readonly(url)
+    except DatabaseURLError as e:
+        return _fail(str(e), 2)
+    except Exception as e:
+        return _fail(f"cannot open {url}: {_first_line(e)}", 2)
+    try:
+        args.func(db, args)
+    except queries.NotFound as e:
+        return _fail(str(e.args[0]), 1)
+    except ValueError as e:
+        return _fail(str(e), 2)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        return _fail(f"{type(e).__name__}: {_first_line(e)}", 1)
+    finally:
+        db.close()
+    return 0
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"velvet: {message}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

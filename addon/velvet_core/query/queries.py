@@ -1,0 +1,453 @@
+"""Read side: the questions the CLI and the mitmproxy command answer, as plain dicts.
+
+Every function takes a connected peewee ``Database`` (SQLite or PostgreSQL) and returns JSON-ready
+values: timestamps become ISO-8601 UTC strings (``2026-11-24T15:04:05Z``).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import orjson
+from peewee import Database, PostgresqlDatabase
+
+from velvet_core.storage.database import DatabaseURLError, connect, sqlite_path
+
+
+class NotFound(LookupError):
+    """An id the user asked for is not in the database."""
+
+
+BATCH_KEYS = ("id", "status", "endpoint", "model", "created_at", "in_progress_at", "finalizing_at",
+              "completed_at", "failed_at", "expired_at", "cancelling_at", "cancelled_at", "expires_at",
+              "input_file_id", "output_file_id", "error_file_id", "request_counts", "lines", "answered",
+              "failed", "turnaround_seconds", "cost_usd")
+_TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+          "cancelling_at", "cancelled_at", "expires_at")
+
+
+# -- connections and values -----------------------------------------------------------------------
+
+def open_readonly(url: str) -> Database:
+    """Connect read-only: SQLite with ``mode=ro``, PostgreSQL with read-only transactions."""
+    if url.startswith("sqlite:"):
+        import os
+
+        if not os.path.exists(sqlite_path(url)):
+            raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
+    db = connect(url, readonly=True)
+    db.connect()
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    if not db.table_exists("batches"):
+        db.close()
+        raise DatabaseURLError(f"{url}: not a velvet database (no tables yet)")
+    return db
+
+
+def to_dt(v: Any) -> datetime | None:
+    """A stored timestamp (datetime on PostgreSQL, text on SQLite) as naive UTC."""
+    if v is None or isinstance(v, datetime):
+        return v
+    return datetime.fromisoformat(str(v))
+
+
+def iso(v: Any) -> str | None:
+    dt = to_dt(v)
+    return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _param(db: Database, dt: datetime) -> Any:
+    """A timestamp as a query parameter comparable with the stored values."""
+    return dt if isinstance(db, PostgresqlDatabase) else dt.strftime("%Y-%m-%d %H:%M:%S")
+
+
+_REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    t = text.strip().lower()
+    if m := _REL.match(t):
+        return now - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
+    if t in ("today", "yesterday"):
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return day - timedelta(days=1) if t == "yesterday" else day
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def _sql(db: Database, sql: str) -> str:
+    """Our queries use ``?`` placeholders; psycopg wants ``%s``."""
+    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
+
+
+def _rows(db: Database, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
+    cur = db.execute_sql(_sql(db, sql), params)
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def stream_rows(db: Database, sql: str, params: tuple = (), size: int = 1000) -> Iterator[dict[str, Any]]:
+    """Rows one at a time in constant memory (a server-side cursor on PostgreSQL)."""
+    if isinstance(db, PostgresqlDatabase):
+        conn = db.connection()
+        with conn.transaction(), conn.cursor(name="velvet_export") as cur:
+            cur.itersize = size
+            cur.execute(_sql(db, sql), params)
+            cols: list[str] | None = None
+            for r in cur:
+                cols = cols or [d[0] for d in cur.description]
+                yield dict(zip(cols, r, strict=True))
+        return
+    cur = db.execute_sql(sql, params)
+    cols = [d[0] for d in cur.description]
+    while batch := cur.fetchmany(size):
+        for r in batch:
+            yield dict(zip(cols, r, strict=True))
+
+
+def _json(text: Any) -> Any:
+    if text is None:
+        return None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return text
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (``p`` in 0..100) of unsorted ``values``."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+_BATCH_SQL = "SELECT * FROM batch_summary b"  # batches.* plus lines, answered, failed, cost_usd
+
+
+def _batch(r: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: r.get(k) for k in BATCH_KEYS}
+    for k in _TIMES:
+        out[k] = iso(r.get(k))
+    out["request_counts"] = {"total": r.get("request_total"), "completed": r.get("request_completed"),
+                             "failed": r.get("request_failed")}
+    out["lines"], out["answered"], out["failed"] = int(r["lines"]), int(r["answered"]), int(r["failed"])
+    out["turnaround_seconds"] = r.get("turnaround_s")
+    # the logged lines' cost when the output was downloaded, else the API's own usage figure
+    cost = r.get("cost_usd") if r.get("cost_usd") is not None else r.get("usage_cost_usd")
+    out["cost_usd"] = None if cost is None else round(float(cost), 10)
+    return out
+
+
+def batches(db: Database, status: str | None = None, since: datetime | None = None) -> list[dict[str, Any]]:
+    """One dict per batch (keys :data:`BATCH_KEYS`), newest first."""
+    where, params = [], []
+    if status:
+        where.append("b.status = ?")
+        params.append(status)
+    if since:
+        where.append("COALESCE(b.created_at, b.first_seen_at) >= ?")
+        params.append(_param(db, since))
+    sql = _BATCH_SQL + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY COALESCE(b.created_at, b.first_seen_at) DESC, b.id"
+    return [_batch(r) for r in _rows(db, sql, tuple(params))]
+
+
+def batch(db: Database, batch_id: str) -> dict[str, Any]:
+    """One batch: its summary plus status history, durations, errors by code and cost by model."""
+    found = _rows(db, _BATCH_SQL + " WHERE b.id = ?", (batch_id,))
+    if not found:
+        raise NotFound(f"no batch {batch_id!r} in this database")
+    r = found[0]
+    out = _batch(r)
+    out["metadata"] = _json(r.get("metadata"))
+    out["key_fingerprint"] = r.get("key_fingerprint")
+    out["durations"] = {"queue_seconds": r.get("queue_s"), "processing_seconds": r.get("processing_s"),
+                        "finalize_seconds": r.get("finalize_s"), "turnaround_seconds": r.get("turnaround_s")}
+    out["usage"] = {k: r.get(k) for k in ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",
+                                          "total_tokens")}
+    out["usage"]["cost_usd"] = r.get("usage_cost_usd")
+    out["events"] = [{"status": e["status"], "previous_status": e["previous_status"],
+                      "observed_at": iso(e["observed_at"]), "api_at": iso(e["api_at"]), "source": e["source"]}
+                     for e in _rows(db, "SELECT * FROM batch_events WHERE batch_id = ? "
+                                        "ORDER BY observed_at, id", (batch_id,))]
+    files = _rows(db, "SELECT id, role, filename, bytes, lines, bad_lines, complete, problem FROM files "
+                      "WHERE id IN (?, ?, ?)", (r.get("input_file_id") or "", r.get("output_file_id") or "",
+                                                 r.get("error_file_id") or ""))
+    out["files"] = [{**f, "complete": None if f["complete"] is None else bool(f["complete"])} for f in files]
+    out["errors"] = batch_errors(db, batch_id)
+    out["cost_by_model"] = [
+        {"model": m["model"], "lines": int(m["n"]), "input_tokens": _int(m["inp"]),
+         "output_tokens": _int(m["outp"]),
+         "cost_usd": None if m["cost"] is None else round(float(m["cost"]), 10)}
+        for m in _rows(db, "SELECT COALESCE(x.model, r.model) AS model, count(*) AS n, "
+                           "sum(x.input_tokens) AS inp, "
+                           "sum(x.output_tokens) AS outp, sum(x.cost_usd) AS cost FROM batch_results x "
+                           "LEFT JOIN batch_requests r ON r.id = x.request_row_id "
+                           "WHERE x.batch_id = ? AND NOT x.failed GROUP BY COALESCE(x.model, r.model) "
+                           "ORDER BY cost DESC", (batch_id,))]
+    return out
+
+
+def _int(v: Any) -> int | None:
+    return None if v is None else int(v)
+
+
+def batch_errors(db: Database, batch_id: str) -> list[dict[str, Any]]:
+    """Failed lines and batch-level (validation) errors, grouped by code, with a count and an example."""
+    groups: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for e in _rows(db, "SELECT code, message, line FROM batch_errors WHERE batch_id = ? ORDER BY line, id",
+                   (batch_id,)):
+        g = groups.setdefault(("batch", e["code"]), {"source": "batch", "code": e["code"], "count": 0,
+                                                     "example": {"line": e["line"], "message": e["message"]}})
+        g["count"] += 1
+    for e in _rows(db, "SELECT x.error_code, x.error_message, x.custom_id, r.line_no FROM batch_results x "
+                       "LEFT JOIN batch_requests r ON r.id = x.request_row_id "
+                       "WHERE x.batch_id = ? AND x.failed ORDER BY r.line_no IS NULL, r.line_no, x.line_no",
+                   (batch_id,)):
+        g = groups.setdefault(("line", e["error_code"]), {
+            "source": "line", "code": e["error_code"], "count": 0,
+            "example": {"custom_id": e["custom_id"], "line": e["line_no"], "message": e["error_message"]}})
+        g["count"] += 1
+    for e in _rows(db, "SELECT problem, custom_id, line_no FROM batch_requests WHERE batch_id = ? "
+                       "AND problem IS NOT NULL ORDER BY line_no", (batch_id,)):
+        g = groups.setdefault(("input", e["problem"]), {
+            "source": "input", "code": "malformed_line", "count": 0,
+            "example": {"custom_id": e["custom_id"], "line": e["line_no"], "message": e["problem"]}})
+        g["count"] += 1
+    return sorted(groups.values(), key=lambda g: -g["count"])
+
+
+def lines(db: Database, batch_id: str, failed: bool = False, custom_id: str | None = None) -> list[dict[str, Any]]:
+    """A batch's input lines with their answers (and answers whose input line was never logged)."""
+    if not _rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
+                     "WHERE batch_id = ?", (batch_id, batch_id)):
+        raise NotFound(f"no batch {batch_id!r} in this database")
+    return [_line(r) for r in stream_rows(db, *_lines_sql(batch_id, failed, custom_id))]
+
+
+def _lines_sql(batch_id: str | None, failed: bool = False, custom_id: str | None = None,
+               since: Any = None) -> tuple[str, tuple]:
+    cond, params = [], []
+    if batch_id is not None:
+        cond.append("batch_id = ?")
+        params.append(batch_id)
+    if failed:
+        cond.append("(failed OR request_problem IS NOT NULL)")
+    if custom_id is not None:
+        cond.append("custom_id = ?")
+        params.append(custom_id)
+    if since is not None:
+        cond.append("batch_id IN (SELECT id FROM batches WHERE COALESCE(created_at, first_seen_at) >= ?)")
+        params.append(since)
+    where = (" WHERE " + " AND ".join(cond)) if cond else ""
+    sql = f"""SELECT * FROM (
+      SELECT r.batch_id, r.line_no, r.custom_id, r.model AS model_requested, r.url, r.body AS request_body,
+             r.problem AS request_problem, x.model, x.status_code, x.failed, x.error_code, x.error_message,
+             x.request_id, x.body AS response_body, x.input_tokens, x.output_tokens, x.cost_usd,
+             x.problem AS result_problem
+      FROM batch_requests r LEFT JOIN batch_results x ON x.request_row_id = r.id
+      UNION ALL
+      SELECT x.batch_id, NULL, x.custom_id, NULL, NULL, NULL, NULL, x.model, x.status_code, x.failed,
+             x.error_code, x.error_message, x.request_id, x.body, x.input_tokens, x.output_tokens, x.cost_usd,
+             COALESCE(x.problem, 'input line not logged')
+      FROM batch_results x WHERE x.request_row_id IS NULL) q{where}
+    ORDER BY batch_id, line_no IS NULL, line_no, custom_id"""
+    return sql, tuple(params)
+
+
+def _line(r: dict[str, Any]) -> dict[str, Any]:
+    problems = "; ".join(p for p in (r["request_problem"], r["result_problem"]) if p) or None
+    return {"line": r["line_no"], "custom_id": r["custom_id"], "status_code": r["status_code"],
+            "failed": None if r["failed"] is None else bool(r["failed"]), "error_code": r["error_code"],
+            "error_message": r["error_message"], "model": r["model"] or r["model_requested"],
+            "input_tokens": r["input_tokens"], "output_tokens": r["output_tokens"], "cost_usd": r["cost_usd"],
+            "problem": problems}
+
+
+def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
+    """One batch line with the exact request and answer."""
+    sql, params = _lines_sql(batch_id, custom_id=custom_id)
+    found = _rows(db, sql, params)
+    if not found:
+        raise NotFound(f"no line with custom_id {custom_id!r} in batch {batch_id!r}")
+    r = found[0]
+    return {"batch_id": batch_id, **_line(r), "url": r["url"], "request_id": r["request_id"],
+            "request": _json(r["request_body"]), "response": _json(r["response_body"])}
+
+
+# -- live calls ------------------------------------------------------------------------------------
+
+CALL_KEYS = ("id", "started_at", "endpoint", "action", "model", "status_code", "stream", "complete", "latency_ms",
+             "ttft_ms", "input_tokens", "output_tokens", "cost_usd", "request_id", "error_code", "problem")
+
+
+def _call(r: dict[str, Any]) -> dict[str, Any]:
+    out = {k: r.get(k) for k in CALL_KEYS}
+    out["started_at"] = iso(r["started_at"])
+    out["model"] = r.get("model") or r.get("model_requested")
+    out["stream"], out["complete"] = bool(r["stream"]), bool(r["complete"])
+    out["error_code"] = r.get("error_code") or r.get("error_type")
+    return out
+
+
+def calls(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
+          endpoint: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+    """Live calls, newest first. ``status`` is a code (``429``), a class (``4xx``) or ``error``."""
+    where: list[str] = []
+    params: list[Any] = []
+    if model:
+        where.append("(model = ? OR model_requested = ?)")
+        params += [model, model]
+    if endpoint:
+        where.append("endpoint = ?")
+        params.append(endpoint)
+    if status:
+        s = status.strip().lower()
+        if s == "error":
+            where.append("(status_code IS NULL OR status_code >= 400)")
+        elif re.fullmatch(r"[1-5]xx", s):
+            where.append("status_code >= ? AND status_code < ?")
+            params += [int(s[0]) * 100, int(s[0]) * 100 + 100]
+        elif s.isdigit():
+            where.append("status_code = ?")
+            params.append(int(s))
+        else:
+            raise ValueError(f"--status {status!r}: use a code (429), a class (4xx) or 'error'")
+    if since:
+        where.append("started_at >= ?")
+        params.append(_param(db, since))
+    sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [_call(r) for r in _rows(db, sql, tuple(params))]
+
+
+def call(db: Database, ref: str) -> dict[str, Any]:
+    """One call by its row id, flow id or ``x-request-id``, with the exact request and answer."""
+    found = _rows(db, "SELECT * FROM calls WHERE request_id = ? OR flow_id = ?", (ref, ref))
+    if not found and ref.isdigit():
+        found = _rows(db, "SELECT * FROM calls WHERE id = ?", (int(ref),))
+    if not found:
+        raise NotFound(f"no call with id or x-request-id {ref!r} in this database")
+    r = found[0]
+    out = _call(r)
+    out.update(method=r["method"], url=f"https://{r['host']}{r['path']}", flow_id=r["flow_id"],
+               key_fingerprint=r["key_fingerprint"], tags=_json(r["tags"]), finish_reason=r["finish_reason"],
+               error_message=r["error_message"], response_text=r["response_text"],
+               request=_json(r["request_body"]), response=_json(r["response_body"]))
+    return out
+
+
+# -- stats -----------------------------------------------------------------------------------------
+
+GROUPS = ("model", "endpoint", "day", "key")
+
+
+def _group_value(by: str, r: dict[str, Any], when: str) -> str:
+    if by == "day":
+        dt = to_dt(r[when])
+        return dt.date().isoformat() if dt else "(unknown)"
+    col = {"model": "model", "endpoint": "endpoint", "key": "key_fingerprint"}[by]
+    return r.get(col) or {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}[by]
+
+
+def stats(db: Database, by: str = "model", since: datetime | None = None) -> dict[str, Any]:
+    """Live calls and batches grouped ``by`` model, endpoint, day or key."""
+    if by not in GROUPS:
+        raise ValueError(f"--by {by!r}: use one of {', '.join(GROUPS)}")
+    cw, bw, params = "", "", ()  # type: tuple[str, str, tuple[Any, ...]]
+    if since:
+        cw, bw, params = (" WHERE started_at >= ?", " WHERE COALESCE(created_at, first_seen_at) >= ?",
+                          (_param(db, since),))
+    live: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "errors": 0, "input_tokens": 0,
+                                                           "output_tokens": 0, "cost_usd": 0.0, "_lat": [],
+                                                           "_ttft": []})
+    for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
+                             "started_at, status_code, complete, latency_ms, ttft_ms, input_tokens, "
+                             "output_tokens, "
+                             f"cost_usd FROM calls{cw}", params):
+        g = live[_group_value(by, r, "started_at")]
+        g["calls"] += 1
+        g["errors"] += r["status_code"] is None or r["status_code"] >= 400 or not r["complete"]
+        g["input_tokens"] += r["input_tokens"] or 0
+        g["output_tokens"] += r["output_tokens"] or 0
+        g["cost_usd"] += r["cost_usd"] or 0.0
+        if r["latency_ms"] is not None:
+            g["_lat"].append(r["latency_ms"])
+        if r["ttft_ms"] is not None:
+            g["_ttft"].append(r["ttft_ms"])
+    bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
+                                                          "input_tokens": 0, "output_tokens": 0,
+                                                          "cost_usd": 0.0, "_turn": []})
+    for r in stream_rows(db, f"SELECT * FROM ({_BATCH_SQL}{bw}) s", params):
+        b = _batch(r)
+        g = bat[_group_value(by, {**r, "model": r["model"]}, "created_at" if r["created_at"] else "first_seen_at")]
+        g["batches"] += 1
+        g["lines"] += b["lines"]
+        g["failed_lines"] += b["failed"]
+        g["input_tokens"] += r["input_tokens"] or 0
+        g["output_tokens"] += r["output_tokens"] or 0
+        g["cost_usd"] += b["cost_usd"] or 0.0
+        if r["turnaround_s"] is not None and r["status"] == "completed":
+            g["_turn"].append(r["turnaround_s"])
+    out_live = []
+    for key, g in sorted(live.items()):
+        lat, ttft = g.pop("_lat"), g.pop("_ttft")
+        out_live.append({by: key, **g, "cost_usd": round(g["cost_usd"], 10),
+                         "error_rate": round(g["errors"] / g["calls"], 4),
+                         "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95),
+                         "ttft_p50_ms": percentile(ttft, 50)})
+    out_batch = []
+    for key, g in sorted(bat.items()):
+        turn = g.pop("_turn")
+        out_batch.append({by: key, **g, "cost_usd": round(g["cost_usd"], 10),
+                          "turnaround_p50_seconds": percentile(turn, 50),
+                          "turnaround_p95_seconds": percentile(turn, 95)})
+    return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch}
+
+
+# -- export ----------------------------------------------------------------------------------------
+
+def export_rows(db: Database, batch_id: str | None = None, lines_of_batches: bool = False,
+                since: datetime | None = None) -> tuple[int, Iterator[dict[str, Any]]]:
+    """(row count, row iterator) for ``velvet export``: a batch's lines, all batch lines, or live calls."""
+    if batch_id is not None or lines_of_batches:
+        if batch_id is not None and not _rows(db, "SELECT id FROM batches WHERE id = ?", (batch_id,)):
+            raise NotFound(f"no batch {batch_id!r} in this database")
+        sql, params = _lines_sql(batch_id, since=_param(db, since) if since else None)
+        total = _rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"]
+        return int(total), (_export_line(r) for r in stream_rows(db, sql, params))
+    where, params = ("", ()) if since is None else (" WHERE started_at >= ?", (_param(db, since),))
+    total = _rows(db, f"SELECT count(*) AS n FROM calls{where}", params)[0]["n"]
+    return int(total), (_export_call(r) for r in stream_rows(
+        db, f"SELECT * FROM calls{where} ORDER BY started_at, id", params))
+
+
+def _export_line(r: dict[str, Any]) -> dict[str, Any]:
+    return {"batch_id": r["batch_id"], **_line(r), "url": r["url"], "request_id": r["request_id"],
+            "request_body": r["request_body"], "response_body": r["response_body"]}
+
+
+def _export_call(r: dict[str, Any]) -> dict[str, Any]:
+    out = dict(r)
+    for k, v in out.items():
+        if isinstance(v, datetime | date) or (k.endswith("_at") and v is not None):
+            out[k] = iso(v)
+    for k in ("stream", "complete"):
+        out[k] = bool(out[k])
+    return out

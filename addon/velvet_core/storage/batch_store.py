@@ -1,0 +1,228 @@
+"""Database side of the Batch API: upserts, status history, line binding and custom_id matching."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Any, cast
+
+from peewee import fn
+
+from velvet_core.parsing.classify import normalise
+from velvet_core.parsing.extract import utc
+from velvet_core.parsing.jsonl import Line
+from velvet_core.parsing.lines import request_row
+from velvet_core.storage.models import (
+    Batch,
+    BatchError,
+    BatchEvent,
+    BatchRequest,
+    BatchResult,
+    File,
+    Upload,
+    UploadPart,
+)
+from velvet_core.storage.ops import BatchSeen, PartSeen, UploadCompleted
+from velvet_core.storage.rows import chunks, insert_rows
+
+STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
+               "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
+               "cancelling": "cancelling_at", "cancelled": "cancelled_at"}
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def requests_done(file_id: str) -> None:
+    """The checks that need the whole input file: duplicates, its batch's endpoint, bad-line count."""
+    mark_duplicates(file_id)
+    for b in Batch.select().where(Batch.input_file_id == file_id):
+        link(b)
+    recount(file_id)
+
+
+def results_done(file_id: str) -> None:
+    for b in Batch.select().where((Batch.output_file_id == file_id) | (Batch.error_file_id == file_id)):
+        link(b)
+
+
+def upsert_file(row: dict[str, Any]) -> None:
+    row = {k: v for k, v in row.items() if v is not None}
+    if row.get("complete") is True and "problem" not in row:
+        row["problem"] = None  # a whole download clears what an earlier, cut one said
+    existing = File.get_or_none(File.id == row["id"])
+    if existing is None:
+        row.setdefault("first_seen_at", row.get("updated_at") or utc(time.time()))
+        row.setdefault("updated_at", row["first_seen_at"])
+        File.insert(**row).on_conflict_ignore().execute()
+    else:
+        if existing.role == "input":
+            row.pop("role", None)  # an input file stays one
+        row.pop("first_seen_at", None)
+        File.update(**row).where(File.id == row["id"]).execute()
+
+
+def add_requests(file_id: str, rows: list[dict[str, Any]]) -> None:
+    insert_rows(BatchRequest, [{**r, "file_id": file_id} for r in rows])
+    requests_done(file_id)
+
+
+def recount(file_id: str) -> None:
+    """``files.bad_lines`` after the checks that need the whole file or its batch."""
+    bad = BatchRequest.select().where(BatchRequest.file_id == file_id, BatchRequest.problem.is_null(False))
+    File.update(bad_lines=bad.count()).where(File.id == file_id).execute()
+
+
+def mark_duplicates(file_id: str) -> None:
+    """The first line with a custom_id is the request; later lines with the same one are errors."""
+    dup = (BatchRequest.select(BatchRequest.custom_id, fn.MIN(BatchRequest.line_no).alias("first"))
+           .where(BatchRequest.file_id == file_id, BatchRequest.custom_id.is_null(False))
+           .group_by(BatchRequest.custom_id).having(fn.COUNT(BatchRequest.id) > 1))
+    for d in cast(list[dict[str, Any]], dup.dicts()):  # (peewee's stubs type every row as the model)
+        add_problem(f"duplicate custom_id (first on line {d['first']})", "duplicate custom_id",
+                    BatchRequest.file_id == file_id, BatchRequest.custom_id == d["custom_id"],
+                    BatchRequest.line_no > d["first"])
+
+
+def add_problem(message: str, marker: str, *where: Any) -> None:
+    """Append ``message`` to the problem of the matching requests, once (``marker`` tells)."""
+    (BatchRequest.update(problem=fn.COALESCE(BatchRequest.problem.concat("; "), "").concat(message))
+     .where(*where, BatchRequest.problem.is_null() | ~BatchRequest.problem.contains(marker))
+     .execute())
+
+
+def upsert_batch(p: BatchSeen) -> None:
+    row, observed = dict(p.row), p.observed_at
+    old = Batch.get_or_none(Batch.id == row["id"])
+    status = row["status"]
+    stale = False
+    if old is None:
+        Batch.insert(**row, first_seen_at=observed, last_seen_at=observed).on_conflict_ignore().execute()
+        previous = None
+    else:
+        previous = old.status
+        stale = observed < old.last_seen_at or (old.status in TERMINAL and status not in TERMINAL)
+        if stale:  # an older observation (e.g. a list page fetched earlier): keep the newer status
+            row.pop("status")
+        update = {k: v for k, v in row.items() if k != "id"}
+        if not stale:
+            update["last_seen_at"] = observed
+        Batch.update(**update).where(Batch.id == row["id"]).execute()
+    if previous != status:  # a stale observation is history too, but we do not know what preceded it
+        BatchEvent.insert(batch_id=row["id"], status=status, previous_status=None if stale else previous,
+                          observed_at=observed,
+                          api_at=row.get(STATUS_TIME.get(status, "")), source=p.source
+                          ).on_conflict_ignore().execute()
+    for e in p.errors:
+        BatchError.insert(batch_id=row["id"], **e).on_conflict_ignore().execute()
+    b = Batch.get(Batch.id == row["id"])
+    durations(b)
+    link(b)
+
+
+def _secs(a: datetime | None, b: datetime | None) -> float | None:
+    return None if a is None or b is None else (b - a).total_seconds()
+
+
+def durations(b: Batch) -> None:
+    end = b.completed_at or b.failed_at or b.expired_at or b.cancelled_at
+    Batch.update(queue_s=_secs(b.created_at, b.in_progress_at),
+                 processing_s=_secs(b.in_progress_at, b.finalizing_at),
+                 finalize_s=_secs(b.finalizing_at, b.completed_at),
+                 turnaround_s=_secs(b.created_at, end)).where(Batch.id == b.id).execute()
+
+
+def link(b: Batch) -> None:
+    """Bind input lines, files and results to batch ``b`` and match results to requests by custom_id."""
+    now = utc(time.time())
+    if b.input_file_id:
+        BatchRequest.update(batch_id=b.id).where(BatchRequest.file_id == b.input_file_id,
+                                                 BatchRequest.batch_id.is_null()).execute()
+        File.update(batch_id=b.id, role="input").where(File.id == b.input_file_id).execute()
+        check_urls(b)
+        recount(b.input_file_id)
+    for fid, role in ((b.output_file_id, "output"), (b.error_file_id, "error")):
+        if not fid:
+            continue
+        if File.get_or_none(File.id == fid) is None:
+            File.insert(id=fid, role=role, batch_id=b.id, first_seen_at=now, updated_at=now
+                        ).on_conflict_ignore().execute()
+        else:
+            File.update(batch_id=b.id, role=role).where(File.id == fid).execute()
+        BatchResult.update(batch_id=b.id).where(BatchResult.file_id == fid,
+                                                BatchResult.batch_id.is_null()).execute()
+    first = (BatchRequest.select(BatchRequest.id)
+             .where(BatchRequest.batch_id == b.id, BatchRequest.custom_id == BatchResult.custom_id)
+             .order_by(BatchRequest.line_no).limit(1))
+    BatchResult.update(request=first).where(BatchResult.batch_id == b.id,
+                                            BatchResult.request.is_null()).execute()
+
+
+def check_urls(b: Batch) -> None:
+    """Lines whose url is not the batch's endpoint are errors."""
+    if not b.endpoint:
+        return
+    want = normalise(b.endpoint)[0]
+    bad = [r.id for r in BatchRequest.select(BatchRequest.id, BatchRequest.url)
+           .where(BatchRequest.batch_id == b.id, BatchRequest.url.is_null(False))
+           if normalise(r.url or "")[0] != want]
+    for ids in chunks(bad):
+        add_problem(f"url does not match the batch endpoint {b.endpoint}", "batch endpoint",
+                    BatchRequest.id.in_(ids))
+
+
+def upsert_upload(row: dict[str, Any]) -> None:
+    row = {k: v for k, v in row.items() if v is not None}
+    if Upload.get_or_none(Upload.id == row["id"]) is None:
+        Upload.insert(**row).on_conflict_ignore().execute()
+    else:
+        Upload.update(**{k: v for k, v in row.items() if k != "id"}).where(Upload.id == row["id"]).execute()
+    if row.get("status") in ("cancelled", "expired"):  # no file will come of it
+        parts = UploadPart.select(UploadPart.id).where(UploadPart.upload_id == row["id"])
+        BatchRequest.delete().where(BatchRequest.upload_part_id.in_(parts),
+                                    BatchRequest.file_id.is_null()).execute()
+
+
+def part_seen(p: PartSeen) -> None:
+    UploadPart.insert(id=p.id, upload_id=p.upload_id, head=p.head, tail=p.tail, lines=p.lines, bytes=p.bytes,
+                      seen_at=p.seen_at).on_conflict_ignore().execute()
+
+
+def complete_upload(p: UploadCompleted) -> None:
+    """Number the parts' lines in ``part_ids`` order and stitch the lines that span parts."""
+    frow = p.file
+    if not frow:
+        return
+    fid = frow["id"]
+    parts = {u.id: u for u in UploadPart.select().where(UploadPart.id.in_(p.part_ids))}
+    missing = [pid for pid in p.part_ids if pid not in parts]
+    n, carry, stitched = 0, b"", []
+    for pid in p.part_ids:
+        part = parts.get(pid)
+        if part is None:
+            continue
+        head = bytes(part.head or b"")
+        if part.tail is None:  # no newline in this part
+            carry += head
+            continue
+        n += 1
+        stitched.append(_line(n, carry + head))
+        BatchRequest.update(file_id=fid, line_no=BatchRequest.part_line_no + n).where(
+            BatchRequest.upload_part_id == pid, BatchRequest.file_id.is_null()).execute()
+        n += part.lines
+        carry = bytes(part.tail)
+    if carry:
+        n += 1
+        last = _line(n, carry)
+        last.final_newline = False
+        stitched.append(last)
+    rows = [{**request_row(line), "line_no": line.no} for line in stitched]
+    frow = {**frow, "role": "input", "lines": n, "content_seen": True, "complete": not missing}
+    if missing:
+        frow["problem"] = f"parts not seen by the proxy: {', '.join(missing)}"
+    upsert_file(frow)
+    add_requests(fid, rows)
+
+
+def _line(no: int, data: bytes) -> Line:
+    if data.endswith(b"\r"):
+        return Line(no, data[:-1], crlf=True)
+    return Line(no, data)

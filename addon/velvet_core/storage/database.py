@@ -1,0 +1,67 @@
+"""Open a database from a URL and bring its schema to the current version (see migrations.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+
+from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
+
+__all__ = ["SCHEMA_VERSION", "DatabaseURLError", "check_url", "connect", "migrate", "open_db", "schema_version",
+           "sqlite_path"]
+
+
+class DatabaseURLError(ValueError):
+    pass
+
+
+def check_url(url: str) -> str:
+    """Raise :class:`DatabaseURLError` unless ``url`` is a usable sqlite or postgresql URL."""
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if not parts.path or parts.path == "/":
+            raise DatabaseURLError(f"{url!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
+    elif parts.scheme in ("postgresql", "postgres"):
+        if not parts.path.strip("/"):
+            raise DatabaseURLError(f"{url!r}: a PostgreSQL URL needs a database name, "
+                                   "e.g. postgresql://user:pass@host:5432/velvet")
+    else:
+        raise DatabaseURLError(f"{url!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
+    return url
+
+
+def sqlite_path(url: str) -> str:
+    """As SQLAlchemy and peewee: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute."""
+    return unquote(urlsplit(url).path)[1:]
+
+
+def connect(url: str, *, readonly: bool = False) -> Database:
+    """A peewee Database for ``url`` (not yet connected)."""
+    check_url(url)
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        path = sqlite_path(url)
+        if not readonly:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        pragmas = {"busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
+                   "foreign_keys": 1}
+        if readonly:
+            return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
+        return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
+    query: dict[str, Any] = dict(parse_qsl(parts.query))
+    return PostgresqlDatabase(
+        unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
+        password=unquote(parts.password or "") or None, host=parts.hostname or None,
+        port=parts.port, **query,
+    )
+
+
+def open_db(url: str) -> Database:
+    """Connect and migrate."""
+    db = connect(url)
+    db.connect(reuse_if_open=True)
+    migrate(db)
+    return db

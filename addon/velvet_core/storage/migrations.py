@@ -1,0 +1,605 @@
+"""The database schema's history: a frozen baseline and named, append-only steps after it.
+
+Nothing here reads the peewee models: a step must do the same thing on every database forever, so
+each one is written out as it was the day it was added. To change the schema, append a step to
+:data:`MIGRATIONS` (and change the models to match); never edit the baseline or an existing step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peewee import Database, PostgresqlDatabase, SqliteDatabase
+
+log = logging.getLogger(__name__)
+
+# The two views as of schema v2, the same SQL on both backends.
+VIEWS_V2 = """
+CREATE VIEW batch_summary AS
+SELECT b.*,
+  (SELECT count(*) FROM batch_requests r WHERE r.batch_id = b.id) AS lines,
+  (SELECT count(*) FROM batch_results x
+    WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND NOT x.failed) AS answered,
+  (SELECT count(*) FROM batch_results x
+    WHERE x.batch_id = b.id AND x.request_row_id IS NOT NULL AND x.failed) AS failed,
+  (SELECT sum(x.cost_usd) FROM batch_results x WHERE x.batch_id = b.id) AS cost_usd
+FROM batches b;
+
+CREATE VIEW batch_lines AS
+SELECT r.id AS request_row_id, r.batch_id, r.custom_id, r.line_no, r.file_id AS input_file_id,
+       r.model AS model_requested, r.url, r.body AS request_body, r.problem AS request_problem,
+       x.file_id AS result_file_id, x.model, x.status_code, x.failed, x.error_code,
+       x.error_message, x.request_id, x.body AS response_body, x.input_tokens, x.output_tokens,
+       x.cached_tokens, x.reasoning_tokens, x.total_tokens, x.cost_usd
+FROM batch_requests r LEFT JOIN batch_results x ON x.request_row_id = r.id;
+"""
+
+# A new database starts at schema v2, written out as velvet 0.1 created it (peewee's DDL for its models,
+# minus the indexes step 2 drops) so that a new database and an upgraded one end up alike.
+BASELINE_VERSION = 2
+
+BASELINE_SQLITE = """
+CREATE TABLE "velvet_meta" (
+    "key" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "value" TEXT NOT NULL
+);
+
+CREATE TABLE "calls" (
+    "id" INTEGER NOT NULL PRIMARY KEY,
+    "flow_id" VARCHAR(255) NOT NULL,
+    "started_at" DATETIME NOT NULL,
+    "request_end_at" DATETIME,
+    "first_byte_at" DATETIME,
+    "ended_at" DATETIME,
+    "latency_ms" REAL,
+    "ttft_ms" REAL,
+    "processing_ms" INTEGER,
+    "method" VARCHAR(255) NOT NULL,
+    "host" VARCHAR(255) NOT NULL,
+    "path" TEXT NOT NULL,
+    "endpoint" VARCHAR(255) NOT NULL,
+    "action" VARCHAR(255) NOT NULL,
+    "object_id" VARCHAR(255),
+    "model_requested" VARCHAR(255),
+    "model" VARCHAR(255),
+    "deployment" VARCHAR(255),
+    "status_code" INTEGER,
+    "stream" INTEGER NOT NULL,
+    "complete" INTEGER NOT NULL,
+    "service_tier" VARCHAR(255),
+    "request_id" VARCHAR(255),
+    "organization" VARCHAR(255),
+    "project" VARCHAR(255),
+    "key_fingerprint" VARCHAR(255),
+    "rl_limit_requests" INTEGER,
+    "rl_limit_tokens" INTEGER,
+    "rl_remaining_requests" INTEGER,
+    "rl_remaining_tokens" INTEGER,
+    "rl_reset_requests" VARCHAR(255),
+    "rl_reset_tokens" VARCHAR(255),
+    "input_tokens" INTEGER,
+    "output_tokens" INTEGER,
+    "cached_tokens" INTEGER,
+    "reasoning_tokens" INTEGER,
+    "total_tokens" INTEGER,
+    "cost_usd" REAL,
+    "error_type" VARCHAR(255),
+    "error_code" VARCHAR(255),
+    "error_message" TEXT,
+    "finish_reason" VARCHAR(255),
+    "response_text" TEXT,
+    "problem" TEXT,
+    "tags" TEXT,
+    "request_headers" TEXT,
+    "response_headers" TEXT,
+    "request_bytes" INTEGER,
+    "response_bytes" INTEGER,
+    "request_body" TEXT,
+    "response_body" TEXT
+);
+CREATE UNIQUE INDEX "calls_flow_id" ON "calls" ("flow_id");
+CREATE INDEX "calls_started_at" ON "calls" ("started_at");
+CREATE INDEX "calls_endpoint" ON "calls" ("endpoint");
+CREATE INDEX "calls_object_id" ON "calls" ("object_id");
+CREATE INDEX "calls_model" ON "calls" ("model");
+CREATE INDEX "calls_status_code" ON "calls" ("status_code");
+CREATE INDEX "calls_request_id" ON "calls" ("request_id");
+CREATE INDEX "calls_key_fingerprint" ON "calls" ("key_fingerprint");
+
+CREATE TABLE "files" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "purpose" VARCHAR(255),
+    "filename" TEXT,
+    "bytes" INTEGER,
+    "created_at" DATETIME,
+    "expires_at" DATETIME,
+    "status" VARCHAR(255),
+    "deleted" INTEGER NOT NULL,
+    "role" VARCHAR(255),
+    "batch_id" VARCHAR(255),
+    "upload_id" VARCHAR(255),
+    "lines" INTEGER,
+    "bad_lines" INTEGER,
+    "content_seen" INTEGER NOT NULL,
+    "complete" INTEGER,
+    "problem" TEXT,
+    "first_seen_at" DATETIME NOT NULL,
+    "updated_at" DATETIME NOT NULL
+);
+CREATE INDEX "files_purpose" ON "files" ("purpose");
+CREATE INDEX "files_batch_id" ON "files" ("batch_id");
+
+CREATE TABLE "batches" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "status" VARCHAR(255) NOT NULL,
+    "endpoint" VARCHAR(255),
+    "model" VARCHAR(255),
+    "completion_window" VARCHAR(255),
+    "input_file_id" VARCHAR(255),
+    "output_file_id" VARCHAR(255),
+    "error_file_id" VARCHAR(255),
+    "metadata" TEXT,
+    "output_expires_after" TEXT,
+    "created_at" DATETIME,
+    "in_progress_at" DATETIME,
+    "expires_at" DATETIME,
+    "finalizing_at" DATETIME,
+    "completed_at" DATETIME,
+    "failed_at" DATETIME,
+    "expired_at" DATETIME,
+    "cancelling_at" DATETIME,
+    "cancelled_at" DATETIME,
+    "request_total" INTEGER,
+    "request_completed" INTEGER,
+    "request_failed" INTEGER,
+    "errors" TEXT,
+    "usage" TEXT,
+    "input_tokens" INTEGER,
+    "output_tokens" INTEGER,
+    "cached_tokens" INTEGER,
+    "reasoning_tokens" INTEGER,
+    "total_tokens" INTEGER,
+    "usage_cost_usd" REAL,
+    "queue_s" REAL,
+    "processing_s" REAL,
+    "finalize_s" REAL,
+    "turnaround_s" REAL,
+    "key_fingerprint" VARCHAR(255),
+    "first_seen_at" DATETIME NOT NULL,
+    "last_seen_at" DATETIME NOT NULL
+);
+CREATE INDEX "batches_status" ON "batches" ("status");
+CREATE INDEX "batches_model" ON "batches" ("model");
+CREATE INDEX "batches_input_file_id" ON "batches" ("input_file_id");
+CREATE INDEX "batches_created_at" ON "batches" ("created_at");
+
+CREATE TABLE "batch_events" (
+    "id" INTEGER NOT NULL PRIMARY KEY,
+    "batch_id" VARCHAR(255) NOT NULL,
+    "status" VARCHAR(255) NOT NULL,
+    "previous_status" VARCHAR(255),
+    "observed_at" DATETIME NOT NULL,
+    "api_at" DATETIME,
+    "source" VARCHAR(255) NOT NULL
+);
+CREATE INDEX "batch_events_batch_id" ON "batch_events" ("batch_id");
+CREATE UNIQUE INDEX "batch_events_batch_id_status" ON "batch_events" ("batch_id", "status");
+
+CREATE TABLE "batch_errors" (
+    "id" INTEGER NOT NULL PRIMARY KEY,
+    "batch_id" VARCHAR(255) NOT NULL,
+    "code" VARCHAR(255),
+    "message" TEXT,
+    "param" VARCHAR(255),
+    "line" INTEGER
+);
+CREATE INDEX "batch_errors_batch_id" ON "batch_errors" ("batch_id");
+CREATE UNIQUE INDEX "batch_errors_batch_id_code_line_message"
+    ON "batch_errors" ("batch_id", "code", "line", "message");
+
+CREATE TABLE "batch_requests" (
+    "id" INTEGER NOT NULL PRIMARY KEY,
+    "file_id" VARCHAR(255),
+    "upload_part_id" VARCHAR(255),
+    "part_line_no" INTEGER,
+    "line_no" INTEGER,
+    "custom_id" VARCHAR(255),
+    "method" VARCHAR(255),
+    "url" VARCHAR(255),
+    "model" VARCHAR(255),
+    "body" TEXT,
+    "problem" TEXT,
+    "batch_id" VARCHAR(255)
+);
+CREATE UNIQUE INDEX "batch_requests_file_id_line_no" ON "batch_requests" ("file_id", "line_no");
+CREATE UNIQUE INDEX "batch_requests_upload_part_id_part_line_no"
+    ON "batch_requests" ("upload_part_id", "part_line_no");
+CREATE INDEX "batch_requests_batch_id_custom_id" ON "batch_requests" ("batch_id", "custom_id");
+
+CREATE TABLE "batch_results" (
+    "id" INTEGER NOT NULL PRIMARY KEY,
+    "file_id" VARCHAR(255) NOT NULL,
+    "line_no" INTEGER NOT NULL,
+    "batch_id" VARCHAR(255),
+    "custom_id" VARCHAR(255),
+    "request_row_id" INTEGER,
+    "result_id" VARCHAR(255),
+    "status_code" INTEGER,
+    "request_id" VARCHAR(255),
+    "model" VARCHAR(255),
+    "body" TEXT,
+    "error_code" VARCHAR(255),
+    "error_message" TEXT,
+    "input_tokens" INTEGER,
+    "output_tokens" INTEGER,
+    "cached_tokens" INTEGER,
+    "reasoning_tokens" INTEGER,
+    "total_tokens" INTEGER,
+    "cost_usd" REAL,
+    "failed" INTEGER NOT NULL,
+    "problem" TEXT,
+    "seen_at" DATETIME NOT NULL,
+    FOREIGN KEY ("request_row_id") REFERENCES "batch_requests" ("id") ON DELETE SET NULL
+);
+CREATE INDEX "batch_results_request_row_id" ON "batch_results" ("request_row_id");
+CREATE UNIQUE INDEX "batch_results_file_id_line_no" ON "batch_results" ("file_id", "line_no");
+CREATE INDEX "batch_results_batch_id_custom_id" ON "batch_results" ("batch_id", "custom_id");
+
+CREATE TABLE "uploads" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "filename" TEXT,
+    "bytes" INTEGER,
+    "purpose" VARCHAR(255),
+    "status" VARCHAR(255),
+    "file_id" VARCHAR(255),
+    "part_ids" TEXT,
+    "created_at" DATETIME,
+    "updated_at" DATETIME NOT NULL
+);
+
+CREATE TABLE "upload_parts" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "upload_id" VARCHAR(255) NOT NULL,
+    "head" BLOB,
+    "tail" BLOB,
+    "lines" INTEGER NOT NULL,
+    "bytes" INTEGER,
+    "seen_at" DATETIME NOT NULL
+);
+CREATE INDEX "upload_parts_upload_id" ON "upload_parts" ("upload_id");
+""" + VIEWS_V2
+
+BASELINE_PG = """
+CREATE TABLE "velvet_meta" (
+    "key" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "value" TEXT NOT NULL
+);
+
+CREATE TABLE "calls" (
+    "id" SERIAL NOT NULL PRIMARY KEY,
+    "flow_id" VARCHAR(255) NOT NULL,
+    "started_at" TIMESTAMP NOT NULL,
+    "request_end_at" TIMESTAMP,
+    "first_byte_at" TIMESTAMP,
+    "ended_at" TIMESTAMP,
+    "latency_ms" REAL,
+    "ttft_ms" REAL,
+    "processing_ms" INTEGER,
+    "method" VARCHAR(255) NOT NULL,
+    "host" VARCHAR(255) NOT NULL,
+    "path" TEXT NOT NULL,
+    "endpoint" VARCHAR(255) NOT NULL,
+    "action" VARCHAR(255) NOT NULL,
+    "object_id" VARCHAR(255),
+    "model_requested" VARCHAR(255),
+    "model" VARCHAR(255),
+    "deployment" VARCHAR(255),
+    "status_code" INTEGER,
+    "stream" BOOLEAN NOT NULL,
+    "complete" BOOLEAN NOT NULL,
+    "service_tier" VARCHAR(255),
+    "request_id" VARCHAR(255),
+    "organization" VARCHAR(255),
+    "project" VARCHAR(255),
+    "key_fingerprint" VARCHAR(255),
+    "rl_limit_requests" BIGINT,
+    "rl_limit_tokens" BIGINT,
+    "rl_remaining_requests" BIGINT,
+    "rl_remaining_tokens" BIGINT,
+    "rl_reset_requests" VARCHAR(255),
+    "rl_reset_tokens" VARCHAR(255),
+    "input_tokens" BIGINT,
+    "output_tokens" BIGINT,
+    "cached_tokens" BIGINT,
+    "reasoning_tokens" BIGINT,
+    "total_tokens" BIGINT,
+    "cost_usd" REAL,
+    "error_type" VARCHAR(255),
+    "error_code" VARCHAR(255),
+    "error_message" TEXT,
+    "finish_reason" VARCHAR(255),
+    "response_text" TEXT,
+    "problem" TEXT,
+    "tags" TEXT,
+    "request_headers" TEXT,
+    "response_headers" TEXT,
+    "request_bytes" BIGINT,
+    "response_bytes" BIGINT,
+    "request_body" TEXT,
+    "response_body" TEXT
+);
+CREATE UNIQUE INDEX "calls_flow_id" ON "calls" ("flow_id");
+CREATE INDEX "calls_started_at" ON "calls" ("started_at");
+CREATE INDEX "calls_endpoint" ON "calls" ("endpoint");
+CREATE INDEX "calls_object_id" ON "calls" ("object_id");
+CREATE INDEX "calls_model" ON "calls" ("model");
+CREATE INDEX "calls_status_code" ON "calls" ("status_code");
+CREATE INDEX "calls_request_id" ON "calls" ("request_id");
+CREATE INDEX "calls_key_fingerprint" ON "calls" ("key_fingerprint");
+
+CREATE TABLE "files" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "purpose" VARCHAR(255),
+    "filename" TEXT,
+    "bytes" BIGINT,
+    "created_at" TIMESTAMP,
+    "expires_at" TIMESTAMP,
+    "status" VARCHAR(255),
+    "deleted" BOOLEAN NOT NULL,
+    "role" VARCHAR(255),
+    "batch_id" VARCHAR(255),
+    "upload_id" VARCHAR(255),
+    "lines" INTEGER,
+    "bad_lines" INTEGER,
+    "content_seen" BOOLEAN NOT NULL,
+    "complete" BOOLEAN,
+    "problem" TEXT,
+    "first_seen_at" TIMESTAMP NOT NULL,
+    "updated_at" TIMESTAMP NOT NULL
+);
+CREATE INDEX "files_purpose" ON "files" ("purpose");
+CREATE INDEX "files_batch_id" ON "files" ("batch_id");
+
+CREATE TABLE "batches" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "status" VARCHAR(255) NOT NULL,
+    "endpoint" VARCHAR(255),
+    "model" VARCHAR(255),
+    "completion_window" VARCHAR(255),
+    "input_file_id" VARCHAR(255),
+    "output_file_id" VARCHAR(255),
+    "error_file_id" VARCHAR(255),
+    "metadata" TEXT,
+    "output_expires_after" TEXT,
+    "created_at" TIMESTAMP,
+    "in_progress_at" TIMESTAMP,
+    "expires_at" TIMESTAMP,
+    "finalizing_at" TIMESTAMP,
+    "completed_at" TIMESTAMP,
+    "failed_at" TIMESTAMP,
+    "expired_at" TIMESTAMP,
+    "cancelling_at" TIMESTAMP,
+    "cancelled_at" TIMESTAMP,
+    "request_total" INTEGER,
+    "request_completed" INTEGER,
+    "request_failed" INTEGER,
+    "errors" TEXT,
+    "usage" TEXT,
+    "input_tokens" BIGINT,
+    "output_tokens" BIGINT,
+    "cached_tokens" BIGINT,
+    "reasoning_tokens" BIGINT,
+    "total_tokens" BIGINT,
+    "usage_cost_usd" REAL,
+    "queue_s" REAL,
+    "processing_s" REAL,
+    "finalize_s" REAL,
+    "turnaround_s" REAL,
+    "key_fingerprint" VARCHAR(255),
+    "first_seen_at" TIMESTAMP NOT NULL,
+    "last_seen_at" TIMESTAMP NOT NULL
+);
+CREATE INDEX "batches_status" ON "batches" ("status");
+CREATE INDEX "batches_model" ON "batches" ("model");
+CREATE INDEX "batches_input_file_id" ON "batches" ("input_file_id");
+CREATE INDEX "batches_created_at" ON "batches" ("created_at");
+
+CREATE TABLE "batch_events" (
+    "id" SERIAL NOT NULL PRIMARY KEY,
+    "batch_id" VARCHAR(255) NOT NULL,
+    "status" VARCHAR(255) NOT NULL,
+    "previous_status" VARCHAR(255),
+    "observed_at" TIMESTAMP NOT NULL,
+    "api_at" TIMESTAMP,
+    "source" VARCHAR(255) NOT NULL
+);
+CREATE INDEX "batch_events_batch_id" ON "batch_events" ("batch_id");
+CREATE UNIQUE INDEX "batch_events_batch_id_status" ON "batch_events" ("batch_id", "status");
+
+CREATE TABLE "batch_errors" (
+    "id" SERIAL NOT NULL PRIMARY KEY,
+    "batch_id" VARCHAR(255) NOT NULL,
+    "code" VARCHAR(255),
+    "message" TEXT,
+    "param" VARCHAR(255),
+    "line" INTEGER
+);
+CREATE INDEX "batch_errors_batch_id" ON "batch_errors" ("batch_id");
+CREATE UNIQUE INDEX "batch_errors_batch_id_code_line_message"
+    ON "batch_errors" ("batch_id", "code", "line", "message");
+
+CREATE TABLE "batch_requests" (
+    "id" SERIAL NOT NULL PRIMARY KEY,
+    "file_id" VARCHAR(255),
+    "upload_part_id" VARCHAR(255),
+    "part_line_no" INTEGER,
+    "line_no" INTEGER,
+    "custom_id" VARCHAR(255),
+    "method" VARCHAR(255),
+    "url" VARCHAR(255),
+    "model" VARCHAR(255),
+    "body" TEXT,
+    "problem" TEXT,
+    "batch_id" VARCHAR(255)
+);
+CREATE UNIQUE INDEX "batch_requests_file_id_line_no" ON "batch_requests" ("file_id", "line_no");
+CREATE UNIQUE INDEX "batch_requests_upload_part_id_part_line_no"
+    ON "batch_requests" ("upload_part_id", "part_line_no");
+CREATE INDEX "batch_requests_batch_id_custom_id" ON "batch_requests" ("batch_id", "custom_id");
+
+CREATE TABLE "batch_results" (
+    "id" SERIAL NOT NULL PRIMARY KEY,
+    "file_id" VARCHAR(255) NOT NULL,
+    "line_no" INTEGER NOT NULL,
+    "batch_id" VARCHAR(255),
+    "custom_id" VARCHAR(255),
+    "request_row_id" INTEGER,
+    "result_id" VARCHAR(255),
+    "status_code" INTEGER,
+    "request_id" VARCHAR(255),
+    "model" VARCHAR(255),
+    "body" TEXT,
+    "error_code" VARCHAR(255),
+    "error_message" TEXT,
+    "input_tokens" BIGINT,
+    "output_tokens" BIGINT,
+    "cached_tokens" BIGINT,
+    "reasoning_tokens" BIGINT,
+    "total_tokens" BIGINT,
+    "cost_usd" REAL,
+    "failed" BOOLEAN NOT NULL,
+    "problem" TEXT,
+    "seen_at" TIMESTAMP NOT NULL,
+    FOREIGN KEY ("request_row_id") REFERENCES "batch_requests" ("id") ON DELETE SET NULL
+);
+CREATE INDEX "batch_results_request_row_id" ON "batch_results" ("request_row_id");
+CREATE UNIQUE INDEX "batch_results_file_id_line_no" ON "batch_results" ("file_id", "line_no");
+CREATE INDEX "batch_results_batch_id_custom_id" ON "batch_results" ("batch_id", "custom_id");
+
+CREATE TABLE "uploads" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "filename" TEXT,
+    "bytes" BIGINT,
+    "purpose" VARCHAR(255),
+    "status" VARCHAR(255),
+    "file_id" VARCHAR(255),
+    "part_ids" TEXT,
+    "created_at" TIMESTAMP,
+    "updated_at" TIMESTAMP NOT NULL
+);
+
+CREATE TABLE "upload_parts" (
+    "id" VARCHAR(255) NOT NULL PRIMARY KEY,
+    "upload_id" VARCHAR(255) NOT NULL,
+    "head" BYTEA,
+    "tail" BYTEA,
+    "lines" INTEGER NOT NULL,
+    "bytes" BIGINT,
+    "seen_at" TIMESTAMP NOT NULL
+);
+CREATE INDEX "upload_parts_upload_id" ON "upload_parts" ("upload_id");
+""" + VIEWS_V2
+
+
+def _run(db: Database, script: str) -> None:
+    # statement by statement: sqlite3 runs one per call, and its executescript would commit the transaction
+    for statement in script.split(";\n"):
+        if statement.strip():
+            db.execute_sql(statement)
+
+
+def _drop_redundant_indexes(db: Database) -> None:
+    # single-column indexes that the composite ones already cover: each cost every inserted line time
+    for name in ("batch_requests_file_id", "batch_requests_upload_part_id", "batch_requests_custom_id",
+                 "batch_requests_batch_id", "batch_results_file_id", "batch_results_batch_id",
+                 "batch_results_custom_id"):
+        db.execute_sql(f'DROP INDEX IF EXISTS "{name}"')
+
+
+# Every VARCHAR(255) column of schema v2 but velvet_meta.key: ids, names and codes that clients or the
+# API choose, which nothing promises to keep under 255 characters.
+_BOUNDED_COLUMNS = {
+    "calls": "flow_id method host endpoint action object_id model_requested model deployment service_tier "
+             "request_id organization project key_fingerprint rl_reset_requests rl_reset_tokens error_type "
+             "error_code finish_reason",
+    "files": "id purpose status role batch_id upload_id",
+    "batches": "id status endpoint model completion_window input_file_id output_file_id error_file_id "
+               "key_fingerprint",
+    "batch_events": "batch_id status previous_status source",
+    "batch_errors": "batch_id code param",
+    "batch_requests": "file_id upload_part_id custom_id method url model batch_id",
+    "batch_results": "file_id batch_id custom_id result_id request_id model error_code",
+    "uploads": "id purpose status file_id",
+    "upload_parts": "id upload_id",
+}
+
+
+def _unbounded_text(db: Database) -> None:
+    if isinstance(db, SqliteDatabase):
+        return  # SQLite never enforces a VARCHAR length (the column already has TEXT affinity)
+    # PostgreSQL refuses to retype a column that a view reads: drop the views, recreate them after
+    db.execute_sql("DROP VIEW IF EXISTS batch_summary, batch_lines")
+    for table, columns in _BOUNDED_COLUMNS.items():
+        alters = ", ".join(f'ALTER COLUMN "{column}" TYPE TEXT' for column in columns.split())
+        db.execute_sql(f'ALTER TABLE "{table}" {alters}')
+    _run(db, VIEWS_V2)
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
+
+    version: int
+    name: str
+    apply: Callable[[Database], None]
+
+
+# Append only. Schema v1 (velvet before 0.1) was peewee's create_tables plus the views; a v1 database
+# takes every step here, a new one starts from the baseline and takes those after it.
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "drop_redundant_indexes", _drop_redundant_indexes),
+    Migration(3, "unbounded_text", _unbounded_text),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+
+def schema_version(db: Database) -> int:
+    """The schema version recorded in the database, 0 for an empty one."""
+    if not db.table_exists("velvet_meta"):
+        return 0
+    row = db.execute_sql(f'SELECT "value" FROM "velvet_meta" WHERE "key" = {db.param}',
+                         ("schema_version",)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _set_version(db: Database, version: int) -> None:
+    db.execute_sql(f'INSERT INTO "velvet_meta" ("key", "value") VALUES ({db.param}, {db.param}) '
+                   'ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value"',
+                   ("schema_version", str(version)))
+
+
+def migrate(db: Database) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; safe when several proxies start at once."""
+    # One transaction under a lock: the first proxy migrates, the others wait, then find nothing to do.
+    lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
+    with db.atomic(**lock):
+        if isinstance(db, PostgresqlDatabase):
+            db.execute_sql("SELECT pg_advisory_xact_lock(7041995)")
+        current = schema_version(db)
+        if current > SCHEMA_VERSION:
+            raise RuntimeError(f"database schema v{current} is newer than this velvet (v{SCHEMA_VERSION})")
+        if current == 0:
+            log.info("velvet: creating database schema v%d (baseline)", BASELINE_VERSION)
+            _run(db, BASELINE_SQLITE if isinstance(db, SqliteDatabase) else BASELINE_PG)
+            _set_version(db, BASELINE_VERSION)
+            current = BASELINE_VERSION
+        for step in MIGRATIONS:
+            if step.version > current:
+                log.info("velvet: migrating database schema to v%d (%s)", step.version, step.name)
+                step.apply(db)
+                _set_version(db, step.version)
+                current = step.version
+        return current

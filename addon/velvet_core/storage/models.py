@@ -1,0 +1,333 @@
+"""The peewee models the code reads and writes through, one set for SQLite and PostgreSQL.
+
+The tables themselves are made by migrations.py; a schema change is a new step there and the matching
+change here. Strings are unbounded text, timestamps naive UTC ``datetime``, JSON documents text.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    BlobField,
+    BooleanField,
+    CharField,
+    Database,
+    DatabaseProxy,
+    DateTimeField,
+    FloatField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+    TextField,
+)
+
+
+class ThreadDatabase(DatabaseProxy):
+    """A database proxy bound per thread: the writer thread and any reader each use their own."""
+
+    __slots__ = ("_local",)
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_local", threading.local())
+        super().__init__()
+
+    @property
+    def obj(self) -> Database | None:
+        return getattr(self._local, "obj", None)
+
+    @obj.setter
+    def obj(self, value: Database | None) -> None:
+        self._local.obj = value
+
+    def __setattr__(self, attr: str, value: Any) -> None:  # peewee's Proxy allows only its own slots
+        object.__setattr__(self, attr, value)
+
+
+db = ThreadDatabase()
+
+
+@contextmanager
+def use(database: Database) -> Iterator[Database]:
+    """Run the models against ``database`` in this thread."""
+    previous = db.obj
+    db.obj = database
+    try:
+        yield database
+    finally:
+        db.obj = previous
+
+
+
+class Base(Model):
+    class Meta:
+        database = db
+        legacy_table_names = False
+
+
+class Meta(Base):
+    """Key/value facts about the database itself, such as ``schema_version``."""
+
+    key = CharField(primary_key=True)
+    value = TextField()
+
+    class Meta:
+        table_name = "velvet_meta"
+
+
+class Call(Base):
+    """One HTTP call to the API as seen by the proxy."""
+
+    id = AutoField()
+    flow_id = TextField(unique=True)
+    started_at = DateTimeField(index=True)
+    request_end_at = DateTimeField(null=True)
+    first_byte_at = DateTimeField(null=True)
+    ended_at = DateTimeField(null=True)
+    latency_ms = FloatField(null=True)
+    ttft_ms = FloatField(null=True)
+    processing_ms = IntegerField(null=True)
+    method = TextField()
+    host = TextField()
+    path = TextField()
+    endpoint = TextField(index=True)
+    action = TextField()
+    object_id = TextField(null=True, index=True)
+    model_requested = TextField(null=True)
+    model = TextField(null=True, index=True)
+    deployment = TextField(null=True)
+    status_code = IntegerField(null=True, index=True)
+    stream = BooleanField(default=False)
+    complete = BooleanField(default=True)
+    service_tier = TextField(null=True)
+    request_id = TextField(null=True, index=True)
+    organization = TextField(null=True)
+    project = TextField(null=True)
+    key_fingerprint = TextField(null=True, index=True)
+    rl_limit_requests = BigIntegerField(null=True)
+    rl_limit_tokens = BigIntegerField(null=True)
+    rl_remaining_requests = BigIntegerField(null=True)
+    rl_remaining_tokens = BigIntegerField(null=True)
+    rl_reset_requests = TextField(null=True)
+    rl_reset_tokens = TextField(null=True)
+    input_tokens = BigIntegerField(null=True)
+    output_tokens = BigIntegerField(null=True)
+    cached_tokens = BigIntegerField(null=True)
+    reasoning_tokens = BigIntegerField(null=True)
+    total_tokens = BigIntegerField(null=True)
+    cost_usd = FloatField(null=True)
+    error_type = TextField(null=True)
+    error_code = TextField(null=True)
+    error_message = TextField(null=True)
+    finish_reason = TextField(null=True)
+    response_text = TextField(null=True)
+    problem = TextField(null=True)
+    tags = TextField(null=True)
+    request_headers = TextField(null=True)
+    response_headers = TextField(null=True)
+    request_bytes = BigIntegerField(null=True)
+    response_bytes = BigIntegerField(null=True)
+    request_body = TextField(null=True)
+    response_body = TextField(null=True)
+
+    class Meta:
+        table_name = "calls"
+
+
+class File(Base):
+    """A file known to the API (batch input, output or error file, or another purpose)."""
+
+    id = TextField(primary_key=True)
+    purpose = TextField(null=True, index=True)
+    filename = TextField(null=True)
+    bytes = BigIntegerField(null=True)
+    created_at = DateTimeField(null=True)
+    expires_at = DateTimeField(null=True)
+    status = TextField(null=True)
+    deleted = BooleanField(default=False)
+    role = TextField(null=True)  # input, output, error
+    batch_id = TextField(null=True, index=True)
+    upload_id = TextField(null=True)
+    lines = IntegerField(null=True)
+    bad_lines = IntegerField(null=True)
+    content_seen = BooleanField(default=False)
+    complete = BooleanField(null=True)
+    problem = TextField(null=True)
+    first_seen_at = DateTimeField()
+    updated_at = DateTimeField()
+
+    class Meta:
+        table_name = "files"
+
+
+class Batch(Base):
+    """A Batch API job with every lifecycle timestamp the API gave and derived durations."""
+
+    id = TextField(primary_key=True)
+    status = TextField(index=True)
+    endpoint = TextField(null=True)
+    model = TextField(null=True, index=True)
+    completion_window = TextField(null=True)
+    input_file_id = TextField(null=True, index=True)
+    output_file_id = TextField(null=True)
+    error_file_id = TextField(null=True)
+    metadata = TextField(null=True)
+    output_expires_after = TextField(null=True)
+    created_at = DateTimeField(null=True, index=True)
+    in_progress_at = DateTimeField(null=True)
+    expires_at = DateTimeField(null=True)
+    finalizing_at = DateTimeField(null=True)
+    completed_at = DateTimeField(null=True)
+    failed_at = DateTimeField(null=True)
+    expired_at = DateTimeField(null=True)
+    cancelling_at = DateTimeField(null=True)
+    cancelled_at = DateTimeField(null=True)
+    request_total = IntegerField(null=True)
+    request_completed = IntegerField(null=True)
+    request_failed = IntegerField(null=True)
+    errors = TextField(null=True)
+    usage = TextField(null=True)
+    input_tokens = BigIntegerField(null=True)
+    output_tokens = BigIntegerField(null=True)
+    cached_tokens = BigIntegerField(null=True)
+    reasoning_tokens = BigIntegerField(null=True)
+    total_tokens = BigIntegerField(null=True)
+    usage_cost_usd = FloatField(null=True)
+    queue_s = FloatField(null=True)
+    processing_s = FloatField(null=True)
+    finalize_s = FloatField(null=True)
+    turnaround_s = FloatField(null=True)
+    key_fingerprint = TextField(null=True)
+    first_seen_at = DateTimeField()
+    last_seen_at = DateTimeField()
+
+    class Meta:
+        table_name = "batches"
+
+
+class BatchEvent(Base):
+    """A status we observed for a batch, the time we saw it and the API's own timestamp for it."""
+
+    id = AutoField()
+    batch_id = TextField(index=True)
+    status = TextField()
+    previous_status = TextField(null=True)
+    observed_at = DateTimeField()
+    api_at = DateTimeField(null=True)
+    source = TextField()
+
+    class Meta:
+        table_name = "batch_events"
+        indexes = ((("batch_id", "status"), True),)
+
+
+class BatchError(Base):
+    """A batch-level error (validation), with the input line it points at."""
+
+    id = AutoField()
+    batch_id = TextField(index=True)
+    code = TextField(null=True)
+    message = TextField(null=True)
+    param = TextField(null=True)
+    line = IntegerField(null=True)
+
+    class Meta:
+        table_name = "batch_errors"
+        indexes = ((("batch_id", "code", "line", "message"), True),)
+
+
+class BatchRequest(Base):
+    """One line of a batch input file: the exact request."""
+
+    id = AutoField()
+    file_id = TextField(null=True)  # indexed by (file_id, line_no)
+    upload_part_id = TextField(null=True)  # indexed by (upload_part_id, part_line_no)
+    part_line_no = IntegerField(null=True)
+    line_no = IntegerField(null=True)
+    custom_id = TextField(null=True)
+    method = TextField(null=True)
+    url = TextField(null=True)
+    model = TextField(null=True)
+    body = TextField(null=True)
+    problem = TextField(null=True)
+    batch_id = TextField(null=True)  # indexed by (batch_id, custom_id)
+
+    class Meta:
+        table_name = "batch_requests"
+        indexes = (
+            (("file_id", "line_no"), True),
+            (("upload_part_id", "part_line_no"), True),
+            (("batch_id", "custom_id"), False),
+        )
+
+
+class BatchResult(Base):
+    """One line of a batch output or error file, linked to its request once both are known."""
+
+    id = AutoField()
+    file_id = TextField()  # indexed by (file_id, line_no)
+    line_no = IntegerField()
+    batch_id = TextField(null=True)  # indexed by (batch_id, custom_id)
+    custom_id = TextField(null=True)
+    request = ForeignKeyField(BatchRequest, null=True, backref="results", on_delete="SET NULL",
+                              column_name="request_row_id")
+    result_id = TextField(null=True)
+    status_code = IntegerField(null=True)
+    request_id = TextField(null=True)
+    model = TextField(null=True)
+    body = TextField(null=True)
+    error_code = TextField(null=True)
+    error_message = TextField(null=True)
+    input_tokens = BigIntegerField(null=True)
+    output_tokens = BigIntegerField(null=True)
+    cached_tokens = BigIntegerField(null=True)
+    reasoning_tokens = BigIntegerField(null=True)
+    total_tokens = BigIntegerField(null=True)
+    cost_usd = FloatField(null=True)
+    failed = BooleanField(default=False)
+    problem = TextField(null=True)
+    seen_at = DateTimeField()
+
+    class Meta:
+        table_name = "batch_results"
+        indexes = ((("file_id", "line_no"), True), (("batch_id", "custom_id"), False))
+
+
+class Upload(Base):
+    """An Uploads API upload, its ordered parts once completed, and the file it became."""
+
+    id = TextField(primary_key=True)
+    filename = TextField(null=True)
+    bytes = BigIntegerField(null=True)
+    purpose = TextField(null=True)
+    status = TextField(null=True)
+    file_id = TextField(null=True)
+    part_ids = TextField(null=True)
+    created_at = DateTimeField(null=True)
+    updated_at = DateTimeField()
+
+    class Meta:
+        table_name = "uploads"
+
+
+class UploadPart(Base):
+    """A part of an upload: its lines are stored as requests; the partial lines at its edges here."""
+
+    id = TextField(primary_key=True)
+    upload_id = TextField(index=True)
+    head = BlobField(null=True)
+    tail = BlobField(null=True)
+    lines = IntegerField(default=0)
+    bytes = BigIntegerField(null=True)
+    seen_at = DateTimeField()
+
+    class Meta:
+        table_name = "upload_parts"
+
+
+MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart]

@@ -1,0 +1,102 @@
+"""The operations the store applies: the one vocabulary between processing and the database.
+
+Processing (:mod:`velvet_core.process`) turns each snapshot into a sequence of these; the writer
+queues them; :class:`~velvet_core.storage.store.Store` has one handler per type. Rows are plain dicts
+keyed by column name (missing columns take their defaults).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+Row = dict[str, Any]
+
+
+@dataclass(slots=True)
+class CallRow:
+    """A ``calls`` row: one HTTP call as the proxy saw it."""
+
+    row: Row
+
+
+@dataclass(slots=True)
+class FileSeen:
+    """A ``files`` row to insert or update (None values leave the stored ones)."""
+
+    row: Row
+
+
+@dataclass(slots=True)
+class BatchSeen:
+    """A batch object observed at ``observed_at`` by ``source`` (create, retrieve, cancel, list)."""
+
+    row: Row
+    observed_at: datetime
+    source: str
+    errors: list[Row] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class UploadSeen:
+    """An ``uploads`` row to insert or update."""
+
+    row: Row
+
+
+@dataclass(slots=True)
+class UploadCompleted:
+    """``POST /uploads/{id}/complete``: number the parts' lines in ``part_ids`` order, stitch the edges."""
+
+    upload_id: str
+    part_ids: list[str]
+    file: Row | None
+
+
+@dataclass(slots=True)
+class RequestLines:
+    """Up to 500 ``batch_requests`` rows (input lines) of one file or upload part."""
+
+    rows: list[Row]
+
+
+@dataclass(slots=True)
+class ResultLines:
+    """Up to 500 ``batch_results`` rows (output or error lines) of one file."""
+
+    rows: list[Row]
+
+
+@dataclass(slots=True)
+class PartSeen:
+    """An upload part whose whole lines are stored; ``head`` and ``tail`` are its partial edge lines."""
+
+    id: str
+    upload_id: str | None
+    head: bytes
+    tail: bytes | None
+    lines: int
+    bytes: int
+    seen_at: datetime | None
+
+
+@dataclass(slots=True)
+class InputDone:
+    """All lines of input file ``file_id`` are stored: run the checks that need the whole file."""
+
+    file_id: str
+
+
+@dataclass(slots=True)
+class OutputDone:
+    """All lines of output or error file ``file_id`` are stored: match them to their requests."""
+
+    file_id: str
+    all_failed: bool = False
+
+
+Op = CallRow | FileSeen | BatchSeen | UploadSeen | UploadCompleted | RequestLines | ResultLines | PartSeen \
+    | InputDone | OutputDone
+LINES = (RequestLines, ResultLines)
+"""Batch-file lines, 500 per operation: written as they come so a big body stays bounded in memory."""

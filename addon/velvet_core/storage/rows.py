@@ -1,0 +1,52 @@
+"""Fast inserts of many rows: one prepared statement and ``executemany``."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+from peewee import BigIntegerField, CharField, FloatField, IntegerField, SqliteDatabase, TextField
+
+from velvet_core.storage import models
+
+CHUNK = 500
+
+
+def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:
+    for i in range(0, len(rows), n):
+        yield rows[i:i + n]
+
+
+_AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatField})
+
+
+@functools.cache
+def _insert_sql(model: type[models.Base], sqlite: bool, param: str) -> tuple[str, tuple[Any, ...]]:
+    fields = tuple(f for f in model._meta.sorted_fields if not isinstance(f, models.AutoField))
+    names = ", ".join(f'"{f.column_name}"' for f in fields)
+    sql = (f"{'INSERT OR IGNORE' if sqlite else 'INSERT'} INTO \"{model._meta.table_name}\" ({names}) "
+           f"VALUES ({', '.join([param] * len(fields))}){'' if sqlite else ' ON CONFLICT DO NOTHING'}")
+    return sql, fields
+
+
+def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
+    """Insert ``rows`` (dicts by field name; missing fields get their defaults), ignoring conflicts.
+
+    One prepared statement and ``executemany``: peewee's query builder spent about three quarters
+    of the ingest time rendering 500-row INSERTs.
+    """
+    if not rows:
+        return
+    db = models.db.obj  # the real database behind the per-thread proxy
+    assert db is not None, "insert_rows outside models.use()"
+    sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
+    plain = [(f.name, f.default() if callable(f.default) else f.default) for f in fields if type(f) in _AS_IS]
+    if len(plain) == len(fields):  # our rows hold str/int/float/None already: no per-value conversion
+        values = [tuple(r.get(name, default) for name, default in plain) for r in rows]
+    else:
+        convert = [(f.name, f.db_value, f.default() if callable(f.default) else f.default) for f in fields]
+        values = [tuple(conv(r.get(name, default)) for name, conv, default in convert) for r in rows]
+    cursor = db.cursor()
+    for part in chunks(values, 1000):
+        cursor.executemany(sql, part)

@@ -1,0 +1,66 @@
+"""Apply prepared operations to the database (writer thread only)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from peewee import Database
+
+from velvet_core.storage import batch_store, models
+from velvet_core.storage.ops import (
+    BatchSeen,
+    CallRow,
+    FileSeen,
+    InputDone,
+    Op,
+    OutputDone,
+    PartSeen,
+    RequestLines,
+    ResultLines,
+    UploadCompleted,
+    UploadSeen,
+)
+from velvet_core.storage.rows import insert_rows
+
+
+def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
+    def handle(ops: list[Any]) -> None:
+        for op in ops:
+            apply(op)
+
+    return handle
+
+
+HANDLERS: dict[type, Callable[[list[Any]], None]] = {
+    # consecutive operations of one type are handed over together: rows go in with one executemany
+    CallRow: lambda ops: insert_rows(models.Call, [op.row for op in ops]),
+    RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
+    ResultLines: lambda ops: insert_rows(models.BatchResult, [r for op in ops for r in op.rows]),
+    FileSeen: _each(lambda op: batch_store.upsert_file(op.row)),
+    BatchSeen: _each(batch_store.upsert_batch),
+    UploadSeen: _each(lambda op: batch_store.upsert_upload(op.row)),
+    UploadCompleted: _each(batch_store.complete_upload),
+    PartSeen: _each(batch_store.part_seen),
+    InputDone: _each(lambda op: batch_store.requests_done(op.file_id)),
+    OutputDone: _each(lambda op: batch_store.results_done(op.file_id)),
+}
+
+
+class Store:
+    """Writes operations in one transaction per group (writer thread only)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def apply(self, ops: list[Op]) -> None:
+        """Write ``ops`` atomically, handing consecutive operations of one type to their handler together."""
+        with models.use(self.db), self.db.atomic():
+            group: list[Op] = []
+            for op in ops:
+                if group and type(op) is not type(group[0]):
+                    HANDLERS[type(group[0])](group)
+                    group = []
+                group.append(op)
+            if group:
+                HANDLERS[type(group[0])](group)

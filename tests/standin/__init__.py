@@ -1,0 +1,9 @@
+"""The project's stand-in for the OpenAI API (tests, the demo and the benchmarks; not shipped).
+
+``server.StandIn`` serves the API's object shapes locally; ``route.py`` is a mitmproxy script that sends
+streamed requests to it.
+"""
+
+from standin.server import StandIn
+
+__all__ = ["StandIn"]

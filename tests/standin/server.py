@@ -1,0 +1,556 @@
+"""A local stand-in for the OpenAI API, for tests and the offline demo.
+
+Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per request with headers
+(sent by the SDK as ``extra_headers``):
+
+- ``x-standin-scenario``: ``429``, ``500``, ``drop`` (a stream cut mid-way), ``slow``;
+- ``x-standin-delay``: seconds between stream events (default 0.02);
+- ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``).
+
+An API key ``sk-bad…`` gets a 401. Run standalone: ``python tests/standin/server.py --port 8600``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import itertools
+import secrets
+import socket
+import threading
+import time
+import zlib
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+ANSWER = "Hello from the stand-in API."
+_ids = itertools.count(1)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{secrets.token_hex(6)}{next(_ids)}"
+
+
+def count_tokens(value: Any) -> int:
+    """A rough, deterministic token count: words in all strings."""
+    if isinstance(value, str):
+        return max(1, len(value.split()))
+    if isinstance(value, dict):
+        return sum(count_tokens(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(count_tokens(v) for v in value)
+    return 0
+
+
+def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
+    prompt = count_tokens(body.get("messages"))
+    out = len(ANSWER.split())
+    return {
+        "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
+        "model": _snapshot(body.get("model")), "system_fingerprint": "fp_standin",
+        "service_tier": body.get("service_tier") or "default",
+        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": ANSWER, "refusal": None,
+                                 "annotations": []}}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
+                  "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                  "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0,
+                                                "accepted_prediction_tokens": 0,
+                                                "rejected_prediction_tokens": 0}},
+    }
+
+
+def response_object(body: dict[str, Any], status: str = "completed") -> dict[str, Any]:
+    inp = count_tokens(body.get("input")) + count_tokens(body.get("instructions"))
+    out = len(ANSWER.split())
+    return {
+        "id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "status": status,
+        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "model": _snapshot(body.get("model")), "parallel_tool_calls": True, "tool_choice": "auto",
+        "tools": [], "temperature": 1.0, "top_p": 1.0, "metadata": {}, "service_tier": "default",
+        "output": [{"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": ANSWER, "annotations": []}]}],
+        "usage": {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+                  "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
+                  "total_tokens": inp + out},
+    }
+
+
+def embeddings(body: dict[str, Any]) -> dict[str, Any]:
+    inputs = body.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    data = [{"object": "embedding", "index": i, "embedding": [0.01 * (i + 1), -0.02, 0.03]}
+            for i in range(len(inputs))]
+    n = count_tokens(inputs)
+    return {"object": "list", "data": data, "model": body.get("model") or "text-embedding-3-small",
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def _snapshot(model: Any) -> str:
+    """Answer with a dated snapshot name, as the API does."""
+    m = str(model or "gpt-4o-mini")
+    return {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}.get(m, m)
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: StandIn
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
+
+    # -- plumbing --------------------------------------------------------------------------------
+
+    def _body(self) -> bytes:
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            out = bytearray()
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    return bytes(out)
+                out += self.rfile.read(size)
+                self.rfile.readline()
+        return self.rfile.read(int(self.headers.get("content-length") or 0))
+
+    def _common_headers(self) -> dict[str, str]:
+        return {
+            "x-request-id": new_id("req_"), "openai-processing-ms": "12", "openai-version": "2020-10-01",
+            "openai-organization": "org-standin", "openai-project": "proj_standin",
+            "x-ratelimit-limit-requests": "10000", "x-ratelimit-limit-tokens": "30000000",
+            "x-ratelimit-remaining-requests": "9999", "x-ratelimit-remaining-tokens": "29999000",
+            "x-ratelimit-reset-requests": "6ms", "x-ratelimit-reset-tokens": "2ms",
+        }
+
+    def send(self, status: int, body: Any, *, content_type: str = "application/json",
+             headers: dict[str, str] | None = None, cut: bool = False) -> None:
+        data = body if isinstance(body, bytes) else orjson.dumps(body)
+        hdrs = {**self._common_headers(), **(headers or {})}
+        if self.headers.get("x-standin-gzip") == "1" and "gzip" in self.headers.get("accept-encoding", ""):
+            data = gzip.compress(data)
+            hdrs["content-encoding"] = "gzip"
+        head = [f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+                f"content-type: {content_type}", f"content-length: {len(data)}"]
+        head += [f"{k}: {v}" for k, v in hdrs.items()]
+        if cut:
+            self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
+        self.wfile.flush()
+
+    def send_error_json(self, status: int, message: str, type_: str, code: str | None,
+                        headers: dict[str, str] | None = None) -> None:
+        self.send(status, error_body(message, type_, code), headers=headers)
+
+    def stream(self, events: list[bytes], *, drop_after: int | None = None) -> None:
+        """Send SSE events one by one with chunked encoding (optionally gzip, Z_SYNC_FLUSH)."""
+        delay = float(self.headers.get("x-standin-delay") or 0.02)
+        gz = self.headers.get("x-standin-gzip") == "1"
+        comp = zlib.compressobj(wbits=31) if gz else None
+        head = ["HTTP/1.1 200 OK", "content-type: text/event-stream; charset=utf-8",
+                "transfer-encoding: chunked", "cache-control: no-cache"]
+        head += [f"{k}: {v}" for k, v in self._common_headers().items()]
+        if gz:
+            head.append("content-encoding: gzip")
+        self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode())
+        self.wfile.flush()
+        for i, ev in enumerate(events):
+            if drop_after is not None and i == drop_after:
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            data = comp.compress(ev) + comp.flush(zlib.Z_SYNC_FLUSH) if comp else ev
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+            if i < len(events) - 1:
+                time.sleep(delay)
+        if comp:
+            tail = comp.flush()
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(tail), tail))
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    # -- routing ---------------------------------------------------------------------------------
+
+    def do_GET(self) -> None:
+        self.route("GET")
+
+    def do_POST(self) -> None:
+        self.route("POST")
+
+    def do_DELETE(self) -> None:
+        self.route("DELETE")
+
+    def route(self, method: str) -> None:
+        raw = self._body()
+        path = urlsplit(self.path).path
+        auth = self.headers.get("authorization", "")
+        if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
+            return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
+                                        "invalid_api_key")
+        scenario = self.headers.get("x-standin-scenario", "")
+        if scenario == "429":
+            return self.send_error_json(
+                429, "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3.",
+                "requests", "rate_limit_exceeded",
+                headers={"retry-after": "20", "x-ratelimit-remaining-requests": "0"})
+        if scenario == "500":
+            return self.send_error_json(500, "The server had an error while processing your request.",
+                                        "server_error", None)
+        body: Any = {}
+        if raw and self.headers.get("content-type", "").startswith("application/json"):
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                return self.send_error_json(400, "We could not parse the JSON body of your request.",
+                                            "invalid_request_error", None)
+        handler = self.server.routes.get((method, path))
+        if handler is None:
+            for (m, prefix), h in self.server.prefix_routes.items():
+                if m == method and path.startswith(prefix):
+                    handler = h
+                    break
+        if handler is None:
+            return self.send_error_json(404, f"Invalid URL ({method} {path})", "invalid_request_error",
+                                        None)
+        handler(self, path, body, raw)
+
+    # -- live endpoints --------------------------------------------------------------------------
+
+    def h_chat(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        resp = chat_completion(body)
+        if not body.get("stream"):
+            return self.send(200, resp)
+        base = {k: resp[k] for k in ("id", "created", "model", "system_fingerprint", "service_tier")}
+        base["object"] = "chat.completion.chunk"
+        words = ANSWER.split(" ")
+        events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                        "finish_reason": None}]}]
+        for i, w in enumerate(words):
+            events.append({**base, "choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w},
+                                                "finish_reason": None}]})
+        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": resp["usage"]})
+        wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
+        drop = 3 if self.headers.get("x-standin-scenario") == "drop" else None
+        self.stream(wire, drop_after=drop)
+
+    def h_responses(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        final = response_object(body)
+        if not body.get("stream"):
+            return self.send(200, final)
+        start = {**final, "status": "in_progress", "output": [], "usage": None}
+        item = final["output"][0]
+        events: list[tuple[str, dict[str, Any]]] = [
+            ("response.created", {"response": start}),
+            ("response.in_progress", {"response": start}),
+            ("response.output_item.added", {"output_index": 0, "item": {**item, "content": [],
+                                                                          "status": "in_progress"}}),
+        ]
+        for i, w in enumerate(ANSWER.split(" ")):
+            events.append(("response.output_text.delta", {"item_id": item["id"], "output_index": 0,
+                                                          "content_index": 0,
+                                                          "delta": w if i == 0 else " " + w}))
+        events += [
+            ("response.output_text.done", {"item_id": item["id"], "output_index": 0, "content_index": 0,
+                                           "text": ANSWER}),
+            ("response.output_item.done", {"output_index": 0, "item": item}),
+            ("response.completed", {"response": final}),
+        ]
+        wire = [f"event: {t}\n".encode() + b"data: " + orjson.dumps(
+            {"type": t, "sequence_number": n, **d}) + b"\n\n" for n, (t, d) in enumerate(events)]
+        drop = 4 if self.headers.get("x-standin-scenario") == "drop" else None
+        self.stream(wire, drop_after=drop)
+
+    def h_embeddings(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        self.send(200, embeddings(body))
+
+
+def _multipart(handler: Handler, raw: bytes) -> dict[str, bytes]:
+    """Parse a multipart body with the stdlib (independent of velvet's own scanner)."""
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    ct = handler.headers.get("content-type", "")
+    if len(raw) > 8 * 1024 * 1024:
+        return _multipart_big(ct, raw)
+    msg = BytesParser(policy=HTTP).parsebytes(b"content-type: " + ct.encode() + b"\r\n\r\n" + raw)
+    out = {}
+    for part in msg.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        out[name] = part.get_payload(decode=True) or b""
+    return out
+
+
+def _multipart_big(content_type: str, raw: bytes) -> dict[str, bytes]:
+    """The stdlib parser is slow on hundreds of MB: split on the boundary with ``bytes.find``."""
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"').encode()
+    delim = b"\r\n--" + boundary
+    out, pos = {}, raw.find(b"--" + boundary)
+    while pos >= 0:
+        head_end = raw.find(b"\r\n\r\n", pos)
+        if head_end < 0:
+            break
+        head = raw[pos:head_end]
+        end = raw.find(delim, head_end + 4)
+        i = head.find(b'name="')
+        if i >= 0 and end >= 0:
+            out[head[i + 6:head.find(b'"', i + 6)].decode()] = raw[head_end + 4:end]
+        pos = end + 2 if end >= 0 else -1
+    return out
+
+
+def batch_answer(line: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], bool]:
+    """The output-file line for one input line, and whether it failed."""
+    body = line.get("body") or {}
+    if body.get("model") == "bad-model":
+        return {"id": new_id("batch_req_"), "custom_id": line.get("custom_id"), "error": None,
+                "response": {"status_code": 400, "request_id": new_id("req_"),
+                             "body": error_body("The model `bad-model` does not exist.",
+                                                "invalid_request_error", "model_not_found", "model")}}, True
+    if endpoint.endswith("/embeddings"):
+        answer = embeddings(body)
+    elif endpoint.endswith("/responses"):
+        answer = response_object(body)
+    else:
+        answer = chat_completion(body)
+    return {"id": new_id("batch_req_"), "custom_id": line.get("custom_id"), "error": None,
+            "response": {"status_code": 200, "request_id": new_id("req_"), "body": answer}}, False
+
+
+class BatchAPI:
+    """Files, uploads and batches. A batch moves one step per retrieve (validating -> in_progress ->
+    finalizing -> completed); ``metadata.standin`` = ``fail`` fails validation, ``expire`` expires it
+    with partial output. Lines whose body asks for model ``bad-model`` fail with a 400."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, dict[str, Any]] = {}
+        self.content: dict[str, bytes] = {}
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.parts: dict[str, bytes] = {}
+        self.batches: dict[str, dict[str, Any]] = {}
+        self.lock = threading.Lock()
+        self.clock = int(time.time())  # fake API time: starts now, advances 60 s per step
+
+    def tick(self) -> int:
+        self.clock += 60
+        return self.clock
+
+    def new_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        f = {"id": new_id("file-"), "object": "file", "bytes": len(data), "created_at": self.clock,
+             "filename": filename, "purpose": purpose, "status": "processed", "expires_at": None,
+             "status_details": None}
+        self.files[f["id"]] = f
+        self.content[f["id"]] = data
+        return f
+
+    def advance(self, b: dict[str, Any]) -> None:
+        mode = (b.get("metadata") or {}).get("standin")
+        st = b["status"]
+        if st == "validating":
+            if mode == "fail":
+                b.update(status="failed", failed_at=self.tick(), errors={"object": "list", "data": [
+                    {"code": "invalid_request", "message": "Line 2: custom_id is duplicated.",
+                     "param": "custom_id", "line": 2}]})
+            else:
+                b.update(status="in_progress", in_progress_at=self.tick())
+        elif st == "in_progress":
+            if mode == "expire":
+                self.finish(b, "expired", partial=True)
+            else:
+                b.update(status="finalizing", finalizing_at=self.tick())
+        elif st == "finalizing":
+            self.finish(b, "completed")
+        elif st == "cancelling":
+            self.finish(b, "cancelled", partial=True)
+
+    def finish(self, b: dict[str, Any], status: str, partial: bool = False) -> None:
+        lines = []
+        for x in self.content[b["input_file_id"]].splitlines():
+            try:
+                obj = orjson.loads(x)
+            except orjson.JSONDecodeError:
+                continue  # the real API rejects such files; the stand-in just skips the line
+            if isinstance(obj, dict):
+                lines.append(obj)
+        done = lines[: len(lines) // 2] if partial else lines
+        out, err = [], []
+        for line in reversed(done):  # output order is not input order
+            ans, failed = batch_answer(line, b["endpoint"])
+            (err if failed else out).append(ans)
+        if status == "expired":
+            err += [{"id": new_id("batch_req_"), "custom_id": x.get("custom_id"), "response": None,
+                     "error": {"code": "batch_expired",
+                               "message": "This request could not be executed before the "
+                                          "completion window expired."}}
+                    for x in lines[len(done):]]
+        jl = lambda xs: b"".join(orjson.dumps(x) + b"\n" for x in xs)  # noqa: E731
+        if out:
+            b["output_file_id"] = self.new_file(jl(out), "batch_output.jsonl", "batch_output")["id"]
+        if err:
+            b["error_file_id"] = self.new_file(jl(err), "batch_errors.jsonl", "batch_output")["id"]
+        usage = [o["response"]["body"].get("usage") or {} for o in out]
+        inp = sum(u.get("prompt_tokens", u.get("input_tokens", 0)) for u in usage)
+        outp = sum(u.get("completion_tokens", u.get("output_tokens", 0)) for u in usage)
+        b.update(status=status, request_counts={"total": len(lines), "completed": len(out), "failed": len(err)},
+                 model=_snapshot((lines[0].get("body") or {}).get("model")) if lines else None,
+                 usage={"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+                        "output_tokens": outp, "output_tokens_details": {"reasoning_tokens": 0},
+                        "total_tokens": inp + outp})
+        b[f"{status}_at"] = self.tick()
+
+    # handlers (called with the Handler as first argument)
+
+    def files_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        form = _multipart(h, raw)
+        if "file" not in form:
+            return h.send_error_json(400, "Missing file", "invalid_request_error", None)
+        with self.lock:
+            f = self.new_file(form["file"], "input.jsonl", form.get("purpose", b"").decode())
+        h.send(200, f)
+
+    def files_get(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        parts = path.split("/")
+        fid = parts[3]
+        if fid not in self.files:
+            return h.send_error_json(404, f"No such File object: {fid}", "invalid_request_error", None)
+        if len(parts) == 5 and parts[4] == "content":
+            if h.headers.get("x-standin-scenario") == "drop":  # the connection dies half-way
+                return h.send(200, self.content[fid], content_type="application/octet-stream", cut=True)
+            return h.send(200, self.content[fid], content_type="application/octet-stream")
+        h.send(200, self.files[fid])
+
+    def files_delete(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        fid = path.split("/")[3]
+        self.files.pop(fid, None)
+        h.send(200, {"id": fid, "object": "file", "deleted": True})
+
+    def uploads_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        u = {"id": new_id("upload_"), "object": "upload", "bytes": body.get("bytes"), "created_at": self.tick(),
+             "filename": body.get("filename"), "purpose": body.get("purpose"), "status": "pending",
+             "expires_at": self.clock + 3600, "file": None}
+        self.uploads[u["id"]] = u
+        h.send(200, u)
+
+    def uploads_action(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        _, _, _, uid, action = path.split("/")
+        u = self.uploads.get(uid)
+        if u is None:
+            return h.send_error_json(404, "No such upload", "invalid_request_error", None)
+        if action == "parts":
+            pid = new_id("part_")
+            self.parts[pid] = _multipart(h, raw).get("data", b"")
+            return h.send(200, {"id": pid, "object": "upload.part", "created_at": self.tick(), "upload_id": uid})
+        if action == "complete":
+            data = b"".join(self.parts[p] for p in body.get("part_ids", []))
+            with self.lock:
+                f = self.new_file(data, u["filename"], u["purpose"])
+            u.update(status="completed", file=f)
+        elif action == "cancel":
+            u.update(status="cancelled")
+        h.send(200, u)
+
+    def batches_create(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        if body.get("input_file_id") not in self.files:
+            return h.send_error_json(400, "Invalid input_file_id", "invalid_request_error", None)
+        now = self.tick()
+        b = {"id": new_id("batch_"), "object": "batch", "endpoint": body.get("endpoint"), "errors": None,
+             "input_file_id": body["input_file_id"], "completion_window": body.get("completion_window"),
+             "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+             "in_progress_at": None, "expires_at": now + 86400, "finalizing_at": None, "completed_at": None,
+             "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+             "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": body.get("metadata"),
+             "model": None, "usage": None}
+        if body.get("output_expires_after"):
+            b["output_expires_after"] = body["output_expires_after"]
+        self.batches[b["id"]] = b
+        h.send(200, b)
+
+    def batches_get(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        parts = path.split("/")
+        if len(parts) == 3:  # list
+            data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
+            return h.send(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                                "last_id": data[-1]["id"] if data else None, "has_more": False})
+        b = self.batches.get(parts[3])
+        if b is None:
+            return h.send_error_json(404, "No such batch", "invalid_request_error", None)
+        with self.lock:
+            self.advance(b)
+        h.send(200, b)
+
+    def batches_cancel(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
+        b = self.batches.get(path.split("/")[3])
+        if b is None:
+            return h.send_error_json(404, "No such batch", "invalid_request_error", None)
+        if b["status"] in ("validating", "in_progress", "finalizing"):
+            b.update(status="cancelling", cancelling_at=self.tick())
+        h.send(200, b)
+
+
+class StandIn(ThreadingHTTPServer):
+    """The server. ``StandIn.start()`` runs it in a thread on a free port."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        super().__init__((host, port), Handler)
+        self.routes = {
+            ("POST", "/v1/chat/completions"): Handler.h_chat,
+            ("POST", "/v1/responses"): Handler.h_responses,
+            ("POST", "/v1/embeddings"): Handler.h_embeddings,
+        }
+        api = self.batch_api = BatchAPI()
+        self.routes.update({
+            ("POST", "/v1/files"): lambda h, *a: api.files_create(h, *a),
+            ("POST", "/v1/uploads"): lambda h, *a: api.uploads_create(h, *a),
+            ("POST", "/v1/batches"): lambda h, *a: api.batches_create(h, *a),
+            ("GET", "/v1/batches"): lambda h, *a: api.batches_get(h, *a),
+        })
+        self.prefix_routes: dict[tuple[str, str], Any] = {
+            ("GET", "/v1/files/"): lambda h, *a: api.files_get(h, *a),
+            ("DELETE", "/v1/files/"): lambda h, *a: api.files_delete(h, *a),
+            ("POST", "/v1/uploads/"): lambda h, *a: api.uploads_action(h, *a),
+            ("POST", "/v1/batches/"): lambda h, *a: api.batches_cancel(h, *a),
+            ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
+        }
+        self.thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def start(self) -> StandIn:
+        self.thread = threading.Thread(target=self.serve_forever, name="standin", daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="A local stand-in for the OpenAI API.")
+    ap.add_argument("--port", type=int, default=8600)
+    args = ap.parse_args()
+    srv = StandIn(port=args.port)
+    print(f"stand-in OpenAI API on {srv.url}", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Schema migrations on SQLite and PostgreSQL: new databases and ones released velvets made end up alike.
+
+``fixtures/schema_v*.sql`` are the statements velvet executed on an empty database when schema v1
+(d638fc0^) and v2 (release 0.1, 5d7747f) were current, frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import fresh_pg_url
+from peewee import Database, SqliteDatabase
+from velvet_core.storage import models
+from velvet_core.storage.database import SCHEMA_VERSION, connect, migrate, schema_version
+from velvet_core.storage.migrations import (
+    BASELINE_PG,
+    BASELINE_SQLITE,
+    BASELINE_VERSION,
+    MIGRATIONS,
+    VIEWS_V2,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REDUNDANT = {"batch_requests_file_id", "batch_requests_upload_part_id", "batch_requests_custom_id",
+             "batch_requests_batch_id", "batch_results_file_id", "batch_results_batch_id",
+             "batch_results_custom_id"}
+
+
+def is_sqlite(db: Database) -> bool:
+    return isinstance(db, SqliteDatabase)
+
+
+def run_script(db: Database, sql: str) -> None:
+    sql = "\n".join(line for line in sql.splitlines() if not line.startswith("--"))
+    for statement in sql.split(";\n"):
+        if statement.strip():
+            db.execute_sql(statement)
+
+
+def load_released(db: Database, version: int) -> None:
+    """Make ``db`` what velvet at schema ``version`` made of an empty database."""
+    run_script(db, (FIXTURES / f"schema_v{version}.{'sqlite' if is_sqlite(db) else 'pg'}.sql").read_text())
+
+
+@pytest.fixture
+def new_db(db_url: str, tmp_path: Path) -> Iterator[Callable[[], Database]]:
+    """Opens empty databases of the ``db_url`` backend, closed after the test."""
+    opened: list[Database] = []
+
+    def make() -> Database:
+        if not opened:
+            url = db_url
+        elif db_url.startswith("sqlite"):
+            url = f"sqlite:///{tmp_path / f'velvet{len(opened)}.db'}"
+        else:
+            url = fresh_pg_url()
+        db = connect(url)
+        db.connect()
+        opened.append(db)
+        return db
+
+    yield make
+    for db in opened:
+        db.close()
+
+
+def schema(db: Database) -> dict[str, Any]:
+    """Per table and view: columns (name, type, NOT NULL, default, key), indexes and constraints."""
+    out: dict[str, Any] = {}
+    if is_sqlite(db):
+        names = db.execute_sql("SELECT name, type FROM sqlite_master WHERE type IN ('table', 'view')")
+        for name, kind in names.fetchall():
+            columns = [tuple(r[1:]) for r in db.execute_sql(f'PRAGMA table_info("{name}")')]
+            indexes = sorted((r[1], r[2], tuple(c[2] for c in db.execute_sql(f'PRAGMA index_info("{r[1]}")')))
+                             for r in db.execute_sql(f'PRAGMA index_list("{name}")'))
+            fks = sorted(tuple(r[2:7]) for r in db.execute_sql(f'PRAGMA foreign_key_list("{name}")'))
+            out[name] = {"kind": kind, "columns": columns, "indexes": indexes, "constraints": fks}
+        return out
+    (ns,) = db.execute_sql("SELECT current_schema()").fetchone()
+
+    def rows(sql: str) -> list[tuple]:
+        return [tuple(re.sub(rf"\b{ns}\.", "", v) if isinstance(v, str) else v for v in r)
+                for r in db.execute_sql(sql, (ns,)).fetchall()]
+
+    for name, kind in rows("SELECT table_name, table_type FROM information_schema.tables WHERE table_schema = %s"):
+        out[name] = {"kind": kind, "columns": [], "indexes": [], "constraints": []}
+    for table, *column in rows("SELECT table_name, column_name, data_type, character_maximum_length, is_nullable, "
+                               "column_default FROM information_schema.columns WHERE table_schema = %s "
+                               "ORDER BY table_name, ordinal_position"):
+        out[table]["columns"].append(tuple(column))
+    for table, *index in rows("SELECT tablename, indexname, indexdef FROM pg_indexes WHERE schemaname = %s "
+                              "ORDER BY indexname"):
+        out[table]["indexes"].append(tuple(index))
+    for table, *constraint in rows("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid) "
+                                   "FROM pg_constraint WHERE connamespace = %s::regnamespace ORDER BY conname"):
+        out[table]["constraints"].append(tuple(constraint))
+    for view, definition in rows("SELECT viewname, definition FROM pg_views WHERE schemaname = %s"):
+        out[view]["definition"] = definition
+    return out
+
+
+def insert_lines(db: Database) -> None:
+    """A call and a batch with one request line and its answer, in plain SQL (any schema version)."""
+    p = db.param
+
+    def insert(table: str, **values: Any) -> None:
+        db.execute_sql(f'INSERT INTO "{table}" ({", ".join(values)}) VALUES ({", ".join([p] * len(values))})',
+                       tuple(values.values()))
+
+    insert("calls", flow_id="flow-1", started_at="2026-11-24 10:00:00", method="POST", host="api.openai.com",
+           path="/v1/chat/completions", endpoint="chat.completions", action="create", model="gpt-4o-mini",
+           stream=False, complete=True, input_tokens=12)
+    insert("batches", id="batch_1", status="completed", model="gpt-4o-mini",
+           first_seen_at="2026-11-24 10:00:00", last_seen_at="2026-11-24 11:00:00")
+    insert("batch_requests", file_id="file-in", line_no=1, custom_id="req-1", model="gpt-4o-mini",
+           body='{"messages": []}', batch_id="batch_1")
+    (request_row_id,) = db.execute_sql("SELECT id FROM batch_requests WHERE custom_id = 'req-1'").fetchone()
+    insert("batch_results", file_id="file-out", line_no=1, batch_id="batch_1", custom_id="req-1",
+           request_row_id=request_row_id, status_code=200, model="gpt-4o-mini-2024-07-18",
+           body='{"ok": true}', failed=False, cost_usd=0.5, seen_at="2026-11-24 11:00:00")
+
+
+def test_steps_are_named_and_consecutive():
+    versions = [m.version for m in MIGRATIONS]
+    assert MIGRATIONS[-1].version == SCHEMA_VERSION
+    assert versions == list(range(versions[0], SCHEMA_VERSION + 1))
+    assert versions[0] <= BASELINE_VERSION <= SCHEMA_VERSION
+    assert len({m.name for m in MIGRATIONS}) == len(MIGRATIONS)
+
+
+def test_baseline_is_the_released_v2_schema(new_db):
+    """The frozen baseline makes exactly the schema velvet 0.1 made."""
+    baseline, released = new_db(), new_db()
+    run_script(baseline, BASELINE_SQLITE if is_sqlite(baseline) else BASELINE_PG)
+    load_released(released, 2)
+    assert schema(baseline) == schema(released)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_released_database_is_migrated(new_db, version, caplog):
+    """Rows survive, the redundant indexes go, strings become unbounded, views still work."""
+    db = new_db()
+    load_released(db, version)
+    assert schema_version(db) == version
+    insert_lines(db)
+    caplog.set_level(logging.INFO, logger="velvet_core.storage.migrations")
+
+    assert migrate(db) == schema_version(db) == SCHEMA_VERSION
+    for step in MIGRATIONS:
+        assert (step.name in caplog.text) == (step.version > version)
+    with models.use(db):
+        assert models.Call.get(models.Call.flow_id == "flow-1").input_tokens == 12
+        assert models.Batch.get_by_id("batch_1").status == "completed"
+        result = models.BatchResult.get()
+        assert result.request.custom_id == "req-1" and result.body == '{"ok": true}' and not result.failed
+    indexes = {i.name for t in ("batch_requests", "batch_results") for i in db.get_indexes(t)}
+    assert not indexes & REDUNDANT
+    assert {"batch_requests_file_id_line_no", "batch_results_batch_id_custom_id"} <= indexes
+    summary = db.execute_sql("SELECT id, lines, answered, failed, cost_usd FROM batch_summary").fetchall()
+    assert summary == [("batch_1", 1, 1, 0, 0.5)]
+    lines = db.execute_sql("SELECT custom_id, model, response_body FROM batch_lines").fetchall()
+    assert lines == [("req-1", "gpt-4o-mini-2024-07-18", '{"ok": true}')]
+    if not is_sqlite(db):
+        bounded = db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
+                                 "WHERE table_schema = current_schema() "
+                                 "AND data_type IN ('character varying', 'character')")
+        assert bounded.fetchall() == [("velvet_meta", "key")]
+    with models.use(db):  # longer than the VARCHAR(255) the released schema had
+        models.Call.update(model="m" * 300).execute()
+        models.BatchRequest.insert(file_id="file-in", line_no=2, custom_id="c" * 1000).execute()
+        assert models.Call.get().model == "m" * 300
+        assert models.BatchRequest.get(models.BatchRequest.line_no == 2).custom_id == "c" * 1000
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_new_database_matches_an_upgraded_one(new_db, version):
+    new, upgraded = new_db(), new_db()
+    migrate(new)
+    load_released(upgraded, version)
+    migrate(upgraded)
+    assert schema(new) == schema(upgraded)
+
+
+def affinity(declared: str) -> str:
+    """SQLite's column affinity for a declared type (https://sqlite.org/datatype3.html#affname)."""
+    t = declared.upper()
+    for needles, name in ((("INT",), "INTEGER"), (("CHAR", "CLOB", "TEXT"), "TEXT"), (("BLOB",), "BLOB"),
+                          (("REAL", "FLOA", "DOUB"), "REAL")):
+        if any(n in t for n in needles):
+            return name
+    return "NUMERIC"
+
+
+def test_models_match_the_migrated_schema(new_db):
+    """The models describe the tables the migrations make (on SQLite, VARCHAR and TEXT alike)."""
+    migrated, from_models = new_db(), new_db()
+    migrate(migrated)
+    with models.use(from_models):
+        from_models.create_tables(models.MODELS)
+    run_script(from_models, VIEWS_V2)
+    expected, actual = schema(from_models), schema(migrated)
+    if is_sqlite(migrated):
+        for table in (*expected.values(), *actual.values()):
+            table["columns"] = [(name, affinity(t), *rest) for name, t, *rest in table["columns"]]
+    assert actual == expected
+
+
+def test_migrating_again_changes_nothing(new_db, caplog):
+    db = new_db()
+    migrate(db)
+    before = schema(db)
+    caplog.set_level(logging.INFO, logger="velvet_core.storage.migrations")
+    assert migrate(db) == SCHEMA_VERSION
+    assert [r for r in caplog.records if r.name == "velvet_core.storage.migrations"] == []
+    assert schema(db) == before
+
+
+def test_newer_schema_is_refused(new_db):
+    db = new_db()
+    migrate(db)
+    db.execute_sql(f"UPDATE velvet_meta SET value = {db.param} WHERE key = 'schema_version'",
+                   (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(RuntimeError, match=f"schema v{SCHEMA_VERSION + 1} is newer than this velvet"):
+        migrate(db)
+    assert schema_version(db) == SCHEMA_VERSION + 1
