@@ -547,6 +547,29 @@ def _unbounded_text(db: Database) -> None:
     _run(db, VIEWS_V2)
 
 
+def _proxy_status(db: Database) -> None:
+    # one row per running (or last run of a) proxy writing here: its health, for `velvet status` and alerts
+    ts = "DATETIME" if isinstance(db, SqliteDatabase) else "TIMESTAMP"
+    db.execute_sql(f"""CREATE TABLE "velvet_proxies" (
+        "proxy" TEXT NOT NULL PRIMARY KEY,
+        "hostname" TEXT NOT NULL,
+        "pid" INTEGER NOT NULL,
+        "db" TEXT,
+        "started_at" {ts} NOT NULL,
+        "updated_at" {ts} NOT NULL,
+        "stopped_at" {ts},
+        "last_write_at" {ts},
+        "failing_since" {ts},
+        "last_error" TEXT,
+        "last_error_at" {ts},
+        "queue_depth" INTEGER NOT NULL,
+        "pending" INTEGER NOT NULL,
+        "spooled" INTEGER NOT NULL,
+        "dead_lettered" INTEGER NOT NULL,
+        "written" BIGINT NOT NULL
+    )""")
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -561,6 +584,7 @@ class Migration:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "drop_redundant_indexes", _drop_redundant_indexes),
     Migration(3, "unbounded_text", _unbounded_text),
+    Migration(4, "proxy_status", _proxy_status),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

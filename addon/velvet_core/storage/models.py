@@ -330,4 +330,28 @@ class UploadPart(Base):
         table_name = "upload_parts"
 
 
-MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart]
+class ProxyStatus(Base):
+    """The health of a proxy writing to this database, updated by its writer every few seconds."""
+
+    proxy = TextField(primary_key=True)  # hostname:pid:start
+    hostname = TextField()
+    pid = IntegerField()
+    db = TextField(null=True)  # the URL it writes to, password removed
+    started_at = DateTimeField()
+    updated_at = DateTimeField()
+    stopped_at = DateTimeField(null=True)
+    last_write_at = DateTimeField(null=True)
+    failing_since = DateTimeField(null=True)  # writes have failed since then (None: healthy)
+    last_error = TextField(null=True)
+    last_error_at = DateTimeField(null=True)
+    queue_depth = IntegerField(default=0)
+    pending = IntegerField(default=0)
+    spooled = IntegerField(default=0)
+    dead_lettered = IntegerField(default=0)
+    written = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "velvet_proxies"
+
+
+MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart, ProxyStatus]
