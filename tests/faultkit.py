@@ -101,19 +101,38 @@ def _hooks(seen: list[str] | None) -> dict[str, list[Callable[[Any], None]]]:
     return {"response": [lambda r: seen.append(r.headers.get("x-request-id", "?"))]}
 
 
+_clients: dict[int, list[Raw]] = {}  # per proxy, closed before it stops (see stop_proxy)
+
+
+def _trust(proxy: Proxy) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(proxy.ca))
+
+
 def sdk(proxy: Proxy, timeout: float = 30, seen: list[str] | None = None) -> openai.OpenAI:
     """The official SDK through ``proxy`` (an app configured with an explicit proxy and CA)."""
-    http = openai.DefaultHttpxClient(proxy=f"http://127.0.0.1:{proxy.port}", verify=str(proxy.ca),
+    http = openai.DefaultHttpxClient(proxy=f"http://127.0.0.1:{proxy.port}", verify=_trust(proxy),
                                      event_hooks=_hooks(seen))
+    _clients.setdefault(id(proxy), []).append(http)
     return openai.OpenAI(api_key=API_KEY, base_url="https://api.openai.com/v1", max_retries=0,
                          timeout=timeout, http_client=http)
 
 
 def raw_client(proxy: Proxy, timeout: float = 30, seen: list[str] | None = None) -> Raw:
     """A plain HTTP client through ``proxy``, for bodies and headers no SDK would send."""
-    return openai.DefaultHttpxClient(proxy=f"http://127.0.0.1:{proxy.port}", verify=str(proxy.ca),
+    http = openai.DefaultHttpxClient(proxy=f"http://127.0.0.1:{proxy.port}", verify=_trust(proxy),
                                      timeout=timeout, base_url="https://api.openai.com",
                                      headers={"authorization": f"Bearer {API_KEY}"}, event_hooks=_hooks(seen))
+    _clients.setdefault(id(proxy), []).append(http)
+    return http
+
+
+def stop_proxy(proxy: Proxy) -> None:
+    """Close the clients' connections first: mitmproxy logs a traceback for each one still open when it
+    stops (its own, not velvet's), which would blur the ``tracebacks`` count."""
+    for c in _clients.pop(id(proxy), []):
+        with contextlib.suppress(Exception):
+            c.close()
+    proxy.stop()
 
 
 def request_id(call: Callable[[], Any]) -> tuple[int, str]:
@@ -273,15 +292,15 @@ def outage(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: 
     stop = threading.Event()
 
     def client() -> None:
-        c = sdk(proxy)
-        while not stop.is_set():
-            t = time.monotonic()
-            try:
-                status, rid = chat(c)
-            except openai.APIError:
-                status, rid = 0, ""
-            made.append((t, (time.monotonic() - t) * 1000, status, rid))
-            time.sleep(max(0.0, pace - (time.monotonic() - t)))
+        with sdk(proxy) as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    status, rid = chat(c)
+                except openai.APIError:
+                    status, rid = 0, ""
+                made.append((t, (time.monotonic() - t) * 1000, status, rid))
+                time.sleep(max(0.0, pace - (time.monotonic() - t)))
 
     try:
         worker = threading.Thread(target=client, daemon=True)
@@ -308,7 +327,7 @@ def outage(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: 
     finally:
         stop.set()
         up_quietly(up)
-        proxy.stop()
+        stop_proxy(proxy)
     result.tracebacks = tracebacks(proxy)
     return result
 
@@ -351,7 +370,7 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
         proxy.proc.wait()
     finally:
         half.close()
-        proxy.stop()
+        stop_proxy(proxy)
     again = start_proxy(url, standin, tmp, LOW)
     try:
         got = stored_ids(url, ids, timeout=30)
@@ -375,7 +394,7 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
         result.spills_left = sorted(p.name for p in (tmp / "spool" / "streams").glob("*")
                                     if p.is_file()) if (tmp / "spool" / "streams").is_dir() else []
     finally:
-        again.stop()
+        stop_proxy(again)
     result.tracebacks = tracebacks(again) + tracebacks(proxy)
     return result
 
@@ -550,8 +569,8 @@ def poison(standin: StandIn, tmp: Path, url: str, normal: int = 5) -> PoisonRun:
     proxy = start_proxy(url, standin, tmp)
     seen: list[str] = []  # every call's request id
     try:
-        with sdk(proxy, timeout=60, seen=seen) as client, raw_client(proxy, timeout=60, seen=seen) as raw:
-            made, fid, b, normal_ids = _poison_calls(standin, client, raw, normal)
+        client, raw = sdk(proxy, timeout=60, seen=seen), raw_client(proxy, timeout=60, seen=seen)
+        made, fid, b, normal_ids = _poison_calls(standin, client, raw, normal)
         res.batch_results_expected = b.request_counts.completed if b.request_counts else 0
         res.tried = len(POISONS) + POISONED_LINES
         ids = seen
@@ -578,7 +597,7 @@ def poison(standin: StandIn, tmp: Path, url: str, normal: int = 5) -> PoisonRun:
         res.rows_lost = (len(ids) - len(got)) + (20 - res.batch_lines_stored) + (
             res.batch_results_expected - res.batch_results_stored)
     finally:
-        proxy.stop()
+        stop_proxy(proxy)
     res.tracebacks = tracebacks(proxy)
     res.dead_lettered = dead_letters(tmp / "spool")
     return res
@@ -672,7 +691,7 @@ def fuzz(standin: StandIn, tmp: Path, url: str, n: int, seed: int = 10) -> FuzzR
         res.rows = settle(lambda: count_rows(url, Call), lambda c: c >= n, 60) or 0
         res.missing = n - res.rows
     finally:
-        proxy.stop()
+        stop_proxy(proxy)
     res.tracebacks = tracebacks(proxy)
     return res
 
@@ -717,7 +736,7 @@ def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None
                 client = sdk(p)
                 ids = [chat(client)[1] for _ in range(calls)]
             finally:
-                p.stop()
+                stop_proxy(p)
             new = spool_files(spool) - before
             assert len(new) == 1, f"expected one new spool file after a run with the database down: {new}"
             files.append((new.pop(), ids))
@@ -738,7 +757,7 @@ def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None
         got = stored_ids(url, readable, timeout=15)
         res.readable_rows_lost = len(readable) - len(got)
     finally:
-        proxy.stop()
+        stop_proxy(proxy)
     held = {file_digest(p) for p in spool.rglob("*") if p.is_file()}
     res.kept = len(digests & held)
     res.left_pending = sorted(p.name for p in (appended, cut) if p.exists())
@@ -771,7 +790,8 @@ def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 2 << 20
     try:
         client = sdk(proxy)
         chat(client)  # the schema is there, the log has started
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, limit))
+        free = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, free[1]))  # the soft limit: it can be raised again
         ids = []
         for i in range(calls):
             status, rid = chat(client, messages=[{"role": "user", "content": random_text(100_000, 100 + i)}])
@@ -785,16 +805,16 @@ def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 2 << 20
             res.upload_served = False
         res.calls = calls
         time.sleep(1.0)
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
         got = stored_ids(url, ids, timeout=60)
         res.stored = len(got)
         with bound(url):
             row = Call.get_or_none(Call.path == "/v1/files", Call.method == "POST")
             res.upload_row_says = row.problem if row else None
     finally:
-        with contextlib.suppress(OSError):
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        proxy.stop()
+        with contextlib.suppress(OSError, NameError):
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
+        stop_proxy(proxy)
     res.tracebacks = tracebacks(proxy)
     return res
 
@@ -841,7 +861,7 @@ def shared_pg(standin: StandIn, tmp: Path, url: str, lines: int = 200) -> Shared
         with bound(url):
             assert File.get_or_none(File.id == f.id) is not None
     finally:
-        a.stop()
-        b.stop()
+        stop_proxy(a)
+        stop_proxy(b)
     res.tracebacks = tracebacks(a, b)
     return res
