@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 
 import orjson
@@ -156,3 +157,48 @@ def test_body_limit():
                      request_encoding=None, started_at=1.0)
     row = parse_call(s, Pricer(), 1000)[0]
     assert row["request_body"] is None and "not stored" in row["problem"] and row["request_bytes"] > 5000
+
+
+async def test_response_headers_are_filtered_like_request_headers(addon, sqlite_url):
+    f = flow(resp_headers={"set-cookie": "__cf_bm=secret-cookie", "www-authenticate": "Bearer realm=x"})
+    addon.requestheaders(f)
+    addon.response(f)
+    addon.done()
+    (row,) = rows(sqlite_url)
+    stored = orjson.loads(row["response_headers"])
+    assert "set-cookie" not in stored and "www-authenticate" not in stored and stored["x-request-id"] == "req_1"
+    assert "secret-cookie" not in orjson.dumps(row, default=str).decode()
+
+
+async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sqlite_url):
+    """The old writer (here stuck on a database that does not answer) is retired in the background."""
+    from rig import free_port
+
+    v = Velvet()
+    nowhere = f"postgresql://velvet:pw@127.0.0.1:{free_port()}/x?connect_timeout=1"
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=nowhere, velvet_spool_dir=str(tmp_path / "spool"), velvet_flush_timeout=3)
+        v.running()
+        f = flow()
+        v.requestheaders(f)
+        v.response(f)
+        old = v.writer
+        tctx.configure(v, velvet_db=sqlite_url)
+        assert v.writer is not old and old is not None and old._thread is not None  # still retiring
+        g = flow()
+        v.requestheaders(g)
+        v.response(g)
+        v.done()
+        for _ in range(100):
+            if old._thread is None:
+                break
+            await asyncio.sleep(0.1)
+    assert [r["flow_id"] for r in rows(sqlite_url)] == [g.id]
+    assert list((tmp_path / "spool").glob("spool-*.pkl"))  # the first flow waits in the old database's spool
+
+
+def test_bad_database_url_messages_hide_the_password():
+    v = Velvet()
+    with taddons.context(v) as tctx, pytest.raises(exceptions.OptionsError) as e:
+        tctx.configure(v, velvet_db="mysql://user:hunter2@db/x")
+    assert "hunter2" not in str(e.value)

@@ -7,6 +7,7 @@ import time
 
 import pytest
 from rig import bound, free_port
+from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.parsing.classify import classify
 from velvet_core.storage import models
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
@@ -21,7 +22,16 @@ def call_row(i: int) -> dict:
             "started_at": "2026-11-24 10:00:00", "model": "gpt-4o-mini", "input_tokens": i}
 
 
-def call_op(i: int) -> list:
+def snap(i: int) -> CallSnapshot:
+    path = "/v1/chat/completions"
+    return CallSnapshot(flow_id=f"f{i}", method="POST", host="api.openai.com", path=path,
+                        route=classify("POST", path), key_fingerprint=None, tags={}, request_headers={},
+                        request_body=None, request_encoding=None, started_at=1.0 + i)
+
+
+def call_op(s: CallSnapshot | int) -> list:
+    """A stand-in for the processor: the flow's call row."""
+    i = s if isinstance(s, int) else int(s.flow_id[1:])
     return [CallRow(call_row(i))]
 
 
@@ -65,7 +75,7 @@ def test_writer_writes_everything(db_url, tmp_path):
     w = Writer(db_url, call_op, spool_dir=tmp_path / "spool", batch_size=37)
     w.start()
     for i in range(1000):
-        w.submit(i)
+        w.submit(snap(i))
     assert w.stop(timeout=60)
     with bound(db_url):
         assert models.Call.select().count() == 1000
@@ -74,7 +84,8 @@ def test_writer_writes_everything(db_url, tmp_path):
 
 def test_writer_survives_bad_records(db_url, tmp_path, caplog):
     """A bug while processing one flow costs that flow only (the processor's own fallback row aside)."""
-    def process(i):
+    def process(s):
+        i = int(s.flow_id[1:])
         if i == 3:
             raise ValueError("boom")
         yield from call_op(i)
@@ -82,7 +93,7 @@ def test_writer_survives_bad_records(db_url, tmp_path, caplog):
     w = Writer(db_url, process, spool_dir=tmp_path)
     w.start()
     for i in range(6):
-        w.submit(i)
+        w.submit(snap(i))
     assert w.stop(30)
     with bound(db_url):
         assert sorted(r.flow_id for r in models.Call.select()) == ["f0", "f1", "f2", "f4", "f5"]
@@ -97,7 +108,7 @@ def test_unreachable_db_spools_and_replays(tmp_path):
     w = Writer(url, call_op, spool_dir=spool)
     w.start()
     for i in range(25):
-        w.submit(i)
+        w.submit(snap(i))
     time.sleep(0.5)
     assert not w.stop(timeout=1.0)  # could not write: spooled
     files = list(spool.glob("spool-*.pkl"))
@@ -109,13 +120,13 @@ def test_spool_replay_into_real_db(db_url, tmp_path):
     spool = tmp_path / "spool"
     down = Writer(db_url, call_op, spool_dir=spool)
     # simulate an outage: spill directly as the writer does when it cannot connect
-    down._spill([op for i in range(30) for op in call_op(i)])
-    down._spill([Unprocessed(99)])
+    down.spool.write([op for i in range(30) for op in call_op(i)])
+    down.spool.write([Unprocessed(snap(99))])
     # and a file written by velvet 0.1, whose entries were (kind, payload) tuples
-    down._spill([("call", call_row(101)), ("raw", ("call", 102))])
+    down.spool.write([("call", call_row(101)), ("raw", ("call", snap(102)))])
     w = Writer(db_url, call_op, spool_dir=spool)
     w.start()
-    w.submit(100)
+    w.submit(snap(100))
     assert w.stop(30)
     with bound(db_url):
         assert models.Call.select().count() == 34
@@ -137,7 +148,7 @@ def test_db_outage_then_recovery(tmp_path):
     w = Writer(url, call_op, spool_dir=tmp_path / "spool")
     w.start()
     for i in range(10):
-        w.submit(i)
+        w.submit(snap(i))
     time.sleep(1.0)
     assert w.failures == 0 and w.written == 0  # could not even connect
     if target.is_file():

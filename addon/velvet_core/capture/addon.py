@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,13 +17,15 @@ from velvet_core.capture import markers
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
 from velvet_core.capture.snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
-from velvet_core.capture.tap import BodyTap, remove_stale_spills
+from velvet_core.capture.tap import BodyTap
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.pricing import PriceFileError, Pricer, load_price_file
 from velvet_core.process.processor import Processor
 from velvet_core.query.summary import text as summary_text
+from velvet_core.redact import redact
 from velvet_core.storage.database import DatabaseURLError, check_url
-from velvet_core.writer.writer import Writer, _redact
+from velvet_core.writer.health import status_line
+from velvet_core.writer.writer import Writer
 
 log = logging.getLogger("velvet")
 
@@ -88,6 +91,10 @@ class Velvet:
                           "transfer, bounded memory, but mitmweb does not show the body (unless "
                           "store_streamed_bodies is on). Bodies mitmproxy already streams "
                           "(stream_large_bodies) are always followed.")
+        loader.add_option("velvet_journal", bool, True,
+                          "Journal each finished flow before its response goes to the client, so a proxy killed "
+                          "with SIGKILL loses nothing: the flows are finished at the next start. Off: the "
+                          "flows still queued when the process dies are lost.")
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -119,9 +126,11 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
-        if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir"}:
-            self._stop_writer()
+        if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir", "velvet_journal"}:
+            # the old writer finishes its queue in the background: never on the event loop
+            old, self.writer = self.writer, None
             self._start_writer()
+            threading.Thread(target=self._retire, args=(old,), name="velvet-writer-retire", daemon=True).start()
 
     def running(self) -> None:
         self.notes.loop = ctx.master.event_loop
@@ -141,18 +150,27 @@ class Velvet:
 
     def _start_writer(self) -> None:
         url = self.db_url()
-        spool = self.spool_dir()
-        remove_stale_spills(spool / "streams")
-        self.writer = Writer(url, self.processor.process, spool_dir=spool, setup=self.processor.warm)
+        self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(), setup=self.processor.warm,
+                             journaled=ctx.options.velvet_journal)
         self.writer.start()
-        log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), _redact(url))
+        log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), redact(url))
 
     def _stop_writer(self) -> None:
-        if self.writer is None:
-            return
-        w, self.writer = self.writer, None
+        if self.writer is not None:
+            w, self.writer = self.writer, None
+            self._retire(w)
+
+    @staticmethod
+    def _retire(w: Writer) -> None:
         if w.stop(ctx.options.velvet_flush_timeout):
-            log.info("velvet: %d operations written", w.written)
+            log.info("velvet: %d operations written to %s", w.written, redact(w.url))
+
+    @command.command("velvet.status")
+    def status(self) -> str:
+        """The writer's health: last write, queue, pending, spooled and dead-lettered operations, last error."""
+        if self.writer is None:
+            return "velvet: not running"
+        return status_line(self.writer.status())
 
     @command.command("velvet.summary")
     def summary(self) -> str:
@@ -209,7 +227,10 @@ class Velvet:
             big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
         if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
             return
-        tap = BodyTap(self.spool_dir() / "streams")
+        snap = self.snapshots[flow.id]
+        tap = BodyTap(self.spool_dir() / "streams", {
+            "flow_id": flow.id, "method": snap.method, "host": snap.host, "path": snap.path,
+            "started_at": snap.started_at, "key_fingerprint": snap.key_fingerprint, "side": side})
         msg.stream = tap
         req_tap, resp_tap = self.taps.get(flow.id, (None, None))
         self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)

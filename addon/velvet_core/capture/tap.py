@@ -14,7 +14,9 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import orjson
 
 log = logging.getLogger("velvet")
 
@@ -22,10 +24,11 @@ log = logging.getLogger("velvet")
 class BodyTap:
     """``stream`` callable: returns each chunk untouched and appends it to a spill file."""
 
-    __slots__ = ("_file", "broken", "bytes", "finished", "path", "spill_dir")
+    __slots__ = ("_file", "broken", "bytes", "finished", "meta", "path", "spill_dir")
 
-    def __init__(self, spill_dir: Path) -> None:
+    def __init__(self, spill_dir: Path, meta: dict[str, Any] | None = None) -> None:
         self.spill_dir = spill_dir
+        self.meta = meta  # written beside the spill file: enough to record the flow if the proxy dies
         self.bytes = 0
         self.finished = False
         self.broken: str | None = None
@@ -44,6 +47,8 @@ class BodyTap:
                     self.spill_dir.mkdir(parents=True, exist_ok=True)
                     fd, name = tempfile.mkstemp(prefix=f"tap-{os.getpid()}-", suffix=".part", dir=self.spill_dir)
                     self._file, self.path = os.fdopen(fd, "wb"), Path(name)
+                    if self.meta is not None:
+                        sidecar(self.path).write_bytes(orjson.dumps(self.meta))
                 self._file.write(data)
             except Exception as e:  # never the user's problem (a full disk, say): note it, pass bytes on
                 self.broken = f"velvet could not keep the body: {type(e).__name__}: {e}"
@@ -60,17 +65,9 @@ class BodyTap:
             self._file = None
 
 
-def remove_stale_spills(spill_dir: Path) -> None:
-    """Spill files of proxies that are gone (killed mid-stream)."""
-    if not spill_dir.is_dir():
-        return
-    for path in spill_dir.glob("tap-*-*.part"):
-        try:
-            pid = int(path.name.split("-")[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            path.unlink(missing_ok=True)
+def sidecar(spill: Path) -> Path:
+    """The file beside a spill file that describes its flow."""
+    return spill.with_suffix(".json")
 
 
 def pid_alive(pid: int) -> bool:

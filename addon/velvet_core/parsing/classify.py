@@ -19,6 +19,10 @@ class Route:
     object_id: str | None = None
     deployment: str | None = None
 
+    def __reduce__(self) -> tuple[type[Route], tuple[str, str, str, str | None, str | None]]:
+        # the dataclass default goes through copyreg: several times slower, and routes are journaled per flow
+        return Route, (self.kind, self.action, self.path, self.object_id, self.deployment)
+
     @property
     def batch_body(self) -> Literal["request", "response"] | None:
         """Which side of the flow carries a batch file's bytes: an upload or upload part (the request), a

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, overload
+
+import orjson
 
 RATELIMIT_HEADERS = {
     "x-ratelimit-limit-requests": "rl_limit_requests",
@@ -15,7 +18,8 @@ RATELIMIT_HEADERS = {
     "x-ratelimit-reset-requests": "rl_reset_requests",
     "x-ratelimit-reset-tokens": "rl_reset_tokens",
 }
-SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization", "cookie"})
+SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
+                            "proxy-authenticate", "www-authenticate"})
 TAG_PREFIX = "velvet-metadata-"
 
 
@@ -113,6 +117,15 @@ def safe_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if k not in SECRET_HEADERS}
 
 
+def json_text(obj: Any) -> str:
+    """``obj`` as JSON text. Header values may hold lone surrogates (bytes that were not UTF-8, as mitmproxy
+    decodes them), which orjson refuses: the standard library escapes them instead."""
+    try:
+        return orjson.dumps(obj).decode()
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=True)
+
+
 def ratelimits(headers: dict[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for h, col in RATELIMIT_HEADERS.items():
@@ -150,6 +163,8 @@ def ts(v: Any) -> datetime | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, int | float):
+        if not 0 <= v < 253402300800:  # before 1970 or after 9999: not a time the API meant
+            return None
         return datetime.fromtimestamp(v, UTC).replace(tzinfo=None)
     if isinstance(v, str):
         try:

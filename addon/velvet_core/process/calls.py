@@ -8,7 +8,17 @@ import orjson
 
 from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.parsing.decode import DecodeError, Decoder, decode_body
-from velvet_core.parsing.extract import ApiError, api_error, find_usage, ratelimits, to_int, tokens_from_usage, utc
+from velvet_core.parsing.extract import (
+    ApiError,
+    api_error,
+    find_usage,
+    json_text,
+    ratelimits,
+    safe_headers,
+    to_int,
+    tokens_from_usage,
+    utc,
+)
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.parsing.sse import reassemble
 
@@ -73,9 +83,9 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
         "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
         "deployment": route.deployment, "key_fingerprint": s.key_fingerprint,
-        "tags": orjson.dumps(s.tags).decode() if s.tags else None,
-        "request_headers": orjson.dumps(s.request_headers).decode(),
-        "response_headers": orjson.dumps(rh).decode() if rh else None,
+        "tags": json_text(s.tags) if s.tags else None,
+        "request_headers": json_text(s.request_headers),
+        "response_headers": json_text(safe_headers(rh)) if rh else None,
         "started_at": utc(s.started_at), "request_end_at": utc(s.request_end_at),
         "first_byte_at": utc(s.first_byte_at), "ended_at": utc(s.ended_at),
         "latency_ms": _ms(s.started_at, s.ended_at), "status_code": s.status_code,

@@ -259,11 +259,8 @@ def ingest_streamed(s: CallSnapshot, tap: TapInfo, resp: Any, pricer: Pricer, pr
     cut = not tap.finished or (s.error is not None and s.status_code is None)
     if cut:
         problems.append(f"body cut off after {tap.bytes:,} bytes" + (f" ({s.error})" if s.error else ""))
-    try:
-        yield from _ingest(s, resp, pricer, problems, None if tap.broken else read, cut, encoded=True)
-    finally:
-        if tap.path is not None:
-            tap.path.unlink(missing_ok=True)
+    # (the spill file stays until the flow's operations are written: the writer removes it then)
+    yield from _ingest(s, resp, pricer, problems, None if tap.broken else read, cut, encoded=True)
 
 
 def ingest_buffered(s: CallSnapshot, data: bytes | None, resp: Any, pricer: Pricer,

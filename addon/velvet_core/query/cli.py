@@ -7,6 +7,7 @@ import csv
 import sys
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 import orjson
@@ -15,6 +16,8 @@ from peewee import Database, PostgresqlDatabase
 from velvet_core import __version__, config
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
+from velvet_core.query.status import status as status_of
+from velvet_core.redact import redact
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 
 
@@ -249,6 +252,10 @@ def parser() -> argparse.ArgumentParser:
     p = command("stats", cmd_stats, "calls, tokens, cost, error rate, latency and batch turnaround")
     p.add_argument("--by", choices=queries.GROUPS, default="model")
     p.add_argument("--since", type=_since, metavar="WHEN")
+    p = command("status", cmd_status, "the health of each proxy writing here: last write, queue, spooled and "
+                                      "dead-lettered operations, last error (exit 1 if one is failing)")
+    p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
+                                                      f"{config.default_spool_dir()})")
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
     p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV", json=False)
@@ -261,9 +268,39 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
+    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
+    if a.json:
+        dump_json(s)
+    else:
+        table(["PROXY", "RUNNING", "LAST WRITE", "FAILING SINCE", "QUEUE", "PENDING", "SPOOLED", "DEAD", "WRITTEN",
+               "LAST ERROR"],
+              [[p["proxy"], "yes" if p["running"] else "no", when(p["last_write_at"]), when(p["failing_since"]),
+                count(p["queue_depth"] or 0), count(p["pending"] or 0), count(p["spooled"] or 0),
+                count(p["dead_lettered"] or 0), count(p["written"] or 0), (p["last_error"] or "")[:60]]
+               for p in s["proxies"]], right=(4, 5, 6, 7, 8))
+        if not s["proxies"]:
+            print("(no proxy has written to this database yet)")
+        if db_error:
+            print(f"database: {db_error}")
+        print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
+              f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
+    failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
+    return 1 if failing or db_error else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     url = args.db or config.default_db_url()
+    if args.cmd == "status":  # must speak when the database does not
+        try:
+            db = queries.open_readonly(url)
+        except Exception as e:
+            return cmd_status(None, args, redact(_first_line(e)))
+        try:
+            return cmd_status(db, args)
+        finally:
+            db.close()
     try:
         db = queries.open_readonly(url)
     except DatabaseURLError as e:
@@ -293,7 +330,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"velvet: {message}", file=sys.stderr)
+    print(f"velvet: {redact(message)}", file=sys.stderr)
     return code
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import orjson
 from peewee import Database, PostgresqlDatabase
 
+from velvet_core.redact import redact
 from velvet_core.storage.database import DatabaseURLError, connect, sqlite_path
 
 
@@ -46,7 +47,7 @@ def open_readonly(url: str) -> Database:
         db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
     if not db.table_exists("batches"):
         db.close()
-        raise DatabaseURLError(f"{url}: not a velvet database (no tables yet)")
+        raise DatabaseURLError(f"{redact(url)}: not a velvet database (no tables yet)")
     return db
 
 

@@ -24,6 +24,7 @@ from velvet_core.storage.models import (
 )
 from velvet_core.storage.ops import BatchSeen, PartSeen, UploadCompleted
 from velvet_core.storage.rows import chunks, insert_rows
+from velvet_core.storage.values import clean_rows, clean_text
 
 STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
                "completed": "completed_at", "failed": "failed_at", "expired": "expired_at",
@@ -46,6 +47,7 @@ def results_done(file_id: str) -> None:
 
 def upsert_file(row: dict[str, Any]) -> None:
     row = {k: v for k, v in row.items() if v is not None}
+    clean_rows([row])
     if row.get("complete") is True and "problem" not in row:
         row["problem"] = None  # a whole download clears what an earlier, cut one said
     existing = File.get_or_none(File.id == row["id"])
@@ -91,6 +93,7 @@ def add_problem(message: str, marker: str, *where: Any) -> None:
 
 def upsert_batch(p: BatchSeen) -> None:
     row, observed = dict(p.row), p.observed_at
+    clean_rows([row, *p.errors], problem=None)
     old = Batch.get_or_none(Batch.id == row["id"])
     status = row["status"]
     stale = False
@@ -171,6 +174,7 @@ def check_urls(b: Batch) -> None:
 
 def upsert_upload(row: dict[str, Any]) -> None:
     row = {k: v for k, v in row.items() if v is not None}
+    clean_rows([row], problem=None)
     if Upload.get_or_none(Upload.id == row["id"]) is None:
         Upload.insert(**row).on_conflict_ignore().execute()
     else:
@@ -182,8 +186,10 @@ def upsert_upload(row: dict[str, Any]) -> None:
 
 
 def part_seen(p: PartSeen) -> None:
-    UploadPart.insert(id=p.id, upload_id=p.upload_id, head=p.head, tail=p.tail, lines=p.lines, bytes=p.bytes,
-                      seen_at=p.seen_at).on_conflict_ignore().execute()
+    row = {"id": p.id, "upload_id": p.upload_id, "head": p.head, "tail": p.tail, "lines": p.lines,
+           "bytes": p.bytes, "seen_at": p.seen_at}
+    clean_rows([row], problem=None)
+    UploadPart.insert(**row).on_conflict_ignore().execute()
 
 
 def complete_upload(p: UploadCompleted) -> None:
@@ -191,11 +197,12 @@ def complete_upload(p: UploadCompleted) -> None:
     frow = p.file
     if not frow:
         return
+    part_ids = [clean_text(pid)[0] if isinstance(pid, str) else str(pid) for pid in p.part_ids]
     fid = frow["id"]
-    parts = {u.id: u for u in UploadPart.select().where(UploadPart.id.in_(p.part_ids))}
-    missing = [pid for pid in p.part_ids if pid not in parts]
+    parts = {u.id: u for u in UploadPart.select().where(UploadPart.id.in_(part_ids))}
+    missing = [pid for pid in part_ids if pid not in parts]
     n, carry, stitched = 0, b"", []
-    for pid in p.part_ids:
+    for pid in part_ids:
         part = parts.get(pid)
         if part is None:
             continue

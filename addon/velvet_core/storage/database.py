@@ -8,6 +8,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
+from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 
 __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "check_url", "connect", "migrate", "open_db", "schema_version",
@@ -23,13 +24,13 @@ def check_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme == "sqlite":
         if not parts.path or parts.path == "/":
-            raise DatabaseURLError(f"{url!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
+            raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
     elif parts.scheme in ("postgresql", "postgres"):
         if not parts.path.strip("/"):
-            raise DatabaseURLError(f"{url!r}: a PostgreSQL URL needs a database name, "
+            raise DatabaseURLError(f"{redact(url)!r}: a PostgreSQL URL needs a database name, "
                                    "e.g. postgresql://user:pass@host:5432/velvet")
     else:
-        raise DatabaseURLError(f"{url!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
+        raise DatabaseURLError(f"{redact(url)!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
     return url
 
 

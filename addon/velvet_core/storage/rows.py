@@ -9,6 +9,7 @@ from typing import Any
 from peewee import BigIntegerField, CharField, FloatField, IntegerField, SqliteDatabase, TextField
 
 from velvet_core.storage import models
+from velvet_core.storage.values import clean_rows
 
 CHUNK = 500
 
@@ -25,8 +26,10 @@ _AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatFi
 def _insert_sql(model: type[models.Base], sqlite: bool, param: str) -> tuple[str, tuple[Any, ...]]:
     fields = tuple(f for f in model._meta.sorted_fields if not isinstance(f, models.AutoField))
     names = ", ".join(f'"{f.column_name}"' for f in fields)
-    sql = (f"{'INSERT OR IGNORE' if sqlite else 'INSERT'} INTO \"{model._meta.table_name}\" ({names}) "
-           f"VALUES ({', '.join([param] * len(fields))}){'' if sqlite else ' ON CONFLICT DO NOTHING'}")
+    # ON CONFLICT DO NOTHING skips rows already there (replays); SQLite's INSERT OR IGNORE would also
+    # silently skip a row that breaks NOT NULL, which must fail instead (and be isolated by the writer)
+    sql = (f"INSERT INTO \"{model._meta.table_name}\" ({names}) "
+           f"VALUES ({', '.join([param] * len(fields))}) ON CONFLICT DO NOTHING")
     return sql, fields
 
 
@@ -38,6 +41,7 @@ def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
+    clean_rows(rows)
     db = models.db.obj  # the real database behind the per-thread proxy
     assert db is not None, "insert_rows outside models.use()"
     sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)

@@ -1,13 +1,28 @@
-"""What spool files hold: operations and unprocessed snapshots, pickled; files of older versions read too."""
+"""Spool files: operations (and unprocessed snapshots) kept on disk while the database cannot take them.
+
+Each file is a sequence of pickled lists, fsynced as written, replayed when the database is back or at
+the next start, and deleted only once its operations are written. A damaged file is quarantined
+(renamed ``*.damaged-…``, kept, never deleted automatically); what could be read of it is replayed.
+Files written by velvet 0.1 (``(kind, payload)`` tuples, classes at their old module paths) are read too.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import pickle
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.capture.tap import pid_alive
 from velvet_core.storage import ops
+
+log = logging.getLogger("velvet")
 
 
 @dataclass(slots=True)
@@ -15,6 +30,78 @@ class Unprocessed:
     """A snapshot spooled before it was processed (the queue was full)."""
 
     snapshot: CallSnapshot
+
+
+Entry = ops.Op | Unprocessed
+
+
+class Spool:
+    """This process's spool file for one database (``tag``), and the files left for it by others."""
+
+    def __init__(self, directory: Path, tag: str) -> None:
+        self.dir = directory
+        self.tag = tag
+        self.path = directory / f"spool-{tag}-{os.getpid()}-{int(time.time() * 1000)}.pkl"
+        self.entries = 0  # written to disk by this process
+        self.quarantined = 0
+        self._lock = threading.Lock()  # the event loop spools too, when the queue is full
+
+    def write(self, entries: Sequence[Entry]) -> None:
+        """Append ``entries`` durably (fsync); raises OSError when the disk refuses."""
+        if not entries:
+            return
+        with self._lock:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "ab") as f:
+                pickle.dump(list(entries), f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.flush()
+                os.fsync(f.fileno())
+            self.entries += len(entries)
+
+    def claim(self) -> list[Path]:
+        """Spool files for this database (this process's own included), renamed so only we replay them."""
+        if not self.dir.is_dir():
+            return []
+        stale = [p for p in self.dir.glob(f"spool-{self.tag}-*.replaying-*")
+                 if not pid_alive(int(p.name.rsplit("-", 1)[1]))]
+        claimed = []
+        for path in sorted([*self.dir.glob(f"spool-{self.tag}-*.pkl"), *stale]):
+            mine = path.with_name(f"{path.name.split('.pkl', 1)[0]}.pkl.replaying-{os.getpid()}")
+            with self._lock:  # not while this process appends to it
+                try:
+                    path.rename(mine)
+                except OSError:
+                    continue
+            claimed.append(mine)
+        return claimed
+
+    def read(self, path: Path) -> list[Entry]:
+        """The entries of a claimed file; a damaged file is quarantined after what could be read."""
+        entries: list[Any] = []
+        with open(path, "rb") as f:
+            while True:
+                try:
+                    entries.extend(Unpickler(f).load())
+                except EOFError:
+                    break
+                except Exception as e:
+                    self.quarantined += 1
+                    quarantine(path, f"damaged spool file ({type(e).__name__}: {e}); "
+                                     f"{len(entries)} operations read before the damage")
+                    break
+        return [u for u in map(upgrade, entries) if u is not None]
+
+
+def quarantine(path: Path, why: str) -> Path | None:
+    """Rename ``path`` aside (kept for a person to look at, never deleted automatically)."""
+    target = path.with_name(f"{path.name}.damaged-{int(time.time())}")
+    try:
+        path.rename(target)
+    except OSError as e:
+        log.warning("velvet: %s: %s; could not quarantine it (%s)", path, why, e)
+        return None
+    log.warning("velvet: %s: %s; kept as %s", path, why, target)
+    return target
 
 
 # where classes lived before the package was grouped (spool files of 0.1 name them so)
@@ -27,10 +114,10 @@ class Unpickler(pickle.Unpickler):
         return super().find_class(_MOVED.get(module, module), name)
 
 
-def upgrade(entry: Any) -> ops.Op | Unprocessed | None:
+def upgrade(entry: Any) -> Entry | None:
     """An entry of a spool file as today's types: 0.1 wrote ``(kind, payload)`` tuples."""
     if not isinstance(entry, tuple):
-        return entry
+        return entry  # type: ignore[no-any-return,unused-ignore]
     kind, p = entry
     match kind:
         case "raw":

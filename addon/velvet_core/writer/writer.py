@@ -1,34 +1,74 @@
-"""The writer thread: takes snapshots off a bounded queue, processes them into operations, writes them.
+"""The writer thread: takes finished flows off a bounded queue, processes them, writes the operations.
 
-Never loses what it was given: when the database is unreachable the prepared operations are kept
-in memory (up to a bound), then spilled to a spool file that is replayed at the next start.
+Never stalls, never loses what it accepted:
+
+- each flow is journaled on the event loop before it is queued (:mod:`journal`), so a killed proxy's
+  flows are finished at the next start; a flow's journal entry and spill files go once its operations
+  are written or spooled;
+- while the database is unreachable (transient errors) the operations wait in memory, up to a bound,
+  then in a spool file (:mod:`spool`), and are retried with backoff;
+- an operation the database refuses (a data error) is isolated by splitting the group, the others are
+  written, and it is stored in a smaller form or, failing that, kept in the dead-letter file
+  (:mod:`policy`, :mod:`deadletter`): one bad value never blocks the rows behind it;
+- its health is published for ``velvet status`` (:mod:`health`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import logging
-import os
-import pickle
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from velvet_core.capture.snapshot import CallSnapshot
-from velvet_core.capture.tap import pid_alive
+from velvet_core.capture.tap import sidecar
+from velvet_core.redact import redact
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import LINES, Op
 from velvet_core.storage.store import Store
-from velvet_core.writer.spool import Unpickler, Unprocessed, upgrade
+from velvet_core.writer import journal, recovery
+from velvet_core.writer.deadletter import DeadLetters
+from velvet_core.writer.health import Health
+from velvet_core.writer.policy import describe, reductions, transient
+from velvet_core.writer.spool import Spool, Unprocessed
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("velvet")
 
 Process = Callable[[CallSnapshot], Iterable[Op]]
 _STOP = object()
+MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated as bad data
+
+
+@dataclass(slots=True)
+class Safe:
+    """Ends a flow's operations: once they are written (or spooled), its journal entry and files can go."""
+
+    segment: journal.Segment | None
+    files: tuple[Path, ...]
+
+
+@dataclass(slots=True)
+class Work:
+    """A flow to process: from the queue, or replayed from a journal or spool left by a dead proxy."""
+
+    snapshot: CallSnapshot | None  # None: only ``after`` (the end of a replayed file)
+    segment: journal.Segment | None = None
+    after: tuple[Path, ...] = ()  # files to delete once this flow is safe (a replayed journal or spool file)
+
+
+def spill_files(s: CallSnapshot | None) -> tuple[Path, ...]:
+    """The spill files (and their sidecars) holding a flow's streamed bodies."""
+    if s is None:
+        return ()
+    return tuple(p for t in (s.request_tap, s.response_tap) if t is not None and t.path is not None
+                 for p in (t.path, sidecar(t.path)))
 
 
 class Writer:
@@ -38,29 +78,31 @@ class Writer:
     into operations in the thread; :class:`Store` writes them.
     """
 
-    def __init__(self, url: str, process: Process, *, spool_dir: Path,
-                 queue_size: int = 10_000, max_pending: int = 50_000, batch_size: int = 500,
-                 linger: float = 0.1, setup: Callable[[], None] | None = None) -> None:
+    def __init__(self, url: str, process: Process, *, spool_dir: Path, queue_size: int = 10_000,
+                 max_pending: int = 50_000, batch_size: int = 500, linger: float = 0.1,
+                 setup: Callable[[], None] | None = None, journaled: bool = True, warn_after: float = 5.0) -> None:
         self.url = url
         self.process = process
         self.setup = setup
         self.spool_dir = spool_dir
+        tag = hashlib.sha256(url.encode()).hexdigest()[:10]
+        self.spool = Spool(spool_dir, tag)
+        self.journal = journal.Journal(spool_dir / "journal", tag) if journaled else None
+        self.dead = DeadLetters(spool_dir / "dead-letters.jsonl")
+        self.health = Health(url, spool_dir, tag, warn_after)
         self.queue: queue.Queue[Any] = queue.Queue(queue_size)
+        self.backlog: collections.deque[Work] = collections.deque()  # replayed flows, before the queue
         self.max_pending = max_pending
         self.batch_size = batch_size
         self.linger = linger
-        self.pending: list[Op] = []
+        self.pending: list[Op | Safe] = []
         self.written = 0
         self.failures = 0
         self.store: Store | None = None
-        self._thread: threading.Thread | None = None
-        self._overflow_lock = threading.Lock()
-        tag = hashlib.sha256(url.encode()).hexdigest()[:10]
-        self._spool_glob = f"spool-{tag}-*.pkl"
-        self._spool_file = spool_dir / f"spool-{tag}-{os.getpid()}-{int(time.time() * 1000)}.pkl"
         self.clean = True  # False once anything had to be spooled
+        self._attempts = 0
+        self._thread: threading.Thread | None = None
         self._abandon = threading.Event()
-        self._claimed: list[Path] = []
 
     # -- event-loop side -------------------------------------------------------------------------
 
@@ -70,13 +112,19 @@ class Writer:
             self._thread.start()
 
     def submit(self, snapshot: CallSnapshot) -> None:
-        """Hand a finished flow to the thread without blocking; if the queue is full, spool it to disk."""
+        """Journal a finished flow and hand it to the thread, without blocking (spooled if the queue is full)."""
+        segment = self.journal.append(snapshot) if self.journal else None
         try:
-            self.queue.put_nowait(snapshot)
+            self.queue.put_nowait(Work(snapshot, segment))
         except queue.Full:
-            log.warning("velvet: writer queue full (%d); spooling to %s", self.queue.maxsize,
-                        self._spool_file)
-            self._spill([Unprocessed(snapshot)])
+            log.warning("velvet: writer queue full (%d); spooling to %s", self.queue.maxsize, self.spool.path)
+            try:
+                self.spool.write([Unprocessed(snapshot)])
+            except OSError as e:  # still in the journal (if that could be written): finished at the next start
+                log.error("velvet: cannot spool a flow (%s); it waits in the journal for the next start", e)
+                return
+            self.clean = False
+            self._safe(Safe(segment, ()))
 
     def stop(self, timeout: float) -> bool:
         """Write everything queued, waiting at most ``timeout`` s; spool what could not be written."""
@@ -95,85 +143,71 @@ class Writer:
             self._abandon.set()
             self._thread.join(5)
         self._thread = None
+        if self.journal:
+            self.journal.close()
         return self.clean
+
+    def status(self) -> dict[str, Any]:
+        """The health figures (any thread)."""
+        self.health.queue_depth = self.queue.qsize()
+        return self.health.snapshot()
 
     # -- thread side -----------------------------------------------------------------------------
 
     def _run(self) -> None:
         backoff = 0.5
         stopping = False
-        connected = False
         while True:
-            if not connected:
-                connected = self._connect()
+            if self.store is None:
+                self._connect()
             items, stopping = self._take(stopping, block=not self.pending)
-            for snapshot in items:
-                for op in self._process(snapshot):
+            for work in items:
+                for op in self._process(work.snapshot) if work.snapshot is not None else ():
                     self.pending.append(op)
-                    if not isinstance(op, LINES):  # batch lines are written at once: a big body stays bounded
-                        continue
-                    if connected:
-                        connected = self._try_flush(backoff)
-                    elif sum(isinstance(o, LINES) for o in self.pending) > 8:  # database down: to disk, in order
-                        self._spill(self.pending)
-                        self.pending = []
-            if self.pending and connected:
-                connected = self._try_flush(backoff)
-                if connected:
-                    backoff = 0.5
+                    if isinstance(op, LINES):  # batch lines are written at once: a big body stays bounded
+                        self._lines_arrived()
+                self.pending.append(Safe(work.segment, spill_files(work.snapshot) + work.after))
+            if self.pending and self.store is not None and self._try_flush():
+                backoff = 0.5
             if len(self.pending) > self.max_pending:
-                self._spill(self.pending)
-                self.pending = []
+                self._spill()
+            self.health.queue_depth, self.health.pending = self.queue.qsize(), len(self.pending)
+            self.health.publish(self.store.db if self.store else None)
             if stopping and (not self.pending or self._abandon.is_set()):
                 break
-            if self.pending and not connected:
+            if self.pending and self.store is None:
                 if stopping and self._abandon.wait(backoff):
                     break
                 if not stopping:
                     time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         if self.pending:
-            self._spill(self.pending)
-            for path in self._claimed:  # their operations are in the new spool file now
-                path.unlink(missing_ok=True)
+            n = sum(not isinstance(p, Safe) for p in self.pending)
+            self._spill()
             log.warning("velvet: %d operations could not be written; spooled to %s, written at next start",
-                        len(self.pending), self._spool_file)
-            self.pending = []
+                        n, self.spool.path)
+        self.health.stopped_at = time.time()
+        self.health.pending = len(self.pending)
+        self.health.publish(self.store.db if self.store else None, force=True)
         self._close()
 
-    def _try_flush(self, backoff: float) -> bool:
-        """Write what is pending; False (and the rows kept) when the database failed."""
-        try:
-            self._flush()
-            return True
-        except Exception as e:  # database down, constraint bug, …: keep the rows
-            self.failures += 1
-            log.warning("velvet: database write failed (%s); %d operations kept, retrying in %.1fs",
-                        e, len(self.pending), backoff)
-            self._close()
-            return False
-
-    def _connect(self) -> bool:
-        try:
-            db = open_db(self.url)
-        except Exception as e:
-            log.warning("velvet: cannot open database %s: %s", _redact(self.url), e)
-            return False
-        self.store = Store(db)
-        if self.setup:
-            self.setup()
-            self.setup = None
-        self._replay_spool()
-        return True
-
-    def _close(self) -> None:
+    def _lines_arrived(self) -> None:
         if self.store is not None:
-            with contextlib.suppress(Exception):
-                self.store.db.close()
-            self.store = None
+            self._try_flush()
+        elif sum(isinstance(o, LINES) for o in self.pending) > 8:  # database down: to disk, in order
+            self._spill()
 
-    def _take(self, stopping: bool, block: bool) -> tuple[list[CallSnapshot], bool]:
-        items: list[CallSnapshot] = []
+    def _process(self, snapshot: CallSnapshot) -> Iterator[Op]:
+        """The snapshot's operations; a bug in processing costs that flow only, never the thread."""
+        try:
+            yield from self.process(snapshot)
+        except Exception:
+            log.exception("velvet: could not process a flow")
+
+    def _take(self, stopping: bool, block: bool) -> tuple[list[Work], bool]:
+        if self.backlog:
+            return [self.backlog.popleft()], stopping
+        items: list[Work] = []
         if stopping:
             block = False
         try:
@@ -198,73 +232,163 @@ class Writer:
                 break
         return items, stopping
 
-    def _process(self, snapshot: CallSnapshot) -> Iterator[Op]:
-        """The snapshot's operations; a bug in processing costs that flow only, never the thread."""
+    # -- writing ---------------------------------------------------------------------------------
+
+    def _connect(self) -> None:
         try:
-            yield from self.process(snapshot)
-        except Exception:
-            log.exception("velvet: could not process a flow")
+            db = open_db(self.url)
+        except Exception as e:
+            self.health.failed(describe(e))
+            log.debug("velvet: cannot open database %s: %s", redact(self.url), e)
+            return
+        self.store = Store(db)
+        if self.setup:
+            self.setup()
+            self.setup = None
+        self._replay()
+
+    def _close(self) -> None:
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                self.store.db.close()
+            self.store = None
+
+    def _try_flush(self) -> bool:
+        """Write what is pending; False (the operations kept) when the database failed."""
+        try:
+            self._flush()
+            return True
+        except Exception as e:  # transient: the connection or the server
+            self.failures += 1
+            self.health.pending = len(self.pending)
+            self.health.failed(describe(e))
+            log.debug("velvet: database write failed (%s); %d operations kept", describe(e), len(self.pending))
+            self._close()
+            return False
 
     def _flush(self) -> None:
         assert self.store is not None
         while self.pending:
             group = self.pending[: self.batch_size]
-            self.store.apply(group)
+            ops = [o for o in group if not isinstance(o, Safe)]
+            self._write(ops)
             del self.pending[: len(group)]
-            self.written += len(group)
-        for path in self._claimed:  # replayed spool files are gone only once written
-            path.unlink(missing_ok=True)
-        self._claimed.clear()
+            self.written += len(ops)
+            self.health.wrote(len(ops))
+            for marker in group:
+                if isinstance(marker, Safe):
+                    self._safe(marker)
 
-    # -- spool -----------------------------------------------------------------------------------
-
-    def _spill(self, ops: Sequence[Op | Unprocessed]) -> None:
-        self.clean = False
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        with self._overflow_lock, open(self._spool_file, "ab") as f:
-            pickle.dump(ops, f, protocol=pickle.HIGHEST_PROTOCOL)
-            f.flush()
-            os.fsync(f.fileno())
-
-    def _replay_spool(self) -> None:
-        """Write spool files left by earlier runs (or this one) for this database."""
-        if not self.spool_dir.is_dir():
+    def _write(self, ops: list[Op]) -> None:
+        """Write ``ops``; raises transient errors only: data errors are isolated here."""
+        assert self.store is not None
+        if not ops:
             return
-        stale = [p for p in self.spool_dir.glob(self._spool_glob.replace(".pkl", ".replaying-*"))
-                 if not pid_alive(int(p.suffix.rsplit("-", 1)[1]))]
-        for path in sorted([*self.spool_dir.glob(self._spool_glob), *stale]):
-            claimed = path.with_suffix(f".replaying-{os.getpid()}")
+        try:
+            self.store.apply(ops)
+            self._attempts = 0
+            return
+        except Exception as e:
+            if transient(e):
+                self._attempts += 1
+                if self._attempts < MAX_ATTEMPTS or not self._alive():
+                    raise
+            log.warning("velvet: the database refused a group of %d operations (%s); isolating the bad ones",
+                        len(ops), describe(e))
+        self._attempts = 0
+        self._isolate(ops)
+
+    def _isolate(self, ops: list[Op]) -> None:
+        """Write every operation of ``ops`` that can be; the bad ones in a smaller form or as dead letters."""
+        assert self.store is not None
+        if not ops:
+            return
+        try:
+            self.store.apply(ops)
+            return
+        except Exception as e:
+            if transient(e) and not self._alive():
+                raise
+            error = e
+        if len(ops) > 1:
+            mid = len(ops) // 2
+            self._isolate(ops[:mid])
+            self._isolate(ops[mid:])
+            return
+        op = ops[0]
+        if isinstance(op, LINES) and len(op.rows) > 1:
+            mid = len(op.rows) // 2
+            self._isolate([type(op)(op.rows[:mid]), type(op)(op.rows[mid:])])
+            return
+        for smaller in reductions(op, error):
             try:
-                path.rename(claimed)  # only one process replays a given file
-            except OSError:
+                self.store.apply([smaller])
+            except Exception as e:
+                if transient(e) and not self._alive():
+                    raise
                 continue
-            entries: list[Any] = []
-            with open(claimed, "rb") as f:
-                while True:
-                    try:
-                        entries.extend(Unpickler(f).load())
-                    except EOFError:
-                        break
-                    except Exception:
-                        log.exception("velvet: damaged spool file %s; kept", claimed)
-                        break
-            prepared: list[Op] = []
-            for entry in map(upgrade, entries):
+            log.warning("velvet: stored a %s in a smaller form: %s", type(op).__name__, describe(error))
+            return
+        self.dead.add(op, describe(error), self.health.proxy)
+        self.health.dead_lettered += 1
+
+    def _alive(self) -> bool:
+        """Whether the connection still answers (a transient-looking error with a live server is about data)."""
+        try:
+            assert self.store is not None
+            self.store.db.execute_sql("SELECT 1").fetchone()
+            return True
+        except Exception:
+            return False
+
+    def _safe(self, marker: Safe) -> None:
+        if marker.segment is not None and self.journal is not None:
+            self.journal.done(marker.segment)
+        for path in marker.files:
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)
+
+    def _spill(self) -> None:
+        """Pending operations to the spool file (their flows are then safe); kept in memory if the disk refuses."""
+        entries = [o for o in self.pending if not isinstance(o, Safe)]
+        try:
+            self.spool.write(entries)
+        except OSError as e:
+            self.health.failed(f"cannot spool: {describe(e)}")
+            log.error("velvet: cannot spool %d operations to %s (%s); kept in memory", len(entries),
+                      self.spool.path, e)
+            return
+        self.clean = False
+        self.health.spooled += len(entries)
+        for marker in self.pending:
+            if isinstance(marker, Safe):
+                self._safe(marker)
+        self.pending = []
+
+    # -- replay ----------------------------------------------------------------------------------
+
+    def _replay(self) -> None:
+        """What earlier runs left for this database: spool files, journals of killed proxies, their spills."""
+        for path in self.spool.claim():
+            entries = self.spool.read(path)
+            self.health.quarantined = self.spool.quarantined
+            log.info("velvet: replaying %d spooled operations from %s", len(entries), path)
+            for entry in entries:
                 if isinstance(entry, Unprocessed):
-                    prepared.extend(self._process(entry.snapshot))
-                elif entry is not None:
-                    prepared.append(entry)
-            log.info("velvet: replaying %d spooled operations from %s", len(prepared), path)
-            self.pending[:0] = prepared
-            self._claimed.append(claimed)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    p = urlsplit(url)
-    if p.password:
-        netloc = p.netloc.replace(f":{p.password}@", ":***@")
-        return urlunsplit(p._replace(netloc=netloc))
-    return url
+                    self.backlog.append(Work(entry.snapshot))
+                else:
+                    self.pending.append(entry)
+            self.backlog.append(Work(None, after=(path,)))  # after the flows above and the pending operations
+        referenced: set[Path] = set()
+        if self.journal is not None:
+            for path in journal.left_behind(self.journal.dir, self.journal.tag):
+                flows = list(journal.read(path))
+                log.info("velvet: finishing %d flows journaled by a proxy that stopped (%s)", len(flows), path)
+                for snap in flows:
+                    referenced.update(p for p in spill_files(snap))
+                    self.backlog.append(Work(snap))
+                self.backlog.append(Work(None, after=(path,)))
+        for spill, row in recovery.orphans(self.spool_dir / "streams", referenced):
+            log.info("velvet: recording a flow cut off when its proxy stopped (%s)", spill)
+            self.pending += [row, Safe(None, (spill, sidecar(spill)))]
+        self.health.remove_stale_files()

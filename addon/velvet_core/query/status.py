@@ -1,0 +1,77 @@
+"""``velvet status``: the health of every proxy writing to a database, from its rows and the spool's files.
+
+The database says what each proxy last published; the status files in the spool directory still speak
+when the database does not answer (the usual reason to look). Both are merged per proxy.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+from peewee import Database
+
+from velvet_core.query.queries import iso, to_dt
+
+KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
+        "failing_since", "last_error", "queue_depth", "pending", "spooled", "dead_lettered", "written", "source")
+STALE = timedelta(seconds=30)  # a proxy that has not published for this long is not running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def status(db: Database | None, spool_dir: Path, db_error: str | None = None) -> dict[str, Any]:
+    """Every proxy known to the database or the spool directory, newest first, and the spool's leftovers."""
+    found: dict[str, dict[str, Any]] = {}
+    if db is not None and db.table_exists("velvet_proxies"):
+        cur = db.execute_sql("SELECT * FROM velvet_proxies")
+        names = [c[0] for c in cur.description]
+        for values in cur.fetchall():
+            row = dict(zip(names, values, strict=True))
+            found[row["proxy"]] = {**row, "source": "database"}
+    for path in sorted(spool_dir.glob("status-*.json")) if spool_dir.is_dir() else ():
+        try:
+            row = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        old = found.get(row.get("proxy", ""))
+        if old is None or str(to_dt(old["updated_at"])) <= str(to_dt(row.get("updated_at"))):
+            found[row["proxy"]] = {**row, "source": "file" if old is None else "both"}
+        else:
+            old["source"] = "both"
+    now = datetime.now(UTC).replace(tzinfo=None)
+    here = socket.gethostname()
+    proxies = []
+    for p in found.values():
+        updated = to_dt(p.get("updated_at"))
+        running = p.get("stopped_at") is None and updated is not None and now - updated < STALE
+        if p.get("hostname") == here and p.get("pid"):
+            running = running and _alive(int(p["pid"]))
+        out = {k: p.get(k) for k in KEYS}
+        for k in ("started_at", "updated_at", "stopped_at", "last_write_at", "failing_since"):
+            out[k] = iso(p.get(k))
+        out["running"] = running
+        proxies.append(out)
+    proxies.sort(key=lambda p: p["updated_at"] or "", reverse=True)
+    letters = spool_dir / "dead-letters.jsonl"
+    return {
+        "proxies": proxies,
+        "database_error": db_error,
+        "spool_dir": str(spool_dir),
+        "spooled_files": sorted(str(p) for p in spool_dir.glob("spool-*")) if spool_dir.is_dir() else [],
+        "dead_letters": sum(1 for _ in letters.open("rb")) if letters.is_file() else 0,
+        "dead_letter_file": str(letters),
+        "quarantined": sorted(str(p) for p in spool_dir.rglob("*.damaged-*")) if spool_dir.is_dir() else [],
+    }

@@ -1,0 +1,19 @@
+"""One redaction for every message that may carry a secret: URL passwords, API keys, bearer tokens."""
+
+from __future__ import annotations
+
+import re
+
+_PATTERNS = (
+    (re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s/]*@", re.I), r"\g<scheme>:***@"),  # URL password
+    (re.compile(r"\b(password|passwd|pwd)\s*=\s*('[^']*'|\"[^\"]*\"|\S+)", re.I), r"\1=***"),  # libpq key=value
+    (re.compile(r"\b(bearer)\s+[A-Za-z0-9._~+/=-]{8,}", re.I), r"\1 ***"),
+    (re.compile(r"\b(sk|sess|rk)-[A-Za-z0-9_-]{8,}"), r"\1-***"),  # OpenAI-style keys
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with passwords, keys and tokens replaced by ``***``."""
+    for pattern, repl in _PATTERNS:
+        text = pattern.sub(repl, text)
+    return text

@@ -1,0 +1,47 @@
+"""The dead-letter file: operations the database refused even in their smallest form.
+
+One JSON line each, readable by people and tools, appended and never deleted automatically.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from velvet_core.storage.ops import Op
+
+log = logging.getLogger("velvet")
+
+
+def _default(v: Any) -> Any:
+    if isinstance(v, bytes | bytearray | memoryview):
+        return {"base64": base64.b64encode(bytes(v)).decode()}
+    return str(v)
+
+
+class DeadLetters:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.count = 0  # written by this process
+
+    def add(self, op: Op, error: str, proxy: str) -> None:
+        record = {"at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                  "proxy": proxy, "error": error, "operation": type(op).__name__,
+                  "data": dataclasses.asdict(op)}
+        # the standard library's encoder: it escapes what orjson refuses (lone surrogates), and speed is moot here
+        line = (json.dumps(record, default=_default, ensure_ascii=True) + "\n").encode()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+        self.count += 1
+        log.warning("velvet: the database refused a %s even in its smallest form (%s); kept in %s",
+                    type(op).__name__, error, self.path)

@@ -1,0 +1,167 @@
+"""The journal: each finished flow, appended on the event loop before its response goes to the client.
+
+A SIGKILL loses the writer's queue, not the journal: at the next start the flows of a dead proxy's
+journal are processed again (writes are idempotent: ``flow_id`` and line numbers are unique). The
+journal is split in small segments; a segment is deleted once every flow in it is in the database or
+the spool. The cost on the event loop is one pickle and one ``write`` per flow (no fsync: a killed
+process loses nothing the kernel already has; a power cut may lose the last moments).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.capture.tap import pid_alive
+from velvet_core.writer.spool import Unpickler, quarantine
+
+log = logging.getLogger("velvet")
+
+FRAME = struct.Struct("<I")
+
+
+class Segment:
+    """One journal file; ``outstanding`` flows not yet written (or spooled)."""
+
+    __slots__ = ("count", "file", "opened", "outstanding", "path")
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.file: Any = open(path, "ab", buffering=0)  # noqa: SIM115 (closed on rotation)
+        self.opened = time.monotonic()
+        self.count = 0
+        self.outstanding = 0
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class Journal:
+    """Append on the event loop (:meth:`append`), acknowledge from the writer thread (:meth:`done`)."""
+
+    def __init__(self, directory: Path, tag: str, max_entries: int = 1000, max_age: float = 2.0) -> None:
+        self.dir = directory
+        self.tag = tag
+        self.max_entries = max_entries
+        self.max_age = max_age
+        self._lock = threading.Lock()
+        self._current: Segment | None = None
+        self._n = 0
+        self.broken: str | None = None  # why appending failed last (a full disk, say)
+
+    def append(self, snapshot: CallSnapshot) -> Segment | None:
+        """Record ``snapshot``; None if it could not be recorded (then only the queue holds it)."""
+        try:
+            data = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as e:
+            self._fail(e)
+            return None
+        with self._lock:
+            try:
+                seg = self._segment()
+                seg.file.write(FRAME.pack(len(data)) + data)
+            except Exception as e:
+                self._fail(e)
+                return None
+            seg.count += 1
+            seg.outstanding += 1
+            self.broken = None
+            return seg
+
+    def done(self, seg: Segment) -> None:
+        """A flow of ``seg`` is safe (written or spooled): delete the segment once all of its are."""
+        with self._lock:
+            seg.outstanding -= 1
+            if seg is self._current and time.monotonic() - seg.opened > self.max_age:
+                self._rotate()
+            elif seg is not self._current and seg.outstanding == 0:
+                seg.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """At shutdown: a segment whose flows are all safe goes; others stay for the next start."""
+        with self._lock:
+            if self._current is not None:
+                self._rotate()
+
+    def _segment(self) -> Segment:
+        cur = self._current
+        if cur is not None and (cur.count >= self.max_entries or time.monotonic() - cur.opened > self.max_age):
+            self._rotate()
+        if self._current is None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            self._n += 1
+            name = f"journal-{self.tag}-{os.getpid()}-{int(time.time())}-{self._n}.log"
+            self._current = Segment(self.dir / name)
+        return self._current
+
+    def _rotate(self) -> None:
+        cur, self._current = self._current, None
+        if cur is not None:
+            cur.close()
+            if cur.outstanding == 0:
+                cur.path.unlink(missing_ok=True)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.broken is None:
+            log.warning("velvet: cannot write the journal in %s (%s: %s); flows are still written, but a crash "
+                        "now would lose the ones queued", self.dir, type(e).__name__, e)
+        self.broken = f"{type(e).__name__}: {e}"
+
+
+def left_behind(directory: Path, tag: str) -> list[Path]:
+    """Journal segments of proxies that are gone (killed), claimed for replay by this process."""
+    if not directory.is_dir():
+        return []
+    claimed = []
+    for path in sorted(directory.glob(f"journal-{tag}-*")):
+        owner = _owner(path)
+        if owner is None or owner == os.getpid() or pid_alive(owner):
+            continue
+        mine = path.with_name(f"{path.name.split('.', 1)[0]}.log.replaying-{os.getpid()}")
+        try:
+            path.rename(mine)  # only one process replays a given segment
+        except OSError:
+            continue
+        claimed.append(mine)
+    return claimed
+
+
+def _owner(path: Path) -> int | None:
+    """The pid that wrote (``journal-TAG-PID-…``) or is replaying (``….replaying-PID``) ``path``."""
+    try:
+        if ".replaying-" in path.name:
+            return int(path.name.rsplit("-", 1)[1])
+        return int(path.name.split("-")[2])
+    except (IndexError, ValueError):
+        return None
+
+
+def read(path: Path) -> Iterator[CallSnapshot]:
+    """The flows in a segment; a torn last frame (killed mid-write) ends it, a damaged one is quarantined."""
+    with open(path, "rb") as f:
+        while head := f.read(FRAME.size):
+            if len(head) < FRAME.size:
+                return
+            (size,) = FRAME.unpack(head)
+            data = f.read(size)
+            if len(data) < size:
+                return
+            try:
+                snap = Unpickler(io.BytesIO(data)).load()
+            except Exception:
+                log.exception("velvet: damaged entry in journal %s", path)
+                quarantine(path, "damaged journal entry")
+                return
+            if isinstance(snap, CallSnapshot):
+                yield snap

@@ -1,0 +1,256 @@
+"""The writer's error policy, journal, spool quarantine, crash leftovers and health, on both backends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+from rig import bound, free_port
+from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.parsing.classify import classify
+from velvet_core.parsing.pricing import Pricer
+from velvet_core.process.processor import Processor
+from velvet_core.storage import models
+from velvet_core.storage.ops import CallRow, RequestLines
+from velvet_core.storage.values import clean_rows
+from velvet_core.writer.writer import Writer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def chat(i: int, model: str = "gpt-4o-mini", extra: bytes = b"") -> CallSnapshot:
+    path = "/v1/chat/completions"
+    body = b'{"model":"%s","messages":[{"role":"user","content":"hi %d"}]%s}' % (model.encode(), i, extra)
+    resp = (b'{"id":"chatcmpl-%d","object":"chat.completion","model":"gpt-4o-mini-2024-07-18",'
+            b'"choices":[{"index":0,"message":{"role":"assistant","content":"hello"},"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}' % i)
+    now = time.time()
+    return CallSnapshot(flow_id=f"flow-{i}", method="POST", host="api.openai.com", path=path,
+                        route=classify("POST", path), key_fingerprint="fp", tags={},
+                        request_headers={"content-type": "application/json"}, request_body=body,
+                        request_encoding=None, started_at=now, ended_at=now + 0.01, status_code=200,
+                        response_headers={"content-type": "application/json"}, response_body=resp)
+
+
+def headers_with(s: CallSnapshot, headers: dict[str, str]) -> CallSnapshot:
+    s.request_headers = {**s.request_headers, **headers}
+    return s
+
+
+def run(url: str, spool: Path, snaps: list[CallSnapshot], **kw) -> Writer:
+    w = Writer(url, Processor(Pricer()).process, spool_dir=spool, **kw)
+    w.start()
+    for s in snaps:
+        w.submit(s)
+    assert w.stop(60)
+    return w
+
+
+def calls(url: str) -> dict[str, models.Call]:
+    with bound(url):
+        return {c.flow_id: c for c in models.Call.select()}
+
+
+def test_poison_values_are_made_storable(db_url, tmp_path):
+    """NUL characters, lone surrogates, 300-character models and out-of-range integers: every row lands."""
+    poison = [
+        chat(0, model="m" * 300),
+        chat(1, model="gpt\\u0000x"),  # a JSON escape: the string holds a NUL character
+        headers_with(chat(2), {"x-raw": "caf\udce9"}),  # a header byte that was not UTF-8 (surrogateescape)
+        chat(3, extra=b',"max_tokens":100000000000000000000000000000'),
+        chat(4, extra=b',"metadata":{"k":"v\\u0000"}'),
+    ]
+    ok = [chat(i) for i in range(10, 15)]
+    w = run(db_url, tmp_path / "spool", [*poison, *ok])
+    rows = calls(db_url)
+    assert set(rows) == {s.flow_id for s in poison + ok}
+    assert rows["flow-0"].model_requested == "m" * 300
+    assert rows["flow-1"].model_requested == "gpt\ufffdx" and "NUL" in rows["flow-1"].problem
+    assert json.loads(rows["flow-2"].request_headers)["x-raw"] == "caf\udce9" and rows["flow-2"].problem is None
+    assert all(rows[s.flow_id].problem is None for s in ok)
+    assert w.health.dead_lettered == 0
+
+
+def test_clean_rows_in_place():
+    rows = [{"a": "ok", "b": "x\x00y", "n": 1 << 70, "m": -5, "problem": "earlier"}, {"c": "\udcff"}]
+    clean_rows(rows)
+    assert rows[0]["b"] == "x\ufffdy" and rows[0]["n"] is None and rows[0]["m"] == -5
+    assert rows[0]["problem"].startswith("earlier; velvet made values storable: b: NUL")
+    assert rows[1]["c"] == "\\udcff" and "surrogates" in rows[1]["problem"]
+
+
+class Refused:
+    """A value no database driver can bind."""
+
+
+def test_a_refused_operation_never_blocks_the_others(db_url, tmp_path):
+    """The bad operation is isolated: the others are written, it lands in a smaller form or as a dead letter."""
+    good = [CallRow({"flow_id": f"g{i}", "method": "POST", "host": "h", "path": "/v1/x", "endpoint": "other",
+                     "action": "other", "started_at": "2026-11-24 10:00:00"}) for i in range(40)]
+    smaller = CallRow({**good[0].row, "flow_id": "bad-model", "input_tokens": Refused()})  # kept without it…
+    smaller.row["request_body"] = "{}"
+    dead = CallRow({**good[0].row, "flow_id": "no-start", "started_at": None})  # NOT NULL: cannot be stored
+    lines = RequestLines([{"file_id": "f", "line_no": n, "custom_id": f"c{n}",
+                           "body": Refused() if n == 7 else "{}"} for n in range(1, 21)])
+    ops = [*good[:20], smaller, dead, lines, *good[20:]]
+
+    w = Writer(db_url, lambda s: iter(ops), spool_dir=tmp_path / "spool")
+    w.start()
+    w.submit(chat(0))
+    assert w.stop(60)
+    rows = calls(db_url)
+    assert {f"g{i}" for i in range(40)} <= set(rows)
+    assert "bad-model" in rows and "only its identity was kept" in rows["bad-model"].problem
+    assert "no-start" not in rows
+    with bound(db_url):
+        got = {r.line_no: r for r in models.BatchRequest.select()}
+    assert set(got) == set(range(1, 21)) and got[8].body == "{}"
+    assert got[7].body is None and "left out: body" in got[7].problem
+    letters = [json.loads(line) for line in (tmp_path / "spool" / "dead-letters.jsonl").read_text().splitlines()]
+    assert [d["data"]["row"]["flow_id"] for d in letters] == ["no-start"] and letters[0]["operation"] == "CallRow"
+    assert w.health.dead_lettered == 1 and w.status()["dead_lettered"] == 1
+
+
+def test_damaged_spool_file_is_quarantined_not_deleted(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    down = Writer(db_url, Processor().process, spool_dir=spool)
+    down.spool.write([CallRow({"flow_id": "spooled", "method": "GET", "host": "h", "path": "/",
+                               "endpoint": "other", "action": "other", "started_at": "2026-11-24 10:00:00"})])
+    with open(down.spool.path, "ab") as f:
+        f.write(b"\x80\x05garbage that is no pickle")
+    w = run(db_url, spool, [chat(1)])
+    assert {"spooled", "flow-1"} <= set(calls(db_url))
+    kept = list(spool.glob("spool-*.damaged-*"))
+    assert len(kept) == 1 and b"garbage" in kept[0].read_bytes()
+    assert w.health.quarantined == 1
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path[:0] = [{tests!r}]
+    from test_writer_policy import chat
+    from velvet_core.process.processor import Processor
+    from velvet_core.writer.writer import Writer
+    # the thread is never started: every flow waits in the queue, as when the writer lags behind
+    w = Writer({url!r}, Processor().process, spool_dir=__import__("pathlib").Path({spool!r}))
+    for i in range({n}):
+        w.submit(chat(i))
+    print("submitted", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_flows_journaled_before_a_sigkill_are_written_at_the_next_start(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    code = CHILD.format(tests=str(ROOT / "tests"), url=db_url, spool=str(spool), n=50)
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "addon")}
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, env=env)
+    assert child.stdout is not None and child.stdout.readline().strip() == b"submitted"
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    assert list((spool / "journal").glob("journal-*"))  # left behind by the killed process
+    run(db_url, spool, [])
+    assert set(calls(db_url)) == {f"flow-{i}" for i in range(50)}
+    assert not list((spool / "journal").glob("journal-*"))
+
+
+def test_a_streamed_body_cut_by_a_crash_is_recorded_as_incomplete(db_url, tmp_path):
+    streams = tmp_path / "spool" / "streams"
+    streams.mkdir(parents=True)
+    dead_pid = 4_000_000  # above pid_max: never alive
+    spill = streams / f"tap-{dead_pid}-abc.part"
+    spill.write_bytes(b"x" * 5000)
+    spill.with_suffix(".json").write_bytes(orjson.dumps({
+        "flow_id": "cut-upload", "method": "POST", "host": "api.openai.com", "path": "/v1/files",
+        "started_at": time.time(), "key_fingerprint": "fp", "side": "request"}))
+    lost = streams / f"tap-{dead_pid}-nometa.part"
+    lost.write_bytes(b"y" * 10)
+    run(db_url, tmp_path / "spool", [])
+    row = calls(db_url)["cut-upload"]
+    assert not row.complete and "5,000 bytes" in row.problem and row.request_bytes == 5000
+    assert row.endpoint == "files" and row.action == "upload"
+    assert not spill.exists() and not spill.with_suffix(".json").exists()
+    assert not lost.exists() and list(streams.glob("tap-*-nometa.part.damaged-*"))  # kept aside
+
+
+def test_health_is_published(db_url, tmp_path):
+    spool = tmp_path / "spool"
+    w = run(db_url, spool, [chat(i) for i in range(3)])
+    (status,) = [orjson.loads(p.read_bytes()) for p in spool.glob("status-*.json")]
+    assert status["written"] >= 3 and status["failing_since"] is None and status["stopped_at"]
+    assert status["pid"] == os.getpid() and "password" not in status["db"]
+    with bound(db_url):
+        (row,) = list(models.ProxyStatus.select())
+    assert row.proxy == w.health.proxy and row.written >= 3 and row.stopped_at is not None
+
+
+def test_outage_warns_then_recovers(tmp_path, caplog):
+    """Writes failing for longer than a few seconds: one warning, then one when they recover."""
+    target = tmp_path / "later"
+    target.write_text("not a directory")  # the database cannot be created yet
+    url = f"sqlite:///{target / 'v.db'}"
+    w = Writer(url, Processor().process, spool_dir=tmp_path / "spool", warn_after=0.5)
+    w.start()
+    w.submit(chat(1))
+    deadline = time.monotonic() + 10
+    while "have failed for" not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "have failed for" in caplog.text and w.status()["failing_since"] is not None
+    target.unlink()
+    target.mkdir()
+    assert w.stop(30)
+    assert "recovered after" in caplog.text and set(calls(url)) == {"flow-1"}
+
+
+@pytest.mark.parametrize("text", [
+    "postgresql://velvet:s3cret@db:5432/x", "dbname=x password=s3cret host=y", "Bearer sk-abcdefghijkl123",
+])
+def test_redact(text):
+    from velvet_core.redact import redact
+
+    assert "s3cret" not in redact(text) and "abcdefghijkl123" not in redact(text)
+
+
+def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys):
+    from velvet_core.query.cli import main
+
+    spool = tmp_path / "spool"
+    w = run(db_url, spool, [chat(i) for i in range(4)])
+    assert main(["--db", db_url, "status", "--spool-dir", str(spool), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert set(s) == {"proxies", "database_error", "spool_dir", "spooled_files", "dead_letters",
+                      "dead_letter_file", "quarantined"}
+    (p,) = s["proxies"]
+    assert p["proxy"] == w.health.proxy and p["source"] == "both" and p["written"] >= 4
+    assert p["running"] is False and p["stopped_at"] and p["failing_since"] is None
+    assert main(["--db", db_url, "status", "--spool-dir", str(spool)]) == 0
+    assert w.health.proxy in capsys.readouterr().out
+
+    # the database gone: the spool's status file still speaks, and the exit code says something is wrong
+    nowhere = f"postgresql://velvet:s3cret@127.0.0.1:{free_port()}/x?connect_timeout=1"
+    assert main(["--db", nowhere, "status", "--spool-dir", str(spool), "--json"]) == 1
+    out = capsys.readouterr()
+    s = json.loads(out.out)
+    assert s["database_error"] and [p["source"] for p in s["proxies"]] == ["file"]
+    assert "s3cret" not in out.out + out.err
+
+
+async def test_velvet_status_command(tmp_path):
+    from mitmproxy.test import taddons
+    from velvet_core.capture.addon import Velvet
+
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=f"sqlite:///{tmp_path / 'v.db'}", velvet_spool_dir=str(tmp_path / "spool"))
+        v.running()
+        assert v.status().startswith("velvet: writing; last write")
+        v.done()
+        assert v.status() == "velvet: not running"
