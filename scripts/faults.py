@@ -70,7 +70,14 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
         out.update(kill9_calls=sum(x.calls for x in k), kill9_calls_lost=sum(x.calls_lost for x in k),
                    kill9_stream_lines=sum(x.stream_lines for x in k),
                    kill9_stream_lines_lost=sum(x.stream_lines_lost for x in k),
-                   kill9_cut_uploads_recorded=sum(x.incomplete_recorded for x in k), kill9_cut_uploads=len(k))
+                   kill9_cut_uploads_recorded=sum(x.incomplete_recorded for x in k), kill9_cut_uploads=len(k),
+                   kill9_calls_not_yet_written=sum(x.calls - x.calls_stored_at_kill for x in k),
+                   kill9_lines_not_yet_written=sum(x.stream_lines - x.lines_stored_at_kill for x in k))
+        say("faults: the same on SQLite with velvet_journal=false, for comparison")
+        nj = fk.kill9(standin, tmp("kill9-no-journal"), f"sqlite:///{root / 'no-journal.db'}", calls=calls,
+                      lines=lines, journal=False, wait=5)
+        out.update(kill9_calls_lost_no_journal=nj.calls_lost,
+                   kill9_stream_lines_lost_no_journal=nj.stream_lines_lost)
 
         say(f"faults: poison values ({len(fk.POISONS)} calls, {fk.POISONED_LINES} batch lines) then normal calls")
         p = both("poison", lambda d, url: fk.poison(standin, d, url))

@@ -21,6 +21,7 @@ import sqlite3
 import ssl
 import string
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -41,12 +42,13 @@ QUIET = ["--set", "flow_detail=0"]  # mitmdump's log: velvet's messages, not one
 FLUSH_TIMEOUT = 5.0  # a bounded wait at shutdown when writes fail (see start_proxy)
 
 
-def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None = None) -> Proxy:
+def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None = None,
+                flush_timeout: float = FLUSH_TIMEOUT) -> Proxy:
     """A started mitmdump for a scenario. ``velvet_flush_timeout`` is a float option, which mitmproxy's
     ``--set`` cannot parse, so it goes in the confdir's config.yaml."""
     conf = tmp / "mitmproxy"
     conf.mkdir(parents=True, exist_ok=True)
-    (conf / "config.yaml").write_text(f"velvet_flush_timeout: {FLUSH_TIMEOUT}\n")
+    (conf / "config.yaml").write_text(f"velvet_flush_timeout: {float(flush_timeout)}\n")
     return Proxy(url, standin.url, tmp, extra=[*QUIET, *(extra or [])]).start()
 
 
@@ -343,6 +345,8 @@ def up_quietly(up: Callable[[], None]) -> None:
 class Kill9:
     calls: int = 0
     calls_lost: int = 0
+    calls_stored_at_kill: int = 0
+    lines_stored_at_kill: int = 0
     stream_lines: int = 0
     stream_lines_lost: int = 0
     incomplete_recorded: bool = False
@@ -352,11 +356,13 @@ class Kill9:
     tracebacks: int = 0
 
 
-def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3000) -> Kill9:
+def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3000,
+          journal: bool = True, wait: float = 30) -> Kill9:
     """Live calls, a streamed upload (answered) and a streamed upload cut half-way, then SIGKILL at once
     after the last answer; a new mitmdump on the same database and spool dir must finish the work."""
     result = Kill9(calls=calls + 1, stream_lines=lines)
-    proxy = start_proxy(url, standin, tmp, LOW)
+    opts = [*LOW, "--set", f"velvet_journal={str(journal).lower()}"]
+    proxy = start_proxy(url, standin, tmp, opts)
     half = HalfUpload(proxy)
     try:
         client = sdk(proxy)
@@ -371,19 +377,22 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
     finally:
         half.close()
         stop_proxy(proxy)
-    again = start_proxy(url, standin, tmp, LOW)
+    # what the killed proxy had written itself: the rest is the restart's work
+    result.calls_stored_at_kill = len(calls_by_request_id(url, ids))
+    result.lines_stored_at_kill = count_rows(url, BatchRequest, BatchRequest.file_id == file_id)
+    again = start_proxy(url, standin, tmp, opts)
     try:
-        got = stored_ids(url, ids, timeout=30)
+        got = stored_ids(url, ids, timeout=wait)
         result.missing_calls = [i for i in ids if i not in got]
         result.calls_lost = len(result.missing_calls)
         stored = settle(lambda: count_rows(url, BatchRequest, BatchRequest.file_id == file_id),
-                        lambda n: n >= lines, 30) or 0
+                        lambda n: n >= lines, wait) or 0
         result.stream_lines_lost = lines - stored
 
         def cut() -> Call | None:
             with bound(url):
                 return Call.get_or_none(Call.path == "/v1/files", Call.complete == False)  # noqa: E712
-        row = settle(cut, bool, 15)
+        row = settle(cut, bool, wait / 2)
         if row is not None:
             result.incomplete_recorded = True
             result.incomplete_row = {k: getattr(row, k) for k in
@@ -555,6 +564,7 @@ class PoisonRun:
     normal_lost: int = 0  # normal calls after the poison without a row
     uncounted_cuts: list[str] = field(default_factory=list)  # values changed with no word of it in problem
     missing: list[str] = field(default_factory=list)
+    anonymous: list[tuple[str, str]] = field(default_factory=list)  # rows without a request id
     batch_lines_stored: int = 0
     batch_results_stored: int = 0
     batch_results_expected: int = 0
@@ -576,6 +586,9 @@ def poison(standin: StandIn, tmp: Path, url: str, normal: int = 5) -> PoisonRun:
         ids = seen
         got = stored_ids(url, ids, timeout=30)
         res.missing = [made[i].name if i in made else f"call {i}" for i in ids if i not in got]
+        if res.missing:  # say what became of them: rows that lost their request id?
+            with bound(url):
+                res.anonymous = [(c.path, c.problem) for c in Call.select().where(Call.request_id.is_null())]
         res.normal_lost = sum(i not in got for i in normal_ids)
         for rid, p in made.items():
             row = got.get(rid)
@@ -711,10 +724,11 @@ def spool_files(spool: Path) -> set[Path]:
 
 @dataclass
 class DamagedSpool:
-    damaged: int = 0  # files damaged (garbage appended, truncated)
+    damaged: int = 0  # files damaged (garbage appended, cut mid-record)
     kept: int = 0  # of those, whose bytes are still in the spool dir after the restart
     left_pending: list[str] = field(default_factory=list)  # still under their name, to be replayed again
     logged: bool = False
+    counted: int = 0  # quarantined files ``velvet status --json`` lists
     readable_rows_lost: int = 0  # calls in the undamaged part of the appended-to file, not stored
     tracebacks: int = 0
     log: str = ""
@@ -722,37 +736,33 @@ class DamagedSpool:
 
 def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: Callable[[], None],
                   calls: int = 3) -> DamagedSpool:
-    """Two runs while the database is down leave two spool files; one gets garbage appended, the other is
-    cut mid-record; then a run with the database up must keep both (renamed, counted, logged)."""
+    """A run while the database is down leaves a spool file; beside it goes a copy; the file gets garbage
+    appended, the copy is cut mid-record. A run with the database up must write what can be read and keep
+    both files (renamed, counted in ``velvet status``, logged), never delete them."""
     res = DamagedSpool()
     spool = tmp / "spool"
-    files: list[tuple[Path, list[str]]] = []
     down()
     try:
-        for _ in range(2):
-            before = spool_files(spool)
-            p = start_proxy(url, standin, tmp)
-            try:
-                client = sdk(p)
-                ids = [chat(client)[1] for _ in range(calls)]
-            finally:
-                stop_proxy(p)
-            new = spool_files(spool) - before
-            assert len(new) == 1, f"expected one new spool file after a run with the database down: {new}"
-            files.append((new.pop(), ids))
+        p = start_proxy(url, standin, tmp, flush_timeout=1)
+        try:
+            readable = [chat(sdk(p))[1] for _ in range(calls)]
+        finally:
+            stop_proxy(p)
     finally:
         up()
-    (appended, readable), (cut, _) = files
+    new = spool_files(spool)
+    assert len(new) == 1, f"expected one spool file after a run with the database down: {new}"
+    appended = new.pop()
+    cut = appended.with_name(appended.name.replace(".pkl", "0.pkl"))  # as if from another run
+    data = appended.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
     with open(appended, "ab") as f:
         f.write(b"\x80\x05garbage that is not a pickle" + os.urandom(64))
-    data = cut.read_bytes()
-    cut.write_bytes(data[: len(data) // 2])
     digests = {file_digest(appended), file_digest(cut)}
     res.damaged = 2
     proxy = start_proxy(url, standin, tmp)
     try:
-        client = sdk(proxy)
-        after = chat(client)[1]
+        after = chat(sdk(proxy))[1]
         stored_ids(url, [after], timeout=30)
         got = stored_ids(url, readable, timeout=15)
         res.readable_rows_lost = len(readable) - len(got)
@@ -762,9 +772,21 @@ def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None
     res.kept = len(digests & held)
     res.left_pending = sorted(p.name for p in (appended, cut) if p.exists())
     res.log = proxy.log_path.read_text(errors="replace")
-    res.logged = all(p.name.split(".")[0] in res.log for p in (appended, cut))
+    res.logged = all(p.name in res.log for p in (appended, cut))
+    res.counted = len(velvet_status(url, spool).get("quarantined", []))
     res.tracebacks = tracebacks(proxy)
     return res
+
+
+def velvet_status(url: str, spool: Path) -> dict[str, Any]:
+    """``velvet status --json`` for ``url`` and the spool dir ``spool``."""
+    cmd = [str(Path(sys.executable).with_name("velvet")), "--db", url, "status", "--spool-dir", str(spool),
+           "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    try:
+        return json.loads(r.stdout)  # type: ignore[no-any-return]
+    except json.JSONDecodeError:
+        return {"error": r.stderr[-2000:]}
 
 
 # -- scenario: a full disk -----------------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_poison_values_never_stop_logging(standin, db_url, tmp_path):
     """Each poison call, a batch whose lines carry poisons, then normal calls: every call has its row,
     every line too, and a value that had to be cut is named in the row's ``problem``."""
     r = fk.poison(standin, tmp_path, db_url)
-    assert r.missing == [], f"calls without a row: {r.missing}"
+    assert r.missing == [], f"calls without a row (by request id): {r.missing}; rows without one: {r.anonymous}"
     assert r.normal_lost == 0
     assert r.uncounted_cuts == []
     assert r.batch_lines_stored == 20, "every line of the poisoned batch file has its row"
@@ -103,13 +103,14 @@ def test_sigkill_then_restart(standin, db_url, tmp_path):
 
 
 def test_damaged_spool_files_are_quarantined(standin, gone_db, tmp_path):
-    """Spool files with garbage appended or cut mid-record are renamed and kept, not deleted, logged, and
-    what can be read of them is written."""
+    """Spool files with garbage appended or cut mid-record are renamed and kept, not deleted, logged,
+    counted, and what can be read of them is written."""
     url, down, up = gone_db
     r = fk.damaged_spool(standin, tmp_path, url, down, up)
     assert r.kept == r.damaged == 2, "both damaged files are still in the spool dir"
     assert r.left_pending == [], "damaged files are renamed (not replayed at every start)"
     assert r.logged, r.log[-3000:]
+    assert r.counted == 2, "velvet status --json lists both quarantined files"
     assert r.readable_rows_lost == 0, "the readable records before the garbage are written"
     assert r.tracebacks == 0
 
