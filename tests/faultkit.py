@@ -442,11 +442,11 @@ def json_bytes(obj: Any) -> bytes:
 @dataclass
 class Poison:
     """One poison call: ``make`` sends it and returns its request id; ``columns`` are the ``calls``
-    columns the poison lands in, with the value sent and a word ``problem`` must use if it was cut."""
+    columns the poison lands in, with the value sent: stored otherwise, ``problem`` must name the column."""
 
     name: str
     make: Callable[[openai.OpenAI, Raw, StandIn], str]
-    columns: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 def _canned(body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None,
@@ -508,29 +508,29 @@ def _batch_timestamps(client: openai.OpenAI, raw: Raw, standin: StandIn) -> str:
 
 POISONS: list[Poison] = [
     Poison("model of 300 characters", _sdk_chat(model=M300),
-           {"model_requested": (M300, "model"), "model": (M300, "model")}),
+           {"model_requested": M300, "model": M300}),
     Poison("model of 8,000 random characters (over PostgreSQL's index entry limit)", _sdk_chat(model=M8K),
-           {"model_requested": (M8K, "model"), "model": (M8K, "model")}),
+           {"model_requested": M8K, "model": M8K}),
     Poison("NUL bytes in request strings", _sdk_chat(model="gpt-4o-mini\x00evil",
                                                      messages=[{"role": "user", "content": "a\x00b"}]),
-           {"model_requested": ("gpt-4o-mini\x00evil", "model"), "model": ("gpt-4o-mini\x00evil", "model")}),
+           {"model_requested": "gpt-4o-mini\x00evil", "model": "gpt-4o-mini\x00evil"}),
     Poison("NUL bytes in a streamed answer", _nul_stream,
-           {"model_requested": ("gpt-4o-mini\x00stream", "model"), "model": ("gpt-4o-mini\x00stream", "model")}),
+           {"model_requested": "gpt-4o-mini\x00stream", "model": "gpt-4o-mini\x00stream"}),
     Poison("lone surrogate escapes in the request", _raw_post(json_bytes(  # (the SDK cannot encode them)
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x\ud800y"}]}))),
     Poison("integer beyond 64 bits in the request", _sdk_chat(max_tokens=HUGE)),
     Poison("NUL bytes in response strings", _canned(json_bytes(chat_body(
         model="gpt\x00x", choices=[{"index": 0, "finish_reason": "st\x00op",
                                     "message": {"role": "assistant", "content": "a\x00b"}}]))),
-           {"model": ("gpt\x00x", "model"), "finish_reason": ("st\x00op", "finish_reason")}),
+           {"model": "gpt\x00x", "finish_reason": "st\x00op"}),
     Poison("lone surrogate escapes in the response", _canned(json_bytes(chat_body(model="\ud800x")))),
     Poison("token counts beyond 64 bits", _canned(json_bytes(chat_body(
         usage={"prompt_tokens": BIG, "completion_tokens": HUGE, "total_tokens": -(10**20)}))),
-           {"input_tokens": (BIG, "token"), "output_tokens": (HUGE, "token")}),
+           {"input_tokens": BIG, "output_tokens": HUGE}),
     Poison("rate-limit headers beyond 64 bits", _canned(json_bytes(chat_body()), headers=[
         (b"x-ratelimit-limit-requests", b"99999999999999999999999"),
         (b"x-ratelimit-remaining-tokens", b"18446744073709551615"), (b"x-ratelimit-limit-tokens", b"1e999")]),
-           {"rl_limit_requests": (99999999999999999999999, "rl_limit_requests")}),
+           {"rl_limit_requests": 99999999999999999999999}),
     Poison("non-UTF-8 response header bytes", _canned(json_bytes(chat_body()), headers=[
         (b"openai-organization", b"org-\xff\xfe\xed\xa0\x80"), (b"openai-project", b"proj-\x80")])),
     Poison("non-UTF-8 request header bytes", _header_bytes),
@@ -563,6 +563,8 @@ class PoisonRun:
     rows_lost: int = 0  # calls without a row, batch lines without their row
     normal_lost: int = 0  # normal calls after the poison without a row
     uncounted_cuts: list[str] = field(default_factory=list)  # values changed with no word of it in problem
+    absurd: list[str] = field(default_factory=list)  # figures computed from values that were cut
+    read_side_errors: list[str] = field(default_factory=list)  # velvet commands failing on the poison rows
     missing: list[str] = field(default_factory=list)
     anonymous: list[tuple[str, str]] = field(default_factory=list)  # rows without a request id
     batch_lines_stored: int = 0
@@ -594,11 +596,14 @@ def poison(standin: StandIn, tmp: Path, url: str, normal: int = 5) -> PoisonRun:
             row = got.get(rid)
             if row is None:
                 continue
-            for col, (sent, word) in p.columns.items():
+            for col, sent in p.columns.items():
                 stored = getattr(row, col)
-                if stored != sent and word.lower() not in (row.problem or "").lower():
+                if stored != sent and col not in (row.problem or ""):
                     res.uncounted_cuts.append(f"{p.name}: {col} stored as {str(stored)[:40]!r}, "
-                                              f"problem {row.problem!r} does not say {word!r}")
+                                              f"problem {str(row.problem)[:300]!r} does not name it")
+            if row.cost_usd is not None and row.cost_usd > 1:  # a few tokens at most: no absurd figure
+                res.absurd.append(f"{p.name}: cost_usd {row.cost_usd}")
+        res.read_side_errors = read_side(url, list(made))
         res.batch_lines_stored = settle(lambda: count_rows(url, BatchRequest, BatchRequest.file_id == fid),
                                         lambda n: n >= 20, 30) or 0
         res.batch_results_stored = settle(
@@ -625,6 +630,26 @@ def _poison_calls(standin: StandIn, client: openai.OpenAI, raw: Raw,
     b = run_batch(client, up.id)
     client.files.content(b.output_file_id).read()
     return made, up.id, b, [chat(client)[1] for _ in range(normal)]
+
+
+def read_side(url: str, request_ids: list[str]) -> list[str]:
+    """Run the ``velvet`` commands people read with over the poisoned rows: each must succeed."""
+    from velvet_core.query.cli import main as velvet
+
+    commands = [["calls", "--json", "--limit", "0"], ["stats", "--json"], ["batches", "--json"],
+                ["export", "--format", "jsonl"], ["export", "--lines", "--format", "csv"],
+                *(["show", rid, "--json"] for rid in request_ids)]
+    failed = []
+    for cmd in commands:
+        out, err = io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                rc = velvet(["--db", url, *cmd])
+        except BaseException as e:  # SystemExit from argparse included
+            rc = f"{type(e).__name__}: {e}"
+        if rc not in (0, None):
+            failed.append(f"velvet {' '.join(cmd)}: {rc} {err.getvalue()[-300:]}")
+    return failed
 
 
 def dead_letters(spool: Path) -> int:
