@@ -33,9 +33,11 @@ def flow(path="/v1/chat/completions", body=b'{"model":"gpt-4o-mini","messages":[
 
 @pytest.fixture
 def addon(sqlite_url, tmp_path):
+    """The addon with its writer in a thread (these tests reach into the processor)."""
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
         v.running()
         yield v
         v.done()
@@ -177,7 +179,8 @@ async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sql
     v = Velvet()
     nowhere = f"postgresql://velvet:pw@127.0.0.1:{free_port()}/x?connect_timeout=1"
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=nowhere, velvet_spool_dir=str(tmp_path / "spool"), velvet_flush_timeout=3)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=nowhere, velvet_spool_dir=str(tmp_path / "spool"), velvet_flush_timeout=3)
         v.running()
         f = flow()
         v.requestheaders(f)

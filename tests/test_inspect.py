@@ -143,7 +143,8 @@ async def addon(sqlite_url, tmp_path):
 
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
         v.running()
         assert not v.comments  # no flow list (as in mitmdump): no comments computed
         v.comments = True  # as in mitmweb, which has a view

@@ -15,9 +15,9 @@ ALLOWED = {
     "parsing": set(),
     "storage": {"parsing"},
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
-    "writer": {"storage", "parsing", "capture.snapshot", "capture.tap"},
+    "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
     "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "writer.health",
-                "query.summary"},
+                "writer.process", "query.summary"},
     "query": {"storage"},
 }
 

@@ -182,7 +182,8 @@ def test_ingest_streamed_outcomes(tmp_path):
 def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=f"sqlite:///{tmp_path}/v.db", velvet_spool_dir=str(tmp_path / "spool"),
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=f"sqlite:///{tmp_path}/v.db", velvet_spool_dir=str(tmp_path / "spool"),
                        velvet_stream_threshold=1000)
         v.running()
         try:
@@ -236,7 +237,8 @@ def test_streamed_upload_into_the_database(tmp_path):
     data = lines_of(2000, bad=frozenset({7}))
     body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", data)])
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000)
         v.running()
         f = upload_flow(b"", resp=b'{"id":"file-big","object":"file","purpose":"batch","bytes":1}')
         f.request.headers["content-length"] = str(len(body))
@@ -293,7 +295,8 @@ def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkey
     url = f"sqlite:///{tmp_path}/v.db"
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=10)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=10)
         v.running()
         f = upload_flow(b"", resp=b'{"id":"file-b","object":"file","purpose":"batch"}')
         f.request.headers["content-length"] = "100"

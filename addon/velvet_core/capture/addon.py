@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from velvet_core.query.summary import text as summary_text
 from velvet_core.redact import redact
 from velvet_core.storage.database import DatabaseURLError, check_url
 from velvet_core.writer.health import status_line
+from velvet_core.writer.process import ProcessWriter
 from velvet_core.writer.writer import Writer
 
 log = logging.getLogger("velvet")
@@ -48,7 +50,7 @@ class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
     def __init__(self) -> None:
-        self.writer: Writer | None = None
+        self.writer: Writer | ProcessWriter | None = None
         self.processor = Processor()
         self.hosts: frozenset[str] = frozenset(config.DEFAULT_HOSTS)
         self.recorders: dict[str, StreamRecorder] = {}
@@ -95,6 +97,12 @@ class Velvet:
                           "Journal each finished flow before its response goes to the client, so a proxy killed "
                           "with SIGKILL loses nothing: the flows are finished at the next start. Off: the "
                           "flows still queued when the process dies are lost.")
+        loader.add_option("velvet_writer", str, "auto",
+                          "Where rows are processed and written: 'thread' (in mitmproxy's process), 'process' "
+                          "(a child process reading the journal: the event loop only journals; needs "
+                          "velvet_journal), or 'auto' (a process when there is a second core and no flow list "
+                          "to comment, as in mitmdump; a thread otherwise).",
+                          choices=("auto", "thread", "process"))
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -126,7 +134,10 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
-        if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir", "velvet_journal"}:
+        restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
+        if isinstance(self.writer, ProcessWriter):  # its own processor: started with these
+            restart |= {"velvet_prices", "velvet_body_limit"}
+        if self.writer is not None and updated & restart:
             # the old writer finishes its queue in the background: never on the event loop
             old, self.writer = self.writer, None
             self._start_writer()
@@ -148,12 +159,26 @@ class Velvet:
     def spool_dir(self) -> Path:
         return Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
 
+    def _writer_mode(self) -> str:
+        mode = ctx.options.velvet_writer
+        if mode == "auto":  # a process needs the journal (its input) and a second core; comments need a thread
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            spare = (os.cpu_count() or 1) > cores or cores > 1
+            return "process" if ctx.options.velvet_journal and not self.comments and spare else "thread"
+        return "thread" if mode == "process" and not ctx.options.velvet_journal else mode
+
     def _start_writer(self) -> None:
         url = self.db_url()
-        self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(), setup=self.processor.warm,
-                             journaled=ctx.options.velvet_journal)
+        opts = ctx.options
+        if self._writer_mode() == "process":
+            self.writer = ProcessWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
+                                        body_limit=opts.velvet_body_limit)
+        else:
+            self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(),
+                                 setup=self.processor.warm, journaled=opts.velvet_journal)
         self.writer.start()
-        log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), redact(url))
+        log.info("velvet: logging %s into %s (%s)", ", ".join(sorted(self.hosts)), redact(url),
+                 "writer process" if isinstance(self.writer, ProcessWriter) else "writer thread")
 
     def _stop_writer(self) -> None:
         if self.writer is not None:
@@ -161,7 +186,7 @@ class Velvet:
             self._retire(w)
 
     @staticmethod
-    def _retire(w: Writer) -> None:
+    def _retire(w: Writer | ProcessWriter) -> None:
         if w.stop(ctx.options.velvet_flush_timeout):
             log.info("velvet: %d operations written to %s", w.written, redact(w.url))
 
