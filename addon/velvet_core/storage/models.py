@@ -354,4 +354,5 @@ class ProxyStatus(Base):
         table_name = "velvet_proxies"
 
 
-MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart, ProxyStatus]
+MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
+          ProxyStatus]
