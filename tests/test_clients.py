@@ -168,11 +168,20 @@ def test_node_fetch_ignores_https_proxy(node_clients, standin, tmp_path):
     finally:
         direct.close()
         p.stop()
-    assert out["ok"] is False and "Connection error" in out["error"]
+    assert out["chat"]["ok"] is False and "Connection error" in out["chat"]["error"]
     assert hits and hits[0][:1] == b"\x16"  # the handshake came straight to the target
     assert "/v1/chat/completions" not in p.output()  # and never to the proxy
     with bound(p.db_url):
         assert models.Call.select().count() == 0
+
+
+def test_node_sdk_with_undici_fetch_cannot_upload(proxy, node_clients):
+    """openai-node's own proxy recipe (undici's fetch with a ProxyAgent) makes calls but refuses uploads."""
+    out = run_node(node_clients, "undici-fetch", {"HTTPS_PROXY": f"http://127.0.0.1:{proxy.port}",
+                                                  "NODE_EXTRA_CA_CERTS": str(proxy.ca)})
+    assert out["chat"]["ok"] and out["chat"]["id"].startswith("chatcmpl-")
+    assert out["upload"]["ok"] is False
+    assert "does not support file uploads with the current global FormData" in out["upload"]["error"]
 
 
 # -- Python ----------------------------------------------------------------------------------------

@@ -380,3 +380,46 @@ def test_tap_keeps_a_bounded_copy_for_the_flow(tmp_path):
     cut(b"abc")
     assert cut.kept() is None  # no end of body: not whole, not put back
     assert BodyTap(tmp_path / "streams").kept_bytes == 0  # keep=0 (the default) holds nothing
+
+
+def test_small_compressed_download_goes_back_into_the_flow(tmp_path):
+    """A tapped download no bigger than velvet_stream_threshold on the wire is put back into the flow
+    (mitmweb shows it); a bigger one is not (memory stays bounded); both are parsed from the spill file."""
+    url = f"sqlite:///{tmp_path}/v.db"
+    v = Velvet()
+
+    def download(file_id: str, n: int):
+        out = b"".join(orjson.dumps({"id": f"r{i}", "custom_id": f"{file_id}-{i}", "response": {
+            "status_code": 200, "body": {"model": "gpt-4o-mini", "x": "y" * (i * 37 % 101)}}}) + b"\n"
+            for i in range(n))
+        wire = gzip.compress(out)
+        f = tflow.tflow(req=tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"GET",
+                                        path=f"/v1/files/{file_id}/content".encode(), content=b"",
+                                        headers=http.Headers(host="api.openai.com")),
+                        resp=tutils.tresp(status_code=200, content=b"", headers=http.Headers(**{
+                            "content-length": str(len(wire)), "content-encoding": "gzip",
+                            "content-type": "application/octet-stream"})))
+        v.requestheaders(f)
+        v.responseheaders(f)
+        tap = f.response.stream
+        assert isinstance(tap, BodyTap)
+        for i in range(0, len(wire), 700):
+            tap(wire[i:i + 700])
+        tap(b"")
+        f.response.raw_content = None  # as mitmproxy leaves a streamed body
+        v.response(f)
+        return f, out, wire
+
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=4000)
+        v.running()
+        small, small_out, wire = download("file-s", 20)
+        assert len(wire) <= 4000 and small.response.raw_content == wire
+        assert small.response.content == small_out  # what mitmweb's view decodes
+        big, _, wire = download("file-b", 1500)
+        assert len(wire) > 4000 and big.response.raw_content is None
+        v.done()
+    with bound(url):
+        lines = {f: models.BatchResult.select().where(models.BatchResult.file_id == f).count()
+                 for f in ("file-s", "file-b")}
+    assert lines == {"file-s": 20, "file-b": 1500}

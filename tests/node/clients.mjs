@@ -5,27 +5,41 @@
 //   node clients.mjs agent     HTTPS_PROXY + NODE_EXTRA_CA_CERTS, with undici's EnvHttpProxyAgent installed
 //                              as the global dispatcher (the one-line change Node 20 needs)
 //   node clients.mjs plain     HTTPS_PROXY alone: one chat call; Node's fetch ignores HTTPS_PROXY
+//   node clients.mjs undici-fetch   the SDK given undici's own fetch with a ProxyAgent: a chat call, then
+//                              a file upload, which that fetch refuses (FormData)
 import OpenAI, { toFile } from "openai";
 
 const mode = process.argv[2];
+const options = { apiKey: process.env.VELVET_TEST_KEY, maxRetries: 0, timeout: 30_000 };
 if (mode === "agent") {
   const { setGlobalDispatcher, getGlobalDispatcher, EnvHttpProxyAgent } = await import("undici");
   setGlobalDispatcher(new EnvHttpProxyAgent());
   if (!(getGlobalDispatcher() instanceof EnvHttpProxyAgent)) throw new Error("dispatcher not installed");
+} else if (mode === "undici-fetch") {
+  const { fetch, ProxyAgent } = await import("undici");
+  const dispatcher = new ProxyAgent(process.env.HTTPS_PROXY);
+  options.fetch = (url, init) => fetch(url, { ...init, dispatcher });
 }
-const client = new OpenAI({ apiKey: process.env.VELVET_TEST_KEY, maxRetries: 0, timeout: 30_000 });
+const client = new OpenAI(options);
 const messages = [{ role: "user", content: "Say hello from Node" }];
 const out = { mode };
-
-if (mode === "plain") {
+const attempt = async (what) => {
   try {
-    await client.chat.completions.create({ model: "gpt-4o-mini", messages });
-    out.ok = true;
+    return { ok: true, id: (await what()).id };
   } catch (e) {
-    out.ok = false;
-    out.error = `${e.constructor.name}: ${e.message}`;
-    out.cause = String(e.cause?.cause?.code ?? e.cause?.code ?? e.cause ?? "");
+    return { ok: false, error: `${e.constructor.name}: ${e.message}`,
+             cause: String(e.cause?.cause?.code ?? e.cause?.code ?? e.cause ?? "") };
   }
+};
+const upload = async () => client.files.create({
+  file: await toFile(Buffer.from('{"custom_id":"u-1","method":"POST","url":"/v1/chat/completions","body":{}}\n'),
+                     "u.jsonl"),
+  purpose: "batch",
+});
+
+if (mode === "plain" || mode === "undici-fetch") {
+  out.chat = await attempt(() => client.chat.completions.create({ model: "gpt-4o-mini", messages }));
+  if (mode === "undici-fetch") out.upload = await attempt(upload);
   console.log(JSON.stringify(out));
   process.exit(0);
 }
