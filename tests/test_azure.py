@@ -66,7 +66,8 @@ def test_azure_chat_and_stream(hosts_proxy, monkeypatch):
     r = client.chat.completions.with_raw_response.create(model="chat-prod", messages=MSG)
     c = r.parse()
     row = call_row(hosts_proxy.db_url, r.headers["x-request-id"])
-    assert row.host == AZURE and row.path == f"/openai/deployments/chat-prod/chat/completions?api-version={API_VERSION}"
+    assert row.host == AZURE
+    assert row.path == f"/openai/deployments/chat-prod/chat/completions?api-version={API_VERSION}"
     assert (row.endpoint, row.action, row.deployment) == ("chat.completions", "create", "chat-prod")
     assert row.model_requested == "chat-prod" and row.model == c.model == "gpt-4o-mini-2024-07-18"
     assert row.input_tokens == c.usage.prompt_tokens and row.output_tokens == c.usage.completion_tokens

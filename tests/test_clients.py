@@ -257,6 +257,21 @@ def test_httpx(proxy, monkeypatch):
     assert row.output_tokens == events[-1]["usage"]["completion_tokens"]
 
 
+def test_requests_and_httpx_in_reverse_mode(reverse, monkeypatch):
+    """In reverse mode a plain HTTP client only needs the base URL: no proxy, no CA."""
+    for k in [k for k in os.environ if "proxy" in k.lower()]:
+        monkeypatch.delenv(k)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": "gpt-4o-mini", "messages": MSG}
+    r1 = requests.post(f"{reverse.base_url}/chat/completions", headers=auth, json=body, timeout=30)
+    with httpx.Client(timeout=30) as http:
+        r2 = http.post(f"{reverse.base_url}/chat/completions", headers=auth, json=body)
+    for r, agent in ((r1, "python-requests"), (r2, "python-httpx")):
+        row = call_row(reverse.db_url, r.headers["x-request-id"])
+        assert row.host == "api.openai.com" and agent in row.request_headers
+        assert orjson.loads(row.response_body)["id"] == r.json()["id"]
+
+
 def _file(url: str, fid: str) -> models.File | None:
     with bound(url):
         return models.File.get_or_none(models.File.id == fid)

@@ -100,9 +100,9 @@ def test_compressed_download_is_viewable_in_mitmweb(web, monkeypatch):
     """A gzip-compressed output file (as the API sends the SDKs') stays in the flow: no "content missing"."""
     proxy, api = web
     client = proxy.client(monkeypatch)
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
     data = b"".join(orjson.dumps({"custom_id": f"gz-{i}", "method": "POST", "url": "/v1/chat/completions",
-                                  "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}})
-                    + b"\n" for i in range(1, 13))
+                                  "body": ask}) + b"\n" for i in range(1, 13))
     f = client.files.create(file=("gz.jsonl", io.BytesIO(data)), purpose="batch")
     b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
     while b.status != "completed":

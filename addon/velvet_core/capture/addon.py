@@ -84,7 +84,7 @@ class Velvet:
                           f"{config.default_db_url()}.")
         loader.add_option("velvet_hosts", Sequence[str], list(config.DEFAULT_HOSTS),
                           "Hosts whose flows are captured (repeat --set for several), e.g. an "
-                          "Azure OpenAI resource <name>.openai.azure.com.")
+                          "Azure OpenAI resource <name>.openai.azure.com. In reverse mode, the target's host.")
         loader.add_option("velvet_prices", str, "",
                           "A TOML or JSON file of prices (USD per million tokens) that override "
                           "genai-prices for the models it names.")
@@ -97,8 +97,9 @@ class Velvet:
                           "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
                           "are streamed through velvet's parser instead of being buffered: no delay to the "
                           "transfer, bounded memory, but mitmweb does not show the body (unless "
-                          "store_streamed_bodies is on). Bodies mitmproxy already streams "
-                          "(stream_large_bodies) are always followed.")
+                          "store_streamed_bodies is on). Compressed bodies and downloads of unknown length "
+                          "are always streamed, and kept for mitmweb when no bigger than this on the wire. "
+                          "Bodies mitmproxy already streams (stream_large_bodies) are always followed.")
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
