@@ -205,3 +205,43 @@ def test_bad_database_url_messages_hide_the_password():
     with taddons.context(v) as tctx, pytest.raises(exceptions.OptionsError) as e:
         tctx.configure(v, velvet_db="mysql://user:hunter2@db/x")
     assert "hunter2" not in str(e.value)
+
+
+def velvet_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "velvet" and r.levelname == "WARNING"]
+
+
+async def test_warns_once_when_flows_pass_and_none_is_captured(addon, caplog):
+    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+
+    for i in range(UNCAPTURED_FLOWS - 1):
+        addon.requestheaders(flow(host="llm.internal" if i else "example.org"))
+    assert velvet_warnings(caplog) == []
+    addon.requestheaders(flow(host="llm.internal"))
+    [msg] = velvet_warnings(caplog)
+    assert f"{UNCAPTURED_FLOWS} flows went through the proxy and none was captured" in msg
+    assert "velvet_hosts (api.openai.com)" in msg and "llm.internal (4), example.org (1)" in msg
+    assert "--set velvet_hosts=api.openai.com --set velvet_hosts=llm.internal" in msg
+    for _ in range(3 * UNCAPTURED_FLOWS):
+        addon.requestheaders(flow(host="llm.internal"))
+    addon._warn_uncaptured()  # the timer firing late changes nothing
+    assert len(velvet_warnings(caplog)) == 1  # once
+
+
+async def test_no_warning_once_something_was_captured(addon, caplog):
+    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+
+    addon.requestheaders(flow())  # api.openai.com: captured
+    for _ in range(2 * UNCAPTURED_FLOWS):
+        addon.requestheaders(flow(host="example.org"))
+    addon._warn_uncaptured()
+    assert velvet_warnings(caplog) == [] and addon.passed == {}
+
+
+async def test_the_timer_warns_about_a_single_uncaptured_flow(addon, caplog):
+    addon.requestheaders(flow(host="example.org"))
+    assert velvet_warnings(caplog) == []
+    addon._warn_uncaptured()  # what the timer started by the first flow calls
+    [msg] = velvet_warnings(caplog)
+    assert "1 flow went through" in msg and "example.org (1)" in msg
+

@@ -7,7 +7,10 @@ Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per r
 - ``x-standin-delay``: seconds between stream events (default 0.02);
 - ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``).
 
-An API key ``sk-bad…`` gets a 401. Run standalone: ``python tests/standin/server.py --port 8600``.
+An API key ``sk-bad…`` gets a 401. Azure OpenAI paths are served too: ``/openai/deployments/{name}/…``
+(deployments in ``AZURE_DEPLOYMENTS``) and ``/openai/files``, ``/openai/batches`` with ``?api-version=``,
+or ``/openai/v1/…``, authenticated by the ``api-key`` header (a key ``bad…`` gets Azure's 401).
+Run standalone: ``python tests/standin/server.py --port 8600``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,14 @@ import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 ANSWER = "Hello from the stand-in API."
+AZURE_DEPLOYMENTS = {"chat-prod": "gpt-4o-mini", "embed-prod": "text-embedding-3-small"}  # name -> model
+AZURE_401 = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a "
+             "valid key for an active subscription and use a correct regional API endpoint for your resource.")
 _ids = itertools.count(1)
 
 
@@ -80,6 +86,18 @@ def response_object(body: dict[str, Any], status: str = "completed") -> dict[str
     }
 
 
+def text_completion(body: dict[str, Any]) -> dict[str, Any]:
+    """The legacy ``/v1/completions`` answer (``choices[].text``)."""
+    prompt = count_tokens(body.get("prompt"))
+    out = len(ANSWER.split())
+    return {
+        "id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
+        "model": _snapshot(body.get("model")), "system_fingerprint": "fp_standin",
+        "choices": [{"index": 0, "text": ANSWER, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
+    }
+
+
 def embeddings(body: dict[str, Any]) -> dict[str, Any]:
     inputs = body.get("input")
     inputs = inputs if isinstance(inputs, list) else [inputs]
@@ -93,6 +111,7 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
 def _snapshot(model: Any) -> str:
     """Answer with a dated snapshot name, as the API does."""
     m = str(model or "gpt-4o-mini")
+    m = AZURE_DEPLOYMENTS.get(m, m)  # an Azure batch line names its deployment
     return {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}.get(m, m)
 
 
@@ -194,11 +213,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method: str) -> None:
         raw = self._body()
-        path = urlsplit(self.path).path
-        auth = self.headers.get("authorization", "")
-        if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
-            return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
-                                        "invalid_api_key")
+        url = urlsplit(self.path)
+        path = url.path
+        deployment = None
+        if path.startswith("/openai/"):
+            path, deployment, refused = self._azure(path, parse_qs(url.query))
+            if refused:
+                return
+        else:
+            auth = self.headers.get("authorization", "")
+            if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
+                return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
+                                            "invalid_api_key")
         scenario = self.headers.get("x-standin-scenario", "")
         if scenario == "429":
             return self.send_error_json(
@@ -215,6 +241,8 @@ class Handler(BaseHTTPRequestHandler):
             except orjson.JSONDecodeError:
                 return self.send_error_json(400, "We could not parse the JSON body of your request.",
                                             "invalid_request_error", None)
+        if deployment is not None and isinstance(body, dict):
+            body = {**body, "model": AZURE_DEPLOYMENTS[deployment]}  # the deployment decides the model
         handler = self.server.routes.get((method, path))
         if handler is None:
             for (m, prefix), h in self.server.prefix_routes.items():
@@ -225,6 +253,30 @@ class Handler(BaseHTTPRequestHandler):
             return self.send_error_json(404, f"Invalid URL ({method} {path})", "invalid_request_error",
                                         None)
         handler(self, path, body, raw)
+
+    def _azure(self, path: str, query: dict[str, list[str]]) -> tuple[str, str | None, bool]:
+        """An Azure OpenAI path -> (the OpenAI path, the deployment, whether it was refused (answered))."""
+        key = self.headers.get("api-key", "")
+        if not key or key.startswith("bad"):
+            self.send(401, {"error": {"code": "401", "message": AZURE_401}})
+            return path, None, True
+        rest = path[len("/openai"):]
+        if rest.startswith("/v1/"):  # Azure's v1 API: no api-version
+            return rest, None, False
+        if not query.get("api-version"):
+            self.send(404, {"error": {"code": "404", "message": "Resource not found"}})
+            return path, None, True
+        deployment = None
+        if rest.startswith("/deployments/"):
+            deployment, _, rest = rest[len("/deployments/"):].partition("/")
+            rest = "/" + rest
+            if deployment not in AZURE_DEPLOYMENTS:
+                self.send(404, {"error": {
+                    "code": "DeploymentNotFound",
+                    "message": "The API deployment for this resource does not exist. If you created the "
+                               "deployment within the last 5 minutes, please wait a moment and try again."}})
+                return path, None, True
+        return "/v1" + rest, deployment, False
 
     # -- live endpoints --------------------------------------------------------------------------
 
@@ -246,6 +298,20 @@ class Handler(BaseHTTPRequestHandler):
         wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
         drop = 3 if self.headers.get("x-standin-scenario") == "drop" else None
         self.stream(wire, drop_after=drop)
+
+    def h_completions(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        """Legacy completions: streamed chunks carry ``choices[0].text``, not a ``delta``."""
+        resp = text_completion(body)
+        if not body.get("stream"):
+            return self.send(200, resp)
+        base = {k: resp[k] for k in ("id", "object", "created", "model", "system_fingerprint")}
+        words = ANSWER.split(" ")
+        events = [{**base, "choices": [{"index": 0, "text": w if i == 0 else " " + w, "logprobs": None,
+                                        "finish_reason": None}]} for i, w in enumerate(words)]
+        events.append({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": resp["usage"]})
+        self.stream([b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"])
 
     def h_responses(self, path: str, body: dict[str, Any], raw: bytes) -> None:
         final = response_object(body)
@@ -512,6 +578,7 @@ class StandIn(ThreadingHTTPServer):
             ("POST", "/v1/chat/completions"): Handler.h_chat,
             ("POST", "/v1/responses"): Handler.h_responses,
             ("POST", "/v1/embeddings"): Handler.h_embeddings,
+            ("POST", "/v1/completions"): Handler.h_completions,
         }
         api = self.batch_api = BatchAPI()
         self.routes.update({

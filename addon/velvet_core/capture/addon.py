@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -31,6 +33,12 @@ from velvet_core.writer.writer import Writer
 
 log = logging.getLogger("velvet")
 
+# Warn once when this many flows went through, or this many seconds passed since the first one, and
+# velvet captured none of them (the usual cause: a host missing from velvet_hosts, e.g. the target of
+# reverse mode or an Azure resource).
+UNCAPTURED_FLOWS = 5
+UNCAPTURED_SECONDS = 30.0
+
 
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     """Log any exception of ours with the flow's context; the flow always goes on untouched."""
@@ -58,6 +66,9 @@ class Velvet:
         self.notes = FlowNotes()
         self.stream_threshold = 4 * 1024 * 1024
         self.taps: dict[str, tuple[BodyTap | None, BodyTap | None]] = {}
+        self.captured = 0  # flows captured since start (only compared with 0)
+        self.passed: dict[str, int] = {}  # flows not captured, per host, until the warning (bounded)
+        self.warned = False
 
     @property
     def comments(self) -> bool:
@@ -78,7 +89,7 @@ class Velvet:
                           f"{config.default_db_url()}.")
         loader.add_option("velvet_hosts", Sequence[str], list(config.DEFAULT_HOSTS),
                           "Hosts whose flows are captured (repeat --set for several), e.g. an "
-                          "Azure OpenAI resource <name>.openai.azure.com.")
+                          "Azure OpenAI resource <name>.openai.azure.com. In reverse mode, the target's host.")
         loader.add_option("velvet_prices", str, "",
                           "A TOML or JSON file of prices (USD per million tokens) that override "
                           "genai-prices for the models it names.")
@@ -91,8 +102,9 @@ class Velvet:
                           "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
                           "are streamed through velvet's parser instead of being buffered: no delay to the "
                           "transfer, bounded memory, but mitmweb does not show the body (unless "
-                          "store_streamed_bodies is on). Bodies mitmproxy already streams "
-                          "(stream_large_bodies) are always followed.")
+                          "store_streamed_bodies is on). Compressed bodies and downloads of unknown length "
+                          "are always streamed, and kept for mitmweb when no bigger than this on the wire. "
+                          "Bodies mitmproxy already streams (stream_large_bodies) are always followed.")
         loader.add_option("velvet_journal", bool, True,
                           "Journal each finished flow before its response goes to the client, so a proxy killed "
                           "with SIGKILL loses nothing: the flows are finished at the next start. Off: the "
@@ -217,11 +229,41 @@ class Velvet:
         pretty = req.pretty_host.lower()
         return pretty if pretty in self.hosts else None
 
+    def _passed(self, flow: http.HTTPFlow) -> None:
+        """Count a flow that is not ours, until velvet captures one or has warned."""
+        host = flow.request.host.lower()
+        if host in self.passed or len(self.passed) < 10:
+            self.passed[host] = self.passed.get(host, 0) + 1
+        if sum(self.passed.values()) >= UNCAPTURED_FLOWS:
+            self._warn_uncaptured()
+        elif sum(self.passed.values()) == 1:
+            # (no running loop, e.g. in a unit test: the count still warns)
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(UNCAPTURED_SECONDS, self._warn_uncaptured)
+
+    def _warn_uncaptured(self) -> None:
+        if self.warned or self.captured or not self.passed:
+            return
+        self.warned = True
+        seen = sorted(self.passed.items(), key=lambda x: (-x[1], x[0]))
+        add = " ".join(f"--set velvet_hosts={h}" for h in [*sorted(self.hosts), seen[0][0]])
+        n = sum(self.passed.values())
+        log.warning(
+            "velvet: %d %s went through the proxy and none was captured: velvet logs only the hosts "
+            "in velvet_hosts (%s), and this proxy saw %s. To capture a host, list it with the others: %s "
+            "(in reverse mode the host is the target of --mode reverse:URL).",
+            n, "flow" if n == 1 else "flows", ", ".join(sorted(self.hosts)) or "none",
+            ", ".join(f"{h} ({c})" for h, c in seen), add)
+        self.passed.clear()
+
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         host = self._host(flow)
         if host is None:
+            if not (self.warned or self.captured):
+                self._passed(flow)
             return
+        self.captured += 1
         route = classify(flow.request.method, flow.request.path)
         self.snapshots[flow.id] = begin(flow, route, host)
         flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
@@ -246,16 +288,22 @@ class Velvet:
         if self.writer is None:
             return
         length = msg.headers.get("content-length", "").strip()
+        size = int(length) if length.isdigit() else None
         if msg.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
             big = True  # compressed: the decoded body may be a hundred times the wire size
         else:  # a download without a length may be any size
-            big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
+            big = size > self.stream_threshold if size is not None else side == "response"
         if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
             return
+        # A body that may still be small (compressed, or of unknown length) is also kept, up to the
+        # threshold, and put back into the flow at the end so that mitmweb can show it; one known to
+        # be bigger, or that mitmproxy was told to stream, is not.
+        small = msg.stream is not True and (size is None or size <= self.stream_threshold)
         snap = self.snapshots[flow.id]
         tap = BodyTap(self.spool_dir() / "streams", {
             "flow_id": flow.id, "method": snap.method, "host": snap.host, "path": snap.path,
-            "started_at": snap.started_at, "key_fingerprint": snap.key_fingerprint, "side": side})
+            "started_at": snap.started_at, "key_fingerprint": snap.key_fingerprint, "side": side},
+            keep=self.stream_threshold if small else 0)
         msg.stream = tap
         req_tap, resp_tap = self.taps.get(flow.id, (None, None))
         self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)
@@ -283,6 +331,10 @@ class Velvet:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished
         finish(snap, flow)
+        for t, msg in zip(taps, (flow.request, flow.response), strict=True):
+            if t is not None and msg is not None and msg.raw_content is None \
+                    and (kept := t.kept()) is not None:
+                msg.raw_content = kept  # viewable in mitmweb, as a buffered body would be
         if flow.response is None or flow.response.status_code >= 400:
             if not flow.marked:
                 flow.marked = markers.FAILED

@@ -171,7 +171,7 @@ def _stream(s: CallSnapshot, row: dict[str, Any], problems: list[str]) -> Any:
     ct = s.response_headers.get("content-type", "")
     if "event-stream" not in ct:
         problems.append(f"streamed response is {ct or 'untyped'}, not text/event-stream")
-    res = reassemble(data, "responses" if s.route.kind == "responses" else "chat")
+    res = reassemble(data, s.route.kind)
     problems.extend(res.problems)
     row["complete"] = res.complete
     row["response_text"] = res.text or None
