@@ -17,7 +17,8 @@ ALLOWED = {
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
     "writer": {"storage", "capture.snapshot", "capture.tap"},
     "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "query.summary"},
-    "query": {"storage"},
+    "query": {"storage", "experiments.commands"},  # the velvet command registers the experiments' commands
+    "experiments": {"storage", "query", "parsing"},
 }
 
 

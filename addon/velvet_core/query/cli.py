@@ -13,6 +13,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
+from velvet_core.experiments import commands as experiments
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
@@ -177,6 +178,9 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_export(db: Database, a: argparse.Namespace) -> None:
+    experiments.check_export(a)
+    if a.format == "finetune":
+        return experiments.export_finetune(db, a)
     total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
     out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
@@ -251,13 +255,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, metavar="WHEN")
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
-    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV", json=False)
+    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
+                                      "answers as fine-tuning data", json=False)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
     what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
     p.add_argument("--since", type=_since, metavar="WHEN")
-    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    experiments.add_export_options(p)
+    experiments.add_commands(command)
     return ap
 
 
