@@ -44,15 +44,6 @@ def _since(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _arg(parse: Callable[[str], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-    return convert
-
-
 def _dump(value: Any) -> None:
     sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
@@ -80,12 +71,12 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     f.add_argument("--endpoint", help="chat.completions, responses, embeddings, completions, moderations")
     f.add_argument("--since", type=_since, metavar="WHEN")
     f.add_argument("--status", help="a status code (429), a class (4xx) or 'error'")
-    f.add_argument("--tag", type=_arg(parse_tag), action="append", metavar="KEY=VALUE",
+    f.add_argument("--tag", action="append", metavar="KEY=VALUE",
                    help="only calls with this velvet-metadata tag (repeatable)")
     f.add_argument("--limit", type=int, metavar="N", help="at most N requests")
     o = p.add_argument_group("overrides")
     o.add_argument("--model", metavar="M", help="the model to replay on")
-    o.add_argument("--set", type=_arg(parse_set), action="append", metavar="KEY=VALUE",
+    o.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="set a request field (JSON value, dotted keys: response_format.type=json_object; "
                         "null removes it); repeatable")
     o.add_argument("--system-prompt", metavar="TEXT", help="replace (or add) the system prompt / instructions")
@@ -120,7 +111,7 @@ def add_export_options(p: argparse.ArgumentParser) -> None:
     """Filters of ``velvet export --format finetune``."""
     p.add_argument("--model", help="finetune: only requests to this model")
     p.add_argument("--endpoint", help="finetune: chat.completions or responses")
-    p.add_argument("--tag", type=_arg(parse_tag), action="append", metavar="KEY=VALUE",
+    p.add_argument("--tag", action="append", metavar="KEY=VALUE",
                    help="finetune: only calls with this velvet-metadata tag (repeatable)")
 
 
@@ -132,8 +123,10 @@ def check_export(a: argparse.Namespace) -> None:
 # -- replay ----------------------------------------------------------------------------------------
 
 def _selection(a: argparse.Namespace) -> Selection:
+    if a.limit is not None and a.limit < 1:
+        raise ValueError("--limit must be at least 1")
     return Selection(batch=a.batch, calls=a.calls, sql=a.sql, file=a.file, model=a.from_model, endpoint=a.endpoint,
-                     since=a.since, status=a.status, tags=a.tag or [], limit=a.limit)
+                     since=a.since, status=a.status, tags=[parse_tag(t) for t in a.tag or ()], limit=a.limit)
 
 
 def _name(db: Database, given: str | None) -> str:
@@ -173,9 +166,9 @@ def cmd_replay(db: Database, a: argparse.Namespace) -> None:
     if a.resume is not None:
         return _resume(db, a)
     if a.concurrency < 1 or a.poll_interval <= 0 or a.max_lines < 0:
-        raise ValueError("--concurrency and --poll-interval must be positive")
+        raise ValueError("--concurrency, --poll-interval and --max-lines must be positive")
     sel = _selection(a)
-    overrides = Overrides(a.model, tuple(a.set or ()), a.system_prompt)
+    overrides = Overrides(a.model, tuple(parse_set(s) for s in a.set or ()), a.system_prompt)
     name = _name(db, a.name)
     plan = build(select(db, sel), overrides)
     try:
@@ -282,7 +275,7 @@ def _show_plan(name: str, sel: Selection, overrides: Overrides, mode: str, plan:
     models = ", ".join(f"{m} ({num(c)})" for m, c in plan.from_models.most_common())
     new = ", ".join(sorted(plan.models))
     sets = " ".join(f"{k}={orjson.dumps(v).decode()}" for k, v in overrides.describe().get("set", {}).items())
-    note = f" ({num(plan.unpriced)} requests without logged token counts or a known price are not in it)" \
+    note = f" (not counted: {num(plan.unpriced)} without logged token counts or a known price)" \
         if plan.unpriced else ""
     pairs([("experiment", f"{name} (dry run: nothing sent)"), ("selection", orjson.dumps(source).decode()),
            ("mode", mode), ("endpoint", ", ".join(sorted(plan.urls))), ("requests", num(len(plan.lines))),
@@ -335,10 +328,18 @@ def _judge(side_a: cmp.Side, side_b: cmp.Side, rubric: str,
     return scores, batch_id
 
 
+_SHARES = ("json_valid", "contains", "regex")  # summaries that are shares of the answers
+
+
 def _fmt(name: str, v: Any, delta: bool = False) -> str:
-    sign = "+" if delta and isinstance(v, int | float) and not isinstance(v, bool) and v > 0 else ""
+    number = isinstance(v, int | float) and not isinstance(v, bool)
+    sign = "+" if delta and number and v > 0 and name not in ("exact_match", "similarity") else ""
     if v is None:
         return "-"
+    if number and name in _SHARES:
+        return f"{v * 100:+.0f} pp" if delta else f"{v * 100:.0f}%"
+    if number and name == "exact_match":
+        return f"{v * 100:.0f}% same"
     if name == "cost_usd" and isinstance(v, int | float):
         return sign + (money(v) if v >= 0 else "-" + money(-v))
     if name == "latency" and isinstance(v, int | float):
@@ -384,7 +385,7 @@ def _cell(name: str, v: dict[str, Any]) -> str:
 
 def export_finetune(db: Database, a: argparse.Namespace) -> None:
     sel = Selection(batch=a.batch, lines=a.lines, calls=not (a.batch or a.lines), model=a.model,
-                    endpoint=a.endpoint, since=a.since, tags=a.tag or [])
+                    endpoint=a.endpoint, since=a.since, tags=[parse_tag(t) for t in a.tag or ()])
     if sel.endpoint not in (None, "chat.completions", "responses"):
         raise ValueError(f"--endpoint {sel.endpoint!r}: fine-tuning data comes from chat.completions or responses")
     total = count(db, sel, ok_only=True)

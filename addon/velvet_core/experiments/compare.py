@@ -48,9 +48,10 @@ def parse_metrics(texts: Iterable[str] | None) -> list[Metric]:
         return [Metric(n) for n in DEFAULT_METRICS]
     out: dict[str, Metric] = {}
     for text in texts:
-        for part in ([text] if "=" in text else text.split(",")):
-            name, sep, value = part.partition("=")
-            name = name.strip()
+        head, given, rest = text.partition("=")  # a value (the last name's) may hold commas
+        names = [n.strip() for n in head.split(",")]
+        for i, name in enumerate(names):
+            sep, value = (given, rest) if i == len(names) - 1 else ("", "")
             if name not in METRICS:
                 raise CompareError(f"unknown metric {name!r}: use {', '.join(METRICS)}")
             if name in out:

@@ -13,7 +13,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
-from velvet_core.experiments import commands as experiments
+from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
@@ -178,9 +178,9 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_export(db: Database, a: argparse.Namespace) -> None:
-    experiments.check_export(a)
+    check_export(a)
     if a.format == "finetune":
-        return experiments.export_finetune(db, a)
+        return export_finetune(db, a)
     total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
     out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
@@ -263,8 +263,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, metavar="WHEN")
     p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    experiments.add_export_options(p)
-    experiments.add_commands(command)
+    add_export_options(p)
+    add_commands(command)  # replay, compare
     return ap
 
 
