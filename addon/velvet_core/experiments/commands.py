@@ -216,15 +216,19 @@ def _run_batch(wdb: Database, client: Client, plan: Plan, name: str, a: argparse
                ("input file", b["input_file_id"]), ("lines", num(len(plan.lines))),
                ("estimated", money(plan.estimated_cost("batch")))])
     if a.wait:
-        _wait_and_download(client, b["id"], a)
+        _wait_and_download(client, b["id"], a, name)
     elif not a.json:
         _note(f"the batch runs on the API's side; download its results through the proxy with: "
               f"velvet replay --resume {name}")
     return str(b["id"])
 
 
-def _wait_and_download(client: Client, batch_id: str, a: argparse.Namespace) -> None:
-    done = replay.wait(client, batch_id, a.poll_interval)
+def _wait_and_download(client: Client, batch_id: str, a: argparse.Namespace, name: str) -> None:
+    try:
+        done = replay.wait(client, batch_id, a.poll_interval)
+    except KeyboardInterrupt:
+        _note(f"velvet: batch {batch_id} goes on; wait for it later with: velvet replay --resume {name}")
+        raise
     files = replay.download(client, done)
     counts = done.get("request_counts") or {}
     if not a.json:
@@ -263,7 +267,7 @@ def _resume(db: Database, a: argparse.Namespace) -> None:
     if exp["mode"] != "batch" or not exp["batch_id"]:
         raise ValueError(f"experiment {a.resume!r} has no batch to wait for")
     with Client.from_env() as client:
-        _wait_and_download(client, exp["batch_id"], a)
+        _wait_and_download(client, exp["batch_id"], a, exp["name"])
     if a.json:
         _dump({"experiment": exp["name"], "batch_id": exp["batch_id"], "lines": exp["lines"],
                "estimated_cost_usd": exp["estimated_cost_usd"]})
@@ -365,6 +369,11 @@ def _show_comparison(result: dict[str, Any], metrics: list[cmp.Metric], limit: i
     table(["METRIC", "A", "B", "DELTA (B - A)"],
           [[m.name, _fmt(m.name, s["a"]), _fmt(m.name, s["b"]), _fmt(m.name, s["delta"], delta=True)]
            for m in metrics for s in [result["metrics"][m.name]]], right=(1, 2, 3))
+    for side in ("a", "b"):
+        missing = sum(1 for ln in result["lines"] if ln["status"][side] is None)
+        if missing:
+            _note(f"{num(missing)} lines of {result[side]} have no logged answer (yet: a batch still running, or "
+                  "results not downloaded through the proxy)")
     shown = result["lines"][:limit]
     if not shown:
         return
