@@ -8,6 +8,7 @@ import email.utils
 import time
 
 import httpx2
+import orjson
 import pytest
 from rig import API_KEY, free_port
 from velvet_core.experiments import answers, finetune, judge
@@ -329,3 +330,35 @@ def test_finetune_examples():
         with pytest.raises(finetune.Skip) as e:
             finetune.example(item)
         assert str(e.value) == reason
+
+
+def test_batch_wait_and_download_against_the_standin(standin):
+    """The batch path without a proxy: upload, create, poll (a status line only on a terminal), download."""
+    import io
+
+    from velvet_core.experiments import replay
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    plan = build([Logged(CHAT, {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q {i}"}]},
+                         custom_id=f"c{i}") for i in range(3)], Overrides(sets=(parse_set("max_tokens=2"),)))
+    term, pipe, naps = Terminal(), io.StringIO(), []
+    try:
+        with Client(API_KEY, base_url=standin.url + "/v1") as c:
+            b = replay.submit(c, plan, "unit")
+            assert b["status"] == "validating" and b["metadata"] == {"velvet_experiment": "unit"}
+            done = replay.wait(c, b["id"], 7.5, status=term, sleep=naps.append)
+            assert done["status"] == "completed" and naps == [7.5, 7.5]  # validating, in_progress, finalizing
+            files = replay.download(c, done, keep=True)
+            b2 = replay.submit(c, plan, "unit2")
+            replay.wait(c, b2["id"], 0, status=pipe, sleep=naps.append)
+    finally:
+        plan.close()
+    assert "in_progress (0/0 done)" in term.getvalue() and "completed (3/3 done)" in term.getvalue()
+    assert pipe.getvalue() == ""
+    assert set(files) == {"output"} and files["output"]["lines"] == 3
+    answers_ = sorted(orjson.loads(x)["response"]["body"]["choices"][0]["message"]["content"]
+                      for x in files["output"]["content"].splitlines())
+    assert answers_ == ["Hello from"] * 3

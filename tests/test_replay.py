@@ -464,7 +464,10 @@ def test_key_required_and_name_unique(env, capsys, monkeypatch):
     assert code == 2 and err == "velvet: OPENAI_API_KEY is not set: the replay needs an API key\n"
     assert js(capsys, "--db", env.url, "replay", "--calls", "--tag", "team=replay", "--dry-run")["lines"] == 3
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    js(capsys, "--db", env.url, "replay", "--calls", "--tag", "team=replay", "--limit", "1", "--name", "once")
+    code, out, err = run(capsys, "--db", env.url, "replay", "--calls", "--tag", "team=replay", "--limit", "1",
+                         "--name", "once")
+    assert code == 0 and "answered    1" in out and "mode        live" in out
+    assert err == "compare with what it replayed: velvet compare once\n"  # the proxy is set: no warning
     code, _, err = run(capsys, "--db", env.url, "replay", "--calls", "--name", "once")
     assert code == 2 and "exists already" in err
 

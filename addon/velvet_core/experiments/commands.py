@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections import Counter
@@ -186,6 +187,10 @@ def cmd_replay(db: Database, a: argparse.Namespace) -> None:
             raise ValueError(f"the selection has {n:,} requests, more than --max-lines {a.max_lines:,}: add --yes "
                              "to replay them all (or --limit)")
         with Client.from_env() as client:
+            if not any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy",
+                                                   "OPENAI_BASE_URL")):
+                _note("velvet: HTTPS_PROXY is not set: the replay goes straight to the API, and velvet will not "
+                      "log its answers")
             wdb = open_db(a.db or config.default_db_url())
             try:
                 replay.record(wdb, name=name, source=sel.describe(), overrides=overrides.describe(), mode=mode,
