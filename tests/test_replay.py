@@ -498,3 +498,17 @@ def assert_key_nowhere(proxy: Proxy, keys: list[str] | None = None) -> None:
                 blob = orjson.dumps(row, default=str).decode()
                 assert not any(k in blob for k in keys), f"API key stored in {model._meta.table_name}"
     assert not any(k in proxy.output() for k in keys)
+
+
+def test_live_run_with_no_answer_fails(env, capsys, standin):
+    standin.rate_limit(3 * 6)  # every attempt of every line (5 retries each)
+    try:
+        code, out, err = run(capsys, "--db", env.url, "replay", "--calls", "--tag", "team=replay", "--json",
+                             "--concurrency", "3", "--name", "all-limited")
+    finally:
+        standin.rate_limit(0)
+    assert code == 1 and not out
+    assert err == "velvet: APIError: none of the 3 requests was answered (429 rate_limit_exceeded x3)\n"
+    with bound(env.url):
+        assert {ln.status_code for ln in models.ExperimentLine.select().where(
+            models.ExperimentLine.experiment == "all-limited")} == {429}

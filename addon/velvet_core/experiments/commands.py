@@ -253,8 +253,8 @@ def _run_live(wdb: Database, client: Client, plan: Plan, name: str, a: argparse.
     finally:
         progress.close()
     replay.set_answers(wdb, name, run.results)
+    errors = ", ".join(f"{k} x{v}" for k, v in run.errors().most_common(5))
     if not a.json:
-        errors = ", ".join(f"{k} x{v}" for k, v in run.errors().most_common(5))
         pairs([("experiment", name), ("mode", "live"), ("lines", num(len(plan.lines))),
                ("answered", num(run.answered)), ("failed", f"{num(run.failed)}{f' ({errors})' if errors else ''}"),
                ("retried", num(run.retried)), ("estimated", money(plan.estimated_cost("live")))])
