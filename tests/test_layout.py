@@ -18,7 +18,8 @@ ALLOWED = {
     "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
     "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "writer.health",
                 "writer.process", "query.summary"},
-    "query": {"storage"},
+    "query": {"storage", "experiments.commands"},  # the velvet command registers the experiments' commands
+    "experiments": {"storage", "query", "parsing"},
 }
 
 

@@ -7,6 +7,13 @@ Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per r
 - ``x-standin-delay``: seconds between stream events (default 0.02);
 - ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``).
 
+Answers are deterministic: ``ANSWER``, cut to ``max_tokens`` / ``max_completion_tokens`` /
+``max_output_tokens`` words (finish reason ``length``, or an ``incomplete`` response); with
+``response_format`` ``json_object`` the JSON ``{"answer": ANSWER}``, with a ``json_schema`` an instance
+of the schema in which every integer is the number of words between ``<answer>`` and ``</answer>`` in
+the last user message, clamped to the schema's ``minimum``/``maximum`` (how it "grades" an answer).
+``StandIn.rate_limit(n)`` makes the next ``n`` model calls get a 429 with a short ``retry-after-ms``.
+
 An API key ``sk-bad…`` gets a 401. Azure OpenAI paths are served too: ``/openai/deployments/{name}/…``
 (deployments in ``AZURE_DEPLOYMENTS``) and ``/openai/files``, ``/openai/batches`` with ``?api-version=``,
 or ``/openai/v1/…``, authenticated by the ``api-key`` header (a key ``bad…`` gets Azure's 401).
@@ -52,15 +59,59 @@ def count_tokens(value: Any) -> int:
     return 0
 
 
+def _last_user_text(messages: Any) -> str:
+    for m in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, list):
+                return " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+            return str(c or "")
+    return ""
+
+
+def _instance(schema: Any, prompt: str) -> Any:
+    """A deterministic instance of a JSON schema (see the module docstring for integers)."""
+    if not isinstance(schema, dict):
+        return None
+    t = schema.get("type")
+    if t == "object":
+        return {k: _instance(v, prompt) for k, v in (schema.get("properties") or {}).items()}
+    if t in ("integer", "number"):
+        start, end = prompt.find("<answer>"), prompt.find("</answer>")
+        words = len(prompt[start + 8:end].split()) if 0 <= start < end else 0
+        return max(schema.get("minimum", 0), min(schema.get("maximum", words), words))
+    if t == "boolean":
+        return True
+    if t == "array":
+        return []
+    return ANSWER
+
+
+def answer(body: dict[str, Any], prompt: str) -> tuple[str, bool]:
+    """The answer text for a request, and whether it was cut by a token limit."""
+    fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") == "json_object":
+        return orjson.dumps({"answer": ANSWER}).decode(), False
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema")
+        return orjson.dumps(_instance(schema, prompt)).decode(), False
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    words = ANSWER.split()
+    if isinstance(limit, int) and 0 < limit < len(words):
+        return " ".join(words[:limit]), True
+    return ANSWER, False
+
+
 def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
     prompt = count_tokens(body.get("messages"))
-    out = len(ANSWER.split())
+    text, cut = answer(body, _last_user_text(body.get("messages")))
+    out = len(text.split())
     return {
         "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
         "model": _snapshot(body.get("model")), "system_fingerprint": "fp_standin",
         "service_tier": body.get("service_tier") or "default",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": ANSWER, "refusal": None,
+        "choices": [{"index": 0, "finish_reason": "length" if cut else "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": text, "refusal": None,
                                  "annotations": []}}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
                   "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
@@ -72,14 +123,18 @@ def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
 
 def response_object(body: dict[str, Any], status: str = "completed") -> dict[str, Any]:
     inp = count_tokens(body.get("input")) + count_tokens(body.get("instructions"))
-    out = len(ANSWER.split())
+    given = body.get("input")
+    text, cut = answer(body, given if isinstance(given, str) else _last_user_text(given))
+    out = len(text.split())
     return {
-        "id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "status": status,
-        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "id": new_id("resp_"), "object": "response", "created_at": int(time.time()),
+        "status": "incomplete" if cut and status == "completed" else status, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "instructions": body.get("instructions"),
         "model": _snapshot(body.get("model")), "parallel_tool_calls": True, "tool_choice": "auto",
         "tools": [], "temperature": 1.0, "top_p": 1.0, "metadata": {}, "service_tier": "default",
         "output": [{"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": ANSWER, "annotations": []}]}],
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
                   "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
                   "total_tokens": inp + out},
@@ -113,6 +168,9 @@ def _snapshot(model: Any) -> str:
     m = str(model or "gpt-4o-mini")
     m = AZURE_DEPLOYMENTS.get(m, m)  # an Azure batch line names its deployment
     return {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}.get(m, m)
+
+
+_MODEL_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -226,6 +284,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
                                             "invalid_api_key")
         scenario = self.headers.get("x-standin-scenario", "")
+        if method == "POST" and path in _MODEL_PATHS and self.server.take_rate_limit():
+            return self.send_error_json(
+                429, "Rate limit reached for requests per min (RPM).", "requests", "rate_limit_exceeded",
+                headers={"retry-after-ms": "50", "retry-after": "1", "x-ratelimit-remaining-requests": "0"})
         if scenario == "429":
             return self.send_error_json(
                 429, "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3.",
@@ -286,13 +348,14 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, resp)
         base = {k: resp[k] for k in ("id", "created", "model", "system_fingerprint", "service_tier")}
         base["object"] = "chat.completion.chunk"
-        words = ANSWER.split(" ")
+        words = resp["choices"][0]["message"]["content"].split(" ")
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}]
         for i, w in enumerate(words):
             events.append({**base, "choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w},
                                                 "finish_reason": None}]})
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append({**base, "choices": [{"index": 0, "delta": {},
+                                            "finish_reason": resp["choices"][0]["finish_reason"]}]})
         if (body.get("stream_options") or {}).get("include_usage"):
             events.append({**base, "choices": [], "usage": resp["usage"]})
         wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
@@ -325,13 +388,14 @@ class Handler(BaseHTTPRequestHandler):
             ("response.output_item.added", {"output_index": 0, "item": {**item, "content": [],
                                                                           "status": "in_progress"}}),
         ]
-        for i, w in enumerate(ANSWER.split(" ")):
+        text = item["content"][0]["text"]
+        for i, w in enumerate(text.split(" ")):
             events.append(("response.output_text.delta", {"item_id": item["id"], "output_index": 0,
                                                           "content_index": 0,
                                                           "delta": w if i == 0 else " " + w}))
         events += [
             ("response.output_text.done", {"item_id": item["id"], "output_index": 0, "content_index": 0,
-                                           "text": ANSWER}),
+                                           "text": text}),
             ("response.output_item.done", {"output_index": 0, "item": item}),
             ("response.completed", {"response": final}),
         ]
@@ -595,6 +659,20 @@ class StandIn(ThreadingHTTPServer):
             ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
         }
         self.thread: threading.Thread | None = None
+        self._rate_limited = 0
+        self._rate_lock = threading.Lock()
+
+    def rate_limit(self, n: int) -> None:
+        """The next ``n`` model calls (chat, responses, embeddings) get a 429."""
+        with self._rate_lock:
+            self._rate_limited = n
+
+    def take_rate_limit(self) -> bool:
+        with self._rate_lock:
+            if self._rate_limited <= 0:
+                return False
+            self._rate_limited -= 1
+            return True
 
     @property
     def url(self) -> str:

@@ -14,6 +14,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
+from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
 from velvet_core.query.status import status as status_of
@@ -180,6 +181,9 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_export(db: Database, a: argparse.Namespace) -> None:
+    check_export(a)
+    if a.format == "finetune":
+        return export_finetune(db, a)
     total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
     out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
@@ -258,13 +262,16 @@ def parser() -> argparse.ArgumentParser:
                                                       f"{config.default_spool_dir()})")
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
-    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV", json=False)
+    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
+                                      "answers as fine-tuning data", json=False)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
     what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
     p.add_argument("--since", type=_since, metavar="WHEN")
-    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    add_export_options(p)
+    add_commands(command)  # replay, compare
     return ap
 
 

@@ -310,6 +310,15 @@ def _call(r: dict[str, Any]) -> dict[str, Any]:
 def calls(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
           endpoint: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Live calls, newest first. ``status`` is a code (``429``), a class (``4xx``) or ``error``."""
+    where, params = calls_where(db, model=model, status=status, since=since, endpoint=endpoint)
+    sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [_call(r) for r in _rows(db, sql, tuple(params))]
+
+
+def calls_where(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
+                endpoint: str | None = None) -> tuple[list[str], list[Any]]:
+    """The conditions (``?`` placeholders) and parameters of the ``velvet calls`` filters."""
     where: list[str] = []
     params: list[Any] = []
     if model:
@@ -333,9 +342,7 @@ def calls(db: Database, model: str | None = None, status: str | None = None, sin
     if since:
         where.append("started_at >= ?")
         params.append(_param(db, since))
-    sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-    return [_call(r) for r in _rows(db, sql, tuple(params))]
+    return where, params
 
 
 def call(db: Database, ref: str) -> dict[str, Any]:

@@ -570,6 +570,51 @@ def _proxy_status(db: Database) -> None:
     )""")
 
 
+def _experiments(db: Database) -> None:
+    # `velvet replay` experiments, the line map pairing each replayed line with its original, and the
+    # summaries `velvet compare` recorded
+    sqlite = isinstance(db, SqliteDatabase)
+    ts, serial = ("DATETIME", "INTEGER") if sqlite else ("TIMESTAMP", "SERIAL")
+    _run(db, f"""CREATE TABLE "experiments" (
+    "name" TEXT NOT NULL PRIMARY KEY,
+    "created_at" {ts} NOT NULL,
+    "source" TEXT NOT NULL,
+    "overrides" TEXT NOT NULL,
+    "mode" TEXT NOT NULL,
+    "endpoint" TEXT,
+    "model" TEXT,
+    "lines" INTEGER NOT NULL,
+    "estimated_cost_usd" REAL,
+    "batch_id" TEXT,
+    "input_file_id" TEXT,
+    "key_fingerprint" TEXT
+);
+CREATE INDEX "experiments_batch_id" ON "experiments" ("batch_id");
+CREATE TABLE "experiment_lines" (
+    "id" {serial} NOT NULL PRIMARY KEY,
+    "experiment" TEXT NOT NULL,
+    "line_no" INTEGER NOT NULL,
+    "custom_id" TEXT NOT NULL,
+    "source_batch_id" TEXT,
+    "source_custom_id" TEXT,
+    "source_call_id" INTEGER,
+    "request_id" TEXT,
+    "status_code" INTEGER
+);
+CREATE UNIQUE INDEX "experiment_lines_experiment_custom_id" ON "experiment_lines" ("experiment", "custom_id");
+CREATE TABLE "comparisons" (
+    "id" {serial} NOT NULL PRIMARY KEY,
+    "a" TEXT NOT NULL,
+    "b" TEXT NOT NULL,
+    "created_at" {ts} NOT NULL,
+    "pairs" INTEGER NOT NULL,
+    "unpaired" INTEGER NOT NULL,
+    "metrics" TEXT NOT NULL,
+    "judge_batch_id" TEXT
+);
+CREATE INDEX "comparisons_created_at" ON "comparisons" ("created_at")""")
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -585,6 +630,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "drop_redundant_indexes", _drop_redundant_indexes),
     Migration(3, "unbounded_text", _unbounded_text),
     Migration(4, "proxy_status", _proxy_status),
+    Migration(5, "experiments", _experiments),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

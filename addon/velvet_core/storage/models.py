@@ -354,5 +354,59 @@ class ProxyStatus(Base):
         table_name = "velvet_proxies"
 
 
+class Experiment(Base):
+    """A ``velvet replay``: what it replayed, with which overrides, how, and the batch it became."""
+
+    name = TextField(primary_key=True)
+    created_at = DateTimeField()
+    source = TextField()  # JSON: the selection ({"batch": id}, {"calls": filters}, {"sql": q}, {"file": path})
+    overrides = TextField()  # JSON: {"model", "set", "system_prompt"}
+    mode = TextField()  # batch or live
+    endpoint = TextField(null=True)
+    model = TextField(null=True)
+    lines = IntegerField()
+    estimated_cost_usd = FloatField(null=True)
+    batch_id = TextField(null=True, index=True)
+    input_file_id = TextField(null=True)
+    key_fingerprint = TextField(null=True)
+
+    class Meta:
+        table_name = "experiments"
+
+
+class ExperimentLine(Base):
+    """One replayed line: its custom_id in the experiment, the original it replays, and (live) its answer."""
+
+    id = AutoField()
+    experiment = TextField()
+    line_no = IntegerField()
+    custom_id = TextField()
+    source_batch_id = TextField(null=True)
+    source_custom_id = TextField(null=True)
+    source_call_id = IntegerField(null=True)  # calls.id
+    request_id = TextField(null=True)  # live mode: the answer's x-request-id, to find its calls row
+    status_code = IntegerField(null=True)
+
+    class Meta:
+        table_name = "experiment_lines"
+        indexes = ((("experiment", "custom_id"), True),)
+
+
+class Comparison(Base):
+    """A ``velvet compare`` summary, for ``velvet report``."""
+
+    id = AutoField()
+    a = TextField()
+    b = TextField()
+    created_at = DateTimeField(index=True)
+    pairs = IntegerField()
+    unpaired = IntegerField()
+    metrics = TextField()  # JSON: {metric: {"a", "b", "delta"}}
+    judge_batch_id = TextField(null=True)
+
+    class Meta:
+        table_name = "comparisons"
+
+
 MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
-          ProxyStatus]
+          ProxyStatus, Experiment, ExperimentLine, Comparison]
