@@ -17,16 +17,19 @@ if TYPE_CHECKING:
     from mitmproxy import http
 
 INJECT = b'{"stream_options":{"include_usage":true},'
+# parsing a body costs the event loop about 3 ms per MiB: bigger ones (inline images, say) go untouched and
+# their usage is estimated
+INJECT_MAX = 1024 * 1024
 
 
 def ask_for_usage(req: http.Request) -> bytes | None:
     """Add ``stream_options.include_usage`` to a streamed chat/completions request that did not ask for it.
 
     Returns the client's body when the request was changed, else None (not streamed, asked already, not a
-    JSON object, compressed, or a body mitmproxy streams: those go upstream untouched).
+    JSON object, compressed, over :data:`INJECT_MAX`, or a body mitmproxy streams: those go upstream untouched).
     """
     raw = req.raw_content
-    if not raw or req.stream or b'"stream"' not in raw:
+    if not raw or req.stream or len(raw) > INJECT_MAX or b'"stream"' not in raw:
         return None
     if req.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return None
@@ -78,11 +81,15 @@ class UsageStripper:
             rest, self.buf = self.buf, b""
             out = _filter(rest) if rest else b""
             return [out] if out else []
+        if not self.buf and data.endswith(b"\n\n"):  # the usual chunk: whole events, nothing held
+            out = _filter(data)
+            return [out] if out else []
         buf = self.buf + data if self.buf else data
-        end = 0
-        # (a split inside a \r\n leaves a lone \n ahead: an empty line, which a client's parser ignores)
+        end = previous = 0
         for m in _EVENT_END.finditer(buf, max(0, len(self.buf) - 3)):  # the held bytes had no event end
-            end = m.end()
+            previous, end = end, m.end()
+        if end == len(buf) and buf.endswith(b"\r"):  # maybe the first half of a \r\n: wait for what follows
+            end = previous
         self.buf = buf[end:]
         out = _filter(buf[:end]) if end else b""
         return [out] if out else []
@@ -92,6 +99,8 @@ def _filter(block: bytes) -> bytes:
     """Events (the last one may be unterminated at the end of the stream), without what include_usage added."""
     if b'"usage"' not in block:
         return block
+    if block.find(b"\n\n") == len(block) - 2 and b"\r" not in block:  # the usual block: one event
+        return _event(block[:-2], b"\n\n")
     out: list[bytes] = []
     pos = 0
     for m in _EVENT_END.finditer(block):
@@ -105,6 +114,8 @@ def _filter(block: bytes) -> bytes:
 def _event(ev: bytes, end: bytes) -> bytes:
     if b'"usage"' not in ev:
         return ev + end
+    if b',"usage":null' in ev:  # OpenAI's compact JSON: a plain byte search
+        return ev.replace(b',"usage":null', b"", 1) + end
     if _USAGE_NULL.search(ev):
         return _USAGE_NULL.sub(b"", ev, count=1) + end
     data = b"\n".join(m.group(1) for m in _DATA.finditer(ev))
