@@ -8,6 +8,7 @@ each one is written out as it was the day it was added. To change the schema, ap
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -603,14 +604,23 @@ END
 $f$"""
 
 
+# the JSON escape of U+0000, not an escaped backslash followed by "u0000"
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def _jsonb(db: Database) -> None:
     if isinstance(db, SqliteDatabase):
-        # SQLite keeps JSON as text; a value that is not JSON becomes a JSON string, as velvet now writes
-        # them, so that json_extract reads every row (it fails on the whole query at one malformed value)
+        # SQLite keeps JSON as text. As velvet now writes them: a value that is not JSON becomes a JSON string
+        # (json_extract fails the whole query at one malformed value), the escape \u0000 becomes \ufffd
+        # (json_extract cuts a string at U+0000)
+        db.connection().create_function("velvet_nul_escapes", 1, lambda t: _NUL_ESCAPE.sub(r"\1\\ufffd", t),
+                                        deterministic=True)
         for table, columns in _JSON_COLUMNS.items():
             for c in columns.split():
                 db.execute_sql(f'UPDATE "{table}" SET "{c}" = json_quote("{c}") '
                                f'WHERE "{c}" IS NOT NULL AND NOT json_valid("{c}")')
+                db.execute_sql(f'UPDATE "{table}" SET "{c}" = velvet_nul_escapes("{c}") '
+                               f"WHERE instr(\"{c}\", '\\u0000') > 0")
         return
     # PostgreSQL refuses to retype a column that a view reads: drop the views, recreate them after
     db.execute_sql("DROP VIEW IF EXISTS batch_summary, batch_lines")
