@@ -78,8 +78,8 @@ def test_existing_rows_are_converted(new_db):  # noqa: F811
                        f"VALUES ({p}, {p}, {p}, {p}, {p})", ("file-in", line, f"r{line}", body, "batch_1"))
     db.execute_sql(f"INSERT INTO batch_results (file_id, line_no, batch_id, custom_id, request_row_id, body, "
                    f"failed, seen_at) VALUES ({p}, 1, 'batch_1', 'r1', (SELECT id FROM batch_requests WHERE "
-                   f"line_no = 1), {p}, {p}, '2026-11-24 10:00:00')", ("file-out", '{"usage": {"total_tokens": 7}}',
-                                                                         False))
+                   f"line_no = 1), {p}, {p}, '2026-11-24 10:00:00')",
+                   ("file-out", '{"usage": {"total_tokens": 7}}', False))
 
     migrate(db)
 
@@ -110,7 +110,8 @@ def test_existing_rows_are_converted(new_db):  # noqa: F811
     assert queries.batch(db, "batch_1")["metadata"] == {"job": "x"}
     with models.use(db):
         assert orjson.loads(models.Batch.get_by_id("batch_1").output_expires_after)["seconds"] == 3600
-        assert orjson.loads(models.BatchRequest.get(models.BatchRequest.line_no == 2).body) == '{"custom_id": "broken'
+        broken = models.BatchRequest.get(models.BatchRequest.line_no == 2)
+        assert orjson.loads(broken.body) == '{"custom_id": "broken'
 
 
 @pytest.mark.parametrize("value", ['{"a": "x\\u0000y", "b": "\\\\u0000"}', {"a": "x\x00y", "b": "\\u0000"}])
@@ -122,8 +123,8 @@ def test_writes_take_any_json(db_url, value):
     try:
         migrate(db)
         Store(db).apply([
-            CallRow({"flow_id": "f", "started_at": "2026-11-24 10:00:00", "method": "POST", "host": "h", "path": "/",
-                     "endpoint": "other", "action": "other", "response_body": value,
+            CallRow({"flow_id": "f", "started_at": "2026-11-24 10:00:00", "method": "POST", "host": "h",
+                     "path": "/", "endpoint": "other", "action": "other", "response_body": value,
                      "request_body": orjson.dumps("plain text").decode()}),
             RequestLines([{"file_id": "file-1", "line_no": 1, "body": value}])])
         with models.use(db):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import itertools
 import re
 import ssl
 import time
@@ -41,11 +42,12 @@ COOKBOOK_MESSAGES = [
     {"role": "system", "content": "You are a helpful, pattern-following assistant that translates corporate "
                                   "jargon into plain English."},
     {"role": "system", "name": "example_user", "content": "New synergies will help drive top-line growth."},
-    {"role": "system", "name": "example_assistant", "content": "Things working well together will increase revenue."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Things working well together will increase revenue."},
     {"role": "system", "name": "example_user", "content": "Let's circle back when we have more bandwidth to touch "
                                                           "base on opportunities for increased leverage."},
-    {"role": "system", "name": "example_assistant", "content": "Let's talk later when we're less busy about how to "
-                                                               "do better."},
+    {"role": "system", "name": "example_assistant",
+     "content": "Let's talk later when we're less busy about how to do better."},
     {"role": "user", "content": "This late pivot means we don't have time to boil the ocean for the client "
                                 "deliverable."},
 ]
@@ -112,8 +114,9 @@ def test_estimate_shapes():
         return len(enc.encode_ordinary(s))
 
     # special-token text in a prompt is text, not an error
-    assert tokens.estimate("chat.completions", "gpt-4o", {"messages": [
-        {"role": "user", "content": "a <|endoftext|> b"}]}, None, "") == (3 + 3 + n("user") + n("a <|endoftext|> b"), 0)
+    special = {"messages": [{"role": "user", "content": "a <|endoftext|> b"}]}
+    assert tokens.estimate("chat.completions", "gpt-4o", special, None, "") == (
+        6 + n("user") + n("a <|endoftext|> b"), 0)
     # content parts (text counted, images not), tool calls in the prompt and in the answer, every choice
     req = {"messages": [
         {"role": "user", "content": [{"type": "text", "text": "look"},
@@ -122,18 +125,21 @@ def test_estimate_shapes():
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "42"}]}
     body = {"choices": [
-        {"index": 0, "message": {"content": "one", "tool_calls": [{"function": {"name": "g", "arguments": "{}"}}]}},
+        {"index": 0, "message": {"content": "one",
+                                 "tool_calls": [{"function": {"name": "g", "arguments": "{}"}}]}},
         {"index": 1, "message": {"content": "two", "refusal": "no"}}]}
     inp, out = tokens.estimate("chat.completions", "gpt-4o", req, body, "ignored")
     assert inp == 3 + 3 * 3 + n("user") + n("look") + n("assistant") + n("f") + n('{"x": 1}') \
         + n("tool") + n("c1") + n("42")
     assert out == n("one") + n("g") + n("{}") + n("two") + n("no")
     # responses: instructions and input items; the text when the rebuilt answer has no output yet
-    req = {"instructions": "be brief", "input": [{"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
-                                                 {"type": "function_call", "name": "f", "arguments": "{}"},
-                                                 {"type": "function_call_output", "output": "ok"}]}
+    req = {"instructions": "be brief", "input": [
+        {"role": "user", "content": [{"type": "input_text", "text": "hi"}]},
+        {"type": "function_call", "name": "f", "arguments": "{}"},
+        {"type": "function_call_output", "output": "ok"}]}
     inp, out = tokens.estimate("responses", "gpt-4.1", req, {"output": []}, "partial answer")
-    assert inp == 3 + 2 * 3 + n("system") + n("be brief") + n("user") + n("hi") + 3 + n("f") + n("{}") + 3 + n("ok")
+    assert inp == 3 + 2 * 3 + n("system") + n("be brief") + n("user") + n("hi") \
+        + 3 + n("f") + n("{}") + 3 + n("ok")
     assert out == n("partial answer")
     assert tokens.estimate("responses", "gpt-4.1", {"input": "hi"}, None, "")[0] == 3 + 3 + n("user") + n("hi")
     # legacy completions: text, texts, token ids
@@ -142,7 +148,8 @@ def test_estimate_shapes():
                                                                           .encode_ordinary("ab")) + 3, 1)
 
 
-@pytest.mark.parametrize("request_json", [None, [], "text", {"messages": "nope"}, {"messages": [None, 3, {"x": []}]},
+@pytest.mark.parametrize("request_json", [None, [], "text", {"messages": "nope"},
+                                          {"messages": [None, 3, {"x": []}]},
                                           {"tools": [None, {"function": {"parameters": {"properties": []}}}]},
                                           {"input": [None, {"type": "function_call_output", "output": None}]},
                                           {"prompt": {"a": 1}}])
@@ -221,7 +228,8 @@ def test_cut_or_failed_streams():
 
 def test_legacy_completions_stream_is_estimated():
     text_events = [b'data: {"id":"c","object":"text_completion","model":"gpt-3.5-turbo-instruct","choices":'
-                   b'[{"index":0,"text":"' + w.encode() + b'","finish_reason":null}]}\n\n' for w in ("Hi", " there")]
+                   b'[{"index":0,"text":"' + w.encode() + b'","finish_reason":null}]}\n\n'
+                   for w in ("Hi", " there")]
     body = {"model": "gpt-3.5-turbo-instruct", "prompt": "Say hi", "stream": True}
     row, _, _ = parse_call(stream_snapshot([*text_events, b"data: [DONE]\n\n"], body, "/v1/completions"),
                            Pricer(), 1 << 20)
@@ -261,7 +269,8 @@ def test_ask_for_usage():
     assert ask_for_usage(req) is not None
     assert orjson.loads(req.content)["stream_options"] == {"include_obfuscation": False, "include_usage": True}
     req = chat_request(orjson.dumps({**BODY, "stream_options": None}))
-    assert ask_for_usage(req) is not None and orjson.loads(req.content)["stream_options"] == {"include_usage": True}
+    assert ask_for_usage(req) is not None
+    assert orjson.loads(req.content)["stream_options"] == {"include_usage": True}
 
 
 @pytest.mark.parametrize("body", [
@@ -297,7 +306,7 @@ def strip_all(pieces: list[bytes]) -> bytes:
 def splits(data: bytes, cuts: list[int]) -> list[bytes]:
     cuts = sorted({c % (len(data) + 1) for c in cuts})
     edges = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(edges, edges[1:], strict=False) if b > a]
+    return [data[a:b] for a, b in itertools.pairwise(edges) if b > a]
 
 
 @settings(max_examples=200, deadline=None)
