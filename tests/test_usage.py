@@ -481,3 +481,24 @@ def test_stats_counts_estimates_apart(sqlite_url):
     assert s["totals"] == {"calls": 3, "errors": 0, "input_tokens": 16, "output_tokens": 0, "estimated_calls": 2,
                            "cost_usd": 0.0}
     db.close()
+
+
+def test_stats_on_a_database_the_proxy_has_not_migrated(tmp_path):
+    """The CLI reads without migrating: a database of an older velvet has no usage_estimated yet."""
+    from test_migrations import load_released
+    from velvet_core.storage.database import connect
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    db = connect(url)
+    db.connect()
+    load_released(db, 2)
+    db.execute_sql("INSERT INTO calls (flow_id, started_at, method, host, path, endpoint, action, stream, "
+                   "complete, status_code, input_tokens) VALUES ('f', '2026-11-24 10:00:00', 'POST', 'h', '/', "
+                   "'chat.completions', 'create', 1, 1, 200, 4)")
+    db.close()
+    ro = queries.open_readonly(url)
+    try:
+        assert queries.stats(ro)["totals"] == {"calls": 1, "errors": 0, "input_tokens": 4, "output_tokens": 0,
+                                               "estimated_calls": 0, "cost_usd": 0.0}
+    finally:
+        ro.close()

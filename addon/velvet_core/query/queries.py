@@ -369,6 +369,13 @@ def _group_value(by: str, r: dict[str, Any], when: str) -> str:
     return r.get(col) or {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}[by]
 
 
+def _estimated(db: Database) -> str:
+    """The ``usage_estimated`` column, or false on a database the proxy has not migrated yet (the CLI opens
+    databases read-only, without migrating them)."""
+    has = any(c.name == "usage_estimated" for c in db.get_columns("calls"))
+    return "usage_estimated" if has else "FALSE AS usage_estimated"
+
+
 def stats(db: Database, by: str = "model", since: datetime | None = None) -> dict[str, Any]:
     """Live calls and batches grouped ``by`` model, endpoint, day or key."""
     if by not in GROUPS:
@@ -382,7 +389,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
                                                            "estimated_calls": 0, "_lat": [], "_ttft": []})
     for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
                              "started_at, status_code, complete, latency_ms, ttft_ms, input_tokens, "
-                             "output_tokens, usage_estimated, "
+                             f"output_tokens, {_estimated(db)}, "
                              f"cost_usd FROM calls{cw}", params):
         g = live[_group_value(by, r, "started_at")]
         g["calls"] += 1
