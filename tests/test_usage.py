@@ -505,3 +505,34 @@ def test_stats_on_a_database_the_proxy_has_not_migrated(tmp_path):
                                                "estimated_calls": 0, "cost_usd": 0.0}
     finally:
         ro.close()
+
+
+@pytest.mark.parametrize(("path", "changed"), [
+    ("/v1/chat/completions", True), ("/v1/completions", True), ("/v1/responses", False),
+    ("/v1/embeddings", False), ("/openai/deployments/gpt4o/chat/completions?api-version=2024-06-01", False),
+    ("/openai/deployments/gpt4o/chat/completions?api-version=2024-10-21", True),
+    ("/openai/deployments/gpt4o/chat/completions?api-version=2025-01-01-preview", True)])
+def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
+    from mitmproxy import exceptions
+    from mitmproxy.test import taddons, tflow
+    from velvet_core.capture.addon import Velvet
+
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        with pytest.raises(exceptions.OptionsError):
+            tctx.configure(v, velvet_stream_usage="always")
+        body = orjson.dumps(BODY)
+        f = tflow.tflow(req=tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"POST",
+                                        path=path.encode(), content=body,
+                                        headers=mhttp.Headers(host="api.openai.com",
+                                                              **{"content-type": "application/json"})))
+        v.requestheaders(f)
+        v.request(f)
+        assert f.request.content == body  # off: nothing changes
+        tctx.configure(v, velvet_stream_usage="inject")
+        v.request(f)
+        assert (f.request.content != body) is changed
+        assert (v.snapshots[f.id].client_body == body) is changed and (f.id in v.injected) is changed
+        v.snapshots.clear()
+        v.injected.clear()

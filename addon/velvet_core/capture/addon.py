@@ -134,6 +134,9 @@ class Velvet:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
         if "velvet_stream_usage" in updated:
+            if opts.velvet_stream_usage not in ("off", "inject"):  # (mitmproxy does not check choices)
+                raise exceptions.OptionsError(
+                    f"velvet_stream_usage: {opts.velvet_stream_usage!r}: use off or inject")
             self.inject_usage = opts.velvet_stream_usage == "inject"
         if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir"}:
             self._stop_writer()
