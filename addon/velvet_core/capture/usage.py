@@ -1,4 +1,4 @@
-"""``velvet_stream_usage=inject``: ask upstream for a stream's usage, and hide the answer from the client.
+"""``velvet_stream_usage=inject``: ask upstream for a stream's usage, and keep that usage from the client.
 
 On the event loop, so both halves are cheap: the request body is parsed once (orjson) and, in the common
 case, changed by inserting ``"stream_options":{"include_usage":true}`` as its first member without
