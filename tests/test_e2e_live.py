@@ -9,6 +9,7 @@ import openai
 import orjson
 import psycopg
 import pytest
+from peewee import Cast
 from rig import API_KEY, bound, call_row, wait_for
 from velvet_core.parsing.extract import key_fingerprint
 from velvet_core.storage import models
@@ -146,7 +147,7 @@ def test_dropped_stream(proxy, monkeypatch):
 
     def row():
         with bound(proxy.db_url):
-            return models.Call.get_or_none(models.Call.request_body.contains(marker))
+            return models.Call.get_or_none(Cast(models.Call.request_body, "text").contains(marker))
 
     r = wait_for(row, what="dropped stream row")
     assert r.stream and not r.complete

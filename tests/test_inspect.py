@@ -102,6 +102,8 @@ def test_comments_and_markers():
     row = {"status_code": 200, "model": "gpt-4o-mini", "total_tokens": 1234, "cost_usd": 0.0012,
            "latency_ms": 812.4}
     assert comment(r, row, [], {}) == "chat gpt-4o-mini · 1,234 tok · $0.0012 · 812 ms"
+    assert comment(r, {**row, "usage_estimated": True}, [], {}) == \
+        "chat gpt-4o-mini · ~1,234 tok · ~$0.0012 · 812 ms"
     assert markers.marker(r, 200) is None and markers.marker(r, 429) == markers.FAILED
     assert markers.marker(r, 200, complete=False) == markers.FAILED
     err = {"status_code": 429, "model_requested": "gpt-4o", "error_code": "rate_limit_exceeded"}

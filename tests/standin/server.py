@@ -357,6 +357,8 @@ class Handler(BaseHTTPRequestHandler):
         events.append({**base, "choices": [{"index": 0, "delta": {},
                                             "finish_reason": resp["choices"][0]["finish_reason"]}]})
         if (body.get("stream_options") or {}).get("include_usage"):
+            # as OpenAI: every chunk gets "usage": null, then one more with empty choices and the usage
+            events = [{**e, "usage": None} for e in events]
             events.append({**base, "choices": [], "usage": resp["usage"]})
         wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
         drop = 3 if self.headers.get("x-standin-scenario") == "drop" else None

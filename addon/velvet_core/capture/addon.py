@@ -21,6 +21,7 @@ from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
 from velvet_core.capture.snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
 from velvet_core.capture.tap import BodyTap
+from velvet_core.capture.usage import UsageStripper, ask_for_usage
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.pricing import PriceFileError, Pricer, load_price_file
 from velvet_core.process.processor import Processor
@@ -54,6 +55,12 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _azure_knows_stream_options(api_version: str) -> bool:
+    """Azure OpenAI deployments accept ``stream_options`` from api-version 2024-09-01(-preview) on; older ones
+    refuse the request, so velvet leaves those alone (ISO dates compare as strings)."""
+    return api_version[:10] >= "2024-09-01"
+
+
 class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
@@ -69,6 +76,8 @@ class Velvet:
         self.captured = 0  # flows captured since start (only compared with 0)
         self.passed: dict[str, int] = {}  # flows not captured, per host, until the warning (bounded)
         self.warned = False
+        self.inject_usage = False
+        self.injected: set[str] = set()  # flows whose request velvet asked for include_usage
 
     @property
     def comments(self) -> bool:
@@ -115,6 +124,11 @@ class Velvet:
                           "velvet_journal), or 'auto' (a process when there is a second core and no flow list "
                           "to comment, as in mitmdump; a thread otherwise).",
                           choices=("auto", "thread", "process"))
+        loader.add_option("velvet_stream_usage", str, "off",
+                          "Streamed chat/completions calls whose client did not ask for usage: 'off' counts "
+                          "their tokens with a tokenizer (usage_estimated); 'inject' asks upstream for "
+                          "stream_options.include_usage and removes the extra usage chunk before the client "
+                          "sees it, for exact figures.", choices=["off", "inject"])
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -146,6 +160,13 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
+        if "velvet_stream_usage" in updated:
+            if opts.velvet_stream_usage not in ("off", "inject"):  # (mitmproxy does not check choices)
+                raise exceptions.OptionsError(
+                    f"velvet_stream_usage: {opts.velvet_stream_usage!r}: use off or inject")
+            self.inject_usage = opts.velvet_stream_usage == "inject"
+        if "velvet_writer" in updated and opts.velvet_writer not in ("auto", "thread", "process"):
+            raise exceptions.OptionsError(f"velvet_writer: {opts.velvet_writer!r}: use auto, thread or process")
         restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
         if isinstance(self.writer, ProcessWriter):  # its own processor: started with these
             restart |= {"velvet_prices", "velvet_body_limit"}
@@ -271,11 +292,35 @@ class Velvet:
             self._tap(flow, flow.request, "request")
 
     @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not self.inject_usage:
+            return
+        snap = self.snapshots.get(flow.id)
+        if snap is None or snap.route.action != "create" or snap.route.kind not in ("chat.completions",
+                                                                                   "completions"):
+            return
+        if snap.route.deployment and not _azure_knows_stream_options(flow.request.query.get("api-version", "")):
+            return
+        original = ask_for_usage(flow.request)
+        if original is not None:
+            snap.client_body = original
+            self.injected.add(flow.id)
+
+    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id not in self.snapshots or flow.response is None:
             return
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
-            rec = StreamRecorder(time.time)
+            strip = None
+            if flow.id in self.injected:
+                h = flow.response.headers
+                if h.get("content-encoding", "identity").strip().lower() in ("", "identity") \
+                        and "content-length" not in h:
+                    strip = UsageStripper()
+                else:
+                    log.warning("velvet: cannot take the usage chunk out of the stream of %s (compressed or of "
+                                "fixed length): the client gets it too", flow.request.path)
+            rec = StreamRecorder(time.time, strip)
             self.recorders[flow.id] = rec
             flow.response.stream = rec
             return
@@ -320,6 +365,7 @@ class Velvet:
         snap = self.snapshots.pop(flow.id, None)
         rec = self.recorders.pop(flow.id, None)
         taps = self.taps.pop(flow.id, (None, None))
+        self.injected.discard(flow.id)
         if snap is None:
             return
         for t in taps:

@@ -120,7 +120,8 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
         head = [("call", r["id"]), ("request id", r["request_id"]), ("started", when(r["started_at"])),
                 ("request", f"{r['method']} {r['url']}"), ("model", r["model"]), ("status", r["status_code"]),
                 ("latency", ms(r["latency_ms"])), ("ttft", ms(r["ttft_ms"]) if r["stream"] else None),
-                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"),
+                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"
+                           + (" (estimated: the stream carried no usage)" if r["usage_estimated"] else "")),
                 ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
     if a.json:
         return dump_json(r)
@@ -143,10 +144,18 @@ def cmd_calls(db: Database, a: argparse.Namespace) -> None:
     table(["ID", "STARTED", "ENDPOINT", "MODEL", "STATUS", "LATENCY", "TTFT", "IN", "OUT", "COST"],
           [[c["id"], when(c["started_at"]), c["endpoint"], c["model"] or "-",
             c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
-            count(c["input_tokens"]), count(c["output_tokens"]), money(c["cost_usd"])] for c in rows],
+            _est(c, count(c["input_tokens"])), _est(c, count(c["output_tokens"])), _est(c, money(c["cost_usd"]))]
+           for c in rows],
           right=(0, 5, 6, 7, 8, 9))
     if not rows:
         print("(no calls)")
+    elif any(c["usage_estimated"] for c in rows):
+        print("~ estimated: the stream carried no usage, velvet counted the tokens")
+
+
+def _est(c: dict[str, Any], text: str) -> str:
+    """``~`` marks a figure velvet estimated (a stream without usage)."""
+    return f"~{text}" if c["usage_estimated"] and text != "-" else text
 
 
 def cmd_stats(db: Database, a: argparse.Namespace) -> None:
@@ -155,10 +164,16 @@ def cmd_stats(db: Database, a: argparse.Namespace) -> None:
         return dump_json(s)
     by = a.by.upper()
     print("Live calls")
-    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "P50", "P95", "TTFT P50"],
+    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "ESTIMATED", "P50", "P95", "TTFT P50"],
           [[g[a.by], count(g["calls"]), f"{g['error_rate'] * 100:.1f}%", count(g["input_tokens"]),
-            count(g["output_tokens"]), money(g["cost_usd"]), ms(g["latency_p50_ms"]), ms(g["latency_p95_ms"]),
-            ms(g["ttft_p50_ms"])] for g in s["calls"]], right=tuple(range(1, 9)))
+            count(g["output_tokens"]), money(g["cost_usd"]),
+            count(g["estimated_calls"]) if g["estimated_calls"] else "-", ms(g["latency_p50_ms"]),
+            ms(g["latency_p95_ms"]), ms(g["ttft_p50_ms"])] for g in s["calls"]],
+          right=tuple(range(1, 10)))
+    t = s["totals"]
+    if t["estimated_calls"]:
+        print(f"{count(t['estimated_calls'])} of {count(t['calls'])} calls have estimated tokens and cost: "
+              "streams without usage, counted by velvet (see velvet_stream_usage)")
     print("\nBatches")
     table([by, "BATCHES", "LINES", "FAILED", "IN TOK", "OUT TOK", "COST", "TURNAROUND P50", "P95"],
           [[g[a.by], count(g["batches"]), count(g["lines"]), count(g["failed_lines"]), count(g["input_tokens"]),
