@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,15 +33,19 @@ def free_port() -> int:
 
 
 class Proxy:
-    """``mitmdump -s addon/velvet.py`` with ``map_remote`` from api.openai.com to ``upstream``."""
+    """``mitmdump -s addon/velvet.py`` with ``map_remote`` from api.openai.com (and any other ``hosts``
+    the stand-in plays) to ``upstream``; ``mode`` is mitmproxy's ``--mode`` (regular by default)."""
 
     def __init__(self, db_url: str, upstream: str, tmp: Path, extra: list[str] | None = None,
-                 program: Path = MITMDUMP) -> None:
+                 program: Path = MITMDUMP, mode: str | None = None,
+                 hosts: Sequence[str] = ("api.openai.com",)) -> None:
         self.db_url = db_url
         self.upstream = upstream
         self.tmp = tmp
         self.extra = extra or []
         self.program = program
+        self.mode = mode
+        self.hosts = list(hosts)
         self.port = free_port()
         self.confdir = tmp / "mitmproxy"
         self.log_path = tmp / "mitmdump.log"
@@ -56,8 +61,10 @@ class Proxy:
             "--set", f"confdir={self.confdir}", "-s", str(ADDON),
             "--set", f"velvet_db={self.db_url}", "--set", f"velvet_spool_dir={self.tmp / 'spool'}",
             "--set", "connection_strategy=lazy",
-            "--map-remote", rf"|https://api\.openai\.com/|{self.upstream}/",
+            *(["--mode", self.mode] if self.mode else []),
+            *[a for h in self.hosts for a in ("--map-remote", f"|https://{re.escape(h)}/|{self.upstream}/")],
             "-s", str(ROUTE), "--set", f"standin_url={self.upstream}",
+            *[a for h in self.hosts for a in ("--set", f"standin_hosts={h}")],
             *self.extra,
         ]
 
@@ -96,13 +103,20 @@ class Proxy:
             self.log.flush()
         return self.log_path.read_text(errors="replace")
 
+    @property
+    def base_url(self) -> str:
+        """What a client's ``OPENAI_BASE_URL`` is in reverse mode."""
+        return f"http://127.0.0.1:{self.port}/v1"
+
     def env(self) -> dict[str, str]:
+        if self.mode and self.mode.startswith("reverse:"):
+            return {"OPENAI_BASE_URL": self.base_url}  # plain HTTP to the proxy: no CA to trust
         return {"HTTPS_PROXY": f"http://127.0.0.1:{self.port}", "SSL_CERT_FILE": str(self.ca)}
 
     def client(self, monkeypatch: Any, **kw: Any) -> openai.OpenAI:
         """The official SDK, configured only through the environment as a user's app would be."""
         for k in list(os.environ):
-            if "proxy" in k.lower():
+            if "proxy" in k.lower() or k.startswith("OPENAI_"):
                 monkeypatch.delenv(k)
         for k, v in self.env().items():
             monkeypatch.setenv(k, v)
@@ -143,3 +157,33 @@ def call_row(url: str, request_id: str, timeout: float = 15) -> models.Call:
             return models.Call.get_or_none(models.Call.request_id == request_id)
 
     return wait_for(get, timeout, f"call {request_id}")
+
+
+def stored_batch(url: str, batch_id: str, results: int, timeout: float = 20) -> dict[str, Any]:
+    """What velvet stored of a batch once ``results`` output/error lines are in, as plain data to compare
+    with what a client saw: the input lines' custom_ids in order, the result lines by custom_id."""
+
+    def get() -> dict[str, Any] | None:
+        with bound(url):
+            b = models.Batch.get_or_none(models.Batch.id == batch_id)
+            res = list(models.BatchResult.select().where(models.BatchResult.batch_id == batch_id))
+            if b is None or len(res) < results:
+                return None
+            reqs = list(models.BatchRequest.select().where(models.BatchRequest.file_id == b.input_file_id)
+                        .order_by(models.BatchRequest.line_no))
+            by_row = {r.id: r.custom_id for r in reqs}
+            files = {f.id: f for f in models.File.select().where(
+                models.File.id.in_([x for x in (b.input_file_id, b.output_file_id, b.error_file_id) if x]))}
+            return {
+                "batch": b, "files": files,
+                "request_counts": {"total": b.request_total, "completed": b.request_completed,
+                                   "failed": b.request_failed},
+                "custom_ids": [r.custom_id for r in reqs],
+                "results": {r.custom_id: r for r in res},
+                # the input line each answer was linked to
+                "matched": {r.custom_id: by_row.get(r.request_row_id) for r in res},
+                "events": [e.status for e in models.BatchEvent.select().where(
+                    models.BatchEvent.batch_id == batch_id).order_by(models.BatchEvent.id)],
+            }
+
+    return wait_for(get, timeout, f"batch {batch_id} with {results} result lines")

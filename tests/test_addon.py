@@ -33,9 +33,11 @@ def flow(path="/v1/chat/completions", body=b'{"model":"gpt-4o-mini","messages":[
 
 @pytest.fixture
 def addon(sqlite_url, tmp_path):
+    """The addon with its writer in a thread (these tests reach into the processor)."""
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
         v.running()
         yield v
         v.done()
@@ -177,7 +179,8 @@ async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sql
     v = Velvet()
     nowhere = f"postgresql://velvet:pw@127.0.0.1:{free_port()}/x?connect_timeout=1"
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=nowhere, velvet_spool_dir=str(tmp_path / "spool"), velvet_flush_timeout=3)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=nowhere, velvet_spool_dir=str(tmp_path / "spool"), velvet_flush_timeout=3)
         v.running()
         f = flow()
         v.requestheaders(f)
@@ -202,3 +205,43 @@ def test_bad_database_url_messages_hide_the_password():
     with taddons.context(v) as tctx, pytest.raises(exceptions.OptionsError) as e:
         tctx.configure(v, velvet_db="mysql://user:hunter2@db/x")
     assert "hunter2" not in str(e.value)
+
+
+def velvet_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "velvet" and r.levelname == "WARNING"]
+
+
+async def test_warns_once_when_flows_pass_and_none_is_captured(addon, caplog):
+    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+
+    for i in range(UNCAPTURED_FLOWS - 1):
+        addon.requestheaders(flow(host="llm.internal" if i else "example.org"))
+    assert velvet_warnings(caplog) == []
+    addon.requestheaders(flow(host="llm.internal"))
+    [msg] = velvet_warnings(caplog)
+    assert f"{UNCAPTURED_FLOWS} flows went through the proxy and none was captured" in msg
+    assert "velvet_hosts (api.openai.com)" in msg and "llm.internal (4), example.org (1)" in msg
+    assert "--set velvet_hosts=api.openai.com --set velvet_hosts=llm.internal" in msg
+    for _ in range(3 * UNCAPTURED_FLOWS):
+        addon.requestheaders(flow(host="llm.internal"))
+    addon._warn_uncaptured()  # the timer firing late changes nothing
+    assert len(velvet_warnings(caplog)) == 1  # once
+
+
+async def test_no_warning_once_something_was_captured(addon, caplog):
+    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+
+    addon.requestheaders(flow())  # api.openai.com: captured
+    for _ in range(2 * UNCAPTURED_FLOWS):
+        addon.requestheaders(flow(host="example.org"))
+    addon._warn_uncaptured()
+    assert velvet_warnings(caplog) == [] and addon.passed == {}
+
+
+async def test_the_timer_warns_about_a_single_uncaptured_flow(addon, caplog):
+    addon.requestheaders(flow(host="example.org"))
+    assert velvet_warnings(caplog) == []
+    addon._warn_uncaptured()  # what the timer started by the first flow calls
+    [msg] = velvet_warnings(caplog)
+    assert "1 flow went through" in msg and "example.org (1)" in msg
+

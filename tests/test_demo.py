@@ -5,22 +5,35 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+from pathlib import Path
 
 import orjson
 from rig import ROOT
 from velvet_core.query.cli import main
 
+DEMO_DIR = re.compile(r"velvet-demo-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix="velvet-demo-")
+
 
 def test_demo(tmp_path, capsys):
+    """Run as the README says (no --dir: a new temp dir), and the README's paths look like the real one."""
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and k != "OPENAI_API_KEY"}
-    r = subprocess.run([str(ROOT / "scripts" / "demo"), "--dir", str(tmp_path)], capture_output=True, text=True,
-                       env=env, timeout=240)
+    env["TMPDIR"] = str(tmp_path)
+    r = subprocess.run([str(ROOT / "scripts" / "demo")], capture_output=True, text=True, env=env, timeout=240)
     assert r.returncode == 0, r.stdout + r.stderr
     out = r.stdout
     assert re.search(r"batch_\w+: validating → in_progress → finalizing → completed", out)
     row = r"^batch_\w+\s+completed\s+/v1/chat/completions\s+gpt-4o-mini\S*\s+.*\s20\s+18\s+2\s+3m 0s\s+\$"
     assert re.search(row, out, re.M)
     assert "Live calls" in out and "TURNAROUND P50" in out and "Traceback" not in r.stderr
-    url = f"sqlite:///{tmp_path / 'velvet.db'}"
+
+    db = Path(re.search(r"^The database is (\S+)\. Try:$", out, re.M).group(1))
+    assert db.parent.parent == tmp_path and DEMO_DIR.fullmatch(db.parent.name) and db.name == "velvet.db"
+    url = f"sqlite:///{db}"
+    assert f"$ velvet --db {url} batches" in out
     assert main(["--db", url, "sql", "SELECT count(*) AS n FROM calls", "--json"]) == 0
     assert orjson.loads(capsys.readouterr().out) == [{"n": 12}]
+
+    readme = (ROOT / "README.md").read_text()
+    demo = readme[readme.index("## Try it offline"):readme.index("## Clients")]
+    shown = set(re.findall(r"/tmp/(velvet-demo[^/\s]*)/velvet\.db", demo))
+    assert len(shown) == 1 and DEMO_DIR.fullmatch(shown.pop()), shown  # one dir, shaped like the real one

@@ -9,6 +9,7 @@ import openai
 import orjson
 import psycopg
 import pytest
+from peewee import Cast
 from rig import API_KEY, bound, call_row, wait_for
 from velvet_core.parsing.extract import key_fingerprint
 from velvet_core.storage import models
@@ -146,7 +147,7 @@ def test_dropped_stream(proxy, monkeypatch):
 
     def row():
         with bound(proxy.db_url):
-            return models.Call.get_or_none(models.Call.request_body.contains(marker))
+            return models.Call.get_or_none(Cast(models.Call.request_body, "text").contains(marker))
 
     r = wait_for(row, what="dropped stream row")
     assert r.stream and not r.complete
@@ -206,6 +207,23 @@ def test_nothing_lost_at_shutdown(standin, tmp_path, monkeypatch):
     assert p.stop() == 0  # SIGINT right after the last answer
     with bound(url):
         assert models.Call.select().where(models.Call.endpoint == "embeddings").count() == 40
+    assert "(writer process)" in p.output()  # mitmdump on two cores: the writer runs in its own process
+    assert not list((tmp_path / "spool" / "journal").glob("journal-*"))  # all written: the journal is gone
     # (mitmproxy itself may print CancelledError tracebacks for keep-alive connections at exit)
     ours = [line for line in p.output().splitlines() if line.strip().startswith("File") and "velvet_core" in line]
     assert not ours, "\n".join(ours)  # no traceback through velvet's code
+
+
+@pytest.mark.parametrize("mode", ["thread", "process"])
+def test_both_writer_modes_write_everything(standin, tmp_path, monkeypatch, mode):
+    from rig import Proxy
+
+    url = f"sqlite:///{tmp_path / 'modes.db'}"
+    p = Proxy(url, standin.url, tmp_path, extra=["--set", f"velvet_writer={mode}"]).start()
+    client = p.client(monkeypatch)
+    ids = [client.chat.completions.create(model="gpt-4o-mini", messages=MSG).id for _ in range(20)]
+    assert p.stop() == 0
+    assert f"(writer {mode})" in p.output()
+    with bound(url):
+        rows = list(models.Call.select().where(models.Call.endpoint == "chat.completions"))
+    assert len(rows) == 20 and all(r.input_tokens for r in rows) and len(ids) == 20

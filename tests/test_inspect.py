@@ -102,6 +102,8 @@ def test_comments_and_markers():
     row = {"status_code": 200, "model": "gpt-4o-mini", "total_tokens": 1234, "cost_usd": 0.0012,
            "latency_ms": 812.4}
     assert comment(r, row, [], {}) == "chat gpt-4o-mini · 1,234 tok · $0.0012 · 812 ms"
+    assert comment(r, {**row, "usage_estimated": True}, [], {}) == \
+        "chat gpt-4o-mini · ~1,234 tok · ~$0.0012 · 812 ms"
     assert markers.marker(r, 200) is None and markers.marker(r, 429) == markers.FAILED
     assert markers.marker(r, 200, complete=False) == markers.FAILED
     err = {"status_code": 429, "model_requested": "gpt-4o", "error_code": "rate_limit_exceeded"}
@@ -143,7 +145,8 @@ async def addon(sqlite_url, tmp_path):
 
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
         v.running()
         assert not v.comments  # no flow list (as in mitmdump): no comments computed
         v.comments = True  # as in mitmweb, which has a view

@@ -15,10 +15,11 @@ ALLOWED = {
     "parsing": set(),
     "storage": {"parsing"},
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
-    "writer": {"storage", "parsing", "capture.snapshot", "capture.tap"},
+    "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
     "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "writer.health",
-                "query.summary"},
-    "query": {"storage"},
+                "writer.process", "query.summary"},
+    "query": {"storage", "experiments.commands"},  # the velvet command registers the experiments' commands
+    "experiments": {"storage", "query", "parsing"},
 }
 
 
@@ -69,3 +70,6 @@ def test_wheel_ships_the_package_only(tmp_path):
     code = [n for n in names if n.endswith(".py")]
     assert code and all(n.startswith("velvet_core/") for n in code)
     assert not [n for n in names if "standin" in n or n.startswith("tests/")]
+    # the tokenizer's encodings, which tiktoken would otherwise download
+    assert {"velvet_core/parsing/encodings/o200k_base.tiktoken.gz",
+            "velvet_core/parsing/encodings/cl100k_base.tiktoken.gz"} <= set(names)

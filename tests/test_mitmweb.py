@@ -94,3 +94,27 @@ def test_comments_markers_and_view_in_mitmweb(web, monkeypatch):
     assert up["view_name"] == "Batch JSONL" and "File upload web.jsonl · 30 lines" in str(up["text"])
 
     assert "velvet.summary" in api.get("/commands")  # in mitmweb's command bar
+
+
+def test_compressed_download_is_viewable_in_mitmweb(web, monkeypatch):
+    """A gzip-compressed output file (as the API sends the SDKs') stays in the flow: no "content missing"."""
+    proxy, api = web
+    client = proxy.client(monkeypatch)
+    ask = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]}
+    data = b"".join(orjson.dumps({"custom_id": f"gz-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                  "body": ask}) + b"\n" for i in range(1, 13))
+    f = client.files.create(file=("gz.jsonl", io.BytesIO(data)), purpose="batch")
+    b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
+    while b.status != "completed":
+        b = client.batches.retrieve(b.id)
+    r = client.files.with_raw_response.content(b.output_file_id, extra_headers={"x-standin-gzip": "1"})
+    assert r.headers["content-encoding"] == "gzip" and len(r.content.splitlines()) == 12
+    path = f"/v1/files/{b.output_file_id}/content"
+
+    def download_flow():
+        return next((fl for fl in api.get("/flows") if fl["request"]["path"] == path and fl["comment"]), None)
+
+    fl = wait_for(download_flow, what="the download's flow with its comment")
+    assert fl["comment"] == f"batch output · 12 lines · {b.output_file_id}"
+    view = api.get(f"/flows/{fl['id']}/response/content/auto.json", lines=100)
+    assert view["view_name"] == "Batch JSONL" and "Batch file content · 12 lines" in str(view["text"])

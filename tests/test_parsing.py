@@ -185,3 +185,33 @@ def test_sse_any_chunking(cuts, eol):
     # a lone \r at a chunk end is held back until the next byte (or the end)
     assert [(e.event, e.data, e.end) for e in got] == [(e.event, e.data, e.end) for e in whole]
     assert len(whole) == 8
+
+
+def completions_sse(words: list[str], usage: bool = True) -> bytes:
+    """A legacy ``/v1/completions`` stream: the text is in ``choices[].text``, there is no ``delta``."""
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "gpt-3.5-turbo-instruct"}
+    ev = [{**base, "choices": [{"index": 0, "text": w, "logprobs": None, "finish_reason": None}]} for w in words]
+    ev.append({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}]})
+    if usage:
+        ev.append({**base, "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": len(words),
+                                                    "total_tokens": 2 + len(words)}})
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in ev) + b"data: [DONE]\n\n"
+
+
+def test_legacy_completions_reassembly_keeps_the_text():
+    data = completions_sse(["Once", " upon", " a time"])
+    res = reassemble(data, "completions")
+    assert res.complete and res.text == "Once upon a time" and res.finish_reason == "length"
+    assert res.usage == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    assert res.model == "gpt-3.5-turbo-instruct" and res.problems == []
+    assert res.body["object"] == "text_completion" and res.body["id"] == "cmpl-1"
+    assert res.body["choices"] == [{"index": 0, "text": "Once upon a time", "finish_reason": "length",
+                                    "logprobs": None}]
+    assert res.first_token_offset == data.index(b"\n\n") + 2  # the first event carries text
+    assert reassemble(data, "chat.completions").text == ""  # what happened before: the chat reader sees none
+    cut = reassemble(data[: data.index(b"data: [DONE]")][:-40], "completions")
+    assert not cut.complete and cut.text == "Once upon a time" and cut.usage is None
+    several = b"".join(b"data: " + orjson.dumps({"choices": [{"index": i, "text": t}]}) + b"\n\n"
+                       for i, t in [(0, "a"), (1, "b"), (0, "c")])
+    res = reassemble(several, "completions")
+    assert [c["text"] for c in res.body["choices"]] == ["ac", "b"] and not res.complete

@@ -23,7 +23,14 @@ from velvet_core.parsing.lines import request_row, result_row
 from velvet_core.parsing.multipart import fields
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.process.calls import utc
-from velvet_core.process.ingest import ContentIngest, PartIngest, UploadIngest, ingest_streamed
+from velvet_core.process.ingest import (
+    ContentIngest,
+    PartIngest,
+    UploadIngest,
+    form_purpose,
+    ingest_buffered,
+    ingest_streamed,
+)
 from velvet_core.storage import models
 from velvet_core.storage.ops import FileSeen, InputDone, OutputDone, RequestLines, ResultLines
 
@@ -64,8 +71,12 @@ def test_streamed_upload_equals_buffered(cuts, bad):
     buffered = fields(body, B)  # the whole-body multipart helper
     want = [{**request_row(line), "line_no": line.no, "file_id": "file-k"}
             for line in LineSplitter().split(buffered["file"])]
-    assert rows == want and ingest.lines == 12 and ingest.bad == len(bad) and ingest.purpose == b"batch"
+    assert rows == want and ingest.lines == 12 and ingest.bad == len(bad)
     assert not ingest.problems
+    ct = f"multipart/form-data; boundary={B}"
+    assert form_purpose(ct, None, lambda size: iter(pieces(body, cuts))) == "batch"
+    after = multipart_body(B, [("file", "in.jsonl", data), ("purpose", None, b" batch\r\n")])  # curl's order
+    assert form_purpose(ct, None, lambda size: iter(pieces(after, cuts))) == "batch"
 
 
 @settings(max_examples=60, deadline=None)
@@ -182,7 +193,8 @@ def test_ingest_streamed_outcomes(tmp_path):
 def test_addon_taps_big_and_already_streamed_bodies_only(tmp_path):
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=f"sqlite:///{tmp_path}/v.db", velvet_spool_dir=str(tmp_path / "spool"),
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=f"sqlite:///{tmp_path}/v.db", velvet_spool_dir=str(tmp_path / "spool"),
                        velvet_stream_threshold=1000)
         v.running()
         try:
@@ -236,7 +248,8 @@ def test_streamed_upload_into_the_database(tmp_path):
     data = lines_of(2000, bad=frozenset({7}))
     body = multipart_body(B, [("purpose", None, b"batch"), ("file", "in.jsonl", data)])
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=1000)
         v.running()
         f = upload_flow(b"", resp=b'{"id":"file-big","object":"file","purpose":"batch","bytes":1}')
         f.request.headers["content-length"] = str(len(body))
@@ -293,7 +306,8 @@ def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkey
     url = f"sqlite:///{tmp_path}/v.db"
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=10)
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=10)
         v.running()
         f = upload_flow(b"", resp=b'{"id":"file-b","object":"file","purpose":"batch"}')
         f.request.headers["content-length"] = "100"
@@ -320,3 +334,95 @@ def test_unreadable_streamed_bodies_still_leave_a_file_row(tmp_path):
     problems = []
     ops = list(ingest_streamed(s, spilled(tmp_path, b"xx"), None, Pricer(), problems))
     assert ops[0].row["complete"] is False and "unsupported content-encoding" in ops[0].row["problem"]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest.mark.parametrize("order", ["purpose first", "file first"])
+def test_upload_purpose_from_the_form_when_the_response_has_none(tmp_path, streamed, order):
+    """A server that does not echo ``purpose``: the form decides, and no other purpose leaves lines."""
+
+    def ops_for(purpose: bytes) -> list:
+        parts = [("purpose", None, purpose), ("file", "in.jsonl", lines_of(3))]
+        body = multipart_body(B, parts if order == "purpose first" else parts[::-1])
+        resp = {"id": "file-x", "object": "file", "filename": "in.jsonl"}  # no purpose
+        s = snapshot("/v1/files")
+        if streamed:
+            return list(ingest_streamed(s, spilled(tmp_path, body), resp, Pricer(), []))
+        return list(ingest_buffered(s, body, resp, Pricer(), []))
+
+    ops = ops_for(b"fine-tune")
+    assert not [op for op in ops if isinstance(op, RequestLines)]
+    assert ops == [FileSeen({"id": "file-x", "purpose": "fine-tune", "filename": "in.jsonl", "bytes": None,
+                             "created_at": None, "expires_at": None, "status": None,
+                             "first_seen_at": ops[0].row["first_seen_at"],
+                             "updated_at": ops[0].row["updated_at"]})]
+    ops = ops_for(b"batch")
+    assert sum(len(op.rows) for op in ops if isinstance(op, RequestLines)) == 3
+    file = next(op.row for op in ops if isinstance(op, FileSeen))
+    assert file["role"] == "input" and file["purpose"] == "batch" and file["lines"] == 3
+    assert ops[-1] == InputDone("file-x")
+
+
+def test_tap_keeps_a_bounded_copy_for_the_flow(tmp_path):
+    chunks = [bytes([65 + i]) * 1000 for i in range(10)]
+    small = BodyTap(tmp_path / "streams", keep=10_000)
+    for c in chunks:
+        small(c)
+        assert small.kept() is None  # not before the end
+    small(b"")
+    assert small.kept() == b"".join(chunks) and small.kept_bytes == 10_000
+    assert small.path.read_bytes() == b"".join(chunks)  # still parsed from disk
+    big = BodyTap(tmp_path / "streams", keep=10_000)
+    held = []
+    for c in [*chunks, b"x" * 1]:
+        big(c)
+        held.append(big.kept_bytes)
+    big(b"")
+    assert max(held) <= 10_000 and big.kept_bytes == 0 and big.kept() is None  # given up past the bound
+    cut = BodyTap(tmp_path / "streams", keep=10_000)
+    cut(b"abc")
+    assert cut.kept() is None  # no end of body: not whole, not put back
+    assert BodyTap(tmp_path / "streams").kept_bytes == 0  # keep=0 (the default) holds nothing
+
+
+def test_small_compressed_download_goes_back_into_the_flow(tmp_path):
+    """A tapped download no bigger than velvet_stream_threshold on the wire is put back into the flow
+    (mitmweb shows it); a bigger one is not (memory stays bounded); both are parsed from the spill file."""
+    url = f"sqlite:///{tmp_path}/v.db"
+    v = Velvet()
+
+    def download(file_id: str, n: int):
+        out = b"".join(orjson.dumps({"id": f"r{i}", "custom_id": f"{file_id}-{i}", "response": {
+            "status_code": 200, "body": {"model": "gpt-4o-mini", "x": "y" * (i * 37 % 101)}}}) + b"\n"
+            for i in range(n))
+        wire = gzip.compress(out)
+        f = tflow.tflow(req=tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"GET",
+                                        path=f"/v1/files/{file_id}/content".encode(), content=b"",
+                                        headers=http.Headers(host="api.openai.com")),
+                        resp=tutils.tresp(status_code=200, content=b"", headers=http.Headers(**{
+                            "content-length": str(len(wire)), "content-encoding": "gzip",
+                            "content-type": "application/octet-stream"})))
+        v.requestheaders(f)
+        v.responseheaders(f)
+        tap = f.response.stream
+        assert isinstance(tap, BodyTap)
+        for i in range(0, len(wire), 700):
+            tap(wire[i:i + 700])
+        tap(b"")
+        f.response.raw_content = None  # as mitmproxy leaves a streamed body
+        v.response(f)
+        return f, out, wire
+
+    with taddons.context(v) as tctx:
+        tctx.configure(v, velvet_db=url, velvet_spool_dir=str(tmp_path / "spool"), velvet_stream_threshold=4000)
+        v.running()
+        small, small_out, wire = download("file-s", 20)
+        assert len(wire) <= 4000 and small.response.raw_content == wire
+        assert small.response.content == small_out  # what mitmweb's view decodes
+        big, _, wire = download("file-b", 1500)
+        assert len(wire) > 4000 and big.response.raw_content is None
+        v.done()
+    with bound(url):
+        lines = {f: models.BatchResult.select().where(models.BatchResult.file_id == f).count()
+                 for f in ("file-s", "file-b")}
+    assert lines == {"file-s": 20, "file-b": 1500}

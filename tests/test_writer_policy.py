@@ -249,8 +249,45 @@ async def test_velvet_status_command(tmp_path):
 
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=f"sqlite:///{tmp_path / 'v.db'}", velvet_spool_dir=str(tmp_path / "spool"))
+        tctx.configure(v, velvet_writer="thread",
+                       velvet_db=f"sqlite:///{tmp_path / 'v.db'}", velvet_spool_dir=str(tmp_path / "spool"))
         v.running()
         assert v.status().startswith("velvet: writing; last write")
         v.done()
         assert v.status() == "velvet: not running"
+
+
+def test_the_tail_reads_a_growing_journal_once_and_deletes_what_is_safe(tmp_path):
+    """The writer process's input: every flow exactly once, across segments, while the proxy appends."""
+    import threading
+
+    from velvet_core.writer.journal import Journal
+    from velvet_core.writer.tail import Tail
+
+    j = Journal(tmp_path, "tag", max_entries=7)
+    tail = Tail(tmp_path, "tag", os.getpid())
+    got: list[str] = []
+    segs = []
+    done = threading.Event()
+
+    def proxy() -> None:
+        for i in range(100):
+            j.append(chat(i))
+            if i % 10 == 0:
+                time.sleep(0.01)
+        j.close()
+        done.set()
+
+    threading.Thread(target=proxy).start()
+    while True:
+        final = done.is_set()
+        for snap, seg in tail.poll(final=final):
+            got.append(snap.flow_id)
+            segs.append(seg)
+        if final:
+            break
+    assert got == [f"flow-{i}" for i in range(100)]
+    assert list(tmp_path.glob("journal-*"))  # nothing is safe yet
+    for seg in segs:
+        seg.release()
+    assert not list(tmp_path.glob("journal-*"))

@@ -2,11 +2,12 @@
 
 ``--map-remote`` acts in the ``request`` hook, which mitmproxy runs only after a streamed request
 body has already gone upstream. Loaded after velvet (``-s addon/velvet.py -s tests/standin/route.py``),
-this rewrites the destination of streamed requests in ``requestheaders`` instead.
+this rewrites the destination of streamed requests to ``standin_hosts`` in ``requestheaders`` instead.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from urllib.parse import urlsplit
 
 from mitmproxy import ctx, http
@@ -14,11 +15,12 @@ from mitmproxy import ctx, http
 
 class StandinRoute:
     def load(self, loader) -> None:
-        loader.add_option("standin_url", str, "", "Send streamed api.openai.com requests here (tests only).")
+        loader.add_option("standin_url", str, "", "Send streamed requests to standin_hosts here (tests only).")
+        loader.add_option("standin_hosts", Sequence[str], ["api.openai.com"], "Hosts the stand-in plays.")
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         url = ctx.options.standin_url
-        if url and flow.request.stream and flow.request.host == "api.openai.com":
+        if url and flow.request.stream and flow.request.host in ctx.options.standin_hosts:
             u = urlsplit(url)
             flow.request.scheme, flow.request.host, flow.request.port = u.scheme, u.hostname, u.port
 

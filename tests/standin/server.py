@@ -9,7 +9,17 @@ Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per r
 - ``x-standin-canned``: the key of a reply registered with ``StandIn.can`` (fault tests: exact bytes,
   however malformed, in the status line, headers and body).
 
-An API key ``sk-bad…`` gets a 401. Run standalone: ``python tests/standin/server.py --port 8600``.
+Answers are deterministic: ``ANSWER``, cut to ``max_tokens`` / ``max_completion_tokens`` /
+``max_output_tokens`` words (finish reason ``length``, or an ``incomplete`` response); with
+``response_format`` ``json_object`` the JSON ``{"answer": ANSWER}``, with a ``json_schema`` an instance
+of the schema in which every integer is the number of words between ``<answer>`` and ``</answer>`` in
+the last user message, clamped to the schema's ``minimum``/``maximum`` (how it "grades" an answer).
+``StandIn.rate_limit(n)`` makes the next ``n`` model calls get a 429 with a short ``retry-after-ms``.
+
+An API key ``sk-bad…`` gets a 401. Azure OpenAI paths are served too: ``/openai/deployments/{name}/…``
+(deployments in ``AZURE_DEPLOYMENTS``) and ``/openai/files``, ``/openai/batches`` with ``?api-version=``,
+or ``/openai/v1/…``, authenticated by the ``api-key`` header (a key ``bad…`` gets Azure's 401).
+Run standalone: ``python tests/standin/server.py --port 8600``.
 """
 
 from __future__ import annotations
@@ -25,11 +35,14 @@ import zlib
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
 ANSWER = "Hello from the stand-in API."
+AZURE_DEPLOYMENTS = {"chat-prod": "gpt-4o-mini", "embed-prod": "text-embedding-3-small"}  # name -> model
+AZURE_401 = ("Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide a "
+             "valid key for an active subscription and use a correct regional API endpoint for your resource.")
 _ids = itertools.count(1)
 
 
@@ -48,15 +61,59 @@ def count_tokens(value: Any) -> int:
     return 0
 
 
+def _last_user_text(messages: Any) -> str:
+    for m in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(m, dict) and m.get("role") == "user":
+            c = m.get("content")
+            if isinstance(c, list):
+                return " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+            return str(c or "")
+    return ""
+
+
+def _instance(schema: Any, prompt: str) -> Any:
+    """A deterministic instance of a JSON schema (see the module docstring for integers)."""
+    if not isinstance(schema, dict):
+        return None
+    t = schema.get("type")
+    if t == "object":
+        return {k: _instance(v, prompt) for k, v in (schema.get("properties") or {}).items()}
+    if t in ("integer", "number"):
+        start, end = prompt.find("<answer>"), prompt.find("</answer>")
+        words = len(prompt[start + 8:end].split()) if 0 <= start < end else 0
+        return max(schema.get("minimum", 0), min(schema.get("maximum", words), words))
+    if t == "boolean":
+        return True
+    if t == "array":
+        return []
+    return ANSWER
+
+
+def answer(body: dict[str, Any], prompt: str) -> tuple[str, bool]:
+    """The answer text for a request, and whether it was cut by a token limit."""
+    fmt = body.get("response_format") or (body.get("text") or {}).get("format") or {}
+    if fmt.get("type") == "json_object":
+        return orjson.dumps({"answer": ANSWER}).decode(), False
+    if fmt.get("type") == "json_schema":
+        schema = (fmt.get("json_schema") or {}).get("schema") or fmt.get("schema")
+        return orjson.dumps(_instance(schema, prompt)).decode(), False
+    limit = body.get("max_completion_tokens") or body.get("max_tokens") or body.get("max_output_tokens")
+    words = ANSWER.split()
+    if isinstance(limit, int) and 0 < limit < len(words):
+        return " ".join(words[:limit]), True
+    return ANSWER, False
+
+
 def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
     prompt = count_tokens(body.get("messages"))
-    out = len(ANSWER.split())
+    text, cut = answer(body, _last_user_text(body.get("messages")))
+    out = len(text.split())
     return {
         "id": new_id("chatcmpl-"), "object": "chat.completion", "created": int(time.time()),
         "model": _snapshot(body.get("model")), "system_fingerprint": "fp_standin",
         "service_tier": body.get("service_tier") or "default",
-        "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                     "message": {"role": "assistant", "content": ANSWER, "refusal": None,
+        "choices": [{"index": 0, "finish_reason": "length" if cut else "stop", "logprobs": None,
+                     "message": {"role": "assistant", "content": text, "refusal": None,
                                  "annotations": []}}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out,
                   "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
@@ -68,17 +125,33 @@ def chat_completion(body: dict[str, Any]) -> dict[str, Any]:
 
 def response_object(body: dict[str, Any], status: str = "completed") -> dict[str, Any]:
     inp = count_tokens(body.get("input")) + count_tokens(body.get("instructions"))
-    out = len(ANSWER.split())
+    given = body.get("input")
+    text, cut = answer(body, given if isinstance(given, str) else _last_user_text(given))
+    out = len(text.split())
     return {
-        "id": new_id("resp_"), "object": "response", "created_at": int(time.time()), "status": status,
-        "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
+        "id": new_id("resp_"), "object": "response", "created_at": int(time.time()),
+        "status": "incomplete" if cut and status == "completed" else status, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if cut else None,
+        "instructions": body.get("instructions"),
         "model": _snapshot(body.get("model")), "parallel_tool_calls": True, "tool_choice": "auto",
         "tools": [], "temperature": 1.0, "top_p": 1.0, "metadata": {}, "service_tier": "default",
         "output": [{"type": "message", "id": new_id("msg_"), "status": "completed", "role": "assistant",
-                    "content": [{"type": "output_text", "text": ANSWER, "annotations": []}]}],
+                    "content": [{"type": "output_text", "text": text, "annotations": []}]}],
         "usage": {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
                   "output_tokens": out, "output_tokens_details": {"reasoning_tokens": 0},
                   "total_tokens": inp + out},
+    }
+
+
+def text_completion(body: dict[str, Any]) -> dict[str, Any]:
+    """The legacy ``/v1/completions`` answer (``choices[].text``)."""
+    prompt = count_tokens(body.get("prompt"))
+    out = len(ANSWER.split())
+    return {
+        "id": new_id("cmpl-"), "object": "text_completion", "created": int(time.time()),
+        "model": _snapshot(body.get("model")), "system_fingerprint": "fp_standin",
+        "choices": [{"index": 0, "text": ANSWER, "finish_reason": "stop", "logprobs": None}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": out, "total_tokens": prompt + out},
     }
 
 
@@ -95,7 +168,11 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
 def _snapshot(model: Any) -> str:
     """Answer with a dated snapshot name, as the API does."""
     m = str(model or "gpt-4o-mini")
+    m = AZURE_DEPLOYMENTS.get(m, m)  # an Azure batch line names its deployment
     return {"gpt-4o-mini": "gpt-4o-mini-2024-07-18", "gpt-4o": "gpt-4o-2024-08-06"}.get(m, m)
+
+
+_MODEL_PATHS = ("/v1/chat/completions", "/v1/responses", "/v1/embeddings")
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> dict[str, Any]:
@@ -207,14 +284,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def route(self, method: str) -> None:
         raw = self._body()
-        path = urlsplit(self.path).path
-        auth = self.headers.get("authorization", "")
-        if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
-            return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
-                                        "invalid_api_key")
+        url = urlsplit(self.path)
+        path = url.path
+        deployment = None
+        if path.startswith("/openai/"):
+            path, deployment, refused = self._azure(path, parse_qs(url.query))
+            if refused:
+                return
+        else:
+            auth = self.headers.get("authorization", "")
+            if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
+                return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
+                                            "invalid_api_key")
         if canned := self.server.canned.get(self.headers.get("x-standin-canned", "")):
             return self.send_raw(*canned)
         scenario = self.headers.get("x-standin-scenario", "")
+        if method == "POST" and path in _MODEL_PATHS and self.server.take_rate_limit():
+            return self.send_error_json(
+                429, "Rate limit reached for requests per min (RPM).", "requests", "rate_limit_exceeded",
+                headers={"retry-after-ms": "50", "retry-after": "1", "x-ratelimit-remaining-requests": "0"})
         if scenario == "429":
             return self.send_error_json(
                 429, "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3.",
@@ -230,6 +318,8 @@ class Handler(BaseHTTPRequestHandler):
             except orjson.JSONDecodeError:
                 return self.send_error_json(400, "We could not parse the JSON body of your request.",
                                             "invalid_request_error", None)
+        if deployment is not None and isinstance(body, dict):
+            body = {**body, "model": AZURE_DEPLOYMENTS[deployment]}  # the deployment decides the model
         handler = self.server.routes.get((method, path))
         if handler is None:
             for (m, prefix), h in self.server.prefix_routes.items():
@@ -241,6 +331,30 @@ class Handler(BaseHTTPRequestHandler):
                                         None)
         handler(self, path, body, raw)
 
+    def _azure(self, path: str, query: dict[str, list[str]]) -> tuple[str, str | None, bool]:
+        """An Azure OpenAI path -> (the OpenAI path, the deployment, whether it was refused (answered))."""
+        key = self.headers.get("api-key", "")
+        if not key or key.startswith("bad"):
+            self.send(401, {"error": {"code": "401", "message": AZURE_401}})
+            return path, None, True
+        rest = path[len("/openai"):]
+        if rest.startswith("/v1/"):  # Azure's v1 API: no api-version
+            return rest, None, False
+        if not query.get("api-version"):
+            self.send(404, {"error": {"code": "404", "message": "Resource not found"}})
+            return path, None, True
+        deployment = None
+        if rest.startswith("/deployments/"):
+            deployment, _, rest = rest[len("/deployments/"):].partition("/")
+            rest = "/" + rest
+            if deployment not in AZURE_DEPLOYMENTS:
+                self.send(404, {"error": {
+                    "code": "DeploymentNotFound",
+                    "message": "The API deployment for this resource does not exist. If you created the "
+                               "deployment within the last 5 minutes, please wait a moment and try again."}})
+                return path, None, True
+        return "/v1" + rest, deployment, False
+
     # -- live endpoints --------------------------------------------------------------------------
 
     def h_chat(self, path: str, body: dict[str, Any], raw: bytes) -> None:
@@ -249,18 +363,35 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, resp)
         base = {k: resp[k] for k in ("id", "created", "model", "system_fingerprint", "service_tier")}
         base["object"] = "chat.completion.chunk"
-        words = ANSWER.split(" ")
+        words = resp["choices"][0]["message"]["content"].split(" ")
         events = [{**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                         "finish_reason": None}]}]
         for i, w in enumerate(words):
             events.append({**base, "choices": [{"index": 0, "delta": {"content": w if i == 0 else " " + w},
                                                 "finish_reason": None}]})
-        events.append({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        events.append({**base, "choices": [{"index": 0, "delta": {},
+                                            "finish_reason": resp["choices"][0]["finish_reason"]}]})
         if (body.get("stream_options") or {}).get("include_usage"):
+            # as OpenAI: every chunk gets "usage": null, then one more with empty choices and the usage
+            events = [{**e, "usage": None} for e in events]
             events.append({**base, "choices": [], "usage": resp["usage"]})
         wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
         drop = 3 if self.headers.get("x-standin-scenario") == "drop" else None
         self.stream(wire, drop_after=drop)
+
+    def h_completions(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        """Legacy completions: streamed chunks carry ``choices[0].text``, not a ``delta``."""
+        resp = text_completion(body)
+        if not body.get("stream"):
+            return self.send(200, resp)
+        base = {k: resp[k] for k in ("id", "object", "created", "model", "system_fingerprint")}
+        words = ANSWER.split(" ")
+        events = [{**base, "choices": [{"index": 0, "text": w if i == 0 else " " + w, "logprobs": None,
+                                        "finish_reason": None}]} for i, w in enumerate(words)]
+        events.append({**base, "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": "stop"}]})
+        if (body.get("stream_options") or {}).get("include_usage"):
+            events.append({**base, "choices": [], "usage": resp["usage"]})
+        self.stream([b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"])
 
     def h_responses(self, path: str, body: dict[str, Any], raw: bytes) -> None:
         final = response_object(body)
@@ -274,13 +405,14 @@ class Handler(BaseHTTPRequestHandler):
             ("response.output_item.added", {"output_index": 0, "item": {**item, "content": [],
                                                                           "status": "in_progress"}}),
         ]
-        for i, w in enumerate(ANSWER.split(" ")):
+        text = item["content"][0]["text"]
+        for i, w in enumerate(text.split(" ")):
             events.append(("response.output_text.delta", {"item_id": item["id"], "output_index": 0,
                                                           "content_index": 0,
                                                           "delta": w if i == 0 else " " + w}))
         events += [
             ("response.output_text.done", {"item_id": item["id"], "output_index": 0, "content_index": 0,
-                                           "text": ANSWER}),
+                                           "text": text}),
             ("response.output_item.done", {"output_index": 0, "item": item}),
             ("response.completed", {"response": final}),
         ]
@@ -527,6 +659,7 @@ class StandIn(ThreadingHTTPServer):
             ("POST", "/v1/chat/completions"): Handler.h_chat,
             ("POST", "/v1/responses"): Handler.h_responses,
             ("POST", "/v1/embeddings"): Handler.h_embeddings,
+            ("POST", "/v1/completions"): Handler.h_completions,
         }
         api = self.batch_api = BatchAPI()
         self.routes.update({
@@ -544,6 +677,20 @@ class StandIn(ThreadingHTTPServer):
         }
         self.thread: threading.Thread | None = None
         self.canned: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
+        self._rate_limited = 0
+        self._rate_lock = threading.Lock()
+
+    def rate_limit(self, n: int) -> None:
+        """The next ``n`` model calls (chat, responses, embeddings) get a 429."""
+        with self._rate_lock:
+            self._rate_limited = n
+
+    def take_rate_limit(self) -> bool:
+        with self._rate_lock:
+            if self._rate_limited <= 0:
+                return False
+            self._rate_limited -= 1
+            return True
 
     def can(self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None,
             content_type: bytes = b"application/json") -> str:
@@ -551,6 +698,7 @@ class StandIn(ThreadingHTTPServer):
         key = new_id("canned-")
         self.canned[key] = (status, [(b"content-type", content_type), *(headers or [])], body)
         return key
+
 
     @property
     def url(self) -> str:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,6 +21,7 @@ from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
 from velvet_core.capture.snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
 from velvet_core.capture.tap import BodyTap
+from velvet_core.capture.usage import UsageStripper, ask_for_usage
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.pricing import PriceFileError, Pricer, load_price_file
 from velvet_core.process.processor import Processor
@@ -25,9 +29,16 @@ from velvet_core.query.summary import text as summary_text
 from velvet_core.redact import redact
 from velvet_core.storage.database import DatabaseURLError, check_url
 from velvet_core.writer.health import status_line
+from velvet_core.writer.process import ProcessWriter
 from velvet_core.writer.writer import Writer
 
 log = logging.getLogger("velvet")
+
+# Warn once when this many flows went through, or this many seconds passed since the first one, and
+# velvet captured none of them (the usual cause: a host missing from velvet_hosts, e.g. the target of
+# reverse mode or an Azure resource).
+UNCAPTURED_FLOWS = 5
+UNCAPTURED_SECONDS = 30.0
 
 
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
@@ -44,11 +55,17 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _azure_knows_stream_options(api_version: str) -> bool:
+    """Azure OpenAI deployments accept ``stream_options`` from api-version 2024-09-01(-preview) on; older ones
+    refuse the request, so velvet leaves those alone (ISO dates compare as strings)."""
+    return api_version[:10] >= "2024-09-01"
+
+
 class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
     def __init__(self) -> None:
-        self.writer: Writer | None = None
+        self.writer: Writer | ProcessWriter | None = None
         self.processor = Processor()
         self.hosts: frozenset[str] = frozenset(config.DEFAULT_HOSTS)
         self.recorders: dict[str, StreamRecorder] = {}
@@ -56,6 +73,11 @@ class Velvet:
         self.notes = FlowNotes()
         self.stream_threshold = 4 * 1024 * 1024
         self.taps: dict[str, tuple[BodyTap | None, BodyTap | None]] = {}
+        self.captured = 0  # flows captured since start (only compared with 0)
+        self.passed: dict[str, int] = {}  # flows not captured, per host, until the warning (bounded)
+        self.warned = False
+        self.inject_usage = False
+        self.injected: set[str] = set()  # flows whose request velvet asked for include_usage
 
     @property
     def comments(self) -> bool:
@@ -76,7 +98,7 @@ class Velvet:
                           f"{config.default_db_url()}.")
         loader.add_option("velvet_hosts", Sequence[str], list(config.DEFAULT_HOSTS),
                           "Hosts whose flows are captured (repeat --set for several), e.g. an "
-                          "Azure OpenAI resource <name>.openai.azure.com.")
+                          "Azure OpenAI resource <name>.openai.azure.com. In reverse mode, the target's host.")
         loader.add_option("velvet_prices", str, "",
                           "A TOML or JSON file of prices (USD per million tokens) that override "
                           "genai-prices for the models it names.")
@@ -89,12 +111,24 @@ class Velvet:
                           "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
                           "are streamed through velvet's parser instead of being buffered: no delay to the "
                           "transfer, bounded memory, but mitmweb does not show the body (unless "
-                          "store_streamed_bodies is on). Bodies mitmproxy already streams "
-                          "(stream_large_bodies) are always followed.")
+                          "store_streamed_bodies is on). Compressed bodies and downloads of unknown length "
+                          "are always streamed, and kept for mitmweb when no bigger than this on the wire. "
+                          "Bodies mitmproxy already streams (stream_large_bodies) are always followed.")
         loader.add_option("velvet_journal", bool, True,
                           "Journal each finished flow before its response goes to the client, so a proxy killed "
                           "with SIGKILL loses nothing: the flows are finished at the next start. Off: the "
                           "flows still queued when the process dies are lost.")
+        loader.add_option("velvet_writer", str, "auto",
+                          "Where rows are processed and written: 'thread' (in mitmproxy's process), 'process' "
+                          "(a child process reading the journal: the event loop only journals; needs "
+                          "velvet_journal), or 'auto' (a process when there is a second core and no flow list "
+                          "to comment, as in mitmdump; a thread otherwise).",
+                          choices=("auto", "thread", "process"))
+        loader.add_option("velvet_stream_usage", str, "off",
+                          "Streamed chat/completions calls whose client did not ask for usage: 'off' counts "
+                          "their tokens with a tokenizer (usage_estimated); 'inject' asks upstream for "
+                          "stream_options.include_usage and removes the extra usage chunk before the client "
+                          "sees it, for exact figures.", choices=["off", "inject"])
         loader.add_option("velvet_flush_timeout", float, 30.0,
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
@@ -126,7 +160,17 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
-        if self.writer is not None and updated & {"velvet_db", "velvet_spool_dir", "velvet_journal"}:
+        if "velvet_stream_usage" in updated:
+            if opts.velvet_stream_usage not in ("off", "inject"):  # (mitmproxy does not check choices)
+                raise exceptions.OptionsError(
+                    f"velvet_stream_usage: {opts.velvet_stream_usage!r}: use off or inject")
+            self.inject_usage = opts.velvet_stream_usage == "inject"
+        if "velvet_writer" in updated and opts.velvet_writer not in ("auto", "thread", "process"):
+            raise exceptions.OptionsError(f"velvet_writer: {opts.velvet_writer!r}: use auto, thread or process")
+        restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
+        if isinstance(self.writer, ProcessWriter):  # its own processor: started with these
+            restart |= {"velvet_prices", "velvet_body_limit"}
+        if self.writer is not None and updated & restart:
             # the old writer finishes its queue in the background: never on the event loop
             old, self.writer = self.writer, None
             self._start_writer()
@@ -148,12 +192,26 @@ class Velvet:
     def spool_dir(self) -> Path:
         return Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
 
+    def _writer_mode(self) -> str:
+        mode = ctx.options.velvet_writer
+        if mode == "auto":  # a process needs the journal (its input) and a second core; comments need a thread
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+            spare = (os.cpu_count() or 1) > cores or cores > 1
+            return "process" if ctx.options.velvet_journal and not self.comments and spare else "thread"
+        return "thread" if mode == "process" and not ctx.options.velvet_journal else mode
+
     def _start_writer(self) -> None:
         url = self.db_url()
-        self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(), setup=self.processor.warm,
-                             journaled=ctx.options.velvet_journal)
+        opts = ctx.options
+        if self._writer_mode() == "process":
+            self.writer = ProcessWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
+                                        body_limit=opts.velvet_body_limit)
+        else:
+            self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(),
+                                 setup=self.processor.warm, journaled=opts.velvet_journal)
         self.writer.start()
-        log.info("velvet: logging %s into %s", ", ".join(sorted(self.hosts)), redact(url))
+        log.info("velvet: logging %s into %s (%s)", ", ".join(sorted(self.hosts)), redact(url),
+                 "writer process" if isinstance(self.writer, ProcessWriter) else "writer thread")
 
     def _stop_writer(self) -> None:
         if self.writer is not None:
@@ -161,7 +219,7 @@ class Velvet:
             self._retire(w)
 
     @staticmethod
-    def _retire(w: Writer) -> None:
+    def _retire(w: Writer | ProcessWriter) -> None:
         if w.stop(ctx.options.velvet_flush_timeout):
             log.info("velvet: %d operations written to %s", w.written, redact(w.url))
 
@@ -192,11 +250,41 @@ class Velvet:
         pretty = req.pretty_host.lower()
         return pretty if pretty in self.hosts else None
 
+    def _passed(self, flow: http.HTTPFlow) -> None:
+        """Count a flow that is not ours, until velvet captures one or has warned."""
+        host = flow.request.host.lower()
+        if host in self.passed or len(self.passed) < 10:
+            self.passed[host] = self.passed.get(host, 0) + 1
+        if sum(self.passed.values()) >= UNCAPTURED_FLOWS:
+            self._warn_uncaptured()
+        elif sum(self.passed.values()) == 1:
+            # (no running loop, e.g. in a unit test: the count still warns)
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop().call_later(UNCAPTURED_SECONDS, self._warn_uncaptured)
+
+    def _warn_uncaptured(self) -> None:
+        if self.warned or self.captured or not self.passed:
+            return
+        self.warned = True
+        seen = sorted(self.passed.items(), key=lambda x: (-x[1], x[0]))
+        add = " ".join(f"--set velvet_hosts={h}" for h in [*sorted(self.hosts), seen[0][0]])
+        n = sum(self.passed.values())
+        log.warning(
+            "velvet: %d %s went through the proxy and none was captured: velvet logs only the hosts "
+            "in velvet_hosts (%s), and this proxy saw %s. To capture a host, list it with the others: %s "
+            "(in reverse mode the host is the target of --mode reverse:URL).",
+            n, "flow" if n == 1 else "flows", ", ".join(sorted(self.hosts)) or "none",
+            ", ".join(f"{h} ({c})" for h, c in seen), add)
+        self.passed.clear()
+
     @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         host = self._host(flow)
         if host is None:
+            if not (self.warned or self.captured):
+                self._passed(flow)
             return
+        self.captured += 1
         route = classify(flow.request.method, flow.request.path)
         self.snapshots[flow.id] = begin(flow, route, host)
         flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
@@ -204,11 +292,35 @@ class Velvet:
             self._tap(flow, flow.request, "request")
 
     @guarded
+    def request(self, flow: http.HTTPFlow) -> None:
+        if not self.inject_usage:
+            return
+        snap = self.snapshots.get(flow.id)
+        if snap is None or snap.route.action != "create" or snap.route.kind not in ("chat.completions",
+                                                                                   "completions"):
+            return
+        if snap.route.deployment and not _azure_knows_stream_options(flow.request.query.get("api-version", "")):
+            return
+        original = ask_for_usage(flow.request)
+        if original is not None:
+            snap.client_body = original
+            self.injected.add(flow.id)
+
+    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id not in self.snapshots or flow.response is None:
             return
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
-            rec = StreamRecorder(time.time)
+            strip = None
+            if flow.id in self.injected:
+                h = flow.response.headers
+                if h.get("content-encoding", "identity").strip().lower() in ("", "identity") \
+                        and "content-length" not in h:
+                    strip = UsageStripper()
+                else:
+                    log.warning("velvet: cannot take the usage chunk out of the stream of %s (compressed or of "
+                                "fixed length): the client gets it too", flow.request.path)
+            rec = StreamRecorder(time.time, strip)
             self.recorders[flow.id] = rec
             flow.response.stream = rec
             return
@@ -221,16 +333,22 @@ class Velvet:
         if self.writer is None:
             return
         length = msg.headers.get("content-length", "").strip()
+        size = int(length) if length.isdigit() else None
         if msg.headers.get("content-encoding", "identity").lower() not in ("", "identity"):
             big = True  # compressed: the decoded body may be a hundred times the wire size
         else:  # a download without a length may be any size
-            big = int(length) > self.stream_threshold if length.isdigit() else side == "response"
+            big = size > self.stream_threshold if size is not None else side == "response"
         if callable(msg.stream) or not (big or msg.stream is True):  # True: mitmproxy's stream_large_bodies
             return
+        # A body that may still be small (compressed, or of unknown length) is also kept, up to the
+        # threshold, and put back into the flow at the end so that mitmweb can show it; one known to
+        # be bigger, or that mitmproxy was told to stream, is not.
+        small = msg.stream is not True and (size is None or size <= self.stream_threshold)
         snap = self.snapshots[flow.id]
         tap = BodyTap(self.spool_dir() / "streams", {
             "flow_id": flow.id, "method": snap.method, "host": snap.host, "path": snap.path,
-            "started_at": snap.started_at, "key_fingerprint": snap.key_fingerprint, "side": side})
+            "started_at": snap.started_at, "key_fingerprint": snap.key_fingerprint, "side": side},
+            keep=self.stream_threshold if small else 0)
         msg.stream = tap
         req_tap, resp_tap = self.taps.get(flow.id, (None, None))
         self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)
@@ -247,6 +365,7 @@ class Velvet:
         snap = self.snapshots.pop(flow.id, None)
         rec = self.recorders.pop(flow.id, None)
         taps = self.taps.pop(flow.id, (None, None))
+        self.injected.discard(flow.id)
         if snap is None:
             return
         for t in taps:
@@ -258,6 +377,10 @@ class Velvet:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished
         finish(snap, flow)
+        for t, msg in zip(taps, (flow.request, flow.response), strict=True):
+            if t is not None and msg is not None and msg.raw_content is None \
+                    and (kept := t.kept()) is not None:
+                msg.raw_content = kept  # viewable in mitmweb, as a buffered body would be
         if flow.response is None or flow.response.status_code >= 400:
             if not flow.marked:
                 flow.marked = markers.FAILED

@@ -5,15 +5,19 @@ A snapshot holds references to bytes already in memory (no copies, no parsing): 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from velvet_core.capture.usage import UsageStripper
 from velvet_core.parsing.classify import Route
 from velvet_core.parsing.extract import TAG_PREFIX, key_fingerprint, safe_headers
 
 if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
     from mitmproxy import http
+
+log = logging.getLogger("velvet")
 
 META_KEY = "velvet"
 
@@ -54,6 +58,7 @@ class CallSnapshot:
     notes: list[str] = field(default_factory=list)
     request_tap: TapInfo | None = None
     response_tap: TapInfo | None = None
+    client_body: bytes | None = None  # the body as the client sent it, when velvet changed it upstream
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a plain tuple of the fields: a fraction of the dataclass default's time (journaled for every flow)
@@ -111,7 +116,7 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
 def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
     """Fill in the request body, the response and the error at ``response``/``error``."""
     req = flow.request
-    snap.request_body = req.raw_content
+    snap.request_body = req.raw_content if snap.client_body is None else snap.client_body
     snap.request_encoding = snap.request_headers.get("content-encoding")
     snap.request_end_at = req.timestamp_end
     if req.raw_content is None and req.stream and snap.request_tap is None:
@@ -134,18 +139,31 @@ def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
 
 
 class StreamRecorder:
-    """``flow.response.stream`` callable: passes each chunk on untouched and remembers it with its time."""
+    """``flow.response.stream`` callable: passes each chunk on and remembers it with its arrival time.
 
-    __slots__ = ("chunks", "clock", "finished")
+    The chunks are recorded as they came from upstream (the answer, the usage and the time to first token
+    are rebuilt from them); with a ``strip`` filter (``velvet_stream_usage=inject``) the client gets them
+    without the usage velvet asked for.
+    """
 
-    def __init__(self, clock: Any) -> None:
+    __slots__ = ("chunks", "clock", "finished", "strip")
+
+    def __init__(self, clock: Any, strip: UsageStripper | None = None) -> None:
         self.chunks: list[tuple[float, bytes]] = []
         self.finished = False
         self.clock = clock
+        self.strip = strip
 
-    def __call__(self, data: bytes) -> bytes:
+    def __call__(self, data: bytes) -> bytes | list[bytes]:
         if data:
             self.chunks.append((self.clock(), data))
         else:
             self.finished = True
+        if self.strip is not None:
+            try:
+                return self.strip.feed(data)
+            except Exception:  # never break the stream: from here on it goes to the client as it comes
+                log.exception("velvet: could not filter a stream; passing it on unfiltered")
+                held, self.strip = self.strip.buf, None
+                return [held + data] if held or data else []
         return data

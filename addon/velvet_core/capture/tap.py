@@ -22,18 +22,37 @@ log = logging.getLogger("velvet")
 
 
 class BodyTap:
-    """``stream`` callable: returns each chunk untouched and appends it to a spill file."""
+    """``stream`` callable: returns each chunk untouched and appends it to a spill file.
 
-    __slots__ = ("_file", "broken", "bytes", "finished", "meta", "path", "spill_dir")
+    With ``keep`` > 0 it also holds the chunks in memory while the body is no bigger than ``keep``
+    bytes, so that a body that turns out small (a compressed download, one of unknown length) can be
+    put back into the flow for mitmweb: :meth:`kept` gives it once the body is whole. Past ``keep``
+    the copy is dropped at once: memory stays bounded by ``keep`` whatever the body's size.
+    """
 
-    def __init__(self, spill_dir: Path, meta: dict[str, Any] | None = None) -> None:
+    __slots__ = ("_chunks", "_file", "broken", "bytes", "finished", "keep", "meta", "path", "spill_dir")
+
+    def __init__(self, spill_dir: Path, meta: dict[str, Any] | None = None, keep: int = 0) -> None:
         self.spill_dir = spill_dir
         self.meta = meta  # written beside the spill file: enough to record the flow if the proxy dies
+        self.keep = keep
         self.bytes = 0
         self.finished = False
         self.broken: str | None = None
         self.path: Path | None = None
         self._file: BinaryIO | None = None
+        self._chunks: list[bytes] | None = [] if keep > 0 else None
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes held in memory for :meth:`kept` (never more than ``keep``)."""
+        return self.bytes if self._chunks is not None else 0
+
+    def kept(self) -> bytes | None:
+        """The whole body, if it was small enough to keep and has ended."""
+        if self._chunks is None or not self.finished:
+            return None
+        return b"".join(self._chunks)
 
     def __call__(self, data: bytes) -> bytes:
         if not data:
@@ -41,6 +60,11 @@ class BodyTap:
             self.close()
             return data
         self.bytes += len(data)
+        if self._chunks is not None:
+            if self.bytes <= self.keep:
+                self._chunks.append(data)
+            else:
+                self._chunks = None  # too big to show: give the copy up
         if self.broken is None:
             try:
                 if self._file is None:

@@ -37,6 +37,13 @@ def _load(line: Line, problems: list[str]) -> Any:
         return None
 
 
+def raw_json(line: Line, obj: Any) -> str:
+    """A line kept as it was sent, as JSON text for the ``body`` column: the line itself when it is JSON,
+    else its text as a JSON string (every stored body is JSON: ``jsonb`` and ``json_extract`` read them all)."""
+    text = line.data.decode("utf-8", "replace")
+    return text if obj is not None else orjson.dumps(text).decode()
+
+
 def request_row(line: Line) -> dict[str, Any]:
     """A ``batch_requests`` row (without file/part keys) for one input line."""
     problems = _notes(line)
@@ -62,7 +69,7 @@ def request_row(line: Line) -> dict[str, Any]:
         else:
             problems.append("missing body")
     if row["body"] is None and line.data.strip():
-        row["body"] = line.data.decode("utf-8", "replace")  # keep what was sent, for inspection
+        row["body"] = raw_json(line, obj)  # keep what was sent, for inspection
     row["problem"] = "; ".join(problems) or None
     return row
 
@@ -112,6 +119,6 @@ def result_row(line: Line, pricer: Pricer, seen_at: datetime) -> dict[str, Any]:
     elif obj is not None:
         problems.append("line is not a JSON object")
     if problems and row.get("body") is None and line.data.strip():
-        row["body"] = line.data.decode("utf-8", "replace")
+        row["body"] = raw_json(line, obj)
     row["problem"] = "; ".join(problems) or None
     return row

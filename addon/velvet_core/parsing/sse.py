@@ -1,4 +1,4 @@
-"""Server-sent events: an incremental parser and the reassembly of chat/responses streams."""
+"""Server-sent events: an incremental parser and the reassembly of chat, completions and responses streams."""
 
 from __future__ import annotations
 
@@ -96,12 +96,15 @@ class StreamResult:
 
 
 def reassemble(data: bytes, kind: str) -> StreamResult:
-    """Rebuild a chat.completions or responses stream from its decoded SSE bytes."""
+    """Rebuild a stream from its decoded SSE bytes: ``kind`` is ``responses``, ``completions`` (the
+    legacy endpoint, whose chunks carry ``choices[].text``) or anything else for chat.completions."""
     parser = SSEParser()
     events = parser.feed(data) + parser.close()
     res = StreamResult()
     if kind == "responses":
         _responses(events, res)
+    elif kind == "completions":
+        _completions(events, res)
     else:
         _chat(events, res)
     if parser.pending:
@@ -181,6 +184,50 @@ def _chat(events: list[Event], res: StreamResult) -> None:
     res.model = meta.get("model")
     res.service_tier = meta.get("service_tier")
     res.body = {"object": "chat.completion", **meta, "choices": out_choices, "usage": res.usage}
+
+
+def _completions(events: list[Event], res: StreamResult) -> None:
+    """Legacy ``/v1/completions``: each chunk is a ``text_completion`` whose choices carry ``text``."""
+    choices: dict[int, dict[str, Any]] = {}
+    meta: dict[str, Any] = {}
+    for ev in events:
+        res.events += 1
+        if ev.data.strip() == "[DONE]":
+            res.complete = True
+            continue
+        obj = _load(ev, res)
+        if not isinstance(obj, dict):
+            continue
+        if "error" in obj and not obj.get("choices"):
+            res.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+            continue
+        for k in ("id", "created", "model", "system_fingerprint"):
+            if obj.get(k) is not None:
+                meta[k] = obj[k]
+        if isinstance(obj.get("usage"), dict):
+            res.usage = obj["usage"]
+        for ch in obj.get("choices") or ():
+            if not isinstance(ch, dict):
+                continue
+            c = choices.setdefault(ch.get("index", 0), {"text": [], "finish_reason": None, "logprobs": None})
+            if isinstance(ch.get("text"), str) and ch["text"]:
+                c["text"].append(ch["text"])
+                if res.first_token_offset is None:
+                    res.first_token_offset = ev.end
+            if ch.get("finish_reason"):
+                c["finish_reason"] = ch["finish_reason"]
+            if isinstance(ch.get("logprobs"), dict):  # per-chunk token logprobs: keep them joined
+                lp = c["logprobs"] = c["logprobs"] or {}
+                for key, value in ch["logprobs"].items():
+                    if isinstance(value, list):
+                        lp.setdefault(key, []).extend(value)
+    out = [{"index": i, "text": "".join(choices[i]["text"]), "finish_reason": choices[i]["finish_reason"],
+            "logprobs": choices[i]["logprobs"]} for i in sorted(choices)]
+    if out:
+        res.text = out[0]["text"]
+        res.finish_reason = out[0]["finish_reason"]
+    res.model = meta.get("model")
+    res.body = {"object": "text_completion", **meta, "choices": out, "usage": res.usage}
 
 
 def _responses(events: list[Event], res: StreamResult) -> None:

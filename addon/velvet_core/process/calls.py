@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.parsing.decode import DecodeError, Decoder, decode_body
 from velvet_core.parsing.extract import (
     ApiError,
+    Tokens,
     api_error,
     find_usage,
     json_text,
@@ -21,6 +23,11 @@ from velvet_core.parsing.extract import (
 )
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.parsing.sse import reassemble
+from velvet_core.parsing.tokens import estimate
+
+log = logging.getLogger("velvet")
+
+ESTIMATED = ("chat.completions", "completions", "responses")  # streams whose tokens velvet counts without usage
 
 
 def _ms(a: float | None, b: float | None) -> float | None:
@@ -28,9 +35,10 @@ def _ms(a: float | None, b: float | None) -> float | None:
 
 
 class Body:
-    """A decoded body: the bytes, its JSON value (if any) and the text to store.
+    """A decoded body: the bytes, its JSON value (if any) and its text.
 
     Decoded once here; the batch module reads ``data`` and ``json`` instead of decoding again.
+    ``stored`` is what the JSON column gets: the text, or a body that is not JSON as a JSON string.
     """
 
     def __init__(self, raw: bytes | None, encoding: str | None, content_type: str, limit: int,
@@ -38,6 +46,7 @@ class Body:
         self.data: bytes | None = None
         self.json: Any = None
         self.text: str | None = None
+        self.is_json = False
         self.size: int | None = None
         if raw is None:
             return
@@ -63,10 +72,19 @@ class Body:
                 except UnicodeDecodeError:
                     problems.append(f"{side} body is not UTF-8")
             return
+        self.is_json = True
         if len(data) <= limit:
             self.text = data.decode("utf-8")  # orjson accepted it, so it is UTF-8
         else:
             problems.append(f"{side} body of {len(data)} bytes not stored (over velvet_body_limit)")
+
+    @property
+    def stored(self) -> str | None:
+        """The column's JSON text: the body, or a body that is not JSON kept whole as a JSON string (so
+        that every stored value is JSON, for ``jsonb`` and ``json_extract``)."""
+        if self.text is None or self.is_json:
+            return self.text
+        return orjson.dumps(self.text).decode()
 
 
 def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[str, Any], Body, Body | None]:
@@ -94,7 +112,7 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         "project": rh.get("openai-project") or s.request_headers.get("openai-project"),
         "model_requested": rq.get("model") if isinstance(rq.get("model"), str) else route.deployment,
         "stream": bool(rq.get("stream")) or s.stream_chunks is not None,
-        "request_bytes": req.size, "request_body": req.text,
+        "request_bytes": req.size, "request_body": req.stored,
         **ratelimits(rh),
     }
     if rq.get("service_tier"):
@@ -110,7 +128,7 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
                     "response", problems, opaque=route.action == "content" and s.status_code < 400)
         resp_json = resp.json
         row["response_bytes"] = resp.size
-        row["response_body"] = resp.text
+        row["response_body"] = resp.stored
         if isinstance(resp_json, dict):
             _fill_from_response(row, resp_json)
     if s.error and not (s.stream_chunks is not None and row.get("complete")):
@@ -118,7 +136,7 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         row["complete"] = False
         problems.append(f"connection error: {s.error}")
     if s.status_code is not None and s.status_code >= 400 and s.stream_chunks is None:
-        err = api_error(resp_json) if resp_json is not None else ApiError(message=row.get("response_body"))
+        err = api_error(resp_json) if resp_json is not None else ApiError(message=resp.text if resp else None)
         row.update(error_type=err.type, error_code=err.code, error_message=err.message)
     elif s.status_code is None:
         row.update(error_type="connection_error", error_message=s.error)
@@ -127,8 +145,17 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     if route.kind in ("batches", "files", "uploads"):
         usage = None  # a batch's usage belongs to the batch (priced there at batch rates), not to this poll
     tokens = tokens_from_usage(usage)
-    row.update(tokens.as_dict())
     model = row.get("model") or row.get("model_requested")
+    if usage is None and s.stream_chunks is not None and route.kind in ESTIMATED and s.status_code is not None \
+            and s.status_code < 400:
+        try:  # a stream without usage (no stream_options.include_usage): count the tokens ourselves
+            inp, out = estimate(route.kind, model, rq, resp_json, row.get("response_text") or "")
+            tokens = Tokens(input=inp, output=out, total=inp + out)
+            row["usage_estimated"] = True
+        except Exception as e:  # (a missing encoding file, say): the row without tokens, and why
+            log.exception("velvet: could not count the tokens of flow %s", s.flow_id)
+            problems.append(f"tokens not estimated: {type(e).__name__}: {e}")
+    row.update(tokens.as_dict())
     row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None
     return row, req, resp
@@ -171,7 +198,7 @@ def _stream(s: CallSnapshot, row: dict[str, Any], problems: list[str]) -> Any:
     ct = s.response_headers.get("content-type", "")
     if "event-stream" not in ct:
         problems.append(f"streamed response is {ct or 'untyped'}, not text/event-stream")
-    res = reassemble(data, "responses" if s.route.kind == "responses" else "chat")
+    res = reassemble(data, s.route.kind)
     problems.extend(res.problems)
     row["complete"] = res.complete
     row["response_text"] = res.text or None

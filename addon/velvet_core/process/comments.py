@@ -57,10 +57,11 @@ def comment(route: Route, row: dict[str, Any], ops: list[Op], last_status: dict[
         return f"upload {route.action} {route.object_id or ''}".rstrip()
     parts = [_name(route, row)]
     tokens = row.get("total_tokens") or (row.get("input_tokens") or 0) + (row.get("output_tokens") or 0)
+    est = "~" if row.get("usage_estimated") else ""  # counted by velvet: the stream carried no usage
     if tokens:
-        parts.append(f"{count(tokens)} tok")
+        parts.append(f"{est}{count(tokens)} tok")
     if row.get("cost_usd") is not None:
-        parts.append(money(row["cost_usd"]))
+        parts.append(est + money(row["cost_usd"]))
     if row.get("latency_ms") is not None:
         parts.append(f"{row['latency_ms']:,.0f} ms")
     if row.get("ttft_ms") is not None:

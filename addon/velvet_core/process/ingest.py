@@ -112,12 +112,11 @@ class MultipartIngest(Ingest):
 
 
 class UploadIngest(MultipartIngest):
-    """``POST /v1/files`` (multipart): the ``file`` part's lines, and the ``purpose`` field."""
+    """``POST /v1/files`` (multipart): the ``file`` part's lines."""
 
     def __init__(self, file_id: str, content_type: str, encoding: str | None) -> None:
         super().__init__(content_type, encoding)
         self.file_id = file_id
-        self.purpose = b""
         self.saw_file = False
 
     def _feed(self, data: bytes) -> None:
@@ -129,8 +128,6 @@ class UploadIngest(MultipartIngest):
                 if self.part == "file":
                     for line in self.splitter.feed(ev.data):
                         self._line(line)
-                elif self.part == "purpose" and len(self.purpose) < 256:
-                    self.purpose += ev.data
             elif isinstance(ev, PartEnd):
                 if self.part == "file":
                     for line in self.splitter.finish():
@@ -237,6 +234,35 @@ def _object(line: Line) -> Any:
 Read = Callable[[int], Iterator[bytes]]  # the body in pieces of at most the given size
 
 
+def form_purpose(content_type: str, encoding: str | None, read: Read) -> str | None:
+    """The ``purpose`` field of a multipart upload (``None`` if absent or unreadable).
+
+    Read before any line is kept, so that a file of another purpose never puts lines into
+    ``batch_requests``. Stops as soon as the field has been read; when a client sends it after the
+    file (``curl -F file=@… -F purpose=batch``), the body is scanned once more, without splitting lines.
+    """
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        return None
+    scanner, part, value = MultipartScanner(boundary), None, b""
+    try:
+        decoder = Decoder(encoding)
+        size = PIECE if decoder.encoding == "identity" else PIECE // 64
+        for piece in read(size):
+            for ev in scanner.feed(decoder.feed(piece)):
+                if isinstance(ev, PartStart):
+                    part = ev.name
+                elif isinstance(ev, PartData) and part == "purpose":
+                    value += ev.data
+                    if len(value) > 256:
+                        return None  # not a purpose
+                elif isinstance(ev, PartEnd) and part == "purpose":
+                    return value.decode("utf-8", "replace").strip()
+    except (DecodeError, MultipartError):
+        return None
+    return None
+
+
 def _feed(ingest: Ingest, read: Read) -> Iterator[Op]:
     # compressed input in small pieces: what one piece decodes to stays bounded
     size = PIECE if ingest.decoder.encoding == "identity" else PIECE // 64
@@ -338,15 +364,16 @@ def _ingest(s: CallSnapshot, resp: Any, pricer: Pricer, problems: list[str], rea
                        seen_at=seen)
         return
     purpose = resp.get("purpose")
-    if purpose not in (None, "batch"):
+    if purpose is None:  # a server that does not echo it (some OpenAI-compatible ones): the form says
+        purpose = form_purpose(ct, enc, read)
+        if purpose is not None:
+            row["purpose"] = purpose
+    if purpose != "batch":
         yield FileSeen(row)  # not a batch file: its content is not ours to keep
         return
     yield from _feed(body, read)
     yield from body.end(whole=True)
     problems += body.problems
-    if (purpose or body.purpose.decode("utf-8", "replace").strip()) != "batch":
-        yield FileSeen(row)
-        return
     if not body.saw_file:
         problems.append("no 'file' part in the upload")
     row.update(role="input", content_seen=True, lines=body.lines, bad_lines=body.bad, complete=not problems)

@@ -14,6 +14,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
+from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
 from velvet_core.query.status import status as status_of
@@ -119,7 +120,8 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
         head = [("call", r["id"]), ("request id", r["request_id"]), ("started", when(r["started_at"])),
                 ("request", f"{r['method']} {r['url']}"), ("model", r["model"]), ("status", r["status_code"]),
                 ("latency", ms(r["latency_ms"])), ("ttft", ms(r["ttft_ms"]) if r["stream"] else None),
-                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"),
+                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"
+                           + (" (estimated: the stream carried no usage)" if r["usage_estimated"] else "")),
                 ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
     if a.json:
         return dump_json(r)
@@ -142,10 +144,18 @@ def cmd_calls(db: Database, a: argparse.Namespace) -> None:
     table(["ID", "STARTED", "ENDPOINT", "MODEL", "STATUS", "LATENCY", "TTFT", "IN", "OUT", "COST"],
           [[c["id"], when(c["started_at"]), c["endpoint"], c["model"] or "-",
             c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
-            count(c["input_tokens"]), count(c["output_tokens"]), money(c["cost_usd"])] for c in rows],
+            _est(c, count(c["input_tokens"])), _est(c, count(c["output_tokens"])), _est(c, money(c["cost_usd"]))]
+           for c in rows],
           right=(0, 5, 6, 7, 8, 9))
     if not rows:
         print("(no calls)")
+    elif any(c["usage_estimated"] for c in rows):
+        print("~ estimated: the stream carried no usage, velvet counted the tokens")
+
+
+def _est(c: dict[str, Any], text: str) -> str:
+    """``~`` marks a figure velvet estimated (a stream without usage)."""
+    return f"~{text}" if c["usage_estimated"] and text != "-" else text
 
 
 def cmd_stats(db: Database, a: argparse.Namespace) -> None:
@@ -154,10 +164,16 @@ def cmd_stats(db: Database, a: argparse.Namespace) -> None:
         return dump_json(s)
     by = a.by.upper()
     print("Live calls")
-    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "P50", "P95", "TTFT P50"],
+    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "ESTIMATED", "P50", "P95", "TTFT P50"],
           [[g[a.by], count(g["calls"]), f"{g['error_rate'] * 100:.1f}%", count(g["input_tokens"]),
-            count(g["output_tokens"]), money(g["cost_usd"]), ms(g["latency_p50_ms"]), ms(g["latency_p95_ms"]),
-            ms(g["ttft_p50_ms"])] for g in s["calls"]], right=tuple(range(1, 9)))
+            count(g["output_tokens"]), money(g["cost_usd"]),
+            count(g["estimated_calls"]) if g["estimated_calls"] else "-", ms(g["latency_p50_ms"]),
+            ms(g["latency_p95_ms"]), ms(g["ttft_p50_ms"])] for g in s["calls"]],
+          right=tuple(range(1, 10)))
+    t = s["totals"]
+    if t["estimated_calls"]:
+        print(f"{count(t['estimated_calls'])} of {count(t['calls'])} calls have estimated tokens and cost: "
+              "streams without usage, counted by velvet (see velvet_stream_usage)")
     print("\nBatches")
     table([by, "BATCHES", "LINES", "FAILED", "IN TOK", "OUT TOK", "COST", "TURNAROUND P50", "P95"],
           [[g[a.by], count(g["batches"]), count(g["lines"]), count(g["failed_lines"]), count(g["input_tokens"]),
@@ -180,6 +196,9 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_export(db: Database, a: argparse.Namespace) -> None:
+    check_export(a)
+    if a.format == "finetune":
+        return export_finetune(db, a)
     total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
     out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
@@ -258,13 +277,16 @@ def parser() -> argparse.ArgumentParser:
                                                       f"{config.default_spool_dir()})")
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
-    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV", json=False)
+    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
+                                      "answers as fine-tuning data", json=False)
     what = p.add_mutually_exclusive_group()
     what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
     what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
     p.add_argument("--since", type=_since, metavar="WHEN")
-    p.add_argument("--format", choices=("jsonl", "csv"), required=True)
+    p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    add_export_options(p)
+    add_commands(command)  # replay, compare
     return ap
 
 

@@ -119,8 +119,9 @@ def stream_rows(db: Database, sql: str, params: tuple = (), size: int = 1000) ->
 
 
 def _json(text: Any) -> Any:
-    if text is None:
-        return None
+    """A stored JSON value parsed (a body that was not JSON is stored as a JSON string: its text)."""
+    if text is None or not isinstance(text, str | bytes | memoryview):
+        return text  # already parsed (a jsonb value from a connection that parses them)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
@@ -295,7 +296,8 @@ def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
 # -- live calls ------------------------------------------------------------------------------------
 
 CALL_KEYS = ("id", "started_at", "endpoint", "action", "model", "status_code", "stream", "complete", "latency_ms",
-             "ttft_ms", "input_tokens", "output_tokens", "cost_usd", "request_id", "error_code", "problem")
+             "ttft_ms", "input_tokens", "output_tokens", "cost_usd", "usage_estimated", "request_id", "error_code",
+             "problem")
 
 
 def _call(r: dict[str, Any]) -> dict[str, Any]:
@@ -303,6 +305,7 @@ def _call(r: dict[str, Any]) -> dict[str, Any]:
     out["started_at"] = iso(r["started_at"])
     out["model"] = r.get("model") or r.get("model_requested")
     out["stream"], out["complete"] = bool(r["stream"]), bool(r["complete"])
+    out["usage_estimated"] = bool(r.get("usage_estimated"))
     out["error_code"] = r.get("error_code") or r.get("error_type")
     return out
 
@@ -310,6 +313,15 @@ def _call(r: dict[str, Any]) -> dict[str, Any]:
 def calls(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
           endpoint: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
     """Live calls, newest first. ``status`` is a code (``429``), a class (``4xx``) or ``error``."""
+    where, params = calls_where(db, model=model, status=status, since=since, endpoint=endpoint)
+    sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+    return [_call(r) for r in _rows(db, sql, tuple(params))]
+
+
+def calls_where(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
+                endpoint: str | None = None) -> tuple[list[str], list[Any]]:
+    """The conditions (``?`` placeholders) and parameters of the ``velvet calls`` filters."""
     where: list[str] = []
     params: list[Any] = []
     if model:
@@ -333,9 +345,7 @@ def calls(db: Database, model: str | None = None, status: str | None = None, sin
     if since:
         where.append("started_at >= ?")
         params.append(_param(db, since))
-    sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-    return [_call(r) for r in _rows(db, sql, tuple(params))]
+    return where, params
 
 
 def call(db: Database, ref: str) -> dict[str, Any]:
@@ -367,6 +377,13 @@ def _group_value(by: str, r: dict[str, Any], when: str) -> str:
     return r.get(col) or {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}[by]
 
 
+def _estimated(db: Database) -> str:
+    """The ``usage_estimated`` column, or false on a database the proxy has not migrated yet (the CLI opens
+    databases read-only, without migrating them)."""
+    has = any(c.name == "usage_estimated" for c in db.get_columns("calls"))
+    return "usage_estimated" if has else "FALSE AS usage_estimated"
+
+
 def stats(db: Database, by: str = "model", since: datetime | None = None) -> dict[str, Any]:
     """Live calls and batches grouped ``by`` model, endpoint, day or key."""
     if by not in GROUPS:
@@ -376,11 +393,11 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
         cw, bw, params = (" WHERE started_at >= ?", " WHERE COALESCE(created_at, first_seen_at) >= ?",
                           (_param(db, since),))
     live: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "errors": 0, "input_tokens": 0,
-                                                           "output_tokens": 0, "cost_usd": 0.0, "_lat": [],
-                                                           "_ttft": []})
+                                                           "output_tokens": 0, "cost_usd": 0.0,
+                                                           "estimated_calls": 0, "_lat": [], "_ttft": []})
     for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
                              "started_at, status_code, complete, latency_ms, ttft_ms, input_tokens, "
-                             "output_tokens, "
+                             f"output_tokens, {_estimated(db)}, "
                              f"cost_usd FROM calls{cw}", params):
         g = live[_group_value(by, r, "started_at")]
         g["calls"] += 1
@@ -388,6 +405,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
         g["input_tokens"] += r["input_tokens"] or 0
         g["output_tokens"] += r["output_tokens"] or 0
         g["cost_usd"] += r["cost_usd"] or 0.0
+        g["estimated_calls"] += bool(r["usage_estimated"])
         if r["latency_ms"] is not None:
             g["_lat"].append(r["latency_ms"])
         if r["ttft_ms"] is not None:
@@ -419,7 +437,10 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
         out_batch.append({by: key, **g, "cost_usd": round(g["cost_usd"], 10),
                           "turnaround_p50_seconds": percentile(turn, 50),
                           "turnaround_p95_seconds": percentile(turn, 95)})
-    return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch}
+    totals = {k: sum(g[k] for g in out_live) for k in ("calls", "errors", "input_tokens", "output_tokens",
+                                                         "estimated_calls")}
+    totals["cost_usd"] = round(sum(g["cost_usd"] for g in out_live), 10)
+    return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch, "totals": totals}
 
 
 # -- export ----------------------------------------------------------------------------------------

@@ -11,12 +11,31 @@ from peewee import Database, PostgresqlDatabase, SqliteDatabase
 from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 
-__all__ = ["SCHEMA_VERSION", "DatabaseURLError", "check_url", "connect", "migrate", "open_db", "schema_version",
-           "sqlite_path"]
+__all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url", "connect", "migrate", "open_db",
+           "schema_version", "sqlite_path"]
 
 
 class DatabaseURLError(ValueError):
     pass
+
+
+class PostgresDatabase(PostgresqlDatabase):
+    """PostgreSQL through psycopg 3, with ``json``/``jsonb`` values read back as their JSON text.
+
+    psycopg would parse them into dicts; as text they read alike on both backends (SQLite keeps JSON as
+    text), so the models, the queries and ``velvet sql`` need no per-backend handling.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("prefer_psycopg3", True)  # stream_rows and the jsonb loader need psycopg 3
+        super().__init__(*args, **kwargs)
+
+    def _initialize_connection(self, conn: Any) -> None:
+        super()._initialize_connection(conn)  # type: ignore[misc]  # (missing from peewee's stubs)
+        from psycopg.types.string import TextLoader
+
+        for name in ("json", "jsonb"):
+            conn.adapters.register_loader(name, TextLoader)
 
 
 def check_url(url: str) -> str:
@@ -53,7 +72,7 @@ def connect(url: str, *, readonly: bool = False) -> Database:
             return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
     query: dict[str, Any] = dict(parse_qsl(parts.query))
-    return PostgresqlDatabase(
+    return PostgresDatabase(
         unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
         password=unquote(parts.password or "") or None, host=parts.hostname or None,
         port=parts.port, **query,

@@ -8,6 +8,7 @@ each one is written out as it was the day it was added. To change the schema, ap
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -570,6 +571,112 @@ def _proxy_status(db: Database) -> None:
     )""")
 
 
+def _experiments(db: Database) -> None:
+    # `velvet replay` experiments, the line map pairing each replayed line with its original, and the
+    # summaries `velvet compare` recorded
+    sqlite = isinstance(db, SqliteDatabase)
+    ts, serial = ("DATETIME", "INTEGER") if sqlite else ("TIMESTAMP", "SERIAL")
+    _run(db, f"""CREATE TABLE "experiments" (
+    "name" TEXT NOT NULL PRIMARY KEY,
+    "created_at" {ts} NOT NULL,
+    "source" TEXT NOT NULL,
+    "overrides" TEXT NOT NULL,
+    "mode" TEXT NOT NULL,
+    "endpoint" TEXT,
+    "model" TEXT,
+    "lines" INTEGER NOT NULL,
+    "estimated_cost_usd" REAL,
+    "batch_id" TEXT,
+    "input_file_id" TEXT,
+    "key_fingerprint" TEXT
+);
+CREATE INDEX "experiments_batch_id" ON "experiments" ("batch_id");
+CREATE TABLE "experiment_lines" (
+    "id" {serial} NOT NULL PRIMARY KEY,
+    "experiment" TEXT NOT NULL,
+    "line_no" INTEGER NOT NULL,
+    "custom_id" TEXT NOT NULL,
+    "source_batch_id" TEXT,
+    "source_custom_id" TEXT,
+    "source_call_id" INTEGER,
+    "request_id" TEXT,
+    "status_code" INTEGER
+);
+CREATE UNIQUE INDEX "experiment_lines_experiment_custom_id" ON "experiment_lines" ("experiment", "custom_id");
+CREATE TABLE "comparisons" (
+    "id" {serial} NOT NULL PRIMARY KEY,
+    "a" TEXT NOT NULL,
+    "b" TEXT NOT NULL,
+    "created_at" {ts} NOT NULL,
+    "pairs" INTEGER NOT NULL,
+    "unpaired" INTEGER NOT NULL,
+    "metrics" TEXT NOT NULL,
+    "judge_batch_id" TEXT
+);
+CREATE INDEX "comparisons_created_at" ON "comparisons" ("created_at")""")
+
+
+def _usage_estimated(db: Database) -> None:
+    # true when velvet counted a call's tokens itself (a stream without usage), not the API
+    kind = "INTEGER" if isinstance(db, SqliteDatabase) else "BOOLEAN"
+    db.execute_sql(f'ALTER TABLE "calls" ADD COLUMN "usage_estimated" {kind} NOT NULL DEFAULT FALSE')
+
+
+# Every column holding a JSON document as of schema v6.
+_JSON_COLUMNS = {
+    "calls": "tags request_headers response_headers request_body response_body",
+    "batches": "metadata output_expires_after errors usage",
+    "batch_requests": "body",
+    "batch_results": "body",
+    "uploads": "part_ids",
+}
+
+# Text to jsonb for rows written before: JSON as it is; JSON with the escape \u0000 (which jsonb refuses) with
+# U+FFFD in its place; anything else (a body that is not JSON, a malformed batch line) whole as a JSON string.
+_TO_JSONB = r"""
+CREATE FUNCTION velvet_to_jsonb(t text) RETURNS jsonb LANGUAGE plpgsql IMMUTABLE STRICT AS $f$
+BEGIN
+  BEGIN
+    RETURN t::jsonb;
+  EXCEPTION WHEN data_exception THEN NULL;
+  END;
+  BEGIN
+    RETURN regexp_replace(t, '(?<!\\)((\\\\)*)\\u0000', '\1\\ufffd', 'g')::jsonb;
+  EXCEPTION WHEN data_exception THEN NULL;
+  END;
+  RETURN to_jsonb(t);
+END
+$f$"""
+
+
+# the JSON escape of U+0000, not an escaped backslash followed by "u0000"
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def _jsonb(db: Database) -> None:
+    if isinstance(db, SqliteDatabase):
+        # SQLite keeps JSON as text. As velvet now writes them: a value that is not JSON becomes a JSON string
+        # (json_extract fails the whole query at one malformed value), the escape \u0000 becomes \ufffd
+        # (json_extract cuts a string at U+0000)
+        db.connection().create_function("velvet_nul_escapes", 1, lambda t: _NUL_ESCAPE.sub(r"\1\\ufffd", t),
+                                        deterministic=True)
+        for table, columns in _JSON_COLUMNS.items():
+            for c in columns.split():
+                db.execute_sql(f'UPDATE "{table}" SET "{c}" = json_quote("{c}") '
+                               f'WHERE "{c}" IS NOT NULL AND NOT json_valid("{c}")')
+                db.execute_sql(f'UPDATE "{table}" SET "{c}" = velvet_nul_escapes("{c}") '
+                               f"WHERE instr(\"{c}\", '\\u0000') > 0")
+        return
+    # PostgreSQL refuses to retype a column that a view reads: drop the views, recreate them after
+    db.execute_sql("DROP VIEW IF EXISTS batch_summary, batch_lines")
+    db.execute_sql(_TO_JSONB)
+    for table, columns in _JSON_COLUMNS.items():
+        alters = ", ".join(f'ALTER COLUMN "{c}" TYPE jsonb USING velvet_to_jsonb("{c}")' for c in columns.split())
+        db.execute_sql(f'ALTER TABLE "{table}" {alters}')
+    db.execute_sql("DROP FUNCTION velvet_to_jsonb(text)")
+    _run(db, VIEWS_V2)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -585,6 +692,9 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "drop_redundant_indexes", _drop_redundant_indexes),
     Migration(3, "unbounded_text", _unbounded_text),
     Migration(4, "proxy_status", _proxy_status),
+    Migration(5, "experiments", _experiments),
+    Migration(6, "usage_estimated", _usage_estimated),
+    Migration(7, "jsonb", _jsonb),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -1,17 +1,21 @@
 """The peewee models the code reads and writes through, one set for SQLite and PostgreSQL.
 
 The tables themselves are made by migrations.py; a schema change is a new step there and the matching
-change here. Strings are unbounded text, timestamps naive UTC ``datetime``, JSON documents text.
+change here. Strings are unbounded text, timestamps naive UTC ``datetime``, JSON documents
+:class:`JSONField` (``jsonb`` on PostgreSQL, TEXT on SQLite), handed over and read back as JSON text.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 from peewee import (
+    SQL,
     AutoField,
     BigIntegerField,
     BlobField,
@@ -20,10 +24,12 @@ from peewee import (
     Database,
     DatabaseProxy,
     DateTimeField,
+    Field,
     FloatField,
     ForeignKeyField,
     IntegerField,
     Model,
+    Node,
     TextField,
 )
 
@@ -62,6 +68,38 @@ def use(database: Database) -> Iterator[Database]:
     finally:
         db.obj = previous
 
+
+
+# the JSON escape of U+0000 (not an escaped backslash followed by "u0000"): PostgreSQL's jsonb refuses it
+_NUL_ESCAPE = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+def json_text(value: Any) -> Any:
+    """A value for a JSON column: JSON text as it is (dicts and lists are serialised), with any ``\\u0000``
+    escape replaced by ``\\ufffd`` (U+FFFD) on every backend, so that PostgreSQL takes it and both
+    backends store the same document."""
+    if value is None or isinstance(value, Node):
+        return value
+    if not isinstance(value, str):
+        value = orjson.dumps(value).decode()
+    if "\\u0000" in value:  # rare: a cheap test first
+        value = _NUL_ESCAPE.sub(r"\1\\ufffd", value)
+    return value
+
+
+class JSONField(Field):
+    """A JSON document as JSON text: ``jsonb`` on PostgreSQL (``->``, ``->>``), TEXT on SQLite
+    (``json_extract``). Every stored value is JSON: a body that is not JSON is stored as a JSON string."""
+
+    field_type = "JSON"  # peewee's type map: TEXT on SQLite, JSONB on PostgreSQL
+
+    def db_value(self, value: Any) -> Any:
+        return json_text(value)
+
+    def python_value(self, value: Any) -> Any:
+        # JSON text from either backend (database.py reads jsonb as text); a parsed value if another
+        # connection handed one over
+        return value if value is None or isinstance(value, str) else orjson.dumps(value).decode()
 
 
 class Base(Model):
@@ -127,13 +165,14 @@ class Call(Base):
     finish_reason = TextField(null=True)
     response_text = TextField(null=True)
     problem = TextField(null=True)
-    tags = TextField(null=True)
-    request_headers = TextField(null=True)
-    response_headers = TextField(null=True)
+    tags = JSONField(null=True)
+    request_headers = JSONField(null=True)
+    response_headers = JSONField(null=True)
     request_bytes = BigIntegerField(null=True)
     response_bytes = BigIntegerField(null=True)
-    request_body = TextField(null=True)
-    response_body = TextField(null=True)
+    request_body = JSONField(null=True)
+    response_body = JSONField(null=True)
+    usage_estimated = BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])  # tokens counted by velvet
 
     class Meta:
         table_name = "calls"
@@ -176,8 +215,8 @@ class Batch(Base):
     input_file_id = TextField(null=True, index=True)
     output_file_id = TextField(null=True)
     error_file_id = TextField(null=True)
-    metadata = TextField(null=True)
-    output_expires_after = TextField(null=True)
+    metadata = JSONField(null=True)
+    output_expires_after = JSONField(null=True)
     created_at = DateTimeField(null=True, index=True)
     in_progress_at = DateTimeField(null=True)
     expires_at = DateTimeField(null=True)
@@ -190,8 +229,8 @@ class Batch(Base):
     request_total = IntegerField(null=True)
     request_completed = IntegerField(null=True)
     request_failed = IntegerField(null=True)
-    errors = TextField(null=True)
-    usage = TextField(null=True)
+    errors = JSONField(null=True)
+    usage = JSONField(null=True)
     input_tokens = BigIntegerField(null=True)
     output_tokens = BigIntegerField(null=True)
     cached_tokens = BigIntegerField(null=True)
@@ -253,7 +292,7 @@ class BatchRequest(Base):
     method = TextField(null=True)
     url = TextField(null=True)
     model = TextField(null=True)
-    body = TextField(null=True)
+    body = JSONField(null=True)
     problem = TextField(null=True)
     batch_id = TextField(null=True)  # indexed by (batch_id, custom_id)
 
@@ -280,7 +319,7 @@ class BatchResult(Base):
     status_code = IntegerField(null=True)
     request_id = TextField(null=True)
     model = TextField(null=True)
-    body = TextField(null=True)
+    body = JSONField(null=True)
     error_code = TextField(null=True)
     error_message = TextField(null=True)
     input_tokens = BigIntegerField(null=True)
@@ -307,7 +346,7 @@ class Upload(Base):
     purpose = TextField(null=True)
     status = TextField(null=True)
     file_id = TextField(null=True)
-    part_ids = TextField(null=True)
+    part_ids = JSONField(null=True)
     created_at = DateTimeField(null=True)
     updated_at = DateTimeField()
 
@@ -354,5 +393,59 @@ class ProxyStatus(Base):
         table_name = "velvet_proxies"
 
 
+class Experiment(Base):
+    """A ``velvet replay``: what it replayed, with which overrides, how, and the batch it became."""
+
+    name = TextField(primary_key=True)
+    created_at = DateTimeField()
+    source = TextField()  # JSON: the selection ({"batch": id}, {"calls": filters}, {"sql": q}, {"file": path})
+    overrides = TextField()  # JSON: {"model", "set", "system_prompt"}
+    mode = TextField()  # batch or live
+    endpoint = TextField(null=True)
+    model = TextField(null=True)
+    lines = IntegerField()
+    estimated_cost_usd = FloatField(null=True)
+    batch_id = TextField(null=True, index=True)
+    input_file_id = TextField(null=True)
+    key_fingerprint = TextField(null=True)
+
+    class Meta:
+        table_name = "experiments"
+
+
+class ExperimentLine(Base):
+    """One replayed line: its custom_id in the experiment, the original it replays, and (live) its answer."""
+
+    id = AutoField()
+    experiment = TextField()
+    line_no = IntegerField()
+    custom_id = TextField()
+    source_batch_id = TextField(null=True)
+    source_custom_id = TextField(null=True)
+    source_call_id = IntegerField(null=True)  # calls.id
+    request_id = TextField(null=True)  # live mode: the answer's x-request-id, to find its calls row
+    status_code = IntegerField(null=True)
+
+    class Meta:
+        table_name = "experiment_lines"
+        indexes = ((("experiment", "custom_id"), True),)
+
+
+class Comparison(Base):
+    """A ``velvet compare`` summary, for ``velvet report``."""
+
+    id = AutoField()
+    a = TextField()
+    b = TextField()
+    created_at = DateTimeField(index=True)
+    pairs = IntegerField()
+    unpaired = IntegerField()
+    metrics = TextField()  # JSON: {metric: {"a", "b", "delta"}}
+    judge_batch_id = TextField(null=True)
+
+    class Meta:
+        table_name = "comparisons"
+
+
 MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
-          ProxyStatus]
+          ProxyStatus, Experiment, ExperimentLine, Comparison]

@@ -45,12 +45,11 @@ def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
     db = models.db.obj  # the real database behind the per-thread proxy
     assert db is not None, "insert_rows outside models.use()"
     sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
-    plain = [(f.name, f.default() if callable(f.default) else f.default) for f in fields if type(f) in _AS_IS]
-    if len(plain) == len(fields):  # our rows hold str/int/float/None already: no per-value conversion
-        values = [tuple(r.get(name, default) for name, default in plain) for r in rows]
-    else:
-        convert = [(f.name, f.db_value, f.default() if callable(f.default) else f.default) for f in fields]
-        values = [tuple(conv(r.get(name, default)) for name, conv, default in convert) for r in rows]
+    # our rows hold str/int/float/None already: only the other fields (booleans, timestamps, JSON) convert
+    convert = [(f.name, f.default() if callable(f.default) else f.default,
+                None if type(f) in _AS_IS else f.db_value) for f in fields]
+    values = [tuple(r.get(name, default) if conv is None else conv(r.get(name, default))
+                    for name, default, conv in convert) for r in rows]
     cursor = db.cursor()
     for part in chunks(values, 1000):
         cursor.executemany(sql, part)

@@ -117,9 +117,11 @@ class Health:
 
 def status_line(s: dict[str, Any]) -> str:
     """One line for people: ``velvet.status`` and the log."""
-    def ago(t: datetime | None) -> str:
+    def ago(t: datetime | str | None) -> str:
         if t is None:
             return "never"
+        if isinstance(t, str):  # (from a status file)
+            t = datetime.fromisoformat(t.rstrip("Z"))
         return f"{(datetime.now(UTC).replace(tzinfo=None) - t).total_seconds():.0f} s ago"
 
     state = "writing" if s["failing_since"] is None else f"FAILING since {ago(s['failing_since'])}"

@@ -32,10 +32,11 @@ FRAME = struct.Struct("<I")
 class Segment:
     """One journal file; ``outstanding`` flows not yet written (or spooled)."""
 
-    __slots__ = ("count", "file", "opened", "outstanding", "path")
+    __slots__ = ("count", "file", "journal", "opened", "outstanding", "path")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, journal: Journal) -> None:
         self.path = path
+        self.journal = journal
         self.file: Any = open(path, "ab", buffering=0)  # noqa: SIM115 (closed on rotation)
         self.opened = time.monotonic()
         self.count = 0
@@ -45,6 +46,10 @@ class Segment:
         if self.file is not None:
             self.file.close()
             self.file = None
+
+    def release(self) -> None:
+        """One of its flows is safe (written or spooled)."""
+        self.journal.done(self)
 
 
 class Journal:
@@ -102,7 +107,7 @@ class Journal:
             self.dir.mkdir(parents=True, exist_ok=True)
             self._n += 1
             name = f"journal-{self.tag}-{os.getpid()}-{int(time.time())}-{self._n}.log"
-            self._current = Segment(self.dir / name)
+            self._current = Segment(self.dir / name, self)
         return self._current
 
     def _rotate(self) -> None:

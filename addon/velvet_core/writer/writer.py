@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.capture.tap import sidecar
@@ -42,6 +42,13 @@ from velvet_core.writer.spool import Spool, Unprocessed
 log = logging.getLogger("velvet")
 
 Process = Callable[[CallSnapshot], Iterable[Op]]
+
+
+class Releasable(Protocol):
+    """Where a flow came from (a journal segment): told when the flow is safe."""
+
+    def release(self) -> None: ...
+
 _STOP = object()
 MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated as bad data
 
@@ -50,7 +57,7 @@ MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated a
 class Safe:
     """Ends a flow's operations: once they are written (or spooled), its journal entry and files can go."""
 
-    segment: journal.Segment | None
+    segment: Releasable | None
     files: tuple[Path, ...]
 
 
@@ -59,7 +66,7 @@ class Work:
     """A flow to process: from the queue, or replayed from a journal or spool left by a dead proxy."""
 
     snapshot: CallSnapshot | None  # None: only ``after`` (the end of a replayed file)
-    segment: journal.Segment | None = None
+    segment: Releasable | None = None
     after: tuple[Path, ...] = ()  # files to delete once this flow is safe (a replayed journal or spool file)
 
 
@@ -342,8 +349,8 @@ class Writer:
             return False
 
     def _safe(self, marker: Safe) -> None:
-        if marker.segment is not None and self.journal is not None:
-            self.journal.done(marker.segment)
+        if marker.segment is not None:
+            marker.segment.release()
         for path in marker.files:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)

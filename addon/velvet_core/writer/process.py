@@ -1,0 +1,149 @@
+"""The writer in its own process: the proxy's event loop only journals, another core does the rest.
+
+Processing and database writes compete with mitmproxy's event loop for the GIL when they run in a thread
+of the proxy (about 9 % of its throughput in the benchmark). In process mode the proxy appends each
+finished flow to its journal, as it does anyway for crash safety, and a child process reads the journal
+as it grows (:mod:`tail`), processes the flows and writes them with the same :class:`Writer`. The hand-off
+costs the event loop nothing more than the journal append. The child stops when the proxy closes its
+stdin (at shutdown, or when the proxy dies), after writing everything journaled.
+
+Run by the addon as ``python -m velvet_core.writer.process``; not a command for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.redact import redact
+from velvet_core.writer.journal import Journal
+from velvet_core.writer.tail import Tail
+from velvet_core.writer.writer import Work, Writer
+
+log = logging.getLogger("velvet")
+POLL = 0.05  # seconds between looks at the journal when it has nothing new
+ENV_DB = "VELVET_WRITER_DB"
+
+
+def tag_of(url: str) -> str:
+    return hashlib.sha256(url.encode()).hexdigest()[:10]
+
+
+class ProcessWriter:
+    """The proxy's side: the same interface as :class:`Writer` (``submit``, ``stop``, ``status``)."""
+
+    def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = 8 * 1024 * 1024) -> None:
+        self.url = url
+        self.spool_dir = spool_dir
+        self.journal = Journal(spool_dir / "journal", tag_of(url))
+        # (the URL goes in the environment: a command line, password included, is visible to every user)
+        self.args = [sys.executable, "-m", "velvet_core.writer.process", "--spool-dir", str(spool_dir),
+                     "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit)]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.written = 0
+        self._respawned_at = 0.0
+
+    def start(self) -> None:
+        package = str(Path(__file__).resolve().parent.parent.parent)  # where velvet_core is importable from
+        paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), ENV_DB: self.url}
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, env=env)
+        self._respawned_at = time.monotonic()
+
+    def submit(self, snapshot: CallSnapshot) -> None:
+        """Journal the flow (the child reads it from there). Never blocks on the child."""
+        self.journal.append(snapshot)
+        if self.proc is not None and self.proc.poll() is not None and time.monotonic() - self._respawned_at > 5:
+            log.warning("velvet: the writer process exited (%s); starting another", self.proc.returncode)
+            self.start()  # it resumes from the journal: nothing is lost
+
+    def stop(self, timeout: float) -> bool:
+        """Close the journal, tell the child (stdin closed) and wait up to ``timeout`` s for it."""
+        self.journal.close()
+        if self.proc is None:
+            return True
+        with contextlib.suppress(OSError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("velvet: the writer process is still writing after %.0f s; it goes on alone", timeout)
+            return False
+        status = self.status()
+        self.written = status.get("written") or 0
+        return code == 0 and not status.get("spooled")
+
+    def status(self) -> dict[str, Any]:
+        """The child's last published health (its status file)."""
+        pid = self.proc.pid if self.proc else 0
+        path = self.spool_dir / f"status-{self.journal.tag}-{pid}.json"
+        try:
+            s: dict[str, Any] = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            s = {"written": 0, "queue_depth": 0, "pending": 0, "spooled": 0, "dead_lettered": 0,
+                 "last_write_at": None, "failing_since": None, "last_error": None}
+        return {**s, "mode": "process"}
+
+
+def _spread(parent: int) -> None:
+    """Run on the cores the proxy is not pinned to, if there are any (it was started with its affinity)."""
+    with contextlib.suppress(OSError, AttributeError):
+        everything = set(range(os.cpu_count() or 1))
+        others = everything - os.sched_getaffinity(parent)
+        os.sched_setaffinity(0, others or everything)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="velvet-writer", description=__doc__)
+    ap.add_argument("--spool-dir", required=True, type=Path)
+    ap.add_argument("--parent", required=True, type=int)
+    ap.add_argument("--prices", default="")
+    ap.add_argument("--body-limit", type=int, default=8 * 1024 * 1024)
+    a = ap.parse_args(argv)
+    url = os.environ[ENV_DB]
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    from velvet_core.parsing.pricing import Pricer, load_price_file
+    from velvet_core.process.processor import Processor
+
+    _spread(a.parent)
+    processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
+    writer = Writer(url, processor.process, spool_dir=a.spool_dir, setup=processor.warm, journaled=False)
+    writer.start()
+    stopping = threading.Event()
+
+    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone)
+        with contextlib.suppress(Exception):
+            sys.stdin.buffer.read()
+        stopping.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
+    tail = Tail(a.spool_dir / "journal", tag_of(url), a.parent)
+    while True:
+        final = stopping.is_set()
+        flows = tail.poll(final=final)
+        for snap, seg in flows:
+            writer.queue.put(Work(snap, seg))  # blocks when the writer is behind: the journal holds the rest
+        if final:
+            break
+        if not flows:
+            stopping.wait(POLL)
+    clean = writer.stop(timeout=3600)
+    log.info("velvet: writer process wrote %d operations to %s", writer.written, redact(url))
+    return 0 if clean else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
