@@ -16,6 +16,7 @@ import os
 import random
 import resource
 import shutil
+import signal
 import socket
 import sqlite3
 import ssl
@@ -128,13 +129,63 @@ def raw_client(proxy: Proxy, timeout: float = 30, seen: list[str] | None = None)
     return http
 
 
-def stop_proxy(proxy: Proxy) -> None:
-    """Close the clients' connections first: mitmproxy logs a traceback for each one still open when it
-    stops (its own, not velvet's), which would blur the ``tracebacks`` count."""
+LINGERED: list[str] = []  # writer processes still running well after their mitmdump stopped (then killed)
+
+
+def stop_proxy(proxy: Proxy, linger: float = 15) -> None:
+    """Stop mitmdump, and make sure no process of it outlives the scenario (a writer process still there
+    ``linger`` s later is noted in ``LINGERED`` and killed). The clients' connections are closed first:
+    mitmproxy logs a traceback for each one still open when it stops (its own, not velvet's), which
+    would blur the ``tracebacks`` count."""
     for c in _clients.pop(id(proxy), []):
         with contextlib.suppress(Exception):
             c.close()
+    kids = descendants(proxy.proc.pid) if proxy.proc is not None else []
     proxy.stop()
+    reap(kids, linger)
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started (and theirs), from /proc (Linux)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for kid in map(int, Path(f"/proc/{pid}/task/{tid}/children").read_text().split()):
+                    out += [kid, *descendants(kid)]
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def reap(pids: list[int], linger: float) -> None:
+    """Wait up to ``linger`` s for ``pids`` to end; kill (and note) the ones that do not."""
+    deadline = time.monotonic() + linger
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in pids:
+        if alive(p):
+            LINGERED.append(f"pid {p} still running {linger:.0f} s after its mitmdump stopped")
+            with contextlib.suppress(OSError):
+                os.kill(p, signal.SIGKILL)
+
+
+def kill(proxy: Proxy, everything: bool) -> list[int]:
+    """SIGKILL mitmdump, and with ``everything`` its writer process too, at the same moment (as when the
+    machine or the container goes); the survivors, if any, are returned."""
+    assert proxy.proc is not None
+    kids = descendants(proxy.proc.pid)
+    for pid in kids if everything else []:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    proxy.proc.kill()
+    proxy.proc.wait()
+    return [] if everything else kids
 
 
 def request_id(call: Callable[[], Any]) -> tuple[int, str]:
@@ -282,6 +333,8 @@ class Outage:
     stored: int = 0
     p99_ms_during: float | None = None
     missing: list[str] = field(default_factory=list)
+    warned: bool = False  # the log said at WARN level that writes were failing
+    recovered: bool = False  # and that they recovered
     tracebacks: int = 0
 
 
@@ -330,6 +383,8 @@ def outage(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: 
         stop.set()
         up_quietly(up)
         stop_proxy(proxy)
+    log = proxy.log_path.read_text(errors="replace")
+    result.warned, result.recovered = "writes have failed for" in log, "writes recovered" in log
     result.tracebacks = tracebacks(proxy)
     return result
 
@@ -350,20 +405,23 @@ class Kill9:
     stream_lines: int = 0
     stream_lines_lost: int = 0
     incomplete_recorded: bool = False
-    incomplete_row: dict[str, Any] | None = None
+    incomplete_rows: list[dict[str, Any]] = field(default_factory=list)
     missing_calls: list[str] = field(default_factory=list)
+    half_lines: int = 0  # lines of the cut upload taken as a file's (must be 0)
     spills_left: list[str] = field(default_factory=list)
     tracebacks: int = 0
 
 
-def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3000,
+def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3000, everything: bool = True,
           journal: bool = True, wait: float = 30) -> Kill9:
     """Live calls, a streamed upload (answered) and a streamed upload cut half-way, then SIGKILL at once
-    after the last answer; a new mitmdump on the same database and spool dir must finish the work."""
+    after the last answer, of mitmdump alone or (``everything``) of its writer process too; a new
+    mitmdump on the same database and spool dir must finish the work."""
     result = Kill9(calls=calls + 1, stream_lines=lines)
     opts = [*LOW, "--set", f"velvet_journal={str(journal).lower()}"]
     proxy = start_proxy(url, standin, tmp, opts)
     half = HalfUpload(proxy)
+    survivors: list[int] = []
     try:
         client = sdk(proxy)
         ids = [chat(client, messages=[{"role": "user", "content": f"call {i}"}])[1] for i in range(calls)]
@@ -371,15 +429,14 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
         raw = client.files.with_raw_response.create(file=("k9.jsonl", io.BytesIO(data)), purpose="batch")
         ids.append(raw.headers["x-request-id"])
         file_id = raw.parse().id
-        assert proxy.proc is not None
-        proxy.proc.kill()  # SIGKILL, right after the upload's answer
-        proxy.proc.wait()
+        survivors = kill(proxy, everything)  # right after the upload's answer
     finally:
         half.close()
         stop_proxy(proxy)
     # what the killed proxy had written itself: the rest is the restart's work
-    result.calls_stored_at_kill = len(calls_by_request_id(url, ids))
-    result.lines_stored_at_kill = count_rows(url, BatchRequest, BatchRequest.file_id == file_id)
+    with contextlib.suppress(Exception):  # (the tables may not even exist yet)
+        result.calls_stored_at_kill = len(calls_by_request_id(url, ids))
+        result.lines_stored_at_kill = count_rows(url, BatchRequest, BatchRequest.file_id == file_id)
     again = start_proxy(url, standin, tmp, opts)
     try:
         got = stored_ids(url, ids, timeout=wait)
@@ -389,23 +446,52 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
                         lambda n: n >= lines, wait) or 0
         result.stream_lines_lost = lines - stored
 
-        def cut() -> Call | None:
+        def cut() -> list[Call]:
             with bound(url):
-                return Call.get_or_none(Call.path == "/v1/files", Call.complete == False)  # noqa: E712
-        row = settle(cut, bool, wait / 2)
-        if row is not None:
-            result.incomplete_recorded = True
-            result.incomplete_row = {k: getattr(row, k) for k in
-                                     ("method", "path", "endpoint", "action", "complete", "problem",
-                                      "request_bytes")}
+                return list(Call.select().where(Call.path == "/v1/files", Call.complete == False))  # noqa: E712
+        rows = settle(cut, bool, wait / 2) or []
+        result.incomplete_rows = [{k: getattr(row, k) for k in ("method", "path", "endpoint", "action", "complete",
+                                                               "problem", "request_bytes", "request_id")}
+                                  for row in rows]
+        result.incomplete_recorded = len(rows) == 1  # the half upload's, and only it
         with bound(url):  # the half upload's lines must not be taken as a file
-            assert BatchRequest.select().where(BatchRequest.custom_id.startswith("half-")).count() == 0
+            result.half_lines = BatchRequest.select().where(BatchRequest.custom_id.startswith("half-")).count()
         result.spills_left = sorted(p.name for p in (tmp / "spool" / "streams").glob("*")
                                     if p.is_file()) if (tmp / "spool" / "streams").is_dir() else []
     finally:
         stop_proxy(again)
+        reap(survivors, 0)
     result.tracebacks = tracebacks(again) + tracebacks(proxy)
     return result
+
+
+@dataclass
+class DownAtShutdown:
+    calls: int = 0
+    lost: int = 0
+    lingering: list[str] = field(default_factory=list)
+
+
+def down_at_shutdown(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: Callable[[], None],
+                     calls: int = 5, flush_timeout: float = 2) -> DownAtShutdown:
+    """mitmdump stopped (SIGINT) while the database is down: within ``velvet_flush_timeout`` (and a few
+    seconds of grace) nothing of it may still run; what it accepted is written at the next start."""
+    res = DownAtShutdown(calls=calls)
+    down()
+    try:
+        p = start_proxy(url, standin, tmp, flush_timeout=flush_timeout)
+        ids = [chat(sdk(p))[1] for _ in range(calls)]
+        before = len(LINGERED)
+        stop_proxy(p, linger=flush_timeout + 5)
+        res.lingering = LINGERED[before:]
+    finally:
+        up()
+    p = start_proxy(url, standin, tmp)
+    try:
+        res.lost = calls - len(stored_ids(url, ids, timeout=20))
+    finally:
+        stop_proxy(p)
+    return res
 
 
 # -- scenario: poison values -----------------------------------------------------------------------
@@ -749,28 +835,37 @@ def spool_files(spool: Path) -> set[Path]:
 
 @dataclass
 class DamagedSpool:
-    damaged: int = 0  # files damaged (garbage appended, cut mid-record)
+    damaged: int = 0  # files damaged: a spool file with garbage appended, one cut mid-record, a journal
     kept: int = 0  # of those, whose bytes are still in the spool dir after the restart
     left_pending: list[str] = field(default_factory=list)  # still under their name, to be replayed again
     logged: bool = False
     counted: int = 0  # quarantined files ``velvet status --json`` lists
-    readable_rows_lost: int = 0  # calls in the undamaged part of the appended-to file, not stored
+    readable_rows_lost: int = 0  # calls before the damage (in the spool file, the journal), not stored
     tracebacks: int = 0
     log: str = ""
 
 
 def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: Callable[[], None],
                   calls: int = 3) -> DamagedSpool:
-    """A run while the database is down leaves a spool file; beside it goes a copy; the file gets garbage
-    appended, the copy is cut mid-record. A run with the database up must write what can be read and keep
-    both files (renamed, counted in ``velvet status``, logged), never delete them."""
+    """While the database is down, a run that stops leaves a spool file, and a run killed with SIGKILL
+    leaves its journal. The spool file gets garbage appended, a copy of it is cut mid-record, the
+    journal's second entry is damaged. A run with the database up must write what can be read and keep
+    the three files (renamed, counted in ``velvet status``, logged), never delete them."""
+    from velvet_core.writer.journal import FRAME
+
     res = DamagedSpool()
     spool = tmp / "spool"
     down()
     try:
-        p = start_proxy(url, standin, tmp, flush_timeout=1)
-        try:
+        p = start_proxy(url, standin, tmp, ["--set", "velvet_writer=thread"], flush_timeout=1)
+        try:  # its writer spools at shutdown what it could not write
             readable = [chat(sdk(p))[1] for _ in range(calls)]
+        finally:
+            stop_proxy(p)
+        p = start_proxy(url, standin, tmp)
+        try:
+            journaled = [chat(sdk(p))[1] for _ in range(calls)]
+            kill(p, everything=True)
         finally:
             stop_proxy(p)
     finally:
@@ -783,21 +878,30 @@ def damaged_spool(standin: StandIn, tmp: Path, url: str, down: Callable[[], None
     cut.write_bytes(data[: len(data) // 2])
     with open(appended, "ab") as f:
         f.write(b"\x80\x05garbage that is not a pickle" + os.urandom(64))
-    digests = {file_digest(appended), file_digest(cut)}
-    res.damaged = 2
+    segments = sorted((spool / "journal").glob("journal-*.log"))
+    assert len(segments) == 1, f"expected the killed run's journal: {segments}"
+    journal = segments[0]
+    data = bytearray(journal.read_bytes())
+    second = FRAME.size + FRAME.unpack_from(data)[0]  # where the second entry's frame starts
+    data[second + FRAME.size: second + FRAME.size + 2] = b"\xff\xff"  # its pickle no longer loads
+    journal.write_bytes(bytes(data))
+    damaged = (appended, cut, journal)
+    digests = {file_digest(p) for p in damaged}
+    res.damaged = len(damaged)
     proxy = start_proxy(url, standin, tmp)
     try:
         after = chat(sdk(proxy))[1]
         stored_ids(url, [after], timeout=30)
-        got = stored_ids(url, readable, timeout=15)
-        res.readable_rows_lost = len(readable) - len(got)
+        want = [*readable, journaled[0]]  # (the journal's entries after the damaged one may be lost)
+        got = stored_ids(url, want, timeout=15)
+        res.readable_rows_lost = len(want) - len(got)
     finally:
         stop_proxy(proxy)
     held = {file_digest(p) for p in spool.rglob("*") if p.is_file()}
     res.kept = len(digests & held)
-    res.left_pending = sorted(p.name for p in (appended, cut) if p.exists())
+    res.left_pending = sorted(p.name for p in damaged if p.exists())
     res.log = proxy.log_path.read_text(errors="replace")
-    res.logged = all(p.name in res.log for p in (appended, cut))
+    res.logged = all(p.name in res.log for p in damaged)
     res.counted = len(velvet_status(url, spool).get("quarantined", []))
     res.tracebacks = tracebacks(proxy)
     return res
@@ -823,45 +927,61 @@ class DiskFull:
     stored: int = 0
     upload_served: bool = False
     upload_row_says: str | None = None
+    warned: bool = False  # the log said at WARN level that writes were failing
+    recovered: bool = False  # and that they recovered
+    dead_lettered: int = 0  # a full disk is not bad data: nothing may go to the dead-letter file
     tracebacks: int = 0
 
 
-def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 2 << 20) -> DiskFull:
-    """SQLite on a "full disk": mitmdump may not grow any file past ``limit`` bytes (RLIMIT_FSIZE, set
-    from outside) while calls with 100 kB prompts go through; then the limit is lifted (space freed)."""
+def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 64 << 10, writer: str = "auto",
+              seconds: float = 9) -> DiskFull:
+    """SQLite on a "full disk": mitmdump and its writer process may not grow any file past ``limit`` bytes
+    (RLIMIT_FSIZE, set from outside; the database is larger already) for ``seconds`` while calls with
+    100 kB prompts go through; then space comes back. (Longer than the writer takes to warn, 5 s and its
+    next attempt: the log must say so.)"""
     res = DiskFull()
     url = f"sqlite:///{tmp / 'velvet.db'}"
-    proxy = start_proxy(url, standin, tmp, LOW)
+    proxy = start_proxy(url, standin, tmp, [*LOW, "--set", f"velvet_writer={writer}"])
     assert proxy.proc is not None
-    pid = proxy.proc.pid
+    limited: dict[int, tuple[int, int]] = {}
     try:
         client = sdk(proxy)
         chat(client)  # the schema is there, the log has started
-        free = resource.prlimit(pid, resource.RLIMIT_FSIZE)
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, free[1]))  # the soft limit: it can be raised again
+        for pid in [proxy.proc.pid, *descendants(proxy.proc.pid)]:
+            free = resource.prlimit(pid, resource.RLIMIT_FSIZE)
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, free[1]))  # the soft limit: raised again later
+            limited[pid] = free
+        t_full = time.monotonic()
         ids = []
         for i in range(calls):
             status, rid = chat(client, messages=[{"role": "user", "content": random_text(100_000, 100 + i)}])
             res.served += status == 200
             ids.append(rid)
         try:
-            up = client.files.create(file=("full.jsonl", io.BytesIO(jsonl(batch_lines(20_000, "df")))),
-                                     purpose="batch")
-            res.upload_served = bool(up.id)
+            raw = client.files.with_raw_response.create(
+                file=("full.jsonl", io.BytesIO(jsonl(batch_lines(20_000, "df")))), purpose="batch")
+            ids.append(raw.headers["x-request-id"])
+            res.upload_served = bool(raw.parse().id)
+            res.served += res.upload_served
         except openai.APIError:
             res.upload_served = False
-        res.calls = calls
-        time.sleep(1.0)
-        resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
-        got = stored_ids(url, ids, timeout=60)
+        res.calls = len(ids)
+        time.sleep(max(1.0, seconds - (time.monotonic() - t_full)))
+        for pid, free in limited.items():
+            with contextlib.suppress(OSError):
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
+        got = stored_ids(url, ids, timeout=30)
         res.stored = len(got)
-        with bound(url):
-            row = Call.get_or_none(Call.path == "/v1/files", Call.method == "POST")
-            res.upload_row_says = row.problem if row else None
+        row = got.get(ids[-1]) if res.upload_served else None
+        res.upload_row_says = row.problem if row else None
     finally:
-        with contextlib.suppress(OSError, NameError):
-            resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
+        for pid, free in limited.items():
+            with contextlib.suppress(OSError):
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, free)
         stop_proxy(proxy)
+    log = proxy.log_path.read_text(errors="replace")
+    res.warned, res.recovered = "writes have failed for" in log, "writes recovered" in log
+    res.dead_lettered = dead_letters(tmp / "spool")
     res.tracebacks = tracebacks(proxy)
     return res
 

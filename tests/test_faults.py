@@ -89,37 +89,51 @@ def test_poison_values_never_stop_logging(standin, db_url, tmp_path):
 def test_database_outage_under_traffic(standin, outage_db, tmp_path):
     """The database goes away for a few seconds while calls go through: all served, all stored after."""
     url, down, up = outage_db
-    r = fk.outage(standin, tmp_path, url, down, up, seconds=4)
+    r = fk.outage(standin, tmp_path, url, down, up, seconds=7)
     assert r.during >= 10, "calls were made while the database was unavailable"
     assert r.served == r.calls, "every call was served"
     assert r.missing == [] and r.stored == r.calls
+    if url.startswith("postgresql"):  # (SQLite's writer waits on the lock: busy_timeout, not a failure)
+        assert r.warned and r.recovered, "the log says when writes fail for seconds, and when they recover"
     assert r.tracebacks == 0
 
 
-def test_sigkill_then_restart(standin, db_url, tmp_path):
-    """SIGKILL right after live calls and a streamed upload were answered, with another upload half-way:
-    the next mitmdump on the same database and spool dir stores every answered call and line, and records
-    the cut upload as an incomplete row."""
-    r = fk.kill9(standin, tmp_path, db_url, calls=40, lines=3000)
-    assert r.missing_calls == [], f"{r.calls_lost} of {r.calls} answered calls lost"
+@pytest.mark.parametrize("everything", [False, True], ids=["mitmdump", "mitmdump+writer"])
+def test_sigkill_then_restart(standin, db_url, tmp_path, everything):
+    """SIGKILL right after live calls and a streamed upload were answered, with another upload half-way,
+    of mitmdump alone (as the OOM killer does) or of all its processes (a container or machine going): the
+    next mitmdump on the same database and spool dir stores every answered call and line, and records the
+    cut upload, and only it, as an incomplete row."""
+    r = fk.kill9(standin, tmp_path, db_url, calls=40, lines=2000, everything=everything)
+    assert r.missing_calls == [], f"{r.calls_lost} of {r.calls} answered calls lost (incomplete rows: " \
+        f"{r.incomplete_rows})"
     assert r.stream_lines_lost == 0, f"{r.stream_lines_lost} of {r.stream_lines} lines of the answered upload lost"
-    assert r.incomplete_recorded, "the upload cut by the kill has an incomplete calls row"
-    row = r.incomplete_row or {}
-    assert row["method"] == "POST" and row["endpoint"] == "files" and row["complete"] is False and row["problem"]
+    assert r.incomplete_recorded, f"one incomplete row, the cut upload's: {r.incomplete_rows}"
+    (row,) = r.incomplete_rows
+    assert row["method"] == "POST" and row["endpoint"] == "files" and row["problem"]
+    assert r.half_lines == 0, "the cut upload's lines are not taken as a file's"
     assert r.tracebacks == 0
 
 
-def test_damaged_spool_files_are_quarantined(standin, gone_db, tmp_path):
-    """Spool files with garbage appended or cut mid-record are renamed and kept, not deleted, logged,
-    counted, and what can be read of them is written."""
+def test_shutdown_while_the_database_is_down(standin, cluster, tmp_path):
+    """mitmdump stopped while PostgreSQL is down: no process of it goes on after velvet_flush_timeout,
+    and what it accepted is written at the next start."""
+    r = fk.down_at_shutdown(standin, tmp_path, cluster.fresh_url(), cluster.down, cluster.up)
+    assert r.lingering == []
+    assert r.lost == 0
+
+
+def test_damaged_spool_and_journal_files_are_quarantined(standin, gone_db, tmp_path):
+    """A spool file with garbage appended, one cut mid-record and a journal with a damaged entry are renamed
+    and kept, not deleted, logged, counted, and what can be read of them is written."""
     url, down, up = gone_db
     r = fk.damaged_spool(standin, tmp_path, url, down, up)
-    assert r.kept == r.damaged == 2, "both damaged files are still in the spool dir"
+    assert r.kept == r.damaged == 3, "the damaged files are still in the spool dir"
     assert r.left_pending == [], "damaged files are renamed (not replayed at every start)"
     assert r.logged, r.log[-3000:]
-    assert r.counted == 2, "velvet status --json lists both quarantined files"
-    assert r.readable_rows_lost == 0, "the readable records before the garbage are written"
-    assert r.tracebacks == 0
+    assert r.counted == 3, "velvet status --json lists the quarantined files"
+    assert r.readable_rows_lost == 0, "the readable records before the damage are written"
+    assert r.tracebacks == 0, r.log[-3000:]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="sets RLIMIT_FSIZE of another process (prlimit)")
@@ -128,7 +142,10 @@ def test_full_disk(standin, tmp_path):
     r = fk.disk_full(standin, tmp_path, calls=30)
     assert r.served == r.calls, "a full disk never fails the user's calls"
     assert r.upload_served, "a streamed upload is passed on even when velvet cannot keep it"
-    assert r.stored == r.calls
+    assert r.warned and r.recovered, "the log says writes failed (the disk was full) and recovered"
+    assert r.stored == r.calls, f"{r.calls - r.stored} of {r.calls} calls lost"
+    assert "could not keep the body" in (r.upload_row_says or ""), r.upload_row_says
+    assert r.dead_lettered == 0, "a full disk is not bad data"
     assert r.tracebacks == 0
 
 
