@@ -16,8 +16,11 @@ ALLOWED = {
     "storage": {"parsing"},
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
     "writer": {"storage", "capture.snapshot", "capture.tap"},
-    "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "query.summary"},
-    "query": {"storage"},
+    "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "query.summary",
+                "alerts.rules", "alerts.runner"},
+    "query": {"storage", "alerts.cli", "report.cli"},  # cli.py wires the alerts and report commands in
+    "alerts": {"storage", "query.queries"},
+    "report": {"storage", "query.queries", "parsing", "alerts.history"},
 }
 
 

@@ -13,8 +13,10 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
+from velvet_core.alerts import cli as alerts_cli
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
+from velvet_core.report import cli as report_cli
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 
 
@@ -258,6 +260,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, metavar="WHEN")
     p.add_argument("--format", choices=("jsonl", "csv"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    alerts_cli.add_commands(command, _since)  # alerts, alerts check
+    report_cli.add_commands(command, _since)  # report
     return ap
 
 
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _fail(f"cannot open {url}: {_first_line(e)}", 2)
     try:
-        args.func(db, args)
+        code = args.func(db, args)  # None, or an exit status (alerts check)
     except queries.NotFound as e:
         return _fail(str(e.args[0]), 1)
     except ValueError as e:
@@ -284,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(e).__name__}: {_first_line(e)}", 1)
     finally:
         db.close()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _first_line(e: BaseException) -> str:

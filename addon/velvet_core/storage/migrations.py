@@ -570,6 +570,28 @@ def _proxy_status(db: Database) -> None:
     )""")
 
 
+def _alerts(db: Database) -> None:
+    # every alert state change (firing, warning, resolved) for `velvet alerts` and the report
+    sqlite = isinstance(db, SqliteDatabase)
+    ts = "DATETIME" if sqlite else "TIMESTAMP"
+    db.execute_sql(f"""CREATE TABLE "alerts" (
+        "id" {"INTEGER NOT NULL PRIMARY KEY" if sqlite else "SERIAL NOT NULL PRIMARY KEY"},
+        "at" {ts} NOT NULL,
+        "rule" TEXT NOT NULL,
+        "kind" TEXT NOT NULL,
+        "subject" TEXT NOT NULL,
+        "state" TEXT NOT NULL,
+        "value" REAL,
+        "threshold" REAL,
+        "rule_window" TEXT,
+        "text" TEXT NOT NULL,
+        "details" TEXT,
+        "source" TEXT
+    )""")
+    db.execute_sql('CREATE INDEX "alerts_at" ON "alerts" ("at")')
+    db.execute_sql('CREATE INDEX "alerts_rule_subject" ON "alerts" ("rule", "subject")')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -585,6 +607,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "drop_redundant_indexes", _drop_redundant_indexes),
     Migration(3, "unbounded_text", _unbounded_text),
     Migration(4, "proxy_status", _proxy_status),
+    Migration(5, "alerts", _alerts),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
