@@ -67,7 +67,8 @@ def collect(db: Database, since: datetime, until: datetime,
                                       for t, v in tags.items()]
     out["top_tags"] = sorted(top_tags, key=lambda r: -r["cost_usd"])[:TOP]
     top_keys: list[dict[str, Any]] = [
-        {"key_fingerprint": k, **v, "cost_usd": round(v["live_usd"] + v["batch_usd"], 10)} for k, v in keys.items()]
+        {"key_fingerprint": k, **v, "cost_usd": round(v["live_usd"] + v["batch_usd"], 10)}
+        for k, v in keys.items()]
     out["top_keys"] = sorted(top_keys, key=lambda r: -r["cost_usd"])[:TOP]
     step("reading alerts")
     out["alerts"] = listing(db, since, until)[:200]
