@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from typing import Any
 
@@ -30,8 +31,12 @@ def _config(**kw: Any) -> dict[str, Any]:
     return base
 
 
+_PYGAL_CONFIG = re.compile(r"<script type=\"text/javascript\">window\.pygal.*?</script>", re.S)
+
+
 def render(chart: Any) -> str:
-    return str(chart.render(is_unicode=True))
+    # pygal writes its whole config as a script for its tooltip code, which we do not load: leave it out
+    return _PYGAL_CONFIG.sub("", str(chart.render(is_unicode=True)))
 
 
 def _label_every(n: int, target: int = 12) -> int:

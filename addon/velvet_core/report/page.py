@@ -33,10 +33,10 @@ border-radius:4px;display:none;z-index:9}
 # pygal keeps each value in <desc> elements and draws tooltips with a script it would load from a CDN;
 # these lines show the same tooltips offline (the charts need no script at all).
 SCRIPT = """
-(function(){var tip=document.getElementById('tip');
-document.querySelectorAll('.tooltip-trigger').forEach(function(el){
-var g=el.parentNode,v=g.querySelector('desc.value'),x=g.querySelector('desc.x_label'),
-s=g.closest('.series'),n=s&&s.getAttribute('class').match(/serie-(\\d+)/);
+(function(){var tip=document.getElementById('tip'),all=document.querySelectorAll('.tooltip-trigger');
+document.body.setAttribute('data-tooltips',all.length);
+all.forEach(function(el){
+var g=el.parentNode,v=g.querySelector('desc.value'),x=g.querySelector('desc.x_label');
 el.addEventListener('mousemove',function(e){tip.textContent=(x?x.textContent+': ':'')+(v?v.textContent:'');
 tip.style.display='block';tip.style.left=(e.clientX+12)+'px';tip.style.top=(e.clientY+12)+'px';});
 el.addEventListener('mouseleave',function(){tip.style.display='none';});});})();
