@@ -60,7 +60,9 @@ def fill(url: str, batches: int = 10_000, calls: int = 20_000, days: float = 7, 
         finalize = rnd.uniform(60, 1500)
         if status == "in_progress" or queue + processing + finalize > age:
             status, processing = "in_progress", max(0.0, min(processing, age - queue))
-        t_ip = created + timedelta(seconds=queue)
+        t_ip: datetime | None = created + timedelta(seconds=queue)
+        if t_ip is not None and t_ip > now:
+            t_ip = None  # still queued
         t = {"created_at": created, "in_progress_at": t_ip, "finalizing_at": None, "completed_at": None,
              "failed_at": None, "expired_at": None, "cancelled_at": None}
         if status == "failed":

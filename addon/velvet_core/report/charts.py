@@ -55,15 +55,15 @@ def timeline(t: dict[str, Any]) -> str:
         show_y_guides=True, show_x_guides=False, spacing=2))
     c.x_labels = [("✗ " if r["marked"] else "") + f"{r['id'][:22]} ({r['status']})" for r in rows]
     series: dict[str, list[Any]] = {k: [] for k in ("queue", "processing", "finalizing", "still running",
-                                                    "failed / expired / cancelled")}
+                                                    "ended badly (✗)")}
     for r in rows:
         parts = {"queue": r["queue_hours"], "processing": r["processing_hours"], "finalizing": r["finalize_hours"],
-                 "still running": None, "failed / expired / cancelled": None}
+                 "still running": None, "ended badly (✗)": None}
         last = {"queue": "queue", "processing": "processing", "finalize": "finalizing"}[r["last_phase"]]
         if r["open"]:
             parts["still running"], parts[last] = parts[last], None
         elif r["marked"]:
-            parts["failed / expired / cancelled"], parts[last] = parts[last], None
+            parts["ended badly (✗)"], parts[last] = parts[last], None
         for k, v in parts.items():
             series[k].append({"value": round(v, 3), "label": r["id"]} if v else None)
     for name, values in series.items():
