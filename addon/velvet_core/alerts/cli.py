@@ -117,9 +117,9 @@ def cmd_check(db: Database, a: argparse.Namespace) -> int:
         table(["RULE", "KIND", "STATE", "VALUE", "THRESHOLD", "WHAT"],
               [[r["rule"], r["kind"], r["state"], r["value_text"], r["threshold_text"], r["text"]]
                for r in report])
-        for m in messages:
-            print(f"{'sent' if ruleset.notify.webhooks or ruleset.notify.command else 'changed'}: {m['text']}"
-                  if not a.dry_run else f"would send: {m['text']}")
+        if a.dry_run:  # (otherwise each message is in the log, on standard error)
+            for m in messages:
+                print(f"would send: {m['text']}")
     return FIRING_EXIT if any(r["state"] == "firing" for r in report) else 0
 
 

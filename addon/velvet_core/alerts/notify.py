@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Velvet-Signature"
 MAX_QUEUED = 1000
+MAX_LISTED = 50  # subjects detailed in one message (the text names 5)
 _COMPARED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike", "batch_overdue",
              "batch_unread")
 _WINDOWED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike")
@@ -80,11 +81,13 @@ def payloads(changes: list[Change]) -> list[dict[str, Any]]:
         rule = cs[0].rule
         values = [c.value for c in cs if c.value is not None]
         if rule.kind in BATCH_KINDS:
-            details: dict[str, Any] = {"batches": [c.details or {"id": c.subject} for c in cs]}
+            details: dict[str, Any] = {"batches": [c.details or {"id": c.subject} for c in cs[:MAX_LISTED]]}
         elif rule.kind == "velvet_stalled" and not cs[0].no_data:
-            details = {"proxies": [c.details or {"proxy": c.subject} for c in cs]}
+            details = {"proxies": [c.details or {"proxy": c.subject} for c in cs[:MAX_LISTED]]}
         else:
             details = cs[0].details
+        if len(cs) > MAX_LISTED:
+            details["more"] = len(cs) - MAX_LISTED
         out.append({
             "rule": rule.name, "kind": rule.kind, "state": state,
             "value": max(values) if values else None, "threshold": threshold_for(rule, state),

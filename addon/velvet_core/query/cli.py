@@ -13,10 +13,10 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
-from velvet_core.alerts import cli as alerts_cli
+from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
-from velvet_core.report import cli as report_cli
+from velvet_core.report.cli import add_commands as add_report_commands
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 
 
@@ -260,8 +260,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, metavar="WHEN")
     p.add_argument("--format", choices=("jsonl", "csv"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    alerts_cli.add_commands(command, _since)  # alerts, alerts check
-    report_cli.add_commands(command, _since)  # report
+    add_alert_commands(command, _since)  # alerts, alerts check
+    add_report_commands(command, _since)  # report
     return ap
 
 
