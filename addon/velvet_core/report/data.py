@@ -15,6 +15,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core.alerts.history import listing
+from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.query.queries import iso, percentile, stream_rows, to_dt
@@ -72,6 +73,7 @@ def collect(db: Database, since: datetime, until: datetime,
     out["top_keys"] = sorted(top_keys, key=lambda r: -r["cost_usd"])[:TOP]
     step("reading alerts")
     out["alerts"] = listing(db, since, until)[:200]
+    out["comparisons"] = [c for c in latest_comparisons(db) if c["created_at"] and c["created_at"] >= iso(since)]
     return out
 
 

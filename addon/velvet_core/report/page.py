@@ -81,6 +81,14 @@ def _example(x: dict[str, Any]) -> str:
     return out + (f" · <code>{escape(x['custom_id'])}</code>" if x["custom_id"] else "")
 
 
+def _metric(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.6g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {_metric(x)}" for k, x in v.items())
+    return "-" if v is None else str(v)
+
+
 def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) -> str:
     """The HTML page for ``collect``'s figures."""
     t = data["totals"]
@@ -185,6 +193,15 @@ def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) ->
                               a["rule"], a["text"].split(": ", 1)[-1]] for a in data["alerts"]]))
     else:
         parts.append(_empty("No alert fired or resolved in this period."))
+    if data.get("comparisons"):  # `velvet compare` runs of the period (velvet replay's experiments)
+        parts.append("<h2 id=comparisons>Comparisons</h2>")
+        for c in data["comparisons"]:
+            parts.append(f"<p class=sub>{escape(c['a'])} → {escape(c['b'])}: {c['pairs']:,} pairs, "
+                         f"{c['unpaired']:,} unpaired · {escape((c['created_at'] or '').replace('T', ' ')[:16])}"
+                         "</p>")
+            parts.append(_table(["metric", "a", "b", "delta"],
+                                [[name, _metric(m.get("a")), _metric(m.get("b")), _metric(m.get("delta"))]
+                                 for name, m in sorted((c["metrics"] or {}).items())], numeric=(1, 2, 3)))
     parts.append(f"<p class=sub>velvet {escape(__version__)} · generated {escape(until)} UTC</p>")
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><meta name=viewport "
             "content='width=device-width,initial-scale=1'><title>velvet report " + escape(since[:10]) + " to "
