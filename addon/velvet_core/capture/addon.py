@@ -144,7 +144,7 @@ class Velvet:
                           "their tokens with a tokenizer (usage_estimated); 'inject' asks upstream for "
                           "stream_options.include_usage and removes the extra usage chunk before the client "
                           "sees it, for exact figures.", choices=["off", "inject"])
-        loader.add_option("velvet_flush_timeout", float, 30.0,
+        loader.add_option("velvet_flush_timeout", int, 30,  # (mitmproxy cannot --set a float option)
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
         loader.add_option("velvet_alerts", str, "",
