@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+from collections.abc import Sequence
 
 import orjson
 import pytest
@@ -245,3 +246,14 @@ async def test_the_timer_warns_about_a_single_uncaptured_flow(addon, caplog):
     [msg] = velvet_warnings(caplog)
     assert "1 flow went through" in msg and "example.org (1)" in msg
 
+
+
+def test_every_option_can_be_set_from_the_command_line():
+    """mitmproxy's --set parses str, int, bool and sequences only (a float option fails at start)."""
+    v = Velvet()
+    with taddons.context(v) as tctx:
+        for name, opt in tctx.options.items():
+            if name.startswith("velvet_"):
+                assert opt.typespec in (str, int, bool, Sequence[str]), name
+                text = str(opt.default).lower() if opt.typespec is bool else opt.default
+                tctx.options.set(f"{name}={text if opt.typespec is not Sequence[str] else 'api.openai.com'}")

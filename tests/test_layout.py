@@ -17,9 +17,12 @@ ALLOWED = {
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
     "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
     "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "writer.health",
-                "writer.process", "query.summary"},
-    "query": {"storage", "experiments.commands"},  # the velvet command registers the experiments' commands
+                "writer.process", "query.summary", "alerts.rules", "alerts.runner"},
+    # the velvet command wires in the experiments', alerts' and report's commands
+    "query": {"storage", "experiments.commands", "alerts.cli", "report.cli"},
     "experiments": {"storage", "query", "parsing"},
+    "alerts": {"storage", "query.queries"},
+    "report": {"storage", "query.queries", "parsing", "alerts.history", "experiments.compare"},
 }
 
 

@@ -243,6 +243,12 @@ def test_batch_replayed_on_another_model_then_compared(env, capsys, standin):
     assert recent[0]["metrics"]["judge"]["delta"] == -2.0 and recent[0]["pairs"] == 5
     assert len(recent) == len({(r["a"], r["b"]) for r in recent})  # the latest of each pair only
 
+    # the comparison appears in the report
+    page = env.proxy.tmp / "report.html"
+    code, _, _ = run(capsys, "--db", url, "report", "--since", "1d", "-o", str(page))
+    html = page.read_text()
+    assert code == 0 and "<h2 id=comparisons>Comparisons</h2>" in html and "cheaper" in html and "judge" in html
+
 
 def test_resume_waits_and_downloads_later(env, capsys, standin):
     out = js(capsys, "--db", env.url, "replay", "--batch", env.source.id, "--model", "gpt-4.1-nano",

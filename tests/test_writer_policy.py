@@ -74,7 +74,7 @@ def test_poison_values_are_made_storable(db_url, tmp_path):
     assert set(rows) == {s.flow_id for s in poison + ok}
     assert rows["flow-0"].model_requested == "m" * 300
     assert rows["flow-1"].model_requested == "gpt\ufffdx" and "NUL" in rows["flow-1"].problem
-    assert json.loads(rows["flow-2"].request_headers)["x-raw"] == "caf\udce9" and rows["flow-2"].problem is None
+    assert json.loads(rows["flow-2"].request_headers)["x-raw"] == "caf\\udce9" and rows["flow-2"].problem is None
     assert all(rows[s.flow_id].problem is None for s in ok)
     assert w.health.dead_lettered == 0
 

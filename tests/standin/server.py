@@ -3,7 +3,8 @@
 Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per request with headers
 (sent by the SDK as ``extra_headers``):
 
-- ``x-standin-scenario``: ``429``, ``500``, ``drop`` (a stream cut mid-way), ``slow``;
+- ``x-standin-scenario``: ``429``, ``500``, ``drop`` (a stream cut mid-way), ``slow`` (wait
+  ``x-standin-delay`` seconds, default 1, before answering);
 - ``x-standin-delay``: seconds between stream events (default 0.02);
 - ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``);
 - ``x-standin-canned``: the key of a reply registered with ``StandIn.can`` (fault tests: exact bytes,
@@ -311,6 +312,8 @@ class Handler(BaseHTTPRequestHandler):
         if scenario == "500":
             return self.send_error_json(500, "The server had an error while processing your request.",
                                         "server_error", None)
+        if scenario == "slow":
+            time.sleep(float(self.headers.get("x-standin-delay") or 1))
         body: Any = {}
         if raw and self.headers.get("content-type", "").startswith("application/json"):
             try:
@@ -480,7 +483,8 @@ def batch_answer(line: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], b
 class BatchAPI:
     """Files, uploads and batches. A batch moves one step per retrieve (validating -> in_progress ->
     finalizing -> completed); ``metadata.standin`` = ``fail`` fails validation, ``expire`` expires it
-    with partial output. Lines whose body asks for model ``bad-model`` fail with a 400."""
+    with partial output, ``stuck`` keeps it ``in_progress`` (until cancelled). Lines whose body asks for
+    model ``bad-model`` fail with a 400."""
 
     def __init__(self) -> None:
         self.files: dict[str, dict[str, Any]] = {}
@@ -514,6 +518,8 @@ class BatchAPI:
             else:
                 b.update(status="in_progress", in_progress_at=self.tick())
         elif st == "in_progress":
+            if mode == "stuck":
+                return
             if mode == "expire":
                 self.finish(b, "expired", partial=True)
             else:

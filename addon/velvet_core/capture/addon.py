@@ -16,6 +16,8 @@ from typing import Any
 from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from velvet_core import config
+from velvet_core.alerts.rules import RulesError, RuleSet, load_rules
+from velvet_core.alerts.runner import AlertRunner
 from velvet_core.capture import markers
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
@@ -61,6 +63,16 @@ def _azure_knows_stream_options(api_version: str) -> bool:
     return api_version[:10] >= "2024-09-01"
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 < v < float("inf"):
+        raise exceptions.OptionsError(f"velvet_alert_interval must be a number of seconds > 0, got {text!r}")
+    return v
+
+
 class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
@@ -78,6 +90,9 @@ class Velvet:
         self.warned = False
         self.inject_usage = False
         self.injected: set[str] = set()  # flows whose request velvet asked for include_usage
+        self.alert_rules: RuleSet | None = None
+        self.alerts: AlertRunner | None = None
+        self.alert_interval = 30.0
 
     @property
     def comments(self) -> bool:
@@ -129,9 +144,15 @@ class Velvet:
                           "their tokens with a tokenizer (usage_estimated); 'inject' asks upstream for "
                           "stream_options.include_usage and removes the extra usage chunk before the client "
                           "sees it, for exact figures.", choices=["off", "inject"])
-        loader.add_option("velvet_flush_timeout", float, 30.0,
+        loader.add_option("velvet_flush_timeout", int, 30,  # (mitmproxy cannot --set a float option)
                           "Seconds to wait at shutdown for queued rows to be written (the rest is "
                           "spooled to disk and written at the next start).")
+        loader.add_option("velvet_alerts", str, "",
+                          "A TOML file of alert rules (error rate, latency, spend, batches, velvet's own "
+                          "health) evaluated in the background, with a webhook or command to notify.")
+        # a str holding a number: mitmproxy's --set cannot parse float options
+        loader.add_option("velvet_alert_interval", str, "30",
+                          "Seconds between two evaluations of the alert rules (decimals allowed).")
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -160,6 +181,13 @@ class Velvet:
             if opts.velvet_stream_threshold < 0:
                 raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
             self.stream_threshold = opts.velvet_stream_threshold
+        if "velvet_alert_interval" in updated:
+            self.alert_interval = _seconds(opts.velvet_alert_interval)
+        if "velvet_alerts" in updated:
+            try:
+                self.alert_rules = load_rules(opts.velvet_alerts) if opts.velvet_alerts else None
+            except RulesError as e:
+                raise exceptions.OptionsError(f"velvet_alerts: {e}") from None
         if "velvet_stream_usage" in updated:
             if opts.velvet_stream_usage not in ("off", "inject"):  # (mitmproxy does not check choices)
                 raise exceptions.OptionsError(
@@ -175,6 +203,9 @@ class Velvet:
             old, self.writer = self.writer, None
             self._start_writer()
             threading.Thread(target=self._retire, args=(old,), name="velvet-writer-retire", daemon=True).start()
+        if self.writer is not None and updated & {"velvet_db", "velvet_alerts", "velvet_alert_interval"}:
+            self._stop_alerts()
+            self._start_alerts()
 
     def running(self) -> None:
         self.notes.loop = ctx.master.event_loop
@@ -182,8 +213,11 @@ class Velvet:
         self.comments = ctx.master.addons.get("view") is not None
         if self.writer is None:
             self._start_writer()
+        if self.alerts is None:
+            self._start_alerts()
 
     def done(self) -> None:
+        self._stop_alerts()
         self._stop_writer()
 
     def db_url(self) -> str:
@@ -229,6 +263,17 @@ class Velvet:
         if self.writer is None:
             return "velvet: not running"
         return status_line(self.writer.status())
+
+    def _start_alerts(self) -> None:
+        """Rules are evaluated in their own thread with their own connections (never on the event loop)."""
+        if self.alert_rules is not None and self.alerts is None:
+            self.alerts = AlertRunner(self.db_url(), self.alert_rules, self.alert_interval)
+            self.alerts.start()
+
+    def _stop_alerts(self) -> None:
+        if self.alerts is not None:
+            a, self.alerts = self.alerts, None
+            a.stop()
 
     @command.command("velvet.summary")
     def summary(self) -> str:

@@ -189,7 +189,7 @@ def _calls_sql(db: Database, sel: Selection, answers: bool, ok_only: bool) -> tu
     if ok_only:
         where.append("status_code = 200 AND complete")
     for key, _ in sel.tags:  # a cheap pre-filter; the exact test is on the parsed tags
-        where.append("tags LIKE ?")
+        where.append("CAST(tags AS TEXT) LIKE ?")  # (jsonb on PostgreSQL)
         params.append(f"%{orjson.dumps(key).decode()}%")
     answer = ", response_body" if answers else ""
     sql = (f"SELECT id, started_at, endpoint, request_body, status_code, complete, input_tokens, cached_tokens, "

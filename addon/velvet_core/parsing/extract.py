@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, overload
@@ -122,8 +121,18 @@ def json_text(obj: Any) -> str:
     decodes them), which orjson refuses: the standard library escapes them instead."""
     try:
         return orjson.dumps(obj).decode()
-    except TypeError:
-        return json.dumps(obj, ensure_ascii=True)
+    except TypeError:  # (a JSON \\udcxx escape would do for SQLite, but PostgreSQL's jsonb refuses it)
+        return orjson.dumps(_escape_surrogates(obj)).decode()
+
+
+def _escape_surrogates(v: Any) -> Any:
+    if isinstance(v, str):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(v, dict):
+        return {_escape_surrogates(k): _escape_surrogates(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_escape_surrogates(x) for x in v]
+    return v
 
 
 def ratelimits(headers: dict[str, str]) -> dict[str, Any]:

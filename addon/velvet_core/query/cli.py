@@ -14,11 +14,13 @@ import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
+from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
+from velvet_core.report.cli import add_commands as add_report_commands
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 
 
@@ -287,6 +289,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
     add_export_options(p)
     add_commands(command)  # replay, compare
+    add_alert_commands(command, _since)  # alerts, alerts check
+    add_report_commands(command, _since)  # report
     return ap
 
 
@@ -330,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         return _fail(f"cannot open {url}: {_first_line(e)}", 2)
     try:
-        args.func(db, args)
+        code = args.func(db, args)  # None, or an exit status (alerts check)
     except queries.NotFound as e:
         return _fail(str(e.args[0]), 1)
     except ValueError as e:
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(e).__name__}: {_first_line(e)}", 1)
     finally:
         db.close()
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 def _first_line(e: BaseException) -> str:

@@ -677,6 +677,28 @@ def _jsonb(db: Database) -> None:
     _run(db, VIEWS_V2)
 
 
+def _alerts(db: Database) -> None:
+    # every alert state change (firing, warning, resolved) for `velvet alerts` and the report
+    sqlite = isinstance(db, SqliteDatabase)
+    ts = "DATETIME" if sqlite else "TIMESTAMP"
+    db.execute_sql(f"""CREATE TABLE "alerts" (
+        "id" {"INTEGER NOT NULL PRIMARY KEY" if sqlite else "SERIAL NOT NULL PRIMARY KEY"},
+        "at" {ts} NOT NULL,
+        "rule" TEXT NOT NULL,
+        "kind" TEXT NOT NULL,
+        "subject" TEXT NOT NULL,
+        "state" TEXT NOT NULL,
+        "value" REAL,
+        "threshold" REAL,
+        "rule_window" TEXT,
+        "text" TEXT NOT NULL,
+        "details" TEXT,
+        "source" TEXT
+    )""")
+    db.execute_sql('CREATE INDEX "alerts_at" ON "alerts" ("at")')
+    db.execute_sql('CREATE INDEX "alerts_rule_subject" ON "alerts" ("rule", "subject")')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -695,6 +717,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "experiments", _experiments),
     Migration(6, "usage_estimated", _usage_estimated),
     Migration(7, "jsonb", _jsonb),
+    Migration(8, "alerts", _alerts),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

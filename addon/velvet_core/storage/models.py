@@ -447,5 +447,26 @@ class Comparison(Base):
         table_name = "comparisons"
 
 
+class Alert(Base):
+    """An alert's state change: firing, warning or resolved, for one rule and subject (a batch, a proxy)."""
+
+    id = AutoField()
+    at = DateTimeField(index=True)
+    rule = TextField()
+    kind = TextField()
+    subject = TextField()  # "" for a rule on all traffic, else a batch id or a proxy
+    state = TextField()
+    value = FloatField(null=True)
+    threshold = FloatField(null=True)
+    rule_window = TextField(null=True)
+    text = TextField()
+    details = TextField(null=True)  # JSON
+    source = TextField(null=True)  # who evaluated it: a proxy (host:pid) or "velvet alerts check"
+
+    class Meta:
+        table_name = "alerts"
+        indexes = ((("rule", "subject"), False),)
+
+
 MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
-          ProxyStatus, Experiment, ExperimentLine, Comparison]
+          ProxyStatus, Experiment, ExperimentLine, Comparison, Alert]

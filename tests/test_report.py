@@ -1,0 +1,143 @@
+"""``velvet report``: a self-contained HTML file with every section, its figures checked against the data,
+built from 10,000 batches, and rendered by headless Chromium (when installed)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from datetime import UTC, datetime, timedelta
+from html.parser import HTMLParser
+from pathlib import Path
+
+import orjson
+import pytest
+from reportdb import fill
+from velvet_core.query.cli import main
+from velvet_core.storage.database import open_db
+
+SECTIONS = ("timeline", "turnaround", "failures", "spend", "traffic", "top", "alerts")
+
+
+class Page(HTMLParser):
+    """Counts tags and attributes, and collects the text."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.tags: dict[str, int] = {}
+        self.ids: set[str] = set()
+        self.refs: list[str] = []
+        self.text: list[str] = []
+        self.feed(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags[tag] = self.tags.get(tag, 0) + 1
+        for k, v in attrs:
+            if k == "id" and v:
+                self.ids.add(v)
+            if k in ("src", "href", "xlink:href", "data") and v:
+                self.refs.append(v)
+
+    def handle_data(self, data: str) -> None:
+        self.text.append(data)
+
+
+def self_contained(html: str, page: Page) -> None:
+    assert not [r for r in page.refs if not r.startswith("#")], page.refs  # nothing to fetch
+    assert "<link" not in html and "@import" not in html and not re.search(r"url\((?!#)", html)
+    no_comments = re.sub(r"<!--.*?-->", "", html, flags=re.S)
+    urls = set(re.findall(r"https?://[^\s\"'<>]+", no_comments))
+    assert urls <= {"http://www.w3.org/2000/svg", "http://www.w3.org/1999/xlink"}, urls  # XML namespaces only
+
+
+def report(capsys, url: str, out: Path, *extra: str) -> tuple[str, Page]:
+    assert main(["report", "--db", url, "-o", str(out), *extra]) == 0, capsys.readouterr().err
+    html = out.read_text(encoding="utf-8")
+    return html, Page(html)
+
+
+def test_report_sections_and_figures(db_url, tmp_path, capsys):
+    written = fill(db_url, batches=300, calls=1500, days=7, seed=3)
+    html, page = report(capsys, db_url, tmp_path / "r.html")
+    self_contained(html, page)
+    assert set(SECTIONS) <= page.ids
+    assert page.tags["svg"] >= 11 and page.tags.get("script") == 1 and page.tags.get("table", 0) >= 5
+    text = " ".join(page.text)
+    db = open_db(db_url)
+    since = datetime.now(UTC).replace(tzinfo=None) - timedelta(days=7)
+    p = db.param
+    n_calls = db.execute_sql(f"SELECT count(*) FROM calls WHERE started_at >= {p}",
+                             (since if "postgres" in db_url else since.isoformat(" "),)).fetchone()[0]
+    bad = db.execute_sql("SELECT count(*) FROM batches WHERE status IN ('failed', 'expired', 'cancelled')"
+                         ).fetchone()[0]
+    (code, n), *_ = db.execute_sql("SELECT error_code, count(*) FROM batch_results WHERE failed "
+                                   "GROUP BY error_code ORDER BY count(*) DESC").fetchall()
+    db.close()
+    assert n_calls > 0 and f"{n_calls:,}" in text  # the card, from all calls of the week
+    assert f"{written['batches']:,} batches created in the period" in text and f"{bad:,} in all" in text
+    assert "✗ batch_03" in html  # failed/expired/cancelled ones are marked on the timeline
+    assert code in text and f"{n:,}" in text  # top error code with its count, and example custom_ids
+    assert re.search(r"batch_03\d{8}</code> · <code>req-\d</code>", html)
+    assert "saved by batching" in text and "Time to first token (streams)" in text
+    assert text.count("chat errors") == written["alerts"]  # the alerts of the period, one row each
+
+    assert main(["report", "--db", db_url, "--json"]) == 0
+    data = orjson.loads(capsys.readouterr().out)
+    assert set(data) == {"since", "until", "bucket", "traffic", "totals", "timeline", "turnaround",
+                         "batch_failures", "spend_by_day", "top_tags", "top_keys", "alerts", "comparisons"}
+    assert data["totals"]["calls"] == n_calls and data["totals"]["batches"] == written["batches"]
+    assert data["bucket"] == "hour" and len(data["traffic"]["points"]) in (168, 169)
+    assert data["totals"]["batch_saved_usd"] > 0 and len(data["alerts"]) == written["alerts"]
+    assert data["timeline"]["shown"] == len(data["timeline"]["rows"]) <= 50
+
+
+def test_empty_database_report(sqlite_url, tmp_path, capsys):
+    open_db(sqlite_url).close()
+    html, page = report(capsys, sqlite_url, tmp_path / "empty.html", "--since", "2d")
+    self_contained(html, page)
+    for line in ("No batches created in this period.", "No live calls in this period.",
+                 "No alert fired or resolved in this period.", "No spend recorded in this period."):
+        assert line in html
+    with pytest.raises(SystemExit) as e:  # argparse: usage error
+        main(["report", "--db", sqlite_url, "--since", "soon"])
+    assert e.value.code == 2 and "--since 'soon'" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(120)  # builds in about 2 s on a laptop core; generous for a shared CI machine
+def test_report_from_10000_batches(tmp_path, capsys):
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    written = fill(url, batches=10_000, calls=20_000, days=7)
+    assert written["batches"] == 10_000 and written["batch_results"] > 25_000
+    html, page = report(capsys, url, tmp_path / "big.html")
+    self_contained(html, page)
+    assert "of the 10,000 batches created in the period" in html
+    assert len(html.encode()) < 2_000_000  # small: aggregated before drawing
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_report_renders_in_chromium(tmp_path, capsys):
+    browser = chromium()
+    if browser is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install chromium); the HTML structure is "
+                    "checked by the other report tests")
+    url = f"sqlite:///{tmp_path / 'r.db'}"
+    fill(url, batches=400, calls=3000, days=7, seed=5)
+    out = tmp_path / "r.html"
+    _, page = report(capsys, url, out)
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
+            "--window-size=1100,3000", "--virtual-time-budget=3000"]
+    dom = subprocess.run([*args, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    rendered = Page(dom)
+    assert rendered.tags.get("svg") == page.tags["svg"] >= 11  # every chart is in the rendered page
+    assert rendered.tags.get("rect", 0) > 500 and rendered.tags.get("path", 0) > 20  # bars and lines drawn
+    m = re.search(r'data-tooltips="(\d+)"', dom)  # the inline script ran, offline
+    assert m and int(m[1]) > 500
+    shot = tmp_path / "r.png"
+    subprocess.run([*args, f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120, check=True)
+    data = shot.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a picture, not a blank page
