@@ -40,17 +40,14 @@ from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 Raw = openai.DefaultHttpxClient  # the SDK's own HTTP client class (httpx's API)
 LOW = ["--set", "velvet_stream_threshold=1024"]  # every batch body over 1 KiB takes the streamed path
 QUIET = ["--set", "flow_detail=0"]  # mitmdump's log: velvet's messages, not one line per flow
-FLUSH_TIMEOUT = 5.0  # a bounded wait at shutdown when writes fail (see start_proxy)
+FLUSH_TIMEOUT = 5  # a bounded wait at shutdown when writes fail
 
 
 def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None = None,
-                flush_timeout: float = FLUSH_TIMEOUT) -> Proxy:
-    """A started mitmdump for a scenario. ``velvet_flush_timeout`` is a float option, which mitmproxy's
-    ``--set`` cannot parse, so it goes in the confdir's config.yaml."""
-    conf = tmp / "mitmproxy"
-    conf.mkdir(parents=True, exist_ok=True)
-    (conf / "config.yaml").write_text(f"velvet_flush_timeout: {float(flush_timeout)}\n")
-    return Proxy(url, standin.url, tmp, extra=[*QUIET, *(extra or [])]).start()
+                flush_timeout: int = FLUSH_TIMEOUT) -> Proxy:
+    """A started mitmdump for a scenario."""
+    return Proxy(url, standin.url, tmp, extra=[*QUIET, "--set", f"velvet_flush_timeout={flush_timeout}",
+                                              *(extra or [])]).start()
 
 
 # -- waiting and reading ---------------------------------------------------------------------------
@@ -473,7 +470,7 @@ class DownAtShutdown:
 
 
 def down_at_shutdown(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: Callable[[], None],
-                     calls: int = 5, flush_timeout: float = 2) -> DownAtShutdown:
+                     calls: int = 5, flush_timeout: int = 2) -> DownAtShutdown:
     """mitmdump stopped (SIGINT) while the database is down: within ``velvet_flush_timeout`` (and a few
     seconds of grace) nothing of it may still run; what it accepted is written at the next start."""
     res = DownAtShutdown(calls=calls)
