@@ -46,6 +46,7 @@ FLUSH_TIMEOUT = 5  # a bounded wait at shutdown when writes fail
 def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None = None,
                 flush_timeout: int = FLUSH_TIMEOUT) -> Proxy:
     """A started mitmdump for a scenario."""
+    tmp.mkdir(parents=True, exist_ok=True)
     return Proxy(url, standin.url, tmp, extra=[*QUIET, "--set", f"velvet_flush_timeout={flush_timeout}",
                                               *(extra or [])]).start()
 
