@@ -6,7 +6,9 @@ Object shapes follow OpenAI's published OpenAPI spec. Behaviour is steered per r
 - ``x-standin-scenario``: ``429``, ``500``, ``drop`` (a stream cut mid-way), ``slow`` (wait
   ``x-standin-delay`` seconds, default 1, before answering);
 - ``x-standin-delay``: seconds between stream events (default 0.02);
-- ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``).
+- ``x-standin-gzip``: ``1`` to gzip the response (streams use ``Z_SYNC_FLUSH``);
+- ``x-standin-canned``: the key of a reply registered with ``StandIn.can`` (fault tests: exact bytes,
+  however malformed, in the status line, headers and body).
 
 Answers are deterministic: ``ANSWER``, cut to ``max_tokens`` / ``max_completion_tokens`` /
 ``max_output_tokens`` words (finish reason ``length``, or an ``incomplete`` response); with
@@ -227,6 +229,17 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         self.wfile.flush()
 
+    def send_raw(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        """Exactly these header bytes (plus a request id unless given, and the length) and body."""
+        head = [b"HTTP/1.1 %d %s" % (status, HTTPStatus(status).phrase.encode())]
+        names = {k.lower() for k, _ in headers}
+        if b"x-request-id" not in names:
+            head.append(b"x-request-id: " + new_id("req_").encode())
+        head += [k + b": " + v for k, v in headers]
+        head.append(b"content-length: %d" % len(body))
+        self.wfile.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.wfile.flush()
+
     def send_error_json(self, status: int, message: str, type_: str, code: str | None,
                         headers: dict[str, str] | None = None) -> None:
         self.send(status, error_body(message, type_, code), headers=headers)
@@ -284,6 +297,8 @@ class Handler(BaseHTTPRequestHandler):
             if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
                 return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
                                             "invalid_api_key")
+        if canned := self.server.canned.get(self.headers.get("x-standin-canned", "")):
+            return self.send_raw(*canned)
         scenario = self.headers.get("x-standin-scenario", "")
         if method == "POST" and path in _MODEL_PATHS and self.server.take_rate_limit():
             return self.send_error_json(
@@ -667,6 +682,7 @@ class StandIn(ThreadingHTTPServer):
             ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
         }
         self.thread: threading.Thread | None = None
+        self.canned: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
         self._rate_limited = 0
         self._rate_lock = threading.Lock()
 
@@ -681,6 +697,14 @@ class StandIn(ThreadingHTTPServer):
                 return False
             self._rate_limited -= 1
             return True
+
+    def can(self, body: bytes, status: int = 200, headers: list[tuple[bytes, bytes]] | None = None,
+            content_type: bytes = b"application/json") -> str:
+        """Register a reply sent verbatim to requests with ``x-standin-canned: <the returned key>``."""
+        key = new_id("canned-")
+        self.canned[key] = (status, [(b"content-type", content_type), *(headers or [])], body)
+        return key
+
 
     @property
     def url(self) -> str:
