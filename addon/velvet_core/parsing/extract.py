@@ -55,8 +55,12 @@ def bad_counts(usage: Any) -> list[str]:
         if isinstance(v, dict):
             stack += [(f"{path}.{k}", x) for k, x in v.items() if k.endswith("tokens") or isinstance(x, dict)]
         elif v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKENS_MAX):
-            out.append(path)
+            leaf = path.rsplit(".", 1)[-1]
+            out.append(f"{_COLUMN.get(leaf, leaf)} ({path})")
     return sorted(out)
+
+
+_COLUMN = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"}  # the usage field's column
 
 
 def _sub(d: Any, key: str, sub: str) -> int | None:
