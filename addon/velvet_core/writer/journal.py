@@ -165,9 +165,8 @@ def read(path: Path) -> Iterator[CallSnapshot]:
                 return
             try:
                 snap = Unpickler(io.BytesIO(data)).load()
-            except Exception:
-                log.exception("velvet: damaged entry in journal %s", path)
-                quarantine(path, "damaged journal entry")
+            except Exception as e:  # (quarantine logs it: a damaged file is not a bug of ours)
+                quarantine(path, f"damaged journal entry ({type(e).__name__}: {e})")
                 return
             if isinstance(snap, CallSnapshot):
                 yield snap
