@@ -188,10 +188,8 @@ class Writer:
             if stopping and (not self.pending or self._abandon.is_set()):
                 break
             if self.pending and self.store is None:
-                if stopping and self._abandon.wait(backoff):
+                if self._wait(backoff, stopping):
                     break
-                if not stopping:
-                    time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         if self.pending:
             n = sum(not isinstance(p, Safe) for p in self.pending)
@@ -202,6 +200,18 @@ class Writer:
         self.health.pending = len(self.pending)
         self.health.publish(self.store.db if self.store else None, force=True)
         self._close()
+
+    def _wait(self, seconds: float, stopping: bool) -> bool:
+        """Sleep between retries (True: abandoned while stopping), keeping health current meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if stopping and self._abandon.wait(min(left, 0.5)):
+                return True
+            if not stopping:
+                time.sleep(min(left, 0.5))
+            self.health.tick()
+            self.health.publish(None)
+        return False
 
     def _lines_arrived(self) -> None:
         if self.store is not None:
