@@ -239,7 +239,7 @@ class Velvet:
         opts = ctx.options
         if self._writer_mode() == "process":
             self.writer = ProcessWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
-                                        body_limit=opts.velvet_body_limit)
+                                        body_limit=opts.velvet_body_limit, flush_timeout=opts.velvet_flush_timeout)
         else:
             self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(),
                                  setup=self.processor.warm, journaled=opts.velvet_journal)

@@ -39,8 +39,28 @@ class Tokens:
         }
 
 
+TOKENS_MAX = 1 << 40  # no request has a trillion tokens: a bigger count is not one
+
+
 def _int(v: Any) -> int | None:
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKENS_MAX else None
+
+
+def bad_counts(usage: Any) -> list[str]:
+    """The usage fields that hold something other than a plausible token count (left out, not priced)."""
+    out = []
+    stack: list[tuple[str, Any]] = [("usage", usage)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, dict):
+            stack += [(f"{path}.{k}", x) for k, x in v.items() if k.endswith("tokens") or isinstance(x, dict)]
+        elif v is not None and not (isinstance(v, int) and not isinstance(v, bool) and 0 <= v < TOKENS_MAX):
+            leaf = path.rsplit(".", 1)[-1]
+            out.append(f"{_COLUMN.get(leaf, leaf)} ({path})")
+    return sorted(out)
+
+
+_COLUMN = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens"}  # the usage field's column
 
 
 def _sub(d: Any, key: str, sub: str) -> int | None:

@@ -13,6 +13,7 @@ from velvet_core.parsing.extract import (
     ApiError,
     Tokens,
     api_error,
+    bad_counts,
     find_usage,
     json_text,
     ratelimits,
@@ -145,6 +146,8 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     if route.kind in ("batches", "files", "uploads"):
         usage = None  # a batch's usage belongs to the batch (priced there at batch rates), not to this poll
     tokens = tokens_from_usage(usage)
+    if bad := bad_counts(usage):
+        problems.append(f"not token counts, left out: {', '.join(bad)}")
     model = row.get("model") or row.get("model_requested")
     if usage is None and s.stream_chunks is not None and route.kind in ESTIMATED and s.status_code is not None \
             and s.status_code < 400:

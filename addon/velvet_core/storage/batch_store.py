@@ -23,7 +23,7 @@ from velvet_core.storage.models import (
     UploadPart,
 )
 from velvet_core.storage.ops import BatchSeen, PartSeen, UploadCompleted
-from velvet_core.storage.rows import chunks, insert_rows
+from velvet_core.storage.rows import chunks, indexed, insert_rows
 from velvet_core.storage.values import clean_rows, clean_text
 
 STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
@@ -47,7 +47,7 @@ def results_done(file_id: str) -> None:
 
 def upsert_file(row: dict[str, Any]) -> None:
     row = {k: v for k, v in row.items() if v is not None}
-    clean_rows([row])
+    clean_rows([row], bounded=indexed(File))
     if row.get("complete") is True and "problem" not in row:
         row["problem"] = None  # a whole download clears what an earlier, cut one said
     existing = File.get_or_none(File.id == row["id"])
@@ -93,7 +93,8 @@ def add_problem(message: str, marker: str, *where: Any) -> None:
 
 def upsert_batch(p: BatchSeen) -> None:
     row, observed = dict(p.row), p.observed_at
-    clean_rows([row, *p.errors], problem=None)
+    clean_rows([row], problem=None, bounded=indexed(Batch))
+    clean_rows(p.errors, problem=None, bounded=indexed(BatchError))
     old = Batch.get_or_none(Batch.id == row["id"])
     status = row["status"]
     stale = False
@@ -174,7 +175,7 @@ def check_urls(b: Batch) -> None:
 
 def upsert_upload(row: dict[str, Any]) -> None:
     row = {k: v for k, v in row.items() if v is not None}
-    clean_rows([row], problem=None)
+    clean_rows([row], problem=None, bounded=indexed(Upload))
     if Upload.get_or_none(Upload.id == row["id"]) is None:
         Upload.insert(**row).on_conflict_ignore().execute()
     else:
@@ -188,7 +189,7 @@ def upsert_upload(row: dict[str, Any]) -> None:
 def part_seen(p: PartSeen) -> None:
     row = {"id": p.id, "upload_id": p.upload_id, "head": p.head, "tail": p.tail, "lines": p.lines,
            "bytes": p.bytes, "seen_at": p.seen_at}
-    clean_rows([row], problem=None)
+    clean_rows([row], problem=None, bounded=indexed(UploadPart))
     UploadPart.insert(**row).on_conflict_ignore().execute()
 
 

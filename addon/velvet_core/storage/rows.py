@@ -14,6 +14,15 @@ from velvet_core.storage.values import clean_rows
 CHUNK = 500
 
 
+@functools.cache
+def indexed(model: type[models.Base]) -> frozenset[str]:
+    """The text columns of ``model`` in an index (their values must fit an index entry)."""
+    names = {f.name for f in model._meta.sorted_fields if f.index or f.unique or f.primary_key}
+    for columns, _ in model._meta.indexes:
+        names.update(columns)
+    return frozenset(n for n in names if isinstance(model._meta.fields.get(n), CharField | TextField))
+
+
 def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:
     for i in range(0, len(rows), n):
         yield rows[i:i + n]
@@ -41,7 +50,7 @@ def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
     """
     if not rows:
         return
-    clean_rows(rows)
+    clean_rows(rows, bounded=indexed(model))
     db = models.db.obj  # the real database behind the per-thread proxy
     assert db is not None, "insert_rows outside models.use()"
     sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 INT_MIN, INT_MAX = -(1 << 63), (1 << 63) - 1
+INDEXED_BYTES = 800  # PostgreSQL's btree entries hold 2,704 bytes: a four-column index of such values still fits
 
 
 def clean_text(s: str) -> tuple[str, str | None]:
@@ -32,27 +33,33 @@ def clean_text(s: str) -> tuple[str, str | None]:
     return s, None
 
 
-def clean_row(row: dict[str, Any]) -> list[str]:
-    """Make every value of ``row`` storable, in place; the notes say what changed (empty: nothing)."""
+def clean_row(row: dict[str, Any], bounded: frozenset[str] = frozenset()) -> list[str]:
+    """Make every value of ``row`` storable, in place; the notes say what changed (empty: nothing).
+
+    ``bounded``: indexed columns, whose values are cut to :data:`INDEXED_BYTES` (an index entry is limited).
+    """
     notes: list[str] = []
     for key, v in row.items():
         t = type(v)
         if t is str:
-            if v.isascii() and "\x00" not in v:
-                continue
-            fixed, what = clean_text(v)
-            if what:
-                row[key] = fixed
-                notes.append(f"{key}: {what}")
+            if not (v.isascii() and "\x00" not in v):
+                fixed, what = clean_text(v)
+                if what:
+                    row[key] = v = fixed
+                    notes.append(f"{key}: {what}")
+            if len(v) > INDEXED_BYTES // 4 and key in bounded and len(raw := v.encode()) > INDEXED_BYTES:
+                row[key] = raw[:INDEXED_BYTES].decode("utf-8", "ignore")
+                notes.append(f"{key}: cut from {len(raw):,} to {INDEXED_BYTES} bytes (an indexed column)")
         elif t is int and not INT_MIN <= v <= INT_MAX:
             row[key] = None
             notes.append(f"{key}: {v.bit_length()}-bit integer out of range, dropped")
     return notes
 
 
-def clean_rows(rows: list[dict[str, Any]], problem: str | None = "problem") -> None:
+def clean_rows(rows: list[dict[str, Any]], problem: str | None = "problem",
+               bounded: frozenset[str] = frozenset()) -> None:
     """:func:`clean_row` for each row; notes are appended to the row's ``problem`` column if it has one."""
     for row in rows:
-        if (notes := clean_row(row)) and problem:
+        if (notes := clean_row(row, bounded)) and problem:
             note = "velvet made values storable: " + ", ".join(notes)
             row[problem] = f"{row[problem]}; {note}" if row.get(problem) else note

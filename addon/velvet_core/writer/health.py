@@ -70,10 +70,16 @@ class Health:
         self.last_error, self.last_error_at = error, now
         if self.failing_since is None:
             self.failing_since = now
-        if not self._warned and now - self.failing_since >= self.warn_after:
+        self.tick()
+
+    def tick(self) -> None:
+        """Warn once writes have failed for ``warn_after`` seconds (called often, also between retries)."""
+        now = time.time()
+        if self.failing_since is not None and not self._warned and now - self.failing_since >= self.warn_after:
             self._warned = True
             log.warning("velvet: database writes have failed for %.0f s (%s); %d operations kept in memory, "
-                        "%d spooled to disk", now - self.failing_since, error, self.pending, self.spooled)
+                        "%d spooled to disk", now - self.failing_since, self.last_error, self.pending,
+                        self.spooled)
 
     def snapshot(self) -> dict[str, Any]:
         return {"proxy": self.proxy, "hostname": self.hostname, "pid": self.pid, "db": self.db,

@@ -124,14 +124,15 @@ class Journal:
         self.broken = f"{type(e).__name__}: {e}"
 
 
-def left_behind(directory: Path, tag: str) -> list[Path]:
-    """Journal segments of proxies that are gone (killed), claimed for replay by this process."""
+def left_behind(directory: Path, tag: str, skip: int | None = None) -> list[Path]:
+    """Journal segments of proxies that are gone (killed), claimed for replay by this process (``skip``: a
+    proxy whose journal is read otherwise, by its writer process)."""
     if not directory.is_dir():
         return []
     claimed = []
     for path in sorted(directory.glob(f"journal-{tag}-*")):
         owner = _owner(path)
-        if owner is None or owner == os.getpid() or pid_alive(owner):
+        if owner is None or owner in (os.getpid(), skip) or pid_alive(owner):
             continue
         mine = path.with_name(f"{path.name.split('.', 1)[0]}.log.replaying-{os.getpid()}")
         try:
@@ -164,9 +165,8 @@ def read(path: Path) -> Iterator[CallSnapshot]:
                 return
             try:
                 snap = Unpickler(io.BytesIO(data)).load()
-            except Exception:
-                log.exception("velvet: damaged entry in journal %s", path)
-                quarantine(path, "damaged journal entry")
+            except Exception as e:  # (quarantine logs it: a damaged file is not a bug of ours)
+                quarantine(path, f"damaged journal entry ({type(e).__name__}: {e})")
                 return
             if isinstance(snap, CallSnapshot):
                 yield snap

@@ -14,6 +14,7 @@ import peewee
 
 from velvet_core.redact import redact
 from velvet_core.storage.ops import BatchSeen, CallRow, FileSeen, Op, RequestLines, ResultLines, UploadSeen
+from velvet_core.storage.values import INDEXED_BYTES
 
 
 def transient(e: BaseException) -> bool:
@@ -23,7 +24,10 @@ def transient(e: BaseException) -> bool:
 
 def describe(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
-    return redact(f"{type(e).__name__}: {text[:300]}")
+    cause = e.__cause__ or e.__context__  # (SQLite's "disk full" hides behind a failed rollback)
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += f" (after {type(cause).__name__}: {' '.join(str(cause).split())[:200]})"
+    return redact(f"{type(e).__name__}: {text[:400]}")
 
 
 # bulky or free-form columns dropped first from a row the database refused
@@ -36,7 +40,7 @@ _BULKY = {
 # what is kept at the least: the row's identity and what says it is incomplete
 _MINIMAL = {
     CallRow: ("flow_id", "started_at", "ended_at", "method", "host", "endpoint", "action", "status_code",
-              "latency_ms", "key_fingerprint"),
+              "latency_ms", "key_fingerprint", "request_id", "model_requested", "model"),
     RequestLines: ("file_id", "upload_part_id", "part_line_no", "line_no", "batch_id"),
     ResultLines: ("file_id", "line_no", "batch_id", "failed", "seen_at"),
 }
@@ -71,7 +75,8 @@ def reductions(op: Op, error: BaseException) -> Iterator[Op]:
 
 
 def _short(v: Any) -> Any:
+    """A value cut to what any column (indexed ones included) takes."""
     if isinstance(v, str):
-        v = v.replace("\x00", "\ufffd").encode("utf-8", "backslashreplace").decode("utf-8")
-        return v[:1000]
+        v = v.replace("\x00", "\ufffd").encode("utf-8", "backslashreplace")[:INDEXED_BYTES]
+        return v.decode("utf-8", "ignore")
     return v

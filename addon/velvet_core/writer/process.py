@@ -44,13 +44,17 @@ def tag_of(url: str) -> str:
 class ProcessWriter:
     """The proxy's side: the same interface as :class:`Writer` (``submit``, ``stop``, ``status``)."""
 
-    def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = 8 * 1024 * 1024) -> None:
+    def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = 8 * 1024 * 1024,
+                 flush_timeout: float = 30.0) -> None:
         self.url = url
         self.spool_dir = spool_dir
+        self.prices, self.body_limit = prices, body_limit
         self.journal = Journal(spool_dir / "journal", tag_of(url))
+        self.fallback: Writer | None = None  # for flows the journal could not take (a full disk)
         # (the URL goes in the environment: a command line, password included, is visible to every user)
         self.args = [sys.executable, "-m", "velvet_core.writer.process", "--spool-dir", str(spool_dir),
-                     "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit)]
+                     "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit),
+                     "--flush-timeout", str(flush_timeout)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.written = 0
         self._respawned_at = 0.0
@@ -64,7 +68,17 @@ class ProcessWriter:
 
     def submit(self, snapshot: CallSnapshot) -> None:
         """Journal the flow (the child reads it from there). Never blocks on the child."""
-        self.journal.append(snapshot)
+        if self.journal.append(snapshot) is None:  # the journal is the hand-off: write this flow in-process
+            if self.fallback is None:
+                from velvet_core.parsing.pricing import Pricer, load_price_file
+                from velvet_core.process.processor import Processor
+
+                processor = Processor(Pricer(load_price_file(self.prices) if self.prices else None),
+                                      self.body_limit)
+                self.fallback = Writer(self.url, processor.process, spool_dir=self.spool_dir, journaled=False,
+                                       setup=processor.warm, serves=os.getpid())
+                self.fallback.start()
+            self.fallback.submit(snapshot)
         if self.proc is not None and self.proc.poll() is not None and time.monotonic() - self._respawned_at > 5:
             log.warning("velvet: the writer process exited (%s); starting another", self.proc.returncode)
             self.start()  # it resumes from the journal: nothing is lost
@@ -72,6 +86,7 @@ class ProcessWriter:
     def stop(self, timeout: float) -> bool:
         """Close the journal, tell the child (stdin closed) and wait up to ``timeout`` s for it."""
         self.journal.close()
+        fallback_clean = self.fallback.stop(timeout) if self.fallback is not None else True
         if self.proc is None:
             return True
         with contextlib.suppress(OSError):
@@ -84,7 +99,7 @@ class ProcessWriter:
             return False
         status = self.status()
         self.written = status.get("written") or 0
-        return code == 0 and not status.get("spooled")
+        return code == 0 and not status.get("spooled") and fallback_clean
 
     def status(self) -> dict[str, Any]:
         """The child's last published health (its status file)."""
@@ -112,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parent", required=True, type=int)
     ap.add_argument("--prices", default="")
     ap.add_argument("--body-limit", type=int, default=8 * 1024 * 1024)
+    ap.add_argument("--flush-timeout", type=float, default=30.0)
     a = ap.parse_args(argv)
     url = os.environ[ENV_DB]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -120,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
 
     _spread(a.parent)
     processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
-    writer = Writer(url, processor.process, spool_dir=a.spool_dir, setup=processor.warm, journaled=False)
+    writer = Writer(url, processor.process, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
+                    serves=a.parent)
     writer.start()
     stopping = threading.Event()
 
@@ -140,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         if not flows:
             stopping.wait(POLL)
-    clean = writer.stop(timeout=3600)
+    # the proxy has stopped (or died): write what is left, as the proxy's own shutdown would, within its
+    # flush timeout; what the database does not take by then is spooled for the next start
+    clean = writer.stop(timeout=a.flush_timeout)
     log.info("velvet: writer process wrote %d operations to %s", writer.written, redact(url))
     return 0 if clean else 1
 

@@ -24,7 +24,7 @@ from velvet_core.writer.spool import quarantine
 log = logging.getLogger("velvet")
 
 
-def orphans(spill_dir: Path, referenced: set[Path]) -> list[tuple[Path, CallRow]]:
+def orphans(spill_dir: Path, referenced: set[Path], skip: int | None = None) -> list[tuple[Path, CallRow]]:
     """Spill files of dead proxies that no replayed flow names, each with the row that records its flow."""
     if not spill_dir.is_dir():
         return []
@@ -34,7 +34,7 @@ def orphans(spill_dir: Path, referenced: set[Path]) -> list[tuple[Path, CallRow]
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or pid_alive(pid) or path in referenced:
+        if pid in (os.getpid(), skip) or pid_alive(pid) or path in referenced:
             continue
         try:
             meta = orjson.loads(sidecar(path).read_bytes())

@@ -92,9 +92,8 @@ class Tail:
                 seg.offset += FRAME.size + size
                 try:
                     snap = Unpickler(io.BytesIO(data)).load()
-                except Exception:
-                    log.exception("velvet: damaged entry in journal %s", seg.path)
-                    quarantine(seg.path, "damaged journal entry")
+                except Exception as e:  # (quarantine logs it: a damaged file is not a bug of ours)
+                    quarantine(seg.path, f"damaged journal entry ({type(e).__name__}: {e})")
                     return
                 if isinstance(snap, CallSnapshot):
                     with seg._lock:

@@ -87,14 +87,19 @@ class Writer:
 
     def __init__(self, url: str, process: Process, *, spool_dir: Path, queue_size: int = 10_000,
                  max_pending: int = 50_000, batch_size: int = 500, linger: float = 0.1,
-                 setup: Callable[[], None] | None = None, journaled: bool = True, warn_after: float = 5.0) -> None:
+                 setup: Callable[[], None] | None = None, journaled: bool = True, warn_after: float = 5.0,
+                 serves: int | None = None) -> None:
         self.url = url
         self.process = process
         self.setup = setup
         self.spool_dir = spool_dir
         tag = hashlib.sha256(url.encode()).hexdigest()[:10]
         self.spool = Spool(spool_dir, tag)
+        self.tag = tag
         self.journal = journal.Journal(spool_dir / "journal", tag) if journaled else None
+        # the writer process serves its proxy (this pid): that proxy's journal and spill files are its input,
+        # not leftovers to replay, even once the proxy is gone
+        self.serves = serves
         self.dead = DeadLetters(spool_dir / "dead-letters.jsonl")
         self.health = Health(url, spool_dir, tag, warn_after)
         self.queue: queue.Queue[Any] = queue.Queue(queue_size)
@@ -183,10 +188,8 @@ class Writer:
             if stopping and (not self.pending or self._abandon.is_set()):
                 break
             if self.pending and self.store is None:
-                if stopping and self._abandon.wait(backoff):
+                if self._wait(backoff, stopping):
                     break
-                if not stopping:
-                    time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
         if self.pending:
             n = sum(not isinstance(p, Safe) for p in self.pending)
@@ -197,6 +200,18 @@ class Writer:
         self.health.pending = len(self.pending)
         self.health.publish(self.store.db if self.store else None, force=True)
         self._close()
+
+    def _wait(self, seconds: float, stopping: bool) -> bool:
+        """Sleep between retries (True: abandoned while stopping), keeping health current meanwhile."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if stopping and self._abandon.wait(min(left, 0.5)):
+                return True
+            if not stopping:
+                time.sleep(min(left, 0.5))
+            self.health.tick()
+            self.health.publish(None)
+        return False
 
     def _lines_arrived(self) -> None:
         if self.store is not None:
@@ -387,15 +402,15 @@ class Writer:
                     self.pending.append(entry)
             self.backlog.append(Work(None, after=(path,)))  # after the flows above and the pending operations
         referenced: set[Path] = set()
-        if self.journal is not None:
-            for path in journal.left_behind(self.journal.dir, self.journal.tag):
-                flows = list(journal.read(path))
-                log.info("velvet: finishing %d flows journaled by a proxy that stopped (%s)", len(flows), path)
-                for snap in flows:
-                    referenced.update(p for p in spill_files(snap))
-                    self.backlog.append(Work(snap))
-                self.backlog.append(Work(None, after=(path,)))
-        for spill, row in recovery.orphans(self.spool_dir / "streams", referenced):
+        # (a writer that does not journal itself still finishes what dead proxies journaled)
+        for path in journal.left_behind(self.spool_dir / "journal", self.tag, skip=self.serves):
+            flows = list(journal.read(path))
+            log.info("velvet: finishing %d flows journaled by a proxy that stopped (%s)", len(flows), path)
+            for snap in flows:
+                referenced.update(p for p in spill_files(snap))
+                self.backlog.append(Work(snap))
+            self.backlog.append(Work(None, after=(path,)))
+        for spill, row in recovery.orphans(self.spool_dir / "streams", referenced, skip=self.serves):
             log.info("velvet: recording a flow cut off when its proxy stopped (%s)", spill)
             self.pending += [row, Safe(None, (spill, sidecar(spill)))]
         self.health.remove_stale_files()
