@@ -132,7 +132,8 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
         out["writer_processes_lingering"] = len(fk.LINGERED)
         out["tracebacks"] = sum(p.read_text(errors="replace").count("Traceback")
                                 for p in root.rglob("mitmdump.log"))
-        out.update(quick=quick, machine=f"{platform.machine()}, {os.cpu_count()} cores, "
+        out.update(quick=quick, writer=" ".join(fk.EXTRA).removeprefix("--set velvet_writer=") or "auto",
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                                         f"Python {platform.python_version()}, {platform.system()}")
     finally:
         fk.up_quietly(cluster.up)
@@ -187,7 +188,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="velvet's fault suite, with figures (see BENCHMARKS.md)")
     ap.add_argument("--quick", action="store_true", help="smaller scenarios, about a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--writer", choices=("auto", "thread", "process"), default="auto",
+                    help="velvet_writer for every mitmdump (default: velvet's own default, auto)")
     a = ap.parse_args()
+    if a.writer != "auto":
+        fk.EXTRA[:] = ["--set", f"velvet_writer={a.writer}"]
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
     r = run(a.quick, lambda m: print(m, file=sys.stderr, flush=True))

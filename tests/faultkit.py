@@ -40,6 +40,7 @@ from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 Raw = openai.DefaultHttpxClient  # the SDK's own HTTP client class (httpx's API)
 LOW = ["--set", "velvet_stream_threshold=1024"]  # every batch body over 1 KiB takes the streamed path
 QUIET = ["--set", "flow_detail=0"]  # mitmdump's log: velvet's messages, not one line per flow
+EXTRA: list[str] = []  # options for every mitmdump of the scenarios (scripts/faults --writer)
 FLUSH_TIMEOUT = 5  # a bounded wait at shutdown when writes fail
 
 
@@ -47,7 +48,7 @@ def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None =
                 flush_timeout: int = FLUSH_TIMEOUT) -> Proxy:
     """A started mitmdump for a scenario."""
     tmp.mkdir(parents=True, exist_ok=True)
-    return Proxy(url, standin.url, tmp, extra=[*QUIET, "--set", f"velvet_flush_timeout={flush_timeout}",
+    return Proxy(url, standin.url, tmp, extra=[*QUIET, *EXTRA, "--set", f"velvet_flush_timeout={flush_timeout}",
                                               *(extra or [])]).start()
 
 
