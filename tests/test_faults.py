@@ -90,8 +90,8 @@ def test_database_outage_under_traffic(standin, outage_db, tmp_path):
     """The database goes away for a few seconds while calls go through: all served, all stored after."""
     url, down, up = outage_db
     pg = url.startswith("postgresql")
-    # (PostgreSQL down long enough for the writer's warning: 5 s, at its next attempt after backoff)
-    r = fk.outage(standin, tmp_path, url, down, up, seconds=9 if pg else 5)
+    # (PostgreSQL down longer than the 5 s after which the writer warns)
+    r = fk.outage(standin, tmp_path, url, down, up, seconds=7 if pg else 5)
     assert r.during >= 10, "calls were made while the database was unavailable"
     assert r.served == r.calls, "every call was served"
     assert r.missing == [] and r.stored == r.calls
