@@ -48,8 +48,16 @@ def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None =
                 flush_timeout: int = FLUSH_TIMEOUT) -> Proxy:
     """A started mitmdump for a scenario."""
     tmp.mkdir(parents=True, exist_ok=True)
-    return Proxy(url, standin.url, tmp, extra=[*QUIET, *EXTRA, "--set", f"velvet_flush_timeout={flush_timeout}",
-                                              *(extra or [])]).start()
+    args = [*QUIET, *EXTRA, "--set", f"velvet_flush_timeout={flush_timeout}", *(extra or [])]
+    return Proxy(url, standin.url, tmp, extra=last_set_wins(args)).start()
+
+
+def last_set_wins(args: list[str]) -> list[str]:
+    """``--set name=value`` pairs, each name once (its last value): an option given twice makes mitmproxy
+    drop a script's options without a word (velvet then captures nothing)."""
+    pairs = dict(args[i + 1].split("=", 1) for i in range(0, len(args), 2) if args[i] == "--set")
+    rest = [a for i in range(0, len(args), 2) if args[i] != "--set" for a in args[i:i + 2]]
+    return [*rest, *(x for k, v in pairs.items() for x in ("--set", f"{k}={v}"))]
 
 
 # -- waiting and reading ---------------------------------------------------------------------------
