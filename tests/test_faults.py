@@ -138,10 +138,12 @@ def test_damaged_spool_and_journal_files_are_quarantined(standin, gone_db, tmp_p
     assert r.tracebacks == 0, r.log[-3000:]
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="sets RLIMIT_FSIZE of another process (prlimit)")
-def test_full_disk(standin, tmp_path):
-    """SQLite cannot grow (the disk is full) while calls go through; once space is back, all are stored."""
-    r = fk.disk_full(standin, tmp_path, calls=30)
+@pytest.mark.skipif(sys.platform != "linux", reason="sets RLIMIT_FSIZE of other processes (prlimit)")
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_full_disk(standin, tmp_path, writer):
+    """No file may grow (the disk is full: the database, the journal, spill files) while calls go through,
+    long enough for the writer to retry five times; once space is back, every call is stored."""
+    r = fk.disk_full(standin, tmp_path, calls=30, writer=writer)
     assert r.served == r.calls, "a full disk never fails the user's calls"
     assert r.upload_served, "a streamed upload is passed on even when velvet cannot keep it"
     assert r.warned and r.recovered, "the log says writes failed (the disk was full) and recovered"
