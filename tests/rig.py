@@ -70,6 +70,7 @@ class Proxy:
 
     def start(self) -> Proxy:
         env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30

@@ -742,6 +742,7 @@ def migrate(db: Database) -> int:
     """Bring the schema up to :data:`SCHEMA_VERSION`; safe when several proxies start at once."""
     # One transaction under a lock: the first proxy migrates, the others wait, then find nothing to do.
     lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
+    done: list[str] = []  # logged once committed: a failing attempt (a full disk, say) retried says nothing
     with db.atomic(**lock):
         if isinstance(db, PostgresqlDatabase):
             db.execute_sql("SELECT pg_advisory_xact_lock(7041995)")
@@ -749,14 +750,16 @@ def migrate(db: Database) -> int:
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{current} is newer than this velvet (v{SCHEMA_VERSION})")
         if current == 0:
-            log.info("velvet: creating database schema v%d (baseline)", BASELINE_VERSION)
             _run(db, BASELINE_SQLITE if isinstance(db, SqliteDatabase) else BASELINE_PG)
             _set_version(db, BASELINE_VERSION)
             current = BASELINE_VERSION
+            done.append(f"velvet: created database schema v{BASELINE_VERSION} (baseline)")
         for step in MIGRATIONS:
             if step.version > current:
-                log.info("velvet: migrating database schema to v%d (%s)", step.version, step.name)
                 step.apply(db)
                 _set_version(db, step.version)
                 current = step.version
-        return current
+                done.append(f"velvet: migrated database schema to v{step.version} ({step.name})")
+    for message in done:
+        log.info("%s", message)
+    return current

@@ -73,11 +73,15 @@ class Journal:
             self._fail(e)
             return None
         with self._lock:
+            frame = FRAME.pack(len(data)) + data
             try:
                 seg = self._segment()
-                seg.file.write(FRAME.pack(len(data)) + data)
+                written = seg.file.write(frame)
+                if written != len(frame):  # (a file size limit, a full disk: the kernel took part of it)
+                    raise OSError(f"short write ({written} of {len(frame)} bytes)")
             except Exception as e:
                 self._fail(e)
+                self._rotate()  # never append after a torn frame: readers stop at it
                 return None
             seg.count += 1
             seg.outstanding += 1
