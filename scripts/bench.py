@@ -488,16 +488,29 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the proxies to their own core (default: pinned when there are 2+ cores)")
+    ap.add_argument("--scale", action="store_true",
+                    help="query times on a big database (10 M batch lines, 1 M calls) on SQLite and PostgreSQL")
+    ap.add_argument("--lines", type=int, help="with --scale: batch lines (default 10,000,000; --quick 200,000)")
+    ap.add_argument("--calls", type=int, help="with --scale: live calls (default a tenth of --lines)")
+    ap.add_argument("--pg", metavar="URL", help="PostgreSQL to use (default $VELVET_TEST_PG, else a throwaway one)")
+    ap.add_argument("--keep", action="store_true", help="with --scale: keep the databases built")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--lines", type=int, default=50_000, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
-        asyncio.run(serve(a.serve, a.lines, a.line_size))
+        asyncio.run(serve(a.serve, a.lines or 50_000, a.line_size))
+        return 0
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if a.scale:
+        from scale import run_scale
+
+        lines = a.lines or (200_000 if a.quick else 10_000_000)
+        r = run_scale(lines, a.calls if a.calls is not None else lines // 10, a.pg, a.keep, log)
+        print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k:<28} {v}" for k, v in r.items()))
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
-    r = run(a.quick, lambda m: print(m, file=sys.stderr, flush=True), pinned=not a.no_pin)
+    r = run(a.quick, log, pinned=not a.no_pin)
     print(json.dumps(r, indent=2) if a.json else table(r))
     return 0
 

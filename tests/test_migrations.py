@@ -22,7 +22,7 @@ from velvet_core.storage.migrations import (
     BASELINE_SQLITE,
     BASELINE_VERSION,
     MIGRATIONS,
-    VIEWS_V2,
+    VIEWS,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -202,7 +202,7 @@ def test_models_match_the_migrated_schema(new_db):
     migrate(migrated)
     with models.use(from_models):
         from_models.create_tables(models.MODELS)
-    run_script(from_models, VIEWS_V2)
+    run_script(from_models, VIEWS)
     expected, actual = schema(from_models), schema(migrated)
     if is_sqlite(migrated):
         for table in (*expected.values(), *actual.values()):

@@ -14,7 +14,7 @@ from peewee import Database, PostgresqlDatabase
 
 from velvet_core import __version__, config
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
-from velvet_core.query import queries
+from velvet_core.query import queries, rebuild
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 
 
@@ -201,6 +201,14 @@ def cmd_export(db: Database, a: argparse.Namespace) -> None:
         print(f"{total:,} rows written to {a.output}", file=sys.stderr)
 
 
+def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
+    r = rebuild.rebuild(db)
+    if a.json:
+        return dump_json(r)
+    print(f"rebuilt the counters of {r['batches']:,} batches and {r['rollup_rows']:,} rollup rows "
+          f"from {r['calls']:,} calls in {r['seconds']} s")
+
+
 # -- arguments -------------------------------------------------------------------------------------
 
 def _since(text: str) -> datetime:
@@ -258,6 +266,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--since", type=_since, metavar="WHEN")
     p.add_argument("--format", choices=("jsonl", "csv"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
+    command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
     return ap
 
 
@@ -265,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     url = args.db or config.default_db_url()
     try:
-        db = queries.open_readonly(url)
+        db = rebuild.open_writable(url) if args.cmd == "rebuild" else queries.open_readonly(url)
     except DatabaseURLError as e:
         return _fail(str(e), 2)
     except Exception as e:
