@@ -51,7 +51,12 @@ MODELS = [("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "chat.completions", "/v1/cha
           ("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14", "responses", "/v1/responses", 0.4, 1.6),
           ("text-embedding-3-small", "text-embedding-3-small", "embeddings", "/v1/embeddings", 0.02, 0.0)]
 KEYS = ["3f9a1c2b4d5e", "a1b2c3d4e5f6", "0badc0ffee00", "77e1d2c3b4a5"]
+USAGE = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
 RUNS = 5  # each query: the median of this many runs
+
+
+def dumps(v: Any) -> str:
+    return orjson.dumps(v).decode()
 
 
 # -- building --------------------------------------------------------------------------------------
@@ -61,10 +66,10 @@ def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iter
     bid, fin, fout, ferr = f"batch_{n:08d}", f"file-in{n:08d}", f"file-out{n:08d}", f"file-err{n:08d}"
     model, snapshot = ("gpt-4o-mini", "gpt-4o-mini-2024-07-18") if n % 3 else ("gpt-4o", "gpt-4o-2024-08-06")
     seen = created - timedelta(minutes=1)
-    rows = [{"file_id": fin, "line_no": i, "custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
-             "model": model, "problem": None,
-             "body": '{"model":"%s","messages":[{"role":"user","content":"Classify review %d of batch %d: '
-                     'the product arrived on time and works as described."}],"max_tokens":64}' % (model, i, n)}
+    rows = [{"file_id": fin, "line_no": i, "custom_id": f"req-{i}", "method": "POST",
+             "url": "/v1/chat/completions", "model": model, "problem": None,
+             "body": dumps({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": (
+                 f"Classify review {i} of batch {n}: the product arrived on time and works as described.")}]})}
             for i in range(1, lines + 1)]
     yield [FileSeen({"id": fin, "purpose": "batch", "filename": f"reviews-{n}.jsonl", "bytes": lines * 200,
                      "created_at": seen, "status": "processed", "first_seen_at": seen, "updated_at": seen}),
@@ -94,19 +99,19 @@ def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iter
                "seen_at": got, "problem": None}
         if i in failed:
             no_bad += 1
+            message = "The model produced invalid content."
             bad.append({**row, "file_id": ferr, "line_no": no_bad, "status_code": 400, "failed": True,
-                        "error_code": "invalid_request_error", "error_message": "The model produced invalid content.",
-                        "body": '{"error":{"message":"The model produced invalid content.",'
-                                '"type":"invalid_request_error"}}'})
+                        "error_code": "invalid_request_error", "error_message": message,
+                        "body": dumps({"error": {"message": message, "type": "invalid_request_error"}})})
         else:
             no_ok += 1
             ok.append({**row, "file_id": fout, "line_no": no_ok, "status_code": 200, "failed": False,
                        "model": snapshot, "input_tokens": 40, "output_tokens": 12, "total_tokens": 52,
                        "cost_usd": 40 * 0.075e-6 + 12 * 0.3e-6,
-                       "body": '{"id":"chatcmpl-%d-%d","object":"chat.completion","model":"%s","choices":[{"index":0,'
-                               '"message":{"role":"assistant","content":"positive"},"finish_reason":"stop"}],'
-                               '"usage":{"prompt_tokens":40,"completion_tokens":12,"total_tokens":52}}'
-                               % (n, i, snapshot)})
+                       "body": dumps({"id": f"chatcmpl-{n}-{i}", "object": "chat.completion", "model": snapshot,
+                                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                          "role": "assistant", "content": "positive"}}],
+                                      "usage": USAGE})})
     for fid, res in ((fout, ok), (ferr, bad)):
         yield [*(ResultLines(res[i:i + 500]) for i in range(0, len(res), 500)),
                FileSeen({"id": fid, "role": "output" if fid == fout else "error", "content_seen": True,
@@ -115,7 +120,7 @@ def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iter
 
 
 def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime) -> list[dict[str, Any]]:
-    """Calls ``start`` to ``start + n`` of ``total``, spread evenly over the last :data:`DAYS` days, in time order."""
+    """Calls ``start`` to ``start + n`` of ``total``, evenly over the last :data:`DAYS` days, in time order."""
     rows = []
     first, gap = now - timedelta(days=DAYS), DAYS * 86400 / max(total, 1)
     for i in range(start, start + n):
@@ -128,8 +133,10 @@ def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime)
         ok = status == 200
         rows.append({
             "flow_id": f"{i:08x}-{secrets.token_hex(12)}", "started_at": started,
-            "request_end_at": started + timedelta(milliseconds=2), "first_byte_at": started + timedelta(milliseconds=lat / 3),
-            "ended_at": started + timedelta(milliseconds=lat), "latency_ms": lat, "ttft_ms": lat / 3 if stream else None,
+            "request_end_at": started + timedelta(milliseconds=2),
+            "first_byte_at": started + timedelta(milliseconds=lat / 3),
+            "ended_at": started + timedelta(milliseconds=lat),
+            "latency_ms": lat, "ttft_ms": lat / 3 if stream else None,
             "processing_ms": int(lat * 0.8), "method": "POST", "host": "api.openai.com", "path": path,
             "endpoint": endpoint, "action": "create", "model_requested": asked, "model": model if ok else None,
             "status_code": status, "stream": stream, "complete": True, "request_id": f"req_{i:012x}",
@@ -141,12 +148,13 @@ def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime)
             "error_code": None if ok else "rate_limit_exceeded" if status == 429 else None,
             "finish_reason": "stop" if ok and endpoint != "embeddings" else None,
             "request_headers": '{"content-type":"application/json","user-agent":"OpenAI/Python 1.99.0"}',
-            "response_headers": '{"content-type":"application/json","openai-processing-ms":"%d"}' % int(lat * 0.8),
+            "response_headers": dumps({"content-type": "application/json",
+                                       "openai-processing-ms": str(int(lat * 0.8))}),
             "request_bytes": 180, "response_bytes": 420,
-            "request_body": '{"model":"%s","messages":[{"role":"user","content":"Question %d"}]}' % (asked, i),
-            "response_body": '{"id":"chatcmpl-%d","object":"chat.completion","model":"%s","choices":[{"index":0,'
-                             '"message":{"role":"assistant","content":"An answer."},"finish_reason":"stop"}]}'
-                             % (i, model)})
+            "request_body": dumps({"model": asked, "messages": [{"role": "user", "content": f"Question {i}"}]}),
+            "response_body": dumps({"id": f"chatcmpl-{i}", "object": "chat.completion", "model": model,
+                                    "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant", "content": "An answer."}}]})})
     return rows
 
 
@@ -252,7 +260,8 @@ def postgres(given: str | None, log: Callable[[str], None]) -> Iterator[str]:
         yield base
         return
     log("scale: starting a throwaway PostgreSQL (scripts/pg-throwaway)")
-    r = subprocess.run([str(ROOT / "scripts" / "pg-throwaway"), "start"], capture_output=True, text=True, check=True)
+    script = str(ROOT / "scripts" / "pg-throwaway")
+    r = subprocess.run([script, "start"], capture_output=True, text=True, check=True)
     url, pgdir = r.stdout.split()
     try:
         yield url

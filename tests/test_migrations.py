@@ -163,6 +163,8 @@ def test_released_database_is_migrated(new_db, version, caplog):
     assert {"batch_requests_file_id_line_no", "batch_results_batch_id_custom_id"} <= indexes
     summary = db.execute_sql("SELECT id, lines, answered, failed, cost_usd FROM batch_summary").fetchall()
     assert summary == [("batch_1", 1, 1, 0, 0.5)]
+    rollups = db.execute_sql("SELECT hours, calls, input_tokens FROM call_rollups ORDER BY hours").fetchall()
+    assert rollups == [(1, 1, 12), (24, 1, 12)]  # the calls already there are counted
     lines = db.execute_sql("SELECT custom_id, model, response_body FROM batch_lines").fetchall()
     assert lines == [("req-1", "gpt-4o-mini-2024-07-18", '{"ok": true}')]
     if not is_sqlite(db):

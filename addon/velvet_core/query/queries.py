@@ -10,7 +10,7 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
@@ -397,10 +397,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
     bw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
     if since:
         bw, params = " WHERE COALESCE(created_at, first_seen_at) >= ?", (_param(db, since),)
-    if _rollups_cover(db, since):
-        out_live = _live_from_rollups(db, by, since)
-    else:
-        out_live = _live_from_calls(db, by, since)
+    out_live = _live_from_rollups(db, by, since) if _rollups_cover(db, since) else _live_from_calls(db, by, since)
     bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
                                                           "input_tokens": 0, "output_tokens": 0,
                                                           "cost_usd": 0.0, "_turn": []})
@@ -525,8 +522,8 @@ def export_rows(db: Database, batch_id: str | None = None, lines_of_batches: boo
             raise NotFound(f"no batch {batch_id!r} in this database")
         if batch_id is not None:
             ids: list[str | None] = [batch_id]
-            if since is not None and not _rows(db, "SELECT id FROM batches WHERE id = ? AND "
-                                               "COALESCE(created_at, first_seen_at) >= ?", (batch_id, _param(db, since))):
+            if since is not None and not _rows(db, "SELECT id FROM batches WHERE id = ? AND COALESCE(created_at, "
+                                               "first_seen_at) >= ?", (batch_id, _param(db, since))):
                 ids = []
         else:  # batch by batch, each through its indexes: one sorted union would sort every line first
             where, params = ("", ()) if since is None else (

@@ -4,7 +4,7 @@
   ``batch_summary`` shows). Lines only become a batch's when :func:`batch_store.link` binds them, so
   the counts are recomputed for a batch in the same transaction, whenever a link changed a row of it:
   whatever the order the lines, answers and batch objects came in, and however often they were replayed.
-- ``call_rollups``: live calls summed per hour and per day (UTC) × model × endpoint × key, with
+- ``call_rollups``: live calls summed per hour and per day (UTC), model, endpoint and key, with
   latency and TTFT histograms (percentiles cannot be summed). Updated in the transaction that inserts
   the calls, counting only the rows actually inserted (a replayed or duplicate call is not counted twice).
 
@@ -20,10 +20,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from peewee import Database, IntegrityError, PostgresqlDatabase, SqliteDatabase
 
 from velvet_core.storage import models
-from velvet_core.storage.rows import chunks, insert_rows
+from velvet_core.storage.rows import COPY_FROM, chunks, insert_rows
 
 HOUR, DAY = 1, 24  # call_rollups.hours
 SCALE = 50  # histogram bucket = round(SCALE * ln(ms)): buckets 2 % wide, a percentile within 1 %
@@ -119,9 +119,9 @@ def accumulate(calls: Iterable[tuple], into: dict[Key, Sums] | None = None) -> d
         hour, day = periods(started)
         dims = (model or requested or "", endpoint or "", key or "")
         for k in ((HOUR, hour, *dims), (DAY, day, *dims)):
-            s = acc.get(k)  # type: ignore[call-overload]
+            s = acc.get(k)
             if s is None:
-                s = acc[k] = Sums()  # type: ignore[index]
+                s = acc[k] = Sums()
             s.add_call(status, complete, lat, ttft, inp, outp, cost)
     return acc
 
@@ -148,17 +148,12 @@ def add_calls(rows: list[dict[str, Any]]) -> None:
     db = models.db.obj
     assert db is not None, "add_calls outside models.use()"
     if isinstance(db, PostgresqlDatabase):
-        inserted = set(insert_rows(models.Call, rows, returning="flow_id") or ())
-        new, seen = [], set()
-        for r in rows:
-            if r["flow_id"] in inserted and r["flow_id"] not in seen:
-                seen.add(r["flow_id"])
-                new.append(r)
+        new = _insert_calls_pg(db, rows)
     else:  # the store's SQLite transactions hold the write lock from their start: nobody inserts meanwhile
         known: set[str] = set()
         for part in chunks([r["flow_id"] for r in rows]):
-            cur = db.execute_sql(f'SELECT "flow_id" FROM "calls" WHERE "flow_id" IN ({", ".join("?" * len(part))})',
-                                 part)
+            marks = ", ".join("?" * len(part))
+            cur = db.execute_sql(f'SELECT "flow_id" FROM "calls" WHERE "flow_id" IN ({marks})', part)
             known.update(f for (f,) in cur.fetchall())
         new = []
         for r in rows:
@@ -168,6 +163,33 @@ def add_calls(rows: list[dict[str, Any]]) -> None:
         insert_rows(models.Call, new)
     if new:
         add_rollups(db, accumulate(map(_row_tuple, new)))
+
+
+def _insert_calls_pg(db: Database, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Insert into PostgreSQL; the rows actually inserted.
+
+    Many rows whose flow ids are not stored yet are copied straight into ``calls`` (no staging table:
+    half the server's work); should another writer store one of them meanwhile, the copy fails alone (a
+    savepoint) and the rows go in the careful way, which says which were inserted.
+    """
+    if len(rows) >= COPY_FROM:
+        ids = [r["flow_id"] for r in rows]
+        known = {f for (f,) in db.execute_sql('SELECT "flow_id" FROM "calls" WHERE "flow_id" = ANY(%s)',
+                                              (ids,)).fetchall()}
+        if len(set(ids)) == len(ids) and not known:
+            try:
+                with db.atomic():
+                    insert_rows(models.Call, rows, direct=True)
+                return rows
+            except IntegrityError:
+                pass
+    inserted = set(insert_rows(models.Call, rows, returning="flow_id") or ())
+    new, seen = [], set()
+    for r in rows:
+        if r["flow_id"] in inserted and r["flow_id"] not in seen:
+            seen.add(r["flow_id"])
+            new.append(r)
+    return new
 
 
 _KEY_WHERE = '"hours" = ? AND "period" = ? AND "model" = ? AND "endpoint" = ? AND "key_fingerprint" = ?'
@@ -293,5 +315,6 @@ def insert_sums(db: Database, acc: dict[Key, Sums]) -> None:
     for part in chunks(values, 1000):
         cur.executemany(_sql(db, 'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", '
                                  '"key_fingerprint", "calls", "errors", "input_tokens", "output_tokens", '
-                                 '"cost_usd", "latency_hist", "ttft_hist") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)'),
+                                 '"cost_usd", "latency_hist", "ttft_hist") '
+                                 f'VALUES ({", ".join("?" * 12)})'),
                         part)

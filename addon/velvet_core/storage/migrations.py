@@ -632,7 +632,8 @@ LEFT JOIN (SELECT "batch_id", count(*) AS n,
            FROM "batch_results" WHERE "batch_id" IS NOT NULL GROUP BY "batch_id") x ON x."batch_id" = b."id\"""")
     # Rollups: hour (1) and day (24) x model x endpoint x key; histograms {round(50 ln ms): count}
     sums: dict[tuple, list[Any]] = {}
-    cur = db.execute_sql('SELECT "started_at", COALESCE("model", "model_requested"), "endpoint", "key_fingerprint", '
+    cur = db.execute_sql('SELECT "started_at", COALESCE("model", "model_requested"), "endpoint", '
+                         '"key_fingerprint", '
                          '"status_code", "complete", "latency_ms", "ttft_ms", "input_tokens", "output_tokens", '
                          '"cost_usd" FROM "calls"')
     while rows := cur.fetchmany(5000):
@@ -640,7 +641,8 @@ LEFT JOIN (SELECT "batch_id", count(*) AS n,
             t = started if isinstance(started, datetime) else datetime.fromisoformat(str(started))
             hour = t.replace(minute=0, second=0, microsecond=0)
             for hours, period in ((1, hour), (24, hour.replace(hour=0))):
-                s = sums.setdefault((hours, period, model or "", endpoint or "", key or ""), [0, 0, 0, 0, 0.0, {}, {}])
+                s = sums.setdefault((hours, period, model or "", endpoint or "", key or ""),
+                                    [0, 0, 0, 0, 0.0, {}, {}])
                 s[0] += 1
                 s[1] += status is None or status >= 400 or not complete
                 s[2] += inp or 0
@@ -655,8 +657,9 @@ LEFT JOIN (SELECT "batch_id", count(*) AS n,
               for (h, p, m, e, k), s in sorted(sums.items())]
     param = "%s" if pg else "?"
     db.cursor().executemany(
-        'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", "key_fingerprint", "calls", "errors", '
-        f'"input_tokens", "output_tokens", "cost_usd", "latency_hist", "ttft_hist") VALUES ({", ".join([param] * 12)})',
+        'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", "key_fingerprint", "calls", '
+        '"errors", "input_tokens", "output_tokens", "cost_usd", "latency_hist", "ttft_hist") '
+        f'VALUES ({", ".join([param] * 12)})',
         values)
 
 

@@ -375,7 +375,7 @@ class BatchCount(Base):
 
 
 class CallRollup(Base):
-    """Live calls summed per hour (``hours`` 1) and per day (``hours`` 24) × model × endpoint × key.
+    """Live calls summed per hour (``hours`` 1) and per day (``hours`` 24), model, endpoint and key.
 
     Kept by the store as calls are inserted; ``velvet stats`` reads them. Latency and TTFT are kept as
     histograms (JSON ``{bucket: count}``, bucket ``round(50 ln ms)``: within 1 %) since percentiles cannot
@@ -401,5 +401,5 @@ class CallRollup(Base):
         indexes = ((("hours", "period", "model", "endpoint", "key_fingerprint"), True),)
 
 
-MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart, ProxyStatus,
-          BatchCount, CallRollup]
+MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
+          ProxyStatus, BatchCount, CallRollup]

@@ -32,7 +32,7 @@ def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
     return handle
 
 
-HANDLERS: dict[type, Callable[[list[Any]], None]] = {
+HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     # consecutive operations of one type are handed over together: rows go in with one executemany
     CallRow: lambda ops: derived.add_calls([op.row for op in ops]),  # and the hourly/daily rollups
     RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
