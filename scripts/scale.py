@@ -193,7 +193,7 @@ def median_ms(fn: Callable[[], Any], runs: int = RUNS) -> float:
         t = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t) * 1000)
-    return round(statistics.median(times), 1)
+    return round(statistics.median(times), 3)
 
 
 def export_rate(url: str, **kw: Any) -> float:
@@ -232,11 +232,13 @@ def measure(url: str, lines: int) -> dict[str, Any]:
         for key, fn in checks.items():
             fn()  # warm (the first run reads the pages from disk)
             out[key] = median_ms(fn)
+        # exports of about a tenth: the calls of the last 3 days, the lines of the newest tenth of the batches
+        newest = queries.batches(db)[: max(1, lines // PER_BATCH // 10)]
+        lines_since = queries.to_dt(newest[-1]["created_at"].replace("T", " ").rstrip("Z"))
     finally:
         db.close()
-    since = now - timedelta(days=3)  # about a tenth of the calls and of the batches
-    calls_rate = export_rate(url, since=since)
-    lines_rate = export_rate(url, lines_of_batches=True, since=since)
+    calls_rate = export_rate(url, since=now - timedelta(days=3))
+    lines_rate = export_rate(url, lines_of_batches=True, since=lines_since)
     out["export_rows_per_s"] = round(min(calls_rate, lines_rate))
     out["export_calls_rows_per_s"], out["export_lines_rows_per_s"] = round(calls_rate), round(lines_rate)
     cli = {}
