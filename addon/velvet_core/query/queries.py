@@ -104,12 +104,12 @@ def stream_rows(db: Database, sql: str, params: tuple = (), size: int = 1000) ->
     if isinstance(db, PostgresqlDatabase):
         conn = db.connection()
         with conn.transaction(), conn.cursor(name="velvet_export") as cur:
-            cur.itersize = size
             cur.execute(_sql(db, sql), params)
             cols: list[str] | None = None
-            for r in cur:
+            while batch := cur.fetchmany(size):  # iterating the cursor fetched a dozen rows per round trip
                 cols = cols or [d[0] for d in cur.description]
-                yield dict(zip(cols, r, strict=True))
+                for r in batch:
+                    yield dict(zip(cols, r, strict=True))
         return
     cur = db.execute_sql(sql, params)
     cols = [d[0] for d in cur.description]
