@@ -232,7 +232,7 @@ def measure(url: str, lines: int) -> dict[str, Any]:
         for key, fn in checks.items():
             fn()  # warm (the first run reads the pages from disk)
             out[key] = median_ms(fn)
-        # exports: the calls of the last 3 days (a tenth), the lines of the newest tenth of the batches (10 at most)
+        # exports: the calls of the last 3 days (a tenth); the lines of the newest tenth of the batches, 10 at most
         newest = queries.batches(db)[: min(10, max(1, lines // PER_BATCH // 10))]
         lines_since = queries.to_dt(newest[-1]["created_at"].replace("T", " ").rstrip("Z"))
     finally:
