@@ -337,9 +337,80 @@ def count_calls(db: Path) -> int:
         return c.execute("SELECT count(*) FROM calls").fetchone()[0]
 
 
+def wait_lines_pg(url: str, file_id: str, lines: int, timeout: float = 600) -> float:
+    """:func:`wait_lines` for a PostgreSQL database."""
+    import psycopg
+
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(url, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            row = conn.execute("SELECT lines FROM files WHERE id = %s", (file_id,)).fetchone()
+            if row and row[0] == lines:
+                return time.perf_counter()
+            time.sleep(0.01)
+    raise TimeoutError(f"{file_id}: lines not stored in {timeout} s")
+
+
+def pg_count_calls(url: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            row = conn.execute("SELECT count(*) FROM calls").fetchone()
+        except psycopg.errors.UndefinedTable:  # the proxy's writer has not made the schema yet
+            return 0
+        return int(row[0]) if row else 0
+
+
+def pg_writer_rate(url: str, n: int, spool: Path) -> float:
+    """Live calls per second the writer stores into PostgreSQL, fed prepared snapshots straight away.
+
+    The snapshots are what the addon's hooks hand over for a non-streamed chat call (as the tests build
+    them); the time runs from the first ``submit`` to the last row committed (``Writer.stop``).
+    """
+    from velvet_core.capture.snapshot import CallSnapshot
+    from velvet_core.parsing.classify import classify
+    from velvet_core.process.processor import Processor
+    from velvet_core.writer.writer import Writer
+
+    route = classify("POST", "/v1/chat/completions")
+    now = time.time()
+    run = os.urandom(4).hex()
+
+    def snap(i: int) -> CallSnapshot:
+        t = now + i * 0.001
+        return CallSnapshot(
+            flow_id=f"pg-{run}-{i}", method="POST", host="api.openai.com", path="/v1/chat/completions",
+            route=route,
+            key_fingerprint="0123456789ab", tags={}, request_body=REQ_BODY, request_encoding=None,
+            request_headers={"content-type": "application/json", "user-agent": "OpenAI/Python 1.99.0"},
+            started_at=t, request_end_at=t + 0.0005, status_code=200, first_byte_at=t + 0.02, ended_at=t + 0.021,
+            response_headers={"content-type": "application/json", "x-request-id": f"req_{i}",
+                              "openai-processing-ms": "20", "x-ratelimit-remaining-requests": "9999"},
+            response_body=CHAT, response_encoding=None)
+
+    before = pg_count_calls(url)
+    processor = Processor()
+    writer = Writer(url, processor.process, spool_dir=spool, queue_size=n + 10, setup=processor.warm)
+    writer.start()
+    writer.submit(snap(-1))  # connect, migrate and load the prices before the clock starts
+    deadline = time.monotonic() + 60
+    while writer.written < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    snaps = [snap(i) for i in range(n)]
+    t = time.perf_counter()
+    for s in snaps:
+        writer.submit(s)
+    assert writer.stop(timeout=600), "the writer spooled calls: the rate would be wrong"
+    elapsed = time.perf_counter() - t
+    stored = pg_count_calls(url) - before
+    assert stored == n + 1, f"{stored} calls stored of {n + 1}"
+    return n / elapsed
+
+
 # -- the run ---------------------------------------------------------------------------------------
 
-def run(quick: bool, log: Any, pinned: bool = True) -> dict[str, Any]:
+def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
     lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
     requests_per_round, rounds, conc = (300, 4, 16) if quick else (800, 10, 16)
@@ -425,6 +496,27 @@ def run(quick: bool, log: Any, pinned: bool = True) -> dict[str, Any]:
             out[f"upload_rss_mb_{name}"] = round(proc.peak_rss_mb(), 1)
             proc.stop()
         out.update(upload_mb=round(len(data) / 1e6, 1), upload_lines=lines)
+        from scale import pg_schema, postgres
+
+        with postgres(pg, log) as pg_base, pg_schema(pg_base, keep=False) as pg_url:
+            log("bench: the same upload through mitmdump + velvet writing to PostgreSQL")
+            proc, port = mitmdump(tmp, up_port, pg_url, "up-velvet-pg")
+            try:
+                client = sdk(port, ca)
+                client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "warm"}])
+                deadline = time.monotonic() + 60
+                while pg_count_calls(pg_url) < 1 and time.monotonic() < deadline:  # an idle writer, as above
+                    time.sleep(0.02)
+                t = time.perf_counter()
+                f = client.files.create(file=("bench.jsonl", io.BytesIO(data)), purpose="batch")
+                end = time.perf_counter()
+                out["upload_s_velvet_pg"] = round(end - t, 3)
+                out["ingest_s_pg"] = round(wait_lines_pg(pg_url, f.id, lines) - end, 3)
+            finally:
+                proc.stop()
+            n = 5_000 if quick else 20_000
+            log(f"bench: the writer alone, {n:,} prepared live-call snapshots into PostgreSQL")
+            out["pg_calls_per_s"] = round(pg_writer_rate(pg_url, n, tmp / "spool-pg"), 1)
         base = baseline_ingest(data, tmp / "baseline.db")
         out["ingest_lines_per_s_ratio"] = round(ours / (lines / base), 3)
         out["ingest_baseline_s"] = round(base, 3)
@@ -482,6 +574,8 @@ def table(r: dict[str, Any]) -> str:
          f"rate ratio {r['ingest_lines_per_s_ratio']:.2f} vs bare ({r['ingest_baseline_s']} s)"),
         (f"download {r['download_mb']} MB (gzip), s", r["download_s_plain"], r["download_s_velvet"],
          f"velvet peak RSS {r['download_rss_mb_velvet']} MB"),
+        ("ingest into PostgreSQL, s", "", r["ingest_s_pg"], f"upload {r['upload_s_velvet_pg']} s"),
+        ("writer into PostgreSQL, calls/s", "", r["pg_calls_per_s"], "prepared snapshots, writer alone"),
         ("rows lost", "", r["rows_lost"], f"of {r['calls_made']:,} calls"),
     ]
     w = max(len(x[0]) for x in rows)
@@ -497,16 +591,33 @@ def main() -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the proxies to their own core (default: pinned when there are 2+ cores)")
+    ap.add_argument("--scale", action="store_true",
+                    help="query times on a big database (10 M batch lines, 1 M calls) on SQLite and PostgreSQL")
+    ap.add_argument("--lines", type=int, help="with --scale: batch lines (default 10,000,000; --quick 60,000)")
+    ap.add_argument("--calls", type=int,
+                    help="with --scale: live calls (default a tenth of --lines; --quick 25,000)")
+    ap.add_argument("--pg", metavar="URL",
+                    help="PostgreSQL to use (default $VELVET_TEST_PG, else a throwaway one)")
+    ap.add_argument("--keep", action="store_true", help="with --scale: keep the databases built")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--lines", type=int, default=50_000, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
-        asyncio.run(serve(a.serve, a.lines, a.line_size))
+        asyncio.run(serve(a.serve, a.lines or 50_000, a.line_size))
+        return 0
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    if a.scale:
+        from scale import run_scale
+
+        # --quick: small enough for the test suite, big enough that stats reads the rollups (> EXACT_CALLS)
+        lines = a.lines or (60_000 if a.quick else 10_000_000)
+        calls = a.calls if a.calls is not None else 25_000 if a.quick and not a.lines else lines // 10
+        r = run_scale(lines, calls, a.pg, a.keep, log)
+        print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k:<28} {v}" for k, v in r.items()))
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
-    r = run(a.quick, lambda m: print(m, file=sys.stderr, flush=True), pinned=not a.no_pin)
+    r = run(a.quick, log, pinned=not a.no_pin, pg=a.pg)
     print(json.dumps(r, indent=2) if a.json else table(r))
     return 0
 

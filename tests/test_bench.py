@@ -1,4 +1,5 @@
-"""``scripts/bench --quick --json`` runs and prints every key (figures are not asserted: no timings in tests)."""
+"""``scripts/bench --quick --json`` and ``scripts/bench --scale --quick --json`` run and print every key
+(figures are not asserted: no timings in tests)."""
 
 from __future__ import annotations
 
@@ -6,21 +7,41 @@ import json
 import os
 import subprocess
 
+from conftest import pg_base_url
 from rig import ROOT
 
 KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_ratio", "live_p95_ms_ratio",
         "live_rps_ratio_no_journal",
         "stream_ttft_ms_plain", "stream_ttft_ms_velvet", "upload_mb", "upload_lines", "upload_s_plain",
         "upload_s_velvet", "upload_rss_mb_plain", "upload_rss_mb_velvet", "ingest_s", "ingest_lines_per_s_ratio",
-        "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost"}
+        "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost", "ingest_s_pg",
+        "pg_calls_per_s"}
+SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
+              "export_rows_per_s"}
 
 
 def test_bench_quick_json():
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    r = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--json"], capture_output=True, text=True,
-                       env=env, timeout=280)
+    r = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--json", "--pg", pg_base_url()],
+                       capture_output=True, text=True, env=env, timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert set(out) >= KEYS, KEYS - set(out)
     assert out["rows_lost"] == 0 and out["upload_lines"] == 5000  # correctness, not speed
     assert all(isinstance(out[k], int | float) and out[k] > 0 for k in KEYS - {"rows_lost"})
+
+
+def test_bench_scale_quick_json():
+    """A database built through the store on both backends; each query the CLI answers, timed."""
+    r = subprocess.run([str(ROOT / "scripts" / "bench"), "--scale", "--quick", "--json", "--pg", pg_base_url()],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["scale_lines"] == 60_000 and out["scale_calls"] == 25_000
+    keys = SCALE_KEYS | {f"{k}_pg" for k in SCALE_KEYS}
+    assert set(out) >= keys, keys - set(out)
+    assert all(isinstance(out[k], int | float) and out[k] >= 0 for k in keys)
+    assert out["export_rows_per_s"] > 0 and out["export_rows_per_s_pg"] > 0
+    for suffix in ("", "_pg"):
+        cli = out[f"velvet_cli_ms{suffix}"]
+        assert set(cli) == {"batches", "batch", "lines_failed", "calls", "stats", "stats_day"}

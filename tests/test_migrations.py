@@ -22,7 +22,7 @@ from velvet_core.storage.migrations import (
     BASELINE_SQLITE,
     BASELINE_VERSION,
     MIGRATIONS,
-    VIEWS_V2,
+    VIEWS,
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -163,6 +163,8 @@ def test_released_database_is_migrated(new_db, version, caplog):
     assert {"batch_requests_file_id_line_no", "batch_results_batch_id_custom_id"} <= indexes
     summary = db.execute_sql("SELECT id, lines, answered, failed, cost_usd FROM batch_summary").fetchall()
     assert summary == [("batch_1", 1, 1, 0, 0.5)]
+    rollups = db.execute_sql("SELECT hours, calls, input_tokens FROM call_rollups ORDER BY hours").fetchall()
+    assert rollups == [(1, 1, 12), (24, 1, 12)]  # the calls already there are counted
     lines = db.execute_sql("SELECT custom_id, model, response_body FROM batch_lines").fetchall()
     assert lines == [("req-1", "gpt-4o-mini-2024-07-18", '{"ok": true}')]
     if not is_sqlite(db):
@@ -202,7 +204,7 @@ def test_models_match_the_migrated_schema(new_db):
     migrate(migrated)
     with models.use(from_models):
         from_models.create_tables(models.MODELS)
-    run_script(from_models, VIEWS_V2)
+    run_script(from_models, VIEWS)
     expected, actual = schema(from_models), schema(migrated)
     if is_sqlite(migrated):
         for table in (*expected.values(), *actual.values()):

@@ -17,7 +17,7 @@ from velvet_core import __version__, config
 from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
-from velvet_core.query import queries
+from velvet_core.query import queries, rebuild
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
 from velvet_core.report.cli import add_commands as add_report_commands
@@ -225,6 +225,14 @@ def cmd_export(db: Database, a: argparse.Namespace) -> None:
         print(f"{total:,} rows written to {a.output}", file=sys.stderr)
 
 
+def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
+    r = rebuild.rebuild(db)
+    if a.json:
+        return dump_json(r)
+    print(f"rebuilt the counters of {r['batches']:,} batches and {r['rollup_rows']:,} rollup rows "
+          f"from {r['calls']:,} calls in {r['seconds']} s")
+
+
 # -- arguments -------------------------------------------------------------------------------------
 
 def _since(text: str) -> datetime:
@@ -291,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     add_commands(command)  # replay, compare
     add_alert_commands(command, _since)  # alerts, alerts check
     add_report_commands(command, _since)  # report
+    command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
     return ap
 
 
@@ -328,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             db.close()
     try:
-        db = queries.open_readonly(url)
+        db = rebuild.open_writable(url) if args.cmd == "rebuild" else queries.open_readonly(url)
     except DatabaseURLError as e:
         return _fail(str(e), 2)
     except Exception as e:

@@ -10,13 +10,14 @@ import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core.redact import redact
+from velvet_core.storage import derived
 from velvet_core.storage.database import DatabaseURLError, connect, sqlite_path
 
 
@@ -104,12 +105,12 @@ def stream_rows(db: Database, sql: str, params: tuple = (), size: int = 1000) ->
     if isinstance(db, PostgresqlDatabase):
         conn = db.connection()
         with conn.transaction(), conn.cursor(name="velvet_export") as cur:
-            cur.itersize = size
             cur.execute(_sql(db, sql), params)
             cols: list[str] | None = None
-            for r in cur:
+            while batch := cur.fetchmany(size):  # iterating the cursor fetched a dozen rows per round trip
                 cols = cols or [d[0] for d in cur.description]
-                yield dict(zip(cols, r, strict=True))
+                for r in batch:
+                    yield dict(zip(cols, r, strict=True))
         return
     cur = db.execute_sql(sql, params)
     cols = [d[0] for d in cur.description]
@@ -197,11 +198,13 @@ def batch(db: Database, batch_id: str) -> dict[str, Any]:
         {"model": m["model"], "lines": int(m["n"]), "input_tokens": _int(m["inp"]),
          "output_tokens": _int(m["outp"]),
          "cost_usd": None if m["cost"] is None else round(float(m["cost"]), 10)}
-        for m in _rows(db, "SELECT COALESCE(x.model, r.model) AS model, count(*) AS n, "
-                           "sum(x.input_tokens) AS inp, "
-                           "sum(x.output_tokens) AS outp, sum(x.cost_usd) AS cost FROM batch_results x "
-                           "LEFT JOIN batch_requests r ON r.id = x.request_row_id "
-                           "WHERE x.batch_id = ? AND NOT x.failed GROUP BY COALESCE(x.model, r.model) "
+        # the request's model only where the answer has none, looked up by id: a join made PostgreSQL
+        # hash every input line of every batch
+        for m in _rows(db, "SELECT model, count(*) AS n, sum(inp) AS inp, sum(outp) AS outp, sum(cost) AS cost "
+                           "FROM (SELECT COALESCE(x.model, (SELECT r.model FROM batch_requests r "
+                           "WHERE r.id = x.request_row_id)) AS model, x.input_tokens AS inp, "
+                           "x.output_tokens AS outp, x.cost_usd AS cost FROM batch_results x "
+                           "WHERE x.batch_id = ? AND NOT x.failed) q GROUP BY model "
                            "ORDER BY cost DESC", (batch_id,))]
     return out
 
@@ -240,37 +243,54 @@ def lines(db: Database, batch_id: str, failed: bool = False, custom_id: str | No
     if not _rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
                      "WHERE batch_id = ?", (batch_id, batch_id)):
         raise NotFound(f"no batch {batch_id!r} in this database")
-    return [_line(r) for r in stream_rows(db, *_lines_sql(batch_id, failed, custom_id))]
+    return [_line(r) for r in _stream_lines(db, _lines_sql(batch_id, failed, custom_id, bodies=False))]
+
+
+_LINE_COLS = (  # (from a request and its answer, from an answer whose request was not logged)
+    ("r.batch_id", "x.batch_id"), ("r.line_no", "NULL"), ("r.custom_id", "x.custom_id"),
+    ("r.model AS model_requested", "NULL"), ("r.url", "NULL"), ("r.problem AS request_problem", "NULL"),
+    ("x.model", "x.model"), ("x.status_code", "x.status_code"), ("x.failed", "x.failed"),
+    ("x.error_code", "x.error_code"), ("x.error_message", "x.error_message"), ("x.request_id", "x.request_id"),
+    ("x.input_tokens", "x.input_tokens"), ("x.output_tokens", "x.output_tokens"), ("x.cost_usd", "x.cost_usd"),
+    ("x.problem AS result_problem", "COALESCE(x.problem, 'input line not logged')"))
+_BODY_COLS = (("r.body AS request_body", "NULL"), ("x.body AS response_body", "x.body"))
 
 
 def _lines_sql(batch_id: str | None, failed: bool = False, custom_id: str | None = None,
-               since: Any = None) -> tuple[str, tuple]:
-    cond, params = [], []
+               bodies: bool = True) -> list[tuple[str, tuple]]:
+    """Queries for one batch's lines (``batch_id`` None: the lines bound to no batch), to run in turn.
+
+    First the input lines with their answers, in line order, read through the input file's
+    ``(file_id, line_no)`` index (no sort, which would spill to disk with the bodies); then the answers
+    whose input line was not logged, by custom_id.
+    """
+    cols = _LINE_COLS + (_BODY_COLS if bodies else ())
     if batch_id is not None:
-        cond.append("batch_id = ?")
-        params.append(batch_id)
+        req = ["r.file_id = (SELECT input_file_id FROM batches WHERE id = ?)", "r.batch_id = ?"]
+        res, params = ["x.batch_id = ?", "x.request_row_id IS NULL"], [batch_id]
+    else:
+        req, res, params = ["r.batch_id IS NULL"], ["x.batch_id IS NULL", "x.request_row_id IS NULL"], []
     if failed:
-        cond.append("(failed OR request_problem IS NOT NULL)")
+        req.append("(x.failed OR r.problem IS NOT NULL)")
+        res.append("x.failed")
     if custom_id is not None:
-        cond.append("custom_id = ?")
+        req.append("r.custom_id = ?")
+        res.append("x.custom_id = ?")
         params.append(custom_id)
-    if since is not None:
-        cond.append("batch_id IN (SELECT id FROM batches WHERE COALESCE(created_at, first_seen_at) >= ?)")
-        params.append(since)
-    where = (" WHERE " + " AND ".join(cond)) if cond else ""
-    sql = f"""SELECT * FROM (
-      SELECT r.batch_id, r.line_no, r.custom_id, r.model AS model_requested, r.url, r.body AS request_body,
-             r.problem AS request_problem, x.model, x.status_code, x.failed, x.error_code, x.error_message,
-             x.request_id, x.body AS response_body, x.input_tokens, x.output_tokens, x.cost_usd,
-             x.problem AS result_problem
-      FROM batch_requests r LEFT JOIN batch_results x ON x.request_row_id = r.id
-      UNION ALL
-      SELECT x.batch_id, NULL, x.custom_id, NULL, NULL, NULL, NULL, x.model, x.status_code, x.failed,
-             x.error_code, x.error_message, x.request_id, x.body, x.input_tokens, x.output_tokens, x.cost_usd,
-             COALESCE(x.problem, 'input line not logged')
-      FROM batch_results x WHERE x.request_row_id IS NULL) q{where}
-    ORDER BY batch_id, line_no IS NULL, line_no, custom_id"""
-    return sql, tuple(params)
+    return [(f"SELECT {', '.join(c[0] for c in cols)} FROM batch_requests r "
+             f"LEFT JOIN batch_results x ON x.request_row_id = r.id WHERE {' AND '.join(req)} ORDER BY r.line_no",
+             tuple(params[:1] + params)),
+            (f"SELECT {', '.join(c[1] for c in cols)} FROM batch_results x WHERE {' AND '.join(res)} "
+             "ORDER BY x.custom_id", tuple(params))]
+
+
+def _stream_lines(db: Database, queries: list[tuple[str, tuple]]) -> Iterator[dict[str, Any]]:
+    for sql, params in queries:
+        yield from stream_rows(db, sql, params)
+
+
+def _count_lines(db: Database, queries: list[tuple[str, tuple]]) -> int:
+    return sum(int(_rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"]) for sql, params in queries)
 
 
 def _line(r: dict[str, Any]) -> dict[str, Any]:
@@ -284,11 +304,10 @@ def _line(r: dict[str, Any]) -> dict[str, Any]:
 
 def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
     """One batch line with the exact request and answer."""
-    sql, params = _lines_sql(batch_id, custom_id=custom_id)
-    found = _rows(db, sql, params)
-    if not found:
+    found = next(_stream_lines(db, _lines_sql(batch_id, custom_id=custom_id)), None)
+    if found is None:
         raise NotFound(f"no line with custom_id {custom_id!r} in batch {batch_id!r}")
-    r = found[0]
+    r = found
     return {"batch_id": batch_id, **_line(r), "url": r["url"], "request_id": r["request_id"],
             "request": _json(r["request_body"]), "response": _json(r["response_body"])}
 
@@ -384,14 +403,49 @@ def _estimated(db: Database) -> str:
     return "usage_estimated" if has else "FALSE AS usage_estimated"
 
 
+EXACT_CALLS = 20_000
+"""Up to this many calls in the window, ``stats`` reads the calls themselves (exact percentiles); beyond,
+the hourly and daily rollups (percentiles from histograms, within 1 %)."""
+
+
 def stats(db: Database, by: str = "model", since: datetime | None = None) -> dict[str, Any]:
     """Live calls and batches grouped ``by`` model, endpoint, day or key."""
     if by not in GROUPS:
         raise ValueError(f"--by {by!r}: use one of {', '.join(GROUPS)}")
-    cw, bw, params = "", "", ()  # type: tuple[str, str, tuple[Any, ...]]
+    bw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
     if since:
-        cw, bw, params = (" WHERE started_at >= ?", " WHERE COALESCE(created_at, first_seen_at) >= ?",
-                          (_param(db, since),))
+        bw, params = " WHERE COALESCE(created_at, first_seen_at) >= ?", (_param(db, since),)
+    out_live = _live_from_rollups(db, by, since) if _rollups_cover(db, since) else _live_from_calls(db, by, since)
+    bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
+                                                          "input_tokens": 0, "output_tokens": 0,
+                                                          "cost_usd": 0.0, "_turn": []})
+    for r in stream_rows(db, f"SELECT * FROM ({_BATCH_SQL}{bw}) s", params):
+        b = _batch(r)
+        g = bat[_group_value(by, {**r, "model": r["model"]}, "created_at" if r["created_at"] else "first_seen_at")]
+        g["batches"] += 1
+        g["lines"] += b["lines"]
+        g["failed_lines"] += b["failed"]
+        g["input_tokens"] += r["input_tokens"] or 0
+        g["output_tokens"] += r["output_tokens"] or 0
+        g["cost_usd"] += b["cost_usd"] or 0.0
+        if r["turnaround_s"] is not None and r["status"] == "completed":
+            g["_turn"].append(r["turnaround_s"])
+    out_batch = []
+    for key, g in sorted(bat.items()):
+        turn = g.pop("_turn")
+        out_batch.append({by: key, **g, "cost_usd": round(g["cost_usd"], 10),
+                          "turnaround_p50_seconds": percentile(turn, 50),
+                          "turnaround_p95_seconds": percentile(turn, 95)})
+    totals = {k: sum(g[k] for g in out_live) for k in ("calls", "errors", "input_tokens", "output_tokens",
+                                                         "estimated_calls")}
+    totals["cost_usd"] = round(sum(g["cost_usd"] for g in out_live), 10)
+    return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch, "totals": totals}
+
+
+def _live_from_calls(db: Database, by: str, since: datetime | None) -> list[dict[str, Any]]:
+    cw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
+    if since:
+        cw, params = " WHERE started_at >= ?", (_param(db, since),)
     live: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "errors": 0, "input_tokens": 0,
                                                            "output_tokens": 0, "cost_usd": 0.0,
                                                            "estimated_calls": 0, "_lat": [], "_ttft": []})
@@ -410,20 +464,6 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
             g["_lat"].append(r["latency_ms"])
         if r["ttft_ms"] is not None:
             g["_ttft"].append(r["ttft_ms"])
-    bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
-                                                          "input_tokens": 0, "output_tokens": 0,
-                                                          "cost_usd": 0.0, "_turn": []})
-    for r in stream_rows(db, f"SELECT * FROM ({_BATCH_SQL}{bw}) s", params):
-        b = _batch(r)
-        g = bat[_group_value(by, {**r, "model": r["model"]}, "created_at" if r["created_at"] else "first_seen_at")]
-        g["batches"] += 1
-        g["lines"] += b["lines"]
-        g["failed_lines"] += b["failed"]
-        g["input_tokens"] += r["input_tokens"] or 0
-        g["output_tokens"] += r["output_tokens"] or 0
-        g["cost_usd"] += b["cost_usd"] or 0.0
-        if r["turnaround_s"] is not None and r["status"] == "completed":
-            g["_turn"].append(r["turnaround_s"])
     out_live = []
     for key, g in sorted(live.items()):
         lat, ttft = g.pop("_lat"), g.pop("_ttft")
@@ -431,16 +471,73 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
                          "error_rate": round(g["errors"] / g["calls"], 4),
                          "latency_p50_ms": percentile(lat, 50), "latency_p95_ms": percentile(lat, 95),
                          "ttft_p50_ms": percentile(ttft, 50)})
-    out_batch = []
-    for key, g in sorted(bat.items()):
-        turn = g.pop("_turn")
-        out_batch.append({by: key, **g, "cost_usd": round(g["cost_usd"], 10),
-                          "turnaround_p50_seconds": percentile(turn, 50),
-                          "turnaround_p95_seconds": percentile(turn, 95)})
-    totals = {k: sum(g[k] for g in out_live) for k in ("calls", "errors", "input_tokens", "output_tokens",
-                                                         "estimated_calls")}
-    totals["cost_usd"] = round(sum(g["cost_usd"] for g in out_live), 10)
-    return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch, "totals": totals}
+    return out_live
+
+
+def _day(v: Any) -> datetime:
+    return (to_dt(v) or datetime.min).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _rollups_cover(db: Database, since: datetime | None) -> bool:
+    """Whether to read the rollups: they exist and the window holds more than :data:`EXACT_CALLS` calls."""
+    if not db.table_exists("call_rollups"):  # a database an older velvet still writes to, not migrated yet
+        return False
+    sql, params = "SELECT COALESCE(sum(calls), 0) AS n FROM call_rollups WHERE hours = 24", ()  # type: tuple[str, tuple]
+    if since is not None:
+        sql, params = sql + " AND period >= ?", (_param(db, _day(since)),)
+    return int(_rows(db, sql, params)[0]["n"]) > EXACT_CALLS
+
+
+_ROLLUP_COLS = ("SELECT period, model, endpoint, key_fingerprint, calls, errors, input_tokens, output_tokens, "
+                "cost_usd, latency_hist, ttft_hist FROM call_rollups")
+
+
+def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[dict[str, Any]]:
+    """Whole days from the daily rollups, whole hours of the first day from the hourly ones, and the calls
+    of the first, partial hour themselves."""
+    groups: dict[str, derived.Sums] = defaultdict(derived.Sums)
+    dim = {"model": "model", "endpoint": "endpoint", "key": "key_fingerprint"}.get(by)
+    none = {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}.get(by, "")
+    if since is None:
+        rows = _rows(db, _ROLLUP_COLS + " WHERE hours = 24")
+    else:
+        hour = since.replace(minute=0, second=0, microsecond=0)
+        hour += timedelta(hours=1) if hour < since else timedelta()
+        day = _day(hour)
+        day += timedelta(days=1) if day < hour else timedelta()
+        rows = _rows(db, _ROLLUP_COLS + " WHERE hours = 24 AND period >= ?", (_param(db, day),))
+        rows += _rows(db, _ROLLUP_COLS + " WHERE hours = 1 AND period >= ? AND period < ?",
+                      (_param(db, hour), _param(db, day)))
+        cols = ", ".join(derived.CALL_COLUMNS)
+        for r in stream_rows(db, f"SELECT {cols} FROM calls WHERE started_at >= ? AND started_at < ?",
+                             (_param(db, since), _param(db, hour))):
+            key = to_dt(r["started_at"]).date().isoformat() if by == "day" else (  # type: ignore[union-attr]
+                (r["model"] or r["model_requested"]) if by == "model" else r[dim]) or none  # type: ignore[index]
+            groups[key].add_call(r["status_code"], r["complete"], r["latency_ms"], r["ttft_ms"],
+                                 r["input_tokens"], r["output_tokens"], r["cost_usd"])
+    estimated: dict[str, int] = defaultdict(int)  # (not in the rollups: few calls, read through a partial index)
+    where, params = ("", ()) if since is None else (" AND started_at >= ?", (_param(db, since),))
+    if any(c.name == "usage_estimated" for c in db.get_columns("calls")):
+        for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
+                                 f"started_at FROM calls WHERE usage_estimated{where}", params):
+            estimated[_group_value(by, r, "started_at")] += 1
+    for r in rows:
+        key = _day(r["period"]).date().isoformat() if by == "day" else r[dim] or none  # type: ignore[index]
+        g = groups[key]
+        g.calls += int(r["calls"])
+        g.errors += int(r["errors"])
+        g.input_tokens += int(r["input_tokens"])
+        g.output_tokens += int(r["output_tokens"])
+        g.cost += float(r["cost_usd"])
+        derived.merge(g.latency, derived.load_hist(r["latency_hist"]))
+        derived.merge(g.ttft, derived.load_hist(r["ttft_hist"]))
+    return [{by: key, "calls": g.calls, "errors": g.errors, "input_tokens": g.input_tokens,
+             "output_tokens": g.output_tokens, "cost_usd": round(g.cost, 10), "estimated_calls": estimated[key],
+             "error_rate": round(g.errors / g.calls, 4),
+             "latency_p50_ms": derived.hist_percentile(g.latency, 50),
+             "latency_p95_ms": derived.hist_percentile(g.latency, 95),
+             "ttft_p50_ms": derived.hist_percentile(g.ttft, 50)}
+            for key, g in sorted(groups.items()) if g.calls]
 
 
 # -- export ----------------------------------------------------------------------------------------
@@ -451,13 +548,29 @@ def export_rows(db: Database, batch_id: str | None = None, lines_of_batches: boo
     if batch_id is not None or lines_of_batches:
         if batch_id is not None and not _rows(db, "SELECT id FROM batches WHERE id = ?", (batch_id,)):
             raise NotFound(f"no batch {batch_id!r} in this database")
-        sql, params = _lines_sql(batch_id, since=_param(db, since) if since else None)
-        total = _rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"]
-        return int(total), (_export_line(r) for r in stream_rows(db, sql, params))
+        if batch_id is not None:
+            ids: list[str | None] = [batch_id]
+            if since is not None and not _rows(db, "SELECT id FROM batches WHERE id = ? AND COALESCE(created_at, "
+                                               "first_seen_at) >= ?", (batch_id, _param(db, since))):
+                ids = []
+        else:  # batch by batch, each through its indexes: one sorted union would sort every line first
+            where, params = ("", ()) if since is None else (
+                " WHERE COALESCE(created_at, first_seen_at) >= ?", (_param(db, since),))
+            ids = [r["id"] for r in _rows(db, f"SELECT id FROM batches{where} ORDER BY id", params)]
+            if since is None:  # and the lines bound to no batch, where the database sorts NULL
+                ids = [*ids, None] if isinstance(db, PostgresqlDatabase) else [None, *ids]
+        total = sum(_count_lines(db, _lines_sql(b, bodies=False)) for b in ids)
+        return total, (_export_line(r) for b in ids for r in _stream_lines(db, _lines_sql(b)))
     where, params = ("", ()) if since is None else (" WHERE started_at >= ?", (_param(db, since),))
     total = _rows(db, f"SELECT count(*) AS n FROM calls{where}", params)[0]["n"]
-    return int(total), (_export_call(r) for r in stream_rows(
-        db, f"SELECT * FROM calls{where} ORDER BY started_at, id", params))
+    cols = [d[0] for d in db.execute_sql("SELECT * FROM calls LIMIT 0").description]
+    pg = isinstance(db, PostgresqlDatabase)
+    # timestamps formatted by the database: in Python it was a third of the export's time
+    fmt = ("to_char(\"{0}\", 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS \"{0}\"" if pg
+           else "strftime('%Y-%m-%dT%H:%M:%SZ', \"{0}\") AS \"{0}\"")
+    select = ", ".join(fmt.format(c) if c.endswith("_at") else f'"{c}"' for c in cols)
+    rows = stream_rows(db, f"SELECT {select} FROM calls{where} ORDER BY started_at, id", params)
+    return int(total), rows if pg else _export_calls(rows)
 
 
 def _export_line(r: dict[str, Any]) -> dict[str, Any]:
@@ -465,11 +578,7 @@ def _export_line(r: dict[str, Any]) -> dict[str, Any]:
             "request_body": r["request_body"], "response_body": r["response_body"]}
 
 
-def _export_call(r: dict[str, Any]) -> dict[str, Any]:
-    out = dict(r)
-    for k, v in out.items():
-        if isinstance(v, datetime | date) or (k.endswith("_at") and v is not None):
-            out[k] = iso(v)
-    for k in ("stream", "complete"):
-        out[k] = bool(out[k])
-    return out
+def _export_calls(rows: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    for r in rows:  # SQLite's booleans are integers
+        r["stream"], r["complete"] = bool(r["stream"]), bool(r["complete"])
+        yield r

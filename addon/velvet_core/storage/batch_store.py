@@ -12,6 +12,7 @@ from velvet_core.parsing.classify import normalise
 from velvet_core.parsing.extract import utc
 from velvet_core.parsing.jsonl import Line
 from velvet_core.parsing.lines import request_row
+from velvet_core.storage import derived
 from velvet_core.storage.models import (
     Batch,
     BatchError,
@@ -135,11 +136,15 @@ def durations(b: Batch) -> None:
 
 
 def link(b: Batch) -> None:
-    """Bind input lines, files and results to batch ``b`` and match results to requests by custom_id."""
+    """Bind input lines, files and results to batch ``b`` and match results to requests by custom_id.
+
+    When that bound or matched any line, the batch's counters (``batch_counts``) are recomputed.
+    """
     now = utc(time.time())
+    changed = 0
     if b.input_file_id:
-        BatchRequest.update(batch_id=b.id).where(BatchRequest.file_id == b.input_file_id,
-                                                 BatchRequest.batch_id.is_null()).execute()
+        changed += BatchRequest.update(batch_id=b.id).where(BatchRequest.file_id == b.input_file_id,
+                                                            BatchRequest.batch_id.is_null()).execute()
         File.update(batch_id=b.id, role="input").where(File.id == b.input_file_id).execute()
         check_urls(b)
         recount(b.input_file_id)
@@ -151,13 +156,16 @@ def link(b: Batch) -> None:
                         ).on_conflict_ignore().execute()
         else:
             File.update(batch_id=b.id, role=role).where(File.id == fid).execute()
-        BatchResult.update(batch_id=b.id).where(BatchResult.file_id == fid,
-                                                BatchResult.batch_id.is_null()).execute()
+        changed += BatchResult.update(batch_id=b.id).where(BatchResult.file_id == fid,
+                                                           BatchResult.batch_id.is_null()).execute()
     first = (BatchRequest.select(BatchRequest.id)
              .where(BatchRequest.batch_id == b.id, BatchRequest.custom_id == BatchResult.custom_id)
              .order_by(BatchRequest.line_no).limit(1))
-    BatchResult.update(request=first).where(BatchResult.batch_id == b.id,
-                                            BatchResult.request.is_null()).execute()
+    # only answers that have a request to match: an unmatched one is neither rewritten nor counted as a change
+    changed += BatchResult.update(request=first).where(BatchResult.batch_id == b.id, BatchResult.request.is_null(),
+                                                       fn.EXISTS(first)).execute()
+    if changed:
+        derived.recount_batch(b.id)
 
 
 def check_urls(b: Batch) -> None:
@@ -165,8 +173,9 @@ def check_urls(b: Batch) -> None:
     if not b.endpoint:
         return
     want = normalise(b.endpoint)[0]
+    # a url equal to the endpoint is right by definition: only the others are read and normalised
     bad = [r.id for r in BatchRequest.select(BatchRequest.id, BatchRequest.url)
-           .where(BatchRequest.batch_id == b.id, BatchRequest.url.is_null(False))
+           .where(BatchRequest.batch_id == b.id, BatchRequest.url.is_null(False), BatchRequest.url != b.endpoint)
            if normalise(r.url or "")[0] != want]
     for ids in chunks(bad):
         add_problem(f"url does not match the batch endpoint {b.endpoint}", "batch endpoint",

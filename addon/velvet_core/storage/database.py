@@ -72,6 +72,9 @@ def connect(url: str, *, readonly: bool = False) -> Database:
             return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
     query: dict[str, Any] = dict(parse_qsl(parts.query))
+    # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
+    # cost estimates over a big table) only made them slower
+    query["options"] = f"{query.get('options', '')} -c jit=off".strip()
     return PostgresDatabase(
         unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
         password=unquote(parts.password or "") or None, host=parts.hostname or None,

@@ -8,10 +8,14 @@ each one is written out as it was the day it was added. To change the schema, ap
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
+import orjson
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
 log = logging.getLogger(__name__)
@@ -697,6 +701,93 @@ def _alerts(db: Database) -> None:
     )""")
     db.execute_sql('CREATE INDEX "alerts_at" ON "alerts" ("at")')
     db.execute_sql('CREATE INDEX "alerts_rule_subject" ON "alerts" ("rule", "subject")')
+# Schema v5: batch_summary reads per-batch counters instead of counting lines on every read.
+VIEW_SUMMARY_V5 = """CREATE VIEW batch_summary AS
+SELECT b.*, COALESCE(c.lines, 0) AS lines, COALESCE(c.answered, 0) AS answered, COALESCE(c.failed, 0) AS failed,
+  c.cost_usd AS cost_usd
+FROM batches b LEFT JOIN batch_counts c ON c.batch_id = b.id"""
+
+VIEWS = VIEW_SUMMARY_V5 + ";\n\n" + VIEWS_V2[VIEWS_V2.index("CREATE VIEW batch_lines"):]
+"""The views as the current schema defines them."""
+
+
+def _derived_counts(db: Database) -> None:
+    # per-batch line counters and per-hour/day call rollups (kept by the store from now on), filled from the rows
+    pg = isinstance(db, PostgresqlDatabase)
+    big, ts = ("BIGINT", "TIMESTAMP") if pg else ("INTEGER", "DATETIME")
+    real = "DOUBLE PRECISION" if pg else "REAL"
+    db.execute_sql(f"""CREATE TABLE "batch_counts" (
+        "batch_id" TEXT NOT NULL PRIMARY KEY,
+        "lines" {big} NOT NULL,
+        "answered" {big} NOT NULL,
+        "failed" {big} NOT NULL,
+        "results" {big} NOT NULL,
+        "input_tokens" {big},
+        "output_tokens" {big},
+        "cost_usd" {real}
+    )""")
+    db.execute_sql(f"""CREATE TABLE "call_rollups" (
+        "id" {"SERIAL" if pg else "INTEGER"} NOT NULL PRIMARY KEY,
+        "hours" INTEGER NOT NULL,
+        "period" {ts} NOT NULL,
+        "model" TEXT NOT NULL,
+        "endpoint" TEXT NOT NULL,
+        "key_fingerprint" TEXT NOT NULL,
+        "calls" {big} NOT NULL,
+        "errors" {big} NOT NULL,
+        "input_tokens" {big} NOT NULL,
+        "output_tokens" {big} NOT NULL,
+        "cost_usd" {real} NOT NULL,
+        "latency_hist" TEXT,
+        "ttft_hist" TEXT
+    )""")
+    db.execute_sql('CREATE UNIQUE INDEX "call_rollups_hours_period_model_endpoint_key_fingerprint" '
+                   'ON "call_rollups" ("hours", "period", "model", "endpoint", "key_fingerprint")')
+    db.execute_sql("DROP VIEW batch_summary")
+    db.execute_sql(VIEW_SUMMARY_V5)
+    db.execute_sql("""INSERT INTO "batch_counts" ("batch_id", "lines", "answered", "failed", "results",
+  "input_tokens", "output_tokens", "cost_usd")
+SELECT b."id", coalesce(r.n, 0), coalesce(x.answered, 0), coalesce(x.failed, 0), coalesce(x.n, 0), x.inp, x.outp,
+  x.cost
+FROM "batches" b
+LEFT JOIN (SELECT "batch_id", count(*) AS n FROM "batch_requests" WHERE "batch_id" IS NOT NULL
+           GROUP BY "batch_id") r ON r."batch_id" = b."id"
+LEFT JOIN (SELECT "batch_id", count(*) AS n,
+             sum(CASE WHEN "request_row_id" IS NOT NULL AND NOT "failed" THEN 1 ELSE 0 END) AS answered,
+             sum(CASE WHEN "request_row_id" IS NOT NULL AND "failed" THEN 1 ELSE 0 END) AS failed,
+             sum("input_tokens") AS inp, sum("output_tokens") AS outp, sum("cost_usd") AS cost
+           FROM "batch_results" WHERE "batch_id" IS NOT NULL GROUP BY "batch_id") x ON x."batch_id" = b."id\"""")
+    # Rollups: hour (1) and day (24) x model x endpoint x key; histograms {round(50 ln ms): count}
+    sums: dict[tuple, list[Any]] = {}
+    cur = db.execute_sql('SELECT "started_at", COALESCE("model", "model_requested"), "endpoint", '
+                         '"key_fingerprint", '
+                         '"status_code", "complete", "latency_ms", "ttft_ms", "input_tokens", "output_tokens", '
+                         '"cost_usd" FROM "calls"')
+    while rows := cur.fetchmany(5000):
+        for started, model, endpoint, key, status, complete, lat, ttft, inp, outp, cost in rows:
+            t = started if isinstance(started, datetime) else datetime.fromisoformat(str(started))
+            hour = t.replace(minute=0, second=0, microsecond=0)
+            for hours, period in ((1, hour), (24, hour.replace(hour=0))):
+                s = sums.setdefault((hours, period, model or "", endpoint or "", key or ""),
+                                    [0, 0, 0, 0, 0.0, {}, {}])
+                s[0] += 1
+                s[1] += status is None or status >= 400 or not complete
+                s[2] += inp or 0
+                s[3] += outp or 0
+                s[4] += cost or 0.0
+                for hist, ms in ((s[5], lat), (s[6], ttft)):
+                    if ms is not None:
+                        b = str(round(50 * math.log(max(ms, 0.001))))
+                        hist[b] = hist.get(b, 0) + 1
+    values = [(h, p if pg else p.strftime("%Y-%m-%d %H:%M:%S"), m, e, k, *s[:5],
+               orjson.dumps(s[5]).decode() if s[5] else None, orjson.dumps(s[6]).decode() if s[6] else None)
+              for (h, p, m, e, k), s in sorted(sums.items())]
+    param = "%s" if pg else "?"
+    db.cursor().executemany(
+        'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", "key_fingerprint", "calls", '
+        '"errors", "input_tokens", "output_tokens", "cost_usd", "latency_hist", "ttft_hist") '
+        f'VALUES ({", ".join([param] * 12)})',
+        values)
 
 
 @dataclass(frozen=True)
@@ -718,6 +809,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "usage_estimated", _usage_estimated),
     Migration(7, "jsonb", _jsonb),
     Migration(8, "alerts", _alerts),
+    Migration(9, "derived_counts", _derived_counts),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

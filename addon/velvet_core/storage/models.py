@@ -24,6 +24,7 @@ from peewee import (
     Database,
     DatabaseProxy,
     DateTimeField,
+    DoubleField,
     Field,
     FloatField,
     ForeignKeyField,
@@ -468,5 +469,51 @@ class Alert(Base):
         indexes = ((("rule", "subject"), False),)
 
 
+class BatchCount(Base):
+    """Counters of a batch's logged lines, kept by the store in the transaction that links them.
+
+    ``batch_summary`` reads them instead of counting lines on every read; ``velvet rebuild`` recomputes them.
+    """
+
+    batch_id = TextField(primary_key=True)
+    lines = BigIntegerField(default=0)  # input lines bound to the batch
+    answered = BigIntegerField(default=0)  # result lines matched to an input line, not failed
+    failed = BigIntegerField(default=0)  # result lines matched to an input line, failed
+    results = BigIntegerField(default=0)  # result lines bound to the batch, matched or not
+    input_tokens = BigIntegerField(null=True)  # sums over those result lines
+    output_tokens = BigIntegerField(null=True)
+    cost_usd = DoubleField(null=True)
+
+    class Meta:
+        table_name = "batch_counts"
+
+
+class CallRollup(Base):
+    """Live calls summed per hour (``hours`` 1) and per day (``hours`` 24), model, endpoint and key.
+
+    Kept by the store as calls are inserted; ``velvet stats`` reads them. Latency and TTFT are kept as
+    histograms (JSON ``{bucket: count}``, bucket ``round(50 ln ms)``: within 1 %) since percentiles cannot
+    be summed.
+    """
+
+    id = AutoField()
+    hours = IntegerField()
+    period = DateTimeField()  # the hour's or day's start, UTC
+    model = TextField()  # the model that answered, else the one asked for; '' when neither
+    endpoint = TextField()
+    key_fingerprint = TextField()  # '' when none
+    calls = BigIntegerField(default=0)
+    errors = BigIntegerField(default=0)
+    input_tokens = BigIntegerField(default=0)
+    output_tokens = BigIntegerField(default=0)
+    cost_usd = DoubleField(default=0.0)
+    latency_hist = TextField(null=True)
+    ttft_hist = TextField(null=True)
+
+    class Meta:
+        table_name = "call_rollups"
+        indexes = ((("hours", "period", "model", "endpoint", "key_fingerprint"), True),)
+
+
 MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
-          ProxyStatus, Experiment, ExperimentLine, Comparison, Alert]
+          ProxyStatus, Experiment, ExperimentLine, Comparison, Alert, BatchCount, CallRollup]

@@ -1,17 +1,30 @@
-"""Fast inserts of many rows: one prepared statement and ``executemany``."""
+"""Fast inserts of many rows: one prepared statement and ``executemany``; on PostgreSQL, COPY for many."""
 
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
-from peewee import BigIntegerField, CharField, FloatField, IntegerField, SqliteDatabase, TextField
+from peewee import (
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DateTimeField,
+    DoubleField,
+    FloatField,
+    IntegerField,
+    SqliteDatabase,
+    TextField,
+)
 
 from velvet_core.storage import models
 from velvet_core.storage.values import clean_rows
 
 CHUNK = 500
+COPY_FROM = 50  # PostgreSQL: from this many rows on, COPY through a temporary table (3x faster than executemany)
 
 
 @functools.cache
@@ -28,7 +41,8 @@ def chunks(rows: list[Any], n: int = CHUNK) -> Iterable[list[Any]]:
         yield rows[i:i + n]
 
 
-_AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatField})
+_AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatField, DoubleField})
+_READY: dict[type, type | tuple[type, ...]] = {DateTimeField: datetime, BooleanField: bool}
 
 
 @functools.cache
@@ -42,23 +56,73 @@ def _insert_sql(model: type[models.Base], sqlite: bool, param: str) -> tuple[str
     return sql, fields
 
 
-def insert_rows(model: type[models.Base], rows: list[dict[str, Any]]) -> None:
+def insert_rows(model: type[models.Base], rows: list[dict[str, Any]], returning: str | None = None,
+                direct: bool = False) -> list[Any] | None:
     """Insert ``rows`` (dicts by field name; missing fields get their defaults), ignoring conflicts.
 
     One prepared statement and ``executemany``: peewee's query builder spent about three quarters
-    of the ingest time rendering 500-row INSERTs.
+    of the ingest time rendering 500-row INSERTs. With ``returning`` (a column name; PostgreSQL only),
+    the values of that column for the rows actually inserted (not those a conflict skipped).
+    ``direct`` (PostgreSQL, many rows): COPY straight into the table, for rows known not to conflict (a
+    conflict then raises ``IntegrityError``).
     """
     if not rows:
-        return
+        return [] if returning else None
     clean_rows(rows, bounded=indexed(model))
     db = models.db.obj  # the real database behind the per-thread proxy
     assert db is not None, "insert_rows outside models.use()"
     sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
-    # our rows hold str/int/float/None already: only the other fields (booleans, timestamps, JSON) convert
-    convert = [(f.name, f.default() if callable(f.default) else f.default,
-                None if type(f) in _AS_IS else f.db_value) for f in fields]
-    values = [tuple(r.get(name, default) if conv is None else conv(r.get(name, default))
-                    for name, default, conv in convert) for r in rows]
+    defaults = {f.name: f.default() if callable(f.default) else f.default for f in fields}
+    pick = operator.itemgetter(*defaults)  # the row's values in field order, picked in C
+    values: list[Any] = [pick({**defaults, **r}) for r in rows]
+    # the other fields (timestamps, booleans) through peewee, unless the value is already what it makes
+    convert = [(i, f.db_value, _READY.get(type(f), ())) for i, f in enumerate(fields) if type(f) not in _AS_IS]
+    if convert:
+        for n, v in enumerate(values):
+            if any(v[i] is not None and not isinstance(v[i], ready) for i, _, ready in convert):
+                v = list(v)
+                for i, conv, ready in convert:
+                    if v[i] is not None and not isinstance(v[i], ready):
+                        v[i] = conv(v[i])
+                values[n] = v
     cursor = db.cursor()
+    if returning is not None:
+        assert not isinstance(db, SqliteDatabase), "RETURNING is only asked of PostgreSQL"
+    if not isinstance(db, SqliteDatabase) and len(values) >= COPY_FROM:
+        return _copy(cursor, model, fields, values, None if direct else returning, direct)
+    if returning is not None:
+        out: list[Any] = []
+        for part in chunks(values, 1000):
+            cursor.executemany(f'{sql} RETURNING "{returning}"', part, returning=True)
+            while True:
+                out.extend(r[0] for r in cursor.fetchall())
+                if not cursor.nextset():
+                    break
+        return out
     for part in chunks(values, 1000):
         cursor.executemany(sql, part)
+    return None
+
+
+def _copy(cursor: Any, model: type[models.Base], fields: tuple[Any, ...], values: list[tuple[Any, ...]],
+          returning: str | None, direct: bool = False) -> list[Any] | None:
+    """PostgreSQL: COPY the rows into a temporary table, then move them over, skipping conflicts as INSERT does.
+
+    The temporary table (this session's own, no WAL) is emptied by the statement that moves its rows.
+    """
+    table = model._meta.table_name
+    names = ", ".join(f'"{f.column_name}"' for f in fields)
+    if direct:
+        with cursor.copy(f'COPY "{table}" ({names}) FROM STDIN') as copy:
+            for row in values:
+                copy.write_row(row)
+        return None
+    staging = f'"_velvet_in_{table}"'
+    cursor.execute(f'CREATE TEMPORARY TABLE IF NOT EXISTS {staging} AS SELECT {names} FROM "{table}" WITH NO DATA')
+    with cursor.copy(f"COPY {staging} ({names}) FROM STDIN") as copy:
+        for row in values:
+            copy.write_row(row)
+    cursor.execute(f'WITH moved AS (DELETE FROM {staging} RETURNING {names}) INSERT INTO "{table}" ({names}) '
+                   f'SELECT {names} FROM moved ON CONFLICT DO NOTHING'
+                   + (f' RETURNING "{returning}"' if returning else ""))
+    return [r[0] for r in cursor.fetchall()] if returning else None

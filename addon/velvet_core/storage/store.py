@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from peewee import Database
+from peewee import Database, SqliteDatabase
 
-from velvet_core.storage import batch_store, models
+from velvet_core.storage import batch_store, derived, models
 from velvet_core.storage.ops import (
     BatchSeen,
     CallRow,
@@ -32,9 +32,9 @@ def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
     return handle
 
 
-HANDLERS: dict[type, Callable[[list[Any]], None]] = {
+HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     # consecutive operations of one type are handed over together: rows go in with one executemany
-    CallRow: lambda ops: insert_rows(models.Call, [op.row for op in ops]),
+    CallRow: lambda ops: derived.add_calls([op.row for op in ops]),  # and the hourly/daily rollups
     RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
     ResultLines: lambda ops: insert_rows(models.BatchResult, [r for op in ops for r in op.rows]),
     FileSeen: _each(lambda op: batch_store.upsert_file(op.row)),
@@ -52,10 +52,13 @@ class Store:
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        # SQLite: take the write lock at BEGIN, so what a handler reads (which calls exist, rollup rows)
+        # cannot change before it writes (and a second writer waits instead of failing mid-way)
+        self._lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
 
     def apply(self, ops: list[Op]) -> None:
         """Write ``ops`` atomically, handing consecutive operations of one type to their handler together."""
-        with models.use(self.db), self.db.atomic():
+        with models.use(self.db), self.db.atomic(**self._lock):
             group: list[Op] = []
             for op in ops:
                 if group and type(op) is not type(group[0]):

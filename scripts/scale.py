@@ -1,0 +1,323 @@
+"""``scripts/bench --scale``: query times on a big database, built through velvet's own store.
+
+A database of ``--lines`` batch lines (10,000-line batches, each with its output file and a few failed
+lines in an error file) and ``--calls`` live calls over the last 30 days is built with
+:class:`~velvet_core.storage.store.Store` and the operations processing makes (``storage.ops``), on SQLite
+and on PostgreSQL. Then each query the CLI answers is timed through the functions the CLI calls
+(``query/queries.py``; the median of a few runs), plus one run of the real ``velvet`` command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "addon"))
+
+from velvet_core.query import queries  # noqa: E402
+from velvet_core.storage.database import open_db  # noqa: E402
+from velvet_core.storage.ops import (  # noqa: E402
+    BatchSeen,
+    CallRow,
+    FileSeen,
+    InputDone,
+    Op,
+    OutputDone,
+    RequestLines,
+    ResultLines,
+)
+from velvet_core.storage.store import Store  # noqa: E402
+
+VELVET = Path(sys.executable).with_name("velvet")
+PER_BATCH = 10_000
+DAYS = 30
+MODELS = [("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "chat.completions", "/v1/chat/completions", 0.15, 0.6),
+          ("gpt-4o", "gpt-4o-2024-08-06", "chat.completions", "/v1/chat/completions", 2.5, 10.0),
+          ("gpt-4.1-mini", "gpt-4.1-mini-2025-04-14", "responses", "/v1/responses", 0.4, 1.6),
+          ("text-embedding-3-small", "text-embedding-3-small", "embeddings", "/v1/embeddings", 0.02, 0.0)]
+KEYS = ["3f9a1c2b4d5e", "a1b2c3d4e5f6", "0badc0ffee00", "77e1d2c3b4a5"]
+USAGE = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
+RUNS = 5  # each query: the median of this many runs
+
+
+def dumps(v: Any) -> str:
+    return orjson.dumps(v).decode()
+
+
+# -- building --------------------------------------------------------------------------------------
+
+def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iterator[list[Op]]:
+    """The operations for one batch, in the order a client makes them: upload, create, polls, downloads."""
+    bid, fin, fout, ferr = f"batch_{n:08d}", f"file-in{n:08d}", f"file-out{n:08d}", f"file-err{n:08d}"
+    model, snapshot = ("gpt-4o-mini", "gpt-4o-mini-2024-07-18") if n % 3 else ("gpt-4o", "gpt-4o-2024-08-06")
+    seen = created - timedelta(minutes=1)
+    rows = [{"file_id": fin, "line_no": i, "custom_id": f"req-{i}", "method": "POST",
+             "url": "/v1/chat/completions", "model": model, "problem": None,
+             "body": dumps({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": (
+                 f"Classify review {i} of batch {n}: the product arrived on time and works as described.")}]})}
+            for i in range(1, lines + 1)]
+    yield [FileSeen({"id": fin, "purpose": "batch", "filename": f"reviews-{n}.jsonl", "bytes": lines * 200,
+                     "created_at": seen, "status": "processed", "first_seen_at": seen, "updated_at": seen}),
+           *(RequestLines(rows[i:i + 500]) for i in range(0, lines, 500)),
+           FileSeen({"id": fin, "role": "input", "content_seen": True, "lines": lines, "bad_lines": 0,
+                     "complete": True, "updated_at": seen}), InputDone(fin)]
+    base = {"id": bid, "endpoint": "/v1/chat/completions", "model": snapshot, "completion_window": "24h",
+            "input_file_id": fin, "created_at": created, "expires_at": created + timedelta(days=1),
+            "metadata": orjson.dumps({"job": f"nightly-{n % 7}"}).decode(), "key_fingerprint": KEYS[n % len(KEYS)]}
+    yield [BatchSeen({**base, "status": "validating"}, created, "create")]
+    started = created + timedelta(minutes=rng.randint(1, 30))
+    yield [BatchSeen({**base, "status": "in_progress", "in_progress_at": started, "request_total": lines,
+                      "request_completed": 0, "request_failed": 0}, started, "retrieve")]
+    done = started + timedelta(minutes=rng.randint(20, 600))
+    failed = {i for i in range(1, lines + 1) if rng.random() < 0.02}
+    inp, outp = 40 * (lines - len(failed)), 12 * (lines - len(failed))
+    yield [BatchSeen({**base, "status": "completed", "in_progress_at": started, "finalizing_at": done,
+                      "completed_at": done + timedelta(minutes=2), "output_file_id": fout, "error_file_id": ferr,
+                      "request_total": lines, "request_completed": lines - len(failed),
+                      "request_failed": len(failed), "input_tokens": inp, "output_tokens": outp,
+                      "total_tokens": inp + outp, "usage_cost_usd": inp * 0.075e-6 + outp * 0.3e-6},
+                     done + timedelta(minutes=3), "retrieve")]
+    got = done + timedelta(minutes=5)
+    ok, bad, no_ok, no_bad = [], [], 0, 0
+    for i in range(1, lines + 1):
+        row = {"custom_id": f"req-{i}", "result_id": f"batch_req_{n}_{i}", "request_id": f"req_{n:x}{i:x}",
+               "seen_at": got, "problem": None}
+        if i in failed:
+            no_bad += 1
+            message = "The model produced invalid content."
+            bad.append({**row, "file_id": ferr, "line_no": no_bad, "status_code": 400, "failed": True,
+                        "error_code": "invalid_request_error", "error_message": message,
+                        "body": dumps({"error": {"message": message, "type": "invalid_request_error"}})})
+        else:
+            no_ok += 1
+            ok.append({**row, "file_id": fout, "line_no": no_ok, "status_code": 200, "failed": False,
+                       "model": snapshot, "input_tokens": 40, "output_tokens": 12, "total_tokens": 52,
+                       "cost_usd": 40 * 0.075e-6 + 12 * 0.3e-6,
+                       "body": dumps({"id": f"chatcmpl-{n}-{i}", "object": "chat.completion", "model": snapshot,
+                                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                          "role": "assistant", "content": "positive"}}],
+                                      "usage": USAGE})})
+    for fid, res in ((fout, ok), (ferr, bad)):
+        yield [*(ResultLines(res[i:i + 500]) for i in range(0, len(res), 500)),
+               FileSeen({"id": fid, "role": "output" if fid == fout else "error", "content_seen": True,
+                         "lines": len(res), "bad_lines": 0, "complete": True, "first_seen_at": got,
+                         "updated_at": got}), OutputDone(fid)]
+
+
+def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime) -> list[dict[str, Any]]:
+    """Calls ``start`` to ``start + n`` of ``total``, evenly over the last :data:`DAYS` days, in time order."""
+    rows = []
+    first, gap = now - timedelta(days=DAYS), DAYS * 86400 / max(total, 1)
+    for i in range(start, start + n):
+        asked, model, endpoint, path, pin, pout = MODELS[0 if i % 10 < 7 else (i % 10) - 6]
+        started = first + timedelta(seconds=(i + rng.random()) * gap)
+        stream = endpoint != "embeddings" and i % 5 == 0
+        status = 429 if i % 97 == 0 else 500 if i % 331 == 0 else 200
+        lat = rng.lognormvariate(6.3, 0.6) if endpoint != "embeddings" else rng.lognormvariate(4.5, 0.4)
+        inp, outp = rng.randint(20, 2000), (rng.randint(5, 800) if endpoint != "embeddings" else 0)
+        ok = status == 200
+        rows.append({
+            "flow_id": f"{i:08x}-{secrets.token_hex(12)}", "started_at": started,
+            "request_end_at": started + timedelta(milliseconds=2),
+            "first_byte_at": started + timedelta(milliseconds=lat / 3),
+            "ended_at": started + timedelta(milliseconds=lat),
+            "latency_ms": lat, "ttft_ms": lat / 3 if stream else None,
+            "processing_ms": int(lat * 0.8), "method": "POST", "host": "api.openai.com", "path": path,
+            "endpoint": endpoint, "action": "create", "model_requested": asked, "model": model if ok else None,
+            "status_code": status, "stream": stream, "complete": True, "request_id": f"req_{i:012x}",
+            "key_fingerprint": KEYS[i % len(KEYS)], "rl_limit_requests": 10000, "rl_remaining_requests": 9990,
+            "input_tokens": inp if ok else None, "output_tokens": outp if ok else None,
+            "total_tokens": inp + outp if ok else None,
+            "cost_usd": (inp * pin + outp * pout) / 1e6 if ok else None,
+            "error_type": None if ok else "rate_limit_error" if status == 429 else "server_error",
+            "error_code": None if ok else "rate_limit_exceeded" if status == 429 else None,
+            "finish_reason": "stop" if ok and endpoint != "embeddings" else None,
+            "request_headers": '{"content-type":"application/json","user-agent":"OpenAI/Python 1.99.0"}',
+            "response_headers": dumps({"content-type": "application/json",
+                                       "openai-processing-ms": str(int(lat * 0.8))}),
+            "request_bytes": 180, "response_bytes": 420,
+            "request_body": dumps({"model": asked, "messages": [{"role": "user", "content": f"Question {i}"}]}),
+            "response_body": dumps({"id": f"chatcmpl-{i}", "object": "chat.completion", "model": model,
+                                    "choices": [{"index": 0, "finish_reason": "stop",
+                                                 "message": {"role": "assistant", "content": "An answer."}}]})})
+    return rows
+
+
+def build(url: str, lines: int, calls: int, log: Callable[[str], None]) -> float:
+    """Fill the (empty) database at ``url``; the seconds it took."""
+    rng = random.Random(14)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    db = open_db(url)
+    store = Store(db)
+    t0 = time.perf_counter()
+    batches = max(1, lines // PER_BATCH)
+    step = timedelta(seconds=DAYS * 86400 / batches)
+    for n in range(batches):
+        size = PER_BATCH if n < batches - 1 else lines - PER_BATCH * (batches - 1)
+        for ops in batch_ops(rng, n, size, now - timedelta(days=DAYS) + n * step):
+            store.apply(ops)
+        if n % 50 == 49:
+            log(f"scale: {(n + 1) * PER_BATCH:,} lines, {time.perf_counter() - t0:.0f} s")
+    t1 = time.perf_counter()
+    done = 0
+    while done < calls:
+        k = min(5000, calls - done)
+        store.apply([CallRow(r) for r in call_rows(rng, done, k, calls, now)])
+        done += k
+        if done % 200_000 == 0:
+            log(f"scale: {done:,} calls, {time.perf_counter() - t1:.0f} s")
+    db.close()
+    return time.perf_counter() - t0
+
+
+# -- measuring -------------------------------------------------------------------------------------
+
+def median_ms(fn: Callable[[], Any], runs: int = RUNS) -> float:
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1000)
+    return round(statistics.median(times), 3)
+
+
+def export_rate(url: str, **kw: Any) -> float:
+    """Rows per second of ``velvet export --format jsonl`` (the CLI's own loop), written to /dev/null."""
+    from velvet_core.query.cli import _default
+
+    db = queries.open_readonly(url)
+    try:
+        t = time.perf_counter()
+        total, rows = queries.export_rows(db, **kw)
+        with open(os.devnull, "w") as out:
+            for r in rows:
+                out.write(orjson.dumps(r, default=_default).decode() + "\n")
+        return total / (time.perf_counter() - t)
+    finally:
+        db.close()
+
+
+def measure(url: str, lines: int) -> dict[str, Any]:
+    db = queries.open_readonly(url)
+    out: dict[str, Any] = {}
+    try:
+        middle = f"batch_{max(1, lines // PER_BATCH) // 2:08d}"
+        now = datetime.now(UTC).replace(tzinfo=None)
+        checks = {
+            "batches_ms": lambda: queries.batches(db),
+            "batch_ms": lambda: queries.batch(db, middle),
+            "lines_failed_ms": lambda: queries.lines(db, middle, failed=True),
+            "calls_ms": lambda: queries.calls(db, limit=100),
+            "stats_ms": lambda: queries.stats(db),
+            "stats_day_ms": lambda: queries.stats(db, by="day"),
+            "stats_endpoint_ms": lambda: queries.stats(db, by="endpoint"),
+            "stats_key_ms": lambda: queries.stats(db, by="key"),
+            "stats_since_7d_ms": lambda: queries.stats(db, since=now - timedelta(days=7, minutes=17)),
+        }
+        for key, fn in checks.items():
+            fn()  # warm (the first run reads the pages from disk)
+            out[key] = median_ms(fn)
+        # exports: the calls of the last 3 days (a tenth); the lines of the newest tenth of the batches, 10 at most
+        newest = queries.batches(db)[: min(10, max(1, lines // PER_BATCH // 10))]
+        lines_since = queries.to_dt(newest[-1]["created_at"].replace("T", " ").rstrip("Z"))
+    finally:
+        db.close()
+    rates = []
+    for kw in ({"since": now - timedelta(days=3)}, {"lines_of_batches": True, "since": lines_since}):
+        export_rate(url, **kw)  # warm, as the queries above
+        rates.append(statistics.median(export_rate(url, **kw) for _ in range(3)))
+    calls_rate, lines_rate = rates
+    out["export_rows_per_s"] = round(min(calls_rate, lines_rate))
+    out["export_calls_rows_per_s"], out["export_lines_rows_per_s"] = round(calls_rate), round(lines_rate)
+    cli = {}
+    for name, args in (("batches", ["batches"]), ("batch", ["batch", middle]),
+                       ("lines_failed", ["lines", middle, "--failed"]), ("calls", ["calls"]), ("stats", ["stats"]),
+                       ("stats_day", ["stats", "--by", "day"])):
+        t = time.perf_counter()
+        subprocess.run([str(VELVET), "--db", url, *args, "--json"], check=True, stdout=subprocess.DEVNULL)
+        cli[name] = round((time.perf_counter() - t) * 1000, 1)
+    out["velvet_cli_ms"] = cli  # one run of the real command each: Python start-up and imports included
+    return out
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def postgres(given: str | None, log: Callable[[str], None]) -> Iterator[str]:
+    """A base PostgreSQL URL: ``given``, else ``$VELVET_TEST_PG``, else a throwaway cluster for the run."""
+    base = given or os.environ.get("VELVET_TEST_PG")
+    if base:
+        yield base
+        return
+    log("scale: starting a throwaway PostgreSQL (scripts/pg-throwaway)")
+    script = str(ROOT / "scripts" / "pg-throwaway")
+    r = subprocess.run([script, "start"], capture_output=True, text=True, check=True)
+    url, pgdir = r.stdout.split()
+    try:
+        yield url
+    finally:
+        subprocess.run([str(ROOT / "scripts" / "pg-throwaway"), "stop", pgdir], check=False)
+
+
+@contextlib.contextmanager
+def pg_schema(base: str, keep: bool) -> Iterator[str]:
+    """A new schema in the database at ``base`` (dropped after unless ``keep``), reached through search_path."""
+    import psycopg
+
+    schema = f"scale_{secrets.token_hex(4)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if urlsplit(base).query else "?"
+    try:
+        yield f"{base}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        if not keep:
+            with psycopg.connect(base, autocommit=True) as conn:
+                conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    out: dict[str, Any] = {"scale_lines": lines, "scale_calls": calls}
+    tmp = Path(tempfile.mkdtemp(prefix="velvet-scale-"))
+    url = f"sqlite:///{tmp / 'velvet.db'}"
+    log(f"scale: building {lines:,} batch lines and {calls:,} calls in SQLite ({tmp})")
+    out["build_s"] = round(build(url, lines, calls, log), 1)
+    out["db_mb"] = round((tmp / "velvet.db").stat().st_size / 1e6, 1)
+    log("scale: timing the queries on SQLite")
+    out.update(measure(url, lines))
+    if keep:
+        log(f"scale: kept {url}")
+    else:
+        for p in tmp.iterdir():
+            p.unlink()
+        tmp.rmdir()
+    with postgres(pg, log) as base, pg_schema(base, keep) as pg_url:
+        log(f"scale: building {lines:,} batch lines and {calls:,} calls in PostgreSQL")
+        out["build_s_pg"] = round(build(pg_url, lines, calls, log), 1)
+        import psycopg
+
+        schema = pg_url.rsplit("%3D", 1)[1]
+        with psycopg.connect(base, autocommit=True) as conn:  # planner statistics, as autovacuum makes in time
+            for table in ("calls", "batches", "batch_requests", "batch_results", "files", "batch_counts",
+                          "call_rollups", "batch_events"):
+                conn.execute(f'VACUUM ANALYZE {schema}."{table}"')
+        log("scale: timing the queries on PostgreSQL")
+        out.update({f"{k}_pg": v for k, v in measure(pg_url, lines).items()})
+        if keep:
+            log(f"scale: kept {pg_url}")
+    return out
