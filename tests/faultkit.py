@@ -941,11 +941,12 @@ class DiskFull:
 
 
 def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 64 << 10, writer: str = "auto",
-              seconds: float = 9) -> DiskFull:
+              seconds: float = 12) -> DiskFull:
     """SQLite on a "full disk": mitmdump and its writer process may not grow any file past ``limit`` bytes
     (RLIMIT_FSIZE, set from outside; the database is larger already) for ``seconds`` while calls with
-    100 kB prompts go through; then space comes back. (Longer than the writer takes to warn, 5 s and its
-    next attempt: the log must say so.)"""
+    100 kB prompts go through; then space comes back. Long enough for the writer to warn (5 s) and to
+    fail five attempts (backoff 0.5, 1, 2, 4 s: 7.5 s after the first), so the outcome does not depend
+    on timing."""
     res = DiskFull()
     url = f"sqlite:///{tmp / 'velvet.db'}"
     proxy = start_proxy(url, standin, tmp, [*LOW, "--set", f"velvet_writer={writer}"])

@@ -142,7 +142,7 @@ def test_damaged_spool_and_journal_files_are_quarantined(standin, gone_db, tmp_p
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_full_disk(standin, tmp_path, writer):
     """No file may grow (the disk is full: the database, the journal, spill files) while calls go through,
-    long enough for the writer to retry five times; once space is back, every call is stored."""
+    long enough for the writer to fail five attempts; once space is back, every call is stored."""
     r = fk.disk_full(standin, tmp_path, calls=30, writer=writer)
     assert r.served == r.calls, "a full disk never fails the user's calls"
     assert r.upload_served, "a streamed upload is passed on even when velvet cannot keep it"
