@@ -25,10 +25,11 @@ from standin import StandIn
 
 
 def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
+    """Every scenario (``quick``: fewer and smaller, about a minute); the figures as one flat dict."""
     root = Path(tempfile.mkdtemp(prefix="velvet-faults-"))
-    outage_s = 5.0 if quick else 20.0
-    calls, lines = (50, 3_000) if quick else (200, 20_000)
-    fuzz_n = 100 if quick else 400
+    outage_s = 3.0 if quick else 20.0
+    calls, lines = (20, 500) if quick else (200, 20_000)
+    fuzz_n = 50 if quick else 400
     out: dict[str, Any] = {}
     standin = StandIn().start()
     say("faults: starting a PostgreSQL cluster of our own")
@@ -40,14 +41,14 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
         d.mkdir()
         return d
 
-    def both(name: str, fn: Callable[[Path, str], Any]) -> list[Any]:
+    def each(name: str, fn: Callable[[Path, str], Any]) -> list[Any]:
         res = []
         for backend in ("sqlite", "postgres"):
             d = tmp(f"{name}-{backend}")
             url = f"sqlite:///{d / 'velvet.db'}" if backend == "sqlite" else cluster.fresh_url()
             t = time.monotonic()
             res.append(fn(d, url))
-            say(f"faults: {name} ({backend}) {time.monotonic() - t:.1f} s")
+            say(f"faults:   {name} ({backend}) {time.monotonic() - t:.1f} s")
         return res
 
     try:
@@ -56,67 +57,83 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
                       seconds=outage_s, pace=0.15)
         out.update(outage_s=o.outage_s, outage_calls=o.during, served_during_outage=o.served_during,
                    served_p99_ms_during_outage=o.p99_ms_during, outage_calls_total=o.calls,
-                   stored_after_outage=o.stored)
-        say(f"faults: SQLite write-locked by another process for {outage_s:.0f} s under traffic")
-        d = tmp("outage-sqlite")
-        url = f"sqlite:///{d / 'velvet.db'}"
-        lock = fk.SqliteLock(url)
-        s = fk.outage(standin, d, url, lock.down, lock.up, seconds=outage_s, pace=0.15)
-        out.update(sqlite_locked_s=s.outage_s, sqlite_locked_calls=s.calls,
-                   sqlite_locked_served=s.served, sqlite_locked_calls_lost=s.calls - s.stored)
+                   stored_after_outage=o.stored, outage_warned=o.warned)
+        if not quick:
+            say(f"faults: SQLite write-locked by another process for {outage_s:.0f} s under traffic")
+            d = tmp("outage-sqlite")
+            url = f"sqlite:///{d / 'velvet.db'}"
+            lock = fk.SqliteLock(url)
+            s = fk.outage(standin, d, url, lock.down, lock.up, seconds=outage_s, pace=0.15)
+            out.update(sqlite_locked_s=s.outage_s, sqlite_locked_calls=s.calls,
+                       sqlite_locked_served=s.served, sqlite_locked_calls_lost=s.calls - s.stored)
 
         say(f"faults: SIGKILL after {calls} calls and a {lines:,}-line streamed upload, another upload half-way")
-        k = both("kill9", lambda d, url: fk.kill9(standin, d, url, calls=calls, lines=lines))
+        k = []
+        for everything in (True,) if quick else (True, False):
+            what = "mitmdump+writer" if everything else "mitmdump"
+            k += each(f"kill9-{what}", lambda d, url, e=everything: fk.kill9(standin, d, url, calls=calls,
+                                                                           lines=lines, everything=e))
         out.update(kill9_calls=sum(x.calls for x in k), kill9_calls_lost=sum(x.calls_lost for x in k),
                    kill9_stream_lines=sum(x.stream_lines for x in k),
                    kill9_stream_lines_lost=sum(x.stream_lines_lost for x in k),
-                   kill9_cut_uploads_recorded=sum(x.incomplete_recorded for x in k), kill9_cut_uploads=len(k),
+                   kill9_cut_uploads=len(k), kill9_cut_uploads_recorded=sum(x.incomplete_recorded for x in k),
                    kill9_calls_not_yet_written=sum(x.calls - x.calls_stored_at_kill for x in k),
                    kill9_lines_not_yet_written=sum(x.stream_lines - x.lines_stored_at_kill for x in k))
-        say("faults: the same on SQLite with velvet_journal=false, for comparison")
-        nj = fk.kill9(standin, tmp("kill9-no-journal"), f"sqlite:///{root / 'no-journal.db'}", calls=calls,
-                      lines=lines, journal=False, wait=5)
-        out.update(kill9_calls_lost_no_journal=nj.calls_lost,
-                   kill9_stream_lines_lost_no_journal=nj.stream_lines_lost)
+        if not quick:
+            say("faults: the same on SQLite with velvet_journal=false, for comparison")
+            nj = fk.kill9(standin, tmp("kill9-no-journal"), f"sqlite:///{root / 'no-journal.db'}", calls=calls,
+                          lines=lines, journal=False, wait=5)
+            out.update(kill9_calls_lost_no_journal=nj.calls_lost,
+                       kill9_stream_lines_lost_no_journal=nj.stream_lines_lost)
 
         say(f"faults: poison values ({len(fk.POISONS)} calls, {fk.POISONED_LINES} batch lines) then normal calls")
-        p = both("poison", lambda d, url: fk.poison(standin, d, url))
+        p = each("poison", lambda d, url: fk.poison(standin, d, url))
         out.update(poison_values_tried=sum(x.tried for x in p), rows_lost_to_poison=sum(x.rows_lost for x in p),
                    normal_calls_lost_after_poison=sum(x.normal_lost for x in p),
-                   poison_cut_without_problem=sum(len(x.uncounted_cuts) for x in p))
+                   poison_cut_without_problem=sum(len(x.uncounted_cuts) for x in p),
+                   poison_absurd_figures=sum(len(x.absurd) for x in p),
+                   poison_read_side_errors=sum(len(x.read_side_errors) for x in p))
 
         say(f"faults: {fuzz_n} fuzzed requests and answers per backend through mitmdump")
-        f = both("fuzz", lambda d, url: fk.fuzz(standin, d, url, fuzz_n))
+        f = each("fuzz", lambda d, url: fk.fuzz(standin, d, url, fuzz_n))
         out.update(fuzz_requests=sum(x.requests for x in f), fuzz_rows_missing=sum(x.missing for x in f))
 
-        say("faults: damaged spool files (garbage appended, cut mid-record)")
+        say("faults: damaged spool and journal files")
         g = []
-        for backend in ("sqlite", "postgres"):
-            d = tmp(f"spool-{backend}")
+        for backend in ("sqlite",) if quick else ("sqlite", "postgres"):
+            d = tmp(f"damaged-{backend}")
             if backend == "sqlite":
                 path = d / "db" / "velvet.db"
                 g.append(fk.damaged_spool(standin, d, f"sqlite:///{path}", lambda p=path: p.mkdir(parents=True),
                                           lambda p=path: p.rmdir()))
             else:
                 g.append(fk.damaged_spool(standin, d, cluster.fresh_url(), cluster.down, cluster.up))
-        out.update(spool_files_damaged=sum(x.damaged for x in g), spool_files_kept=sum(x.kept for x in g),
-                   spool_files_replayed_again=sum(len(x.left_pending) for x in g),
-                   spool_readable_rows_lost=sum(x.readable_rows_lost for x in g))
+        out.update(damaged_files=sum(x.damaged for x in g), damaged_files_kept=sum(x.kept for x in g),
+                   damaged_files_left_to_replay=sum(len(x.left_pending) for x in g),
+                   damaged_files_readable_rows_lost=sum(x.readable_rows_lost for x in g))
 
-        if sys.platform == "linux":
-            say("faults: a full disk (SQLite may not grow) under traffic, then space again")
-            df = fk.disk_full(standin, tmp("disk-full"), calls=20 if quick else 60)
-            out.update(disk_full_calls=df.calls, disk_full_served=df.served, disk_full_stored=df.stored,
-                       disk_full_upload_served=df.upload_served)
-
-        say("faults: two proxies on one PostgreSQL (a batch created through one, polled through the other)")
-        sh = fk.shared_pg(standin, tmp("shared-postgres"), cluster.fresh_url(), lines=200 if quick else 2000)
-        out.update(shared_pg_lines_lost=sh.lines_lost + sh.results_lost, shared_pg_proxies_seen=sh.proxies_seen)
+        if not quick:
+            say("faults: mitmdump stopped while PostgreSQL is down")
+            ds = fk.down_at_shutdown(standin, tmp("down-at-shutdown"), cluster.fresh_url(), cluster.down,
+                                     cluster.up)
+            out.update(down_at_shutdown_calls=ds.calls, down_at_shutdown_lost=ds.lost,
+                       down_at_shutdown_lingering=len(ds.lingering))
+            if sys.platform == "linux":
+                say("faults: a full disk (no file may grow) under traffic, then space again")
+                df = fk.disk_full(standin, tmp("disk-full"), calls=60)
+                out.update(disk_full_calls=df.calls, disk_full_served=df.served, disk_full_stored=df.stored,
+                           disk_full_dead_lettered=df.dead_lettered, disk_full_warned=df.warned)
+            say("faults: two proxies on one PostgreSQL (a batch created through one, polled through the other)")
+            sh = fk.shared_pg(standin, tmp("shared-postgres"), cluster.fresh_url(), lines=2000)
+            out.update(shared_pg_lines_lost=sh.lines_lost + sh.results_lost,
+                       shared_pg_proxies_seen=sh.proxies_seen)
 
         out["dead_lettered"] = fk.dead_letters(root)
+        out["writer_processes_lingering"] = len(fk.LINGERED)
         out["tracebacks"] = sum(p.read_text(errors="replace").count("Traceback")
                                 for p in root.rglob("mitmdump.log"))
-        out.update(quick=quick, machine=f"{platform.machine()}, {os.cpu_count()} cores, "
+        out.update(quick=quick, writer=" ".join(fk.EXTRA).removeprefix("--set velvet_writer=") or "auto",
+                   machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                                         f"Python {platform.python_version()}, {platform.system()}")
     finally:
         fk.up_quietly(cluster.up)
@@ -130,26 +147,39 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
 
 
 def table(r: dict[str, Any]) -> str:
-    rows = [
-        (f"PostgreSQL down {r['outage_s']:.0f} s", f"{r['served_during_outage']}/{r['outage_calls']} calls served "
-         f"(p99 {r['served_p99_ms_during_outage']} ms), {r['stored_after_outage']}/{r['outage_calls_total']} "
-         "stored after"),
-        (f"SQLite locked {r['sqlite_locked_s']:.0f} s", f"{r['sqlite_locked_served']}/{r['sqlite_locked_calls']} "
-         f"served, {r['sqlite_locked_calls_lost']} lost"),
-        ("SIGKILL, restart", f"{r['kill9_calls_lost']}/{r['kill9_calls']} answered calls lost, "
-         f"{r['kill9_stream_lines_lost']}/{r['kill9_stream_lines']} streamed lines lost, "
-         f"{r['kill9_cut_uploads_recorded']}/{r['kill9_cut_uploads']} cut uploads recorded"),
-        ("poison values", f"{r['poison_values_tried']} tried, {r['rows_lost_to_poison']} rows lost, "
-         f"{r['poison_cut_without_problem']} cut without a word in problem"),
-        ("fuzzed requests", f"{r['fuzz_rows_missing']}/{r['fuzz_requests']} rows missing"),
-        ("damaged spool files", f"{r['spool_files_kept']}/{r['spool_files_damaged']} kept, "
-         f"{r['spool_readable_rows_lost']} readable rows lost"),
-    ]
-    if "disk_full_calls" in r:
+    def has(*keys: str) -> bool:
+        return all(k in r for k in keys)
+
+    rows = [(f"PostgreSQL down {r['outage_s']:.0f} s",
+             f"{r['served_during_outage']}/{r['outage_calls']} calls served "
+             f"(p99 {r['served_p99_ms_during_outage']} ms), {r['stored_after_outage']}/{r['outage_calls_total']} "
+             "stored after")]
+    if has("sqlite_locked_s"):
+        rows.append((f"SQLite locked {r['sqlite_locked_s']:.0f} s", f"{r['sqlite_locked_served']}/"
+                     f"{r['sqlite_locked_calls']} served, {r['sqlite_locked_calls_lost']} lost"))
+    rows.append(("SIGKILL, restart", f"{r['kill9_calls_lost']}/{r['kill9_calls']} answered calls lost, "
+                 f"{r['kill9_stream_lines_lost']}/{r['kill9_stream_lines']} streamed lines lost, "
+                 f"{r['kill9_cut_uploads_recorded']}/{r['kill9_cut_uploads']} cut uploads recorded alone"))
+    if has("kill9_calls_lost_no_journal"):
+        rows.append(("  without the journal", f"{r['kill9_calls_lost_no_journal']} calls, "
+                     f"{r['kill9_stream_lines_lost_no_journal']} lines lost"))
+    rows += [("poison values", f"{r['poison_values_tried']} tried, {r['rows_lost_to_poison']} rows lost, "
+              f"{r['poison_cut_without_problem']} cut without a word in problem, "
+              f"{r['poison_absurd_figures']} absurd figures"),
+             ("fuzzed requests", f"{r['fuzz_rows_missing']}/{r['fuzz_requests']} rows missing"),
+             ("damaged spool/journal files", f"{r['damaged_files_kept']}/{r['damaged_files']} kept, "
+              f"{r['damaged_files_left_to_replay']} left to replay, {r['damaged_files_readable_rows_lost']} "
+              "readable rows lost")]
+    if has("down_at_shutdown_calls"):
+        rows.append(("stopped while the database is down", f"{r['down_at_shutdown_lost']}/"
+                     f"{r['down_at_shutdown_calls']} lost, {r['down_at_shutdown_lingering']} processes lingering"))
+    if has("disk_full_calls"):
         rows.append(("full disk", f"{r['disk_full_served']}/{r['disk_full_calls']} served, "
-                                  f"{r['disk_full_stored']} stored once space is back"))
-    rows += [("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"),
-             ("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
+                     f"{r['disk_full_stored']} stored once space is back, "
+                     f"{r['disk_full_dead_lettered']} dead-lettered"))
+    if has("shared_pg_lines_lost"):
+        rows.append(("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"))
+    rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"
 
@@ -158,7 +188,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="velvet's fault suite, with figures (see BENCHMARKS.md)")
     ap.add_argument("--quick", action="store_true", help="smaller scenarios, about a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--writer", choices=("auto", "thread", "process"), default="auto",
+                    help="velvet_writer for every mitmdump (default: velvet's own default, auto)")
     a = ap.parse_args()
+    if a.writer != "auto":
+        fk.EXTRA[:] = ["--set", f"velvet_writer={a.writer}"]
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
     r = run(a.quick, lambda m: print(m, file=sys.stderr, flush=True))

@@ -3,7 +3,8 @@
 Each scenario runs a real ``mitmdump -s addon/velvet.py`` (:mod:`rig`) at the stand-in API, injects one
 fault (a stopped database, SIGKILL, poison values, a damaged spool file, fuzzed bodies, a full disk)
 and returns what it saw: figures for ``scripts/faults --json`` and details for the tests' messages.
-Nothing here looks inside the proxy: faults come from outside, results are read from the database.
+Faults come from outside; results are read from the database, the spool dir and mitmdump's log (the
+journal's frame format is used once, to damage a journal's second entry).
 """
 
 from __future__ import annotations
@@ -40,14 +41,24 @@ from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 Raw = openai.DefaultHttpxClient  # the SDK's own HTTP client class (httpx's API)
 LOW = ["--set", "velvet_stream_threshold=1024"]  # every batch body over 1 KiB takes the streamed path
 QUIET = ["--set", "flow_detail=0"]  # mitmdump's log: velvet's messages, not one line per flow
+EXTRA: list[str] = []  # options for every mitmdump of the scenarios (scripts/faults --writer)
 FLUSH_TIMEOUT = 5  # a bounded wait at shutdown when writes fail
 
 
 def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None = None,
                 flush_timeout: int = FLUSH_TIMEOUT) -> Proxy:
     """A started mitmdump for a scenario."""
-    return Proxy(url, standin.url, tmp, extra=[*QUIET, "--set", f"velvet_flush_timeout={flush_timeout}",
-                                              *(extra or [])]).start()
+    tmp.mkdir(parents=True, exist_ok=True)
+    args = [*QUIET, *EXTRA, "--set", f"velvet_flush_timeout={flush_timeout}", *(extra or [])]
+    return Proxy(url, standin.url, tmp, extra=last_set_wins(args)).start()
+
+
+def last_set_wins(args: list[str]) -> list[str]:
+    """``--set name=value`` pairs, each name once (its last value): an option given twice makes mitmproxy
+    drop a script's options without a word (velvet then captures nothing)."""
+    pairs = dict(args[i + 1].split("=", 1) for i in range(0, len(args), 2) if args[i] == "--set")
+    rest = [a for i in range(0, len(args), 2) if args[i] != "--set" for a in args[i:i + 2]]
+    return [*rest, *(x for k, v in pairs.items() for x in ("--set", f"{k}={v}"))]
 
 
 # -- waiting and reading ---------------------------------------------------------------------------
@@ -405,7 +416,6 @@ class Kill9:
     incomplete_rows: list[dict[str, Any]] = field(default_factory=list)
     missing_calls: list[str] = field(default_factory=list)
     half_lines: int = 0  # lines of the cut upload taken as a file's (must be 0)
-    spills_left: list[str] = field(default_factory=list)
     tracebacks: int = 0
 
 
@@ -453,8 +463,6 @@ def kill9(standin: StandIn, tmp: Path, url: str, calls: int = 50, lines: int = 3
         result.incomplete_recorded = len(rows) == 1  # the half upload's, and only it
         with bound(url):  # the half upload's lines must not be taken as a file
             result.half_lines = BatchRequest.select().where(BatchRequest.custom_id.startswith("half-")).count()
-        result.spills_left = sorted(p.name for p in (tmp / "spool" / "streams").glob("*")
-                                    if p.is_file()) if (tmp / "spool" / "streams").is_dir() else []
     finally:
         stop_proxy(again)
         reap(survivors, 0)
@@ -736,10 +744,10 @@ def read_side(url: str, request_ids: list[str]) -> list[str]:
 
 
 def dead_letters(spool: Path) -> int:
-    """Lines in the dead-letter files under ``spool`` (JSON lines, never deleted)."""
+    """Records in the dead-letter files under ``spool`` (JSON lines, never deleted), a cut last one too."""
     if not spool.is_dir():
         return 0
-    return sum(p.read_bytes().count(b"\n") for p in spool.rglob("*dead*") if p.is_file())
+    return sum(len(p.read_bytes().splitlines()) for p in spool.rglob("*dead*") if p.is_file())
 
 
 # -- scenario: fuzzed bodies through the real proxy --------------------------------------------------
@@ -931,11 +939,12 @@ class DiskFull:
 
 
 def disk_full(standin: StandIn, tmp: Path, calls: int = 40, limit: int = 64 << 10, writer: str = "auto",
-              seconds: float = 9) -> DiskFull:
+              seconds: float = 12) -> DiskFull:
     """SQLite on a "full disk": mitmdump and its writer process may not grow any file past ``limit`` bytes
     (RLIMIT_FSIZE, set from outside; the database is larger already) for ``seconds`` while calls with
-    100 kB prompts go through; then space comes back. (Longer than the writer takes to warn, 5 s and its
-    next attempt: the log must say so.)"""
+    100 kB prompts go through; then space comes back. Long enough for the writer to warn (5 s) and to
+    fail five attempts (backoff 0.5, 1, 2, 4 s: 7.5 s after the first), so the outcome does not depend
+    on timing."""
     res = DiskFull()
     url = f"sqlite:///{tmp / 'velvet.db'}"
     proxy = start_proxy(url, standin, tmp, [*LOW, "--set", f"velvet_writer={writer}"])
