@@ -291,3 +291,14 @@ def test_the_tail_reads_a_growing_journal_once_and_deletes_what_is_safe(tmp_path
     for seg in segs:
         seg.release()
     assert not list(tmp_path.glob("journal-*"))
+
+
+def test_a_full_disk_is_never_taken_for_bad_data():
+    import peewee
+    from velvet_core.writer.policy import exhausted, transient
+
+    full = peewee.OperationalError("database or disk is full")
+    assert transient(full) and exhausted(full)
+    hidden = peewee.OperationalError("cannot rollback - no transaction is active")  # SQLite full, as it shows
+    assert exhausted(hidden)
+    assert not exhausted(peewee.IntegrityError("NOT NULL constraint failed: calls.started_at"))

@@ -39,7 +39,10 @@ class DeadLetters:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
-            os.write(fd, line)
+            size = os.fstat(fd).st_size
+            if os.write(fd, line) != len(line):  # a full disk: no half letter, and the operation stays pending
+                os.ftruncate(fd, size)
+                raise OSError(f"short write to {self.path}")
         finally:
             os.close(fd)
         self.count += 1

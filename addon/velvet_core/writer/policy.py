@@ -22,6 +22,20 @@ def transient(e: BaseException) -> bool:
     return isinstance(e, peewee.OperationalError | peewee.InterfaceError | ConnectionError | TimeoutError)
 
 
+_EXHAUSTED = ("database or disk is full", "disk i/o error", "no space left", "cannot rollback - no transaction",
+              "file too large", "disk quota")
+
+
+def exhausted(e: BaseException) -> bool:
+    """A full disk or a failing one (SQLite's SQLITE_FULL/IOERR, PostgreSQL's class 53): never about the data,
+    however often it repeats."""
+    for x in (e, e.__cause__, e.__context__):
+        if x is not None and (str(getattr(x, "sqlstate", "") or "").startswith("53")
+                              or any(s in str(x).lower() for s in _EXHAUSTED)):
+            return True
+    return False
+
+
 def describe(e: BaseException) -> str:
     text = " ".join(str(e).split()) or type(e).__name__
     cause = e.__cause__ or e.__context__  # (SQLite's "disk full" hides behind a failed rollback)

@@ -36,7 +36,7 @@ from velvet_core.storage.store import Store
 from velvet_core.writer import journal, recovery
 from velvet_core.writer.deadletter import DeadLetters
 from velvet_core.writer.health import Health
-from velvet_core.writer.policy import describe, reductions, transient
+from velvet_core.writer.policy import describe, exhausted, reductions, transient
 from velvet_core.writer.spool import Spool, Unprocessed
 
 log = logging.getLogger("velvet")
@@ -311,9 +311,9 @@ class Writer:
             self._attempts = 0
             return
         except Exception as e:
-            if transient(e):
+            if transient(e) or exhausted(e):
                 self._attempts += 1
-                if self._attempts < MAX_ATTEMPTS or not self._alive():
+                if self._attempts < MAX_ATTEMPTS or exhausted(e) or not self._alive():
                     raise
             log.warning("velvet: the database refused a group of %d operations (%s); isolating the bad ones",
                         len(ops), describe(e))
@@ -329,7 +329,7 @@ class Writer:
             self.store.apply(ops)
             return
         except Exception as e:
-            if transient(e) and not self._alive():
+            if (transient(e) and not self._alive()) or exhausted(e):
                 raise
             error = e
         if len(ops) > 1:
@@ -346,7 +346,7 @@ class Writer:
             try:
                 self.store.apply([smaller])
             except Exception as e:
-                if transient(e) and not self._alive():
+                if (transient(e) and not self._alive()) or exhausted(e):
                     raise
                 continue
             log.warning("velvet: stored a %s in a smaller form: %s", type(op).__name__, describe(error))
