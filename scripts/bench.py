@@ -426,20 +426,23 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
     try:
         plain, plain_port = mitmdump(tmp, up_port, None, "plain")
         velvet, velvet_port = mitmdump(tmp, up_port, url, "velvet")
-        # the same without the journal (velvet_journal=false): what crash safety costs per call
+        # velvet's writer in a thread (as with one core, or in mitmweb), with and without the journal:
+        # what the writer process saves the event loop, and what crash safety costs per call
+        thread, thread_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'thread.db'}", "thread",
+                                       ("--set", "velvet_writer=thread"))
         nojournal, nojournal_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'nojournal.db'}", "nojournal",
-                                             ("--set", "velvet_journal=false"))
+                                             ("--set", "velvet_writer=thread", "--set", "velvet_journal=false"))
         # plain mitmdump buffers SSE; with stream_large_bodies it streams: the fair TTFT baseline
         streaming, streaming_port = mitmdump(tmp, up_port, None, "streaming", STREAMING)
         ctx = ssl.create_default_context(cafile=str(tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"))
         log(f"bench: live calls, {rounds} x {requests_per_round:,} per proxy, {conc} concurrent, alternated")
-        res: dict[str, list] = {"plain": [], "velvet": [], "nojournal": []}
-        asyncio.run(live(plain_port, ctx, 200, conc))  # warm up all
-        asyncio.run(live(velvet_port, ctx, 200, conc))
-        asyncio.run(live(nojournal_port, ctx, 200, conc))
+        res: dict[str, list] = {"plain": [], "velvet": [], "thread": [], "nojournal": []}
+        ports = {"plain": plain_port, "velvet": velvet_port, "thread": thread_port, "nojournal": nojournal_port}
+        for port in ports.values():  # warm up all
+            asyncio.run(live(port, ctx, 200, conc))
         made += 200
         for _ in range(rounds):
-            for name, port in (("plain", plain_port), ("velvet", velvet_port), ("nojournal", nojournal_port)):
+            for name, port in ports.items():
                 rps, lat = asyncio.run(live(port, ctx, requests_per_round, conc))
                 res[name].append((rps, lat))
                 made += requests_per_round if name == "velvet" else 0
@@ -447,8 +450,9 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
         rps_v = statistics.median(r for r, _ in res["velvet"])
         # each velvet round against the plain round just before it: the machine's drift cancels out
         pair = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["velvet"], strict=True))
+        pair_th = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["thread"], strict=True))
         pair_nj = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["nojournal"], strict=True))
-        journal = statistics.median(v[0] / n[0] for v, n in zip(res["velvet"], res["nojournal"], strict=True))
+        journal = statistics.median(v[0] / n[0] for v, n in zip(res["thread"], res["nojournal"], strict=True))
         lat_p = [x for _, lat in res["plain"] for x in lat]
         lat_v = [x for _, lat in res["velvet"] for x in lat]
         q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
@@ -456,8 +460,9 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
                    live_rps_ratio=round(pair, 3),
                    live_p50_ms_ratio=round(q(lat_v, 50) / q(lat_p, 50), 3),
                    live_p95_ms_ratio=round(q(lat_v, 95) / q(lat_p, 95), 3),
-                   live_rps_ratio_no_journal=round(pair_nj, 3),
-                   journal_cost=round(1 - journal, 3))  # share of throughput the journal costs
+                   live_rps_ratio_thread=round(pair_th, 3),  # velvet_writer=thread (journal on)
+                   live_rps_ratio_no_journal=round(pair_nj, 3),  # velvet_writer=thread, velvet_journal=false
+                   journal_cost=round(1 - journal, 3))  # share of throughput the journal costs (thread writers)
         log("bench: streamed TTFT")
         tt_p, tt_v, tt_s = [], [], []
         for _ in range(3):
@@ -470,6 +475,7 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
                    stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
         plain.stop()
         velvet.stop()
+        thread.stop()
         nojournal.stop()
         streaming.stop()
 

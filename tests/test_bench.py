@@ -11,7 +11,7 @@ from conftest import pg_base_url
 from rig import ROOT
 
 KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_ratio", "live_p95_ms_ratio",
-        "live_rps_ratio_no_journal",
+        "live_rps_ratio_no_journal", "live_rps_ratio_thread",
         "stream_ttft_ms_plain", "stream_ttft_ms_velvet", "upload_mb", "upload_lines", "upload_s_plain",
         "upload_s_velvet", "upload_rss_mb_plain", "upload_rss_mb_velvet", "ingest_s", "ingest_lines_per_s_ratio",
         "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost", "ingest_s_pg",
