@@ -25,7 +25,7 @@ def file_row(obj: Any, **extra: Any) -> dict[str, Any] | None:
            "created_at": ts(obj.get("created_at")), "expires_at": ts(obj.get("expires_at")),
            "status": obj.get("status")}
     row.update(extra)
-    return row  # None values are dropped by batchstore.upsert_file
+    return row  # None values are dropped by batch_store.upsert_file
 
 
 def batch_op(obj: Any, observed: float, source: str, pricer: Pricer, fp: str | None) -> BatchSeen | None:
