@@ -92,16 +92,3 @@ class BodyTap:
 def sidecar(spill: Path) -> Path:
     """The file beside a spill file that describes its flow."""
     return spill.with_suffix(".json")
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on Windows, assumed: signal 0 there would terminate it)."""
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +123,10 @@ def _load(ev: Event, res: StreamResult) -> Any:
         return None
 
 
-def _chat(events: list[Event], res: StreamResult) -> None:
-    choices: dict[int, dict[str, Any]] = {}
-    meta: dict[str, Any] = {}
+def _chunks(events: list[Event], res: StreamResult, meta: dict[str, Any],
+            keys: tuple[str, ...]) -> Iterator[tuple[Event, dict[str, Any]]]:
+    """The chunk objects of a chat or completions stream; ``[DONE]``, errors, ``keys`` (into ``meta``) and
+    usage are taken care of here."""
     for ev in events:
         res.events += 1
         if ev.data.strip() == "[DONE]":
@@ -136,11 +138,18 @@ def _chat(events: list[Event], res: StreamResult) -> None:
         if "error" in obj and not obj.get("choices"):
             res.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
             continue
-        for k in ("id", "created", "model", "system_fingerprint", "service_tier"):
+        for k in keys:
             if obj.get(k) is not None:
                 meta[k] = obj[k]
         if isinstance(obj.get("usage"), dict):
             res.usage = obj["usage"]
+        yield ev, obj
+
+
+def _chat(events: list[Event], res: StreamResult) -> None:
+    choices: dict[int, dict[str, Any]] = {}
+    meta: dict[str, Any] = {}
+    for ev, obj in _chunks(events, res, meta, ("id", "created", "model", "system_fingerprint", "service_tier")):
         for ch in obj.get("choices") or ():
             if not isinstance(ch, dict):
                 continue
@@ -190,22 +199,7 @@ def _completions(events: list[Event], res: StreamResult) -> None:
     """Legacy ``/v1/completions``: each chunk is a ``text_completion`` whose choices carry ``text``."""
     choices: dict[int, dict[str, Any]] = {}
     meta: dict[str, Any] = {}
-    for ev in events:
-        res.events += 1
-        if ev.data.strip() == "[DONE]":
-            res.complete = True
-            continue
-        obj = _load(ev, res)
-        if not isinstance(obj, dict):
-            continue
-        if "error" in obj and not obj.get("choices"):
-            res.error = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            continue
-        for k in ("id", "created", "model", "system_fingerprint"):
-            if obj.get(k) is not None:
-                meta[k] = obj[k]
-        if isinstance(obj.get("usage"), dict):
-            res.usage = obj["usage"]
+    for ev, obj in _chunks(events, res, meta, ("id", "created", "model", "system_fingerprint")):
         for ch in obj.get("choices") or ():
             if not isinstance(ch, dict):
                 continue

@@ -6,7 +6,6 @@ when the database does not answer (the usual reason to look). Both are merged pe
 
 from __future__ import annotations
 
-import os
 import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,24 +14,13 @@ from typing import Any
 import orjson
 from peewee import Database
 
+from velvet_core.pids import alive
 from velvet_core.query.queries import iso, to_dt
 
 KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
         "failing_since", "last_error", "queue_depth", "pending", "spooled", "dead_lettered", "written", "source")
 STALE = timedelta(seconds=30)  # a proxy that has not published for this long is not running
 
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (on Windows, assumed: signal 0 there would terminate it)."""
-    if os.name == "nt":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def status(db: Database | None, spool_dir: Path, db_error: str | None = None) -> dict[str, Any]:
@@ -61,7 +49,7 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None) ->
         updated = to_dt(p.get("updated_at"))
         running = p.get("stopped_at") is None and updated is not None and now - updated < STALE
         if p.get("hostname") == here and p.get("pid"):
-            running = running and _alive(int(p["pid"]))
+            running = running and alive(int(p["pid"]))
         out = {k: p.get(k) for k in KEYS}
         for k in ("started_at", "updated_at", "stopped_at", "last_write_at", "failing_since"):
             out[k] = iso(p.get(k))

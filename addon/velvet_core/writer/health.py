@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from velvet_core.capture.tap import pid_alive
+from velvet_core.pids import alive as pid_alive
 from velvet_core.redact import redact
 from velvet_core.storage import models
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from velvet_core.capture.snapshot import CallSnapshot
-from velvet_core.capture.tap import pid_alive
+from velvet_core.pids import alive as pid_alive
 from velvet_core.writer.spool import Unpickler, quarantine
 
 log = logging.getLogger("velvet")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from velvet_core.capture.snapshot import CallSnapshot
-from velvet_core.capture.tap import pid_alive
+from velvet_core.pids import alive as pid_alive
 from velvet_core.storage import ops
 
 log = logging.getLogger("velvet")

@@ -329,8 +329,7 @@ class Writer:
             self.store.apply(ops)
             return
         except Exception as e:
-            if (transient(e) and not self._alive()) or exhausted(e):
-                raise
+            self._raise_unless_data(e)
             error = e
         if len(ops) > 1:
             mid = len(ops) // 2
@@ -346,13 +345,17 @@ class Writer:
             try:
                 self.store.apply([smaller])
             except Exception as e:
-                if (transient(e) and not self._alive()) or exhausted(e):
-                    raise
+                self._raise_unless_data(e)
                 continue
             log.warning("velvet: stored a %s in a smaller form: %s", type(op).__name__, describe(error))
             return
         self.dead.add(op, describe(error), self.health.proxy)
         self.health.dead_lettered += 1
+
+    def _raise_unless_data(self, e: Exception) -> None:
+        """While isolating: a lost connection or a full disk is no verdict on the operation being tried."""
+        if (transient(e) and not self._alive()) or exhausted(e):
+            raise e
 
     def _alive(self) -> bool:
         """Whether the connection still answers (a transient-looking error with a live server is about data)."""
