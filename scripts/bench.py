@@ -203,6 +203,32 @@ def mitmdump(tmp: Path, upstream: int, velvet_db: str | None, name: str,
     sys.exit("bench: mitmdump did not start")
 
 
+def _stat_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime, every thread
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time a process has used so far (Linux; NaN elsewhere)."""
+    try:
+        return _stat_cpu(pid)
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """CPU time used so far by the running children of ``pid`` (velvet's writer process)."""
+    total = 0.0
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    total += _stat_cpu(int(child))
+    except OSError:
+        return float("nan")
+    return total
+
+
 # -- clients ---------------------------------------------------------------------------------------
 
 async def tunnel(port: int, ctx: ssl.SSLContext) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -413,7 +439,7 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
 def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
     lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
-    requests_per_round, rounds, conc = (300, 4, 16) if quick else (800, 10, 16)
+    requests_per_round, rounds, conc = (300, 4, 16) if quick else (500, 16, 16)
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(up_port), "--lines", str(lines),
                                  "--line-size", str(line_size)], stdout=subprocess.PIPE)
@@ -438,21 +464,37 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
         log(f"bench: live calls, {rounds} x {requests_per_round:,} per proxy, {conc} concurrent, alternated")
         res: dict[str, list] = {"plain": [], "velvet": [], "thread": [], "nojournal": []}
         ports = {"plain": plain_port, "velvet": velvet_port, "thread": thread_port, "nojournal": nojournal_port}
+        pids = {"plain": plain.p.pid, "velvet": velvet.p.pid, "thread": thread.p.pid, "nojournal": nojournal.p.pid}
+        cpu: dict[str, list[float]] = {name: [] for name in ports}  # proxy CPU seconds per call, each round
+        writer_cpu: list[float] = []  # velvet's writer process (its child), CPU seconds per call
         for port in ports.values():  # warm up all
             asyncio.run(live(port, ctx, 200, conc))
         made += 200
-        for _ in range(rounds):
-            for name, port in ports.items():
-                rps, lat = asyncio.run(live(port, ctx, requests_per_round, conc))
+        names = list(ports)
+        for r in range(rounds):
+            # the order turns each round, so that no proxy always runs first or right after another (drift)
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                before, kids = cpu_seconds(pids[name]), children_cpu_seconds(pids[name])
+                rps, lat = asyncio.run(live(ports[name], ctx, requests_per_round, conc))
                 res[name].append((rps, lat))
-                made += requests_per_round if name == "velvet" else 0
+                cpu[name].append((cpu_seconds(pids[name]) - before) / requests_per_round)
+                if name == "velvet":
+                    made += requests_per_round
+                    time.sleep(0.2)  # the writer process catches up: its CPU for this round is all counted
+                    writer_cpu.append((children_cpu_seconds(pids[name]) - kids) / requests_per_round)
         rps_p = statistics.median(r for r, _ in res["plain"])
         rps_v = statistics.median(r for r, _ in res["velvet"])
-        # each velvet round against the plain round just before it: the machine's drift cancels out
+        # each velvet round against the plain one of the same round: the machine's drift cancels out
         pair = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["velvet"], strict=True))
         pair_th = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["thread"], strict=True))
         pair_nj = statistics.median(v[0] / p[0] for p, v in zip(res["plain"], res["nojournal"], strict=True))
         journal = statistics.median(v[0] / n[0] for v, n in zip(res["thread"], res["nojournal"], strict=True))
+        us = lambda name: statistics.median(cpu[name]) * 1e6  # noqa: E731
+        out.update(live_cpu_us_plain=round(us("plain"), 1), live_cpu_us_velvet=round(us("velvet"), 1),
+                   live_cpu_ratio=round(statistics.median(
+                       v / p for p, v in zip(cpu["plain"], cpu["velvet"], strict=True)), 3),
+                   live_cpu_us_thread=round(us("thread"), 1),
+                   writer_cpu_us_per_call=round(statistics.median(writer_cpu) * 1e6, 1))
         lat_p = [x for _, lat in res["plain"] for x in lat]
         lat_v = [x for _, lat in res["velvet"] for x in lat]
         q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1]  # noqa: E731
@@ -570,6 +612,8 @@ def table(r: dict[str, Any]) -> str:
     rows = [
         ("live calls/s", r["live_rps_plain"], r["live_rps_velvet"], f"ratio {r['live_rps_ratio']:.2f}"),
         ("live latency p50 / p95", "", "", f"ratios {r['live_p50_ms_ratio']:.2f} / {r['live_p95_ms_ratio']:.2f}"),
+        ("proxy CPU per live call, µs", r["live_cpu_us_plain"], r["live_cpu_us_velvet"],
+         f"ratio {r['live_cpu_ratio']:.2f}; writer process {r['writer_cpu_us_per_call']} µs on the other core"),
         ("stream TTFT ms (median)", r["stream_ttft_ms_plain"], r["stream_ttft_ms_velvet"],
          f"plain streaming {r['stream_ttft_ms_plain_streaming']} ms"),
         (f"upload {r['upload_mb']} MB / {r['upload_lines']:,} lines, s", r["upload_s_plain"], r["upload_s_velvet"],

@@ -15,7 +15,7 @@ KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_rati
         "stream_ttft_ms_plain", "stream_ttft_ms_velvet", "upload_mb", "upload_lines", "upload_s_plain",
         "upload_s_velvet", "upload_rss_mb_plain", "upload_rss_mb_velvet", "ingest_s", "ingest_lines_per_s_ratio",
         "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost", "ingest_s_pg",
-        "pg_calls_per_s"}
+        "pg_calls_per_s", "live_cpu_us_plain", "live_cpu_us_velvet", "live_cpu_ratio", "live_cpu_us_thread"}
 SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
               "export_rows_per_s"}
 
@@ -29,6 +29,7 @@ def test_bench_quick_json():
     assert set(out) >= KEYS, KEYS - set(out)
     assert out["rows_lost"] == 0 and out["upload_lines"] == 5000  # correctness, not speed
     assert all(isinstance(out[k], int | float) and out[k] > 0 for k in KEYS - {"rows_lost"})
+    assert out["writer_cpu_us_per_call"] >= 0  # 0 where the writer is a thread (one core)
 
 
 def test_bench_scale_quick_json():

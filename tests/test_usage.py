@@ -528,11 +528,14 @@ def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
                                         headers=mhttp.Headers(host="api.openai.com",
                                                               **{"content-type": "application/json"})))
         v.requestheaders(f)
-        v.request(f)
-        assert f.request.content == body  # off: nothing changes
+        assert v.request is None  # off: no request hook at all (mitmproxy skips a None hook)
+        assert f.request.content == body
         tctx.configure(v, velvet_stream_usage="inject")
+        assert v.request is not None
         v.request(f)
         assert (f.request.content != body) is changed
         assert (v.snapshots[f.id].client_body == body) is changed and (f.id in v.injected) is changed
         v.snapshots.clear()
         v.injected.clear()
+        tctx.configure(v, velvet_stream_usage="off")
+        assert v.request is None

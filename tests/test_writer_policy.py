@@ -302,3 +302,27 @@ def test_a_full_disk_is_never_taken_for_bad_data():
     hidden = peewee.OperationalError("cannot rollback - no transaction is active")  # SQLite full, as it shows
     assert exhausted(hidden)
     assert not exhausted(peewee.IntegrityError("NOT NULL constraint failed: calls.started_at"))
+
+
+def test_a_dead_writer_process_is_replaced_and_loses_nothing(sqlite_url, tmp_path):
+    """The child that writes for the proxy dies (OOM killer, say): the next flows start another (looked for once a
+    second, at most once every 5 s), which reads the journal from where the dead one left off."""
+    from velvet_core.writer.process import ProcessWriter
+
+    w = ProcessWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w.start()
+    first = w.proc
+    assert first is not None
+    for i in range(20):
+        w.submit(chat(i))
+    first.kill()
+    first.wait()
+    deadline = time.monotonic() + 30
+    i = 20
+    while w.proc is first and time.monotonic() < deadline:
+        w.submit(chat(i))
+        i += 1
+        time.sleep(0.05)
+    assert w.proc is not first and w.proc is not None and w.proc.poll() is None
+    assert w.stop(60)
+    assert set(calls(sqlite_url)) == {f"flow-{n}" for n in range(i)}

@@ -93,6 +93,9 @@ class Velvet:
         self.alert_rules: RuleSet | None = None
         self.alerts: AlertRunner | None = None
         self.alert_interval = 30.0
+        # the request hook exists only with velvet_stream_usage=inject: mitmproxy skips a hook that is None,
+        # which saves every other flow a call
+        self.request: Callable[[http.HTTPFlow], None] | None = None
 
     @property
     def comments(self) -> bool:
@@ -193,6 +196,7 @@ class Velvet:
                 raise exceptions.OptionsError(
                     f"velvet_stream_usage: {opts.velvet_stream_usage!r}: use off or inject")
             self.inject_usage = opts.velvet_stream_usage == "inject"
+            self.request = self._ask_for_usage if self.inject_usage else None
         if "velvet_writer" in updated and opts.velvet_writer not in ("auto", "thread", "process"):
             raise exceptions.OptionsError(f"velvet_writer: {opts.velvet_writer!r}: use auto, thread or process")
         restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
@@ -337,9 +341,8 @@ class Velvet:
             self._tap(flow, flow.request, "request")
 
     @guarded
-    def request(self, flow: http.HTTPFlow) -> None:
-        if not self.inject_usage:
-            return
+    def _ask_for_usage(self, flow: http.HTTPFlow) -> None:
+        """The ``request`` hook when velvet_stream_usage=inject: ask upstream for the usage of a stream."""
         snap = self.snapshots.get(flow.id)
         if snap is None or snap.route.action != "create" or snap.route.kind not in ("chat.completions",
                                                                                    "completions"):

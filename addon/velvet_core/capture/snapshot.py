@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from velvet_core.capture.usage import UsageStripper
 from velvet_core.parsing.classify import Route
-from velvet_core.parsing.extract import TAG_PREFIX, key_fingerprint, safe_headers
+from velvet_core.parsing.extract import SECRET_HEADERS, TAG_PREFIX, key_fingerprint
 
 if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
     from mitmproxy import http
@@ -102,14 +102,27 @@ def pop_tags(headers: http.Headers) -> dict[str, str]:
 
 
 def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapshot:
-    """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint."""
+    """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint.
+
+    One pass over the raw header fields (this runs on the event loop for every call): secrets go aside for
+    the fingerprint only, tag headers are taken out of the request (rare: then :func:`pop_tags`).
+    """
     req = flow.request
-    tags = pop_tags(req.headers)
-    hdrs = lower_headers(req.headers)
+    safe: dict[str, str] = {}
+    secret: dict[str, str] = {}
+    tagged = False
+    for k, v in req.headers.fields:
+        name = k.decode("utf-8", "surrogateescape").lower()
+        if name.startswith(TAG_PREFIX):
+            tagged = True
+            continue
+        value = v.decode("utf-8", "surrogateescape")
+        d = secret if name in SECRET_HEADERS else safe
+        d[name] = f"{d[name]}, {value}" if name in d else value
     return CallSnapshot(
         flow_id=flow.id, method=req.method, host=requested_host, path=req.path, route=route,
-        key_fingerprint=key_fingerprint(hdrs), tags=tags, request_headers=safe_headers(hdrs),
-        request_body=None, request_encoding=None, started_at=req.timestamp_start,
+        key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
+        request_headers=safe, request_body=None, request_encoding=None, started_at=req.timestamp_start,
     )
 
 

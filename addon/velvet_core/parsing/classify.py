@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal
@@ -49,7 +50,12 @@ def normalise(path: str) -> tuple[str, str | None]:
 
 
 def classify(method: str, path: str) -> Route:
-    """Classify an OpenAI (or Azure OpenAI) request by method and path."""
+    """Classify an OpenAI (or Azure OpenAI) request by method and path (routes are immutable: the usual short
+    paths are remembered, as every live call of a kind asks the same question)."""
+    return _remembered(method, path) if len(path) <= 256 else _classify(method, path)
+
+
+def _classify(method: str, path: str) -> Route:
     p, dep = normalise(path)
     parts = [s for s in p.split("/") if s]
     method = method.upper()
@@ -90,3 +96,6 @@ def classify(method: str, path: str) -> Route:
             return r("batches", "cancel", parts[1])
         return r("batches", "other", parts[1])
     return r("other", "other")
+
+
+_remembered = functools.lru_cache(maxsize=1024)(_classify)

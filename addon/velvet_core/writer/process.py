@@ -58,6 +58,7 @@ class ProcessWriter:
         self.proc: subprocess.Popen[bytes] | None = None
         self.written = 0
         self._respawned_at = 0.0
+        self._check_at = 0.0  # when to look again whether the child is alive
 
     def start(self) -> None:
         package = str(Path(__file__).resolve().parent.parent.parent)  # where velvet_core is importable from
@@ -79,7 +80,11 @@ class ProcessWriter:
                                        setup=processor.warm, serves=os.getpid())
                 self.fallback.start()
             self.fallback.submit(snapshot)
-        if self.proc is not None and self.proc.poll() is not None and time.monotonic() - self._respawned_at > 5:
+        now = time.monotonic()
+        if now < self._check_at:  # (poll() is a waitpid system call: ~15 µs on the event loop, once a second)
+            return
+        self._check_at = now + 1.0
+        if self.proc is not None and self.proc.poll() is not None and now - self._respawned_at > 5:
             log.warning("velvet: the writer process exited (%s); starting another", self.proc.returncode)
             self.start()  # it resumes from the journal: nothing is lost
 
