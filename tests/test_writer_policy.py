@@ -326,3 +326,35 @@ def test_a_dead_writer_process_is_replaced_and_loses_nothing(sqlite_url, tmp_pat
     assert w.proc is not first and w.proc is not None and w.proc.poll() is None
     assert w.stop(60)
     assert set(calls(sqlite_url)) == {f"flow-{n}" for n in range(i)}
+
+
+def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
+    """Frames are tuples of builtins (no class looked up by name on the event loop, nothing imported to read
+    them); every field comes back; frames of the older format (the pickled dataclass) are still read."""
+    import dataclasses
+    import pickle
+    import pickletools
+
+    from velvet_core.capture.snapshot import TapInfo, from_record, to_record
+    from velvet_core.writer.journal import Journal, read
+
+    full = dataclasses.replace(
+        chat(1), request_end_at=2.5, first_byte_at=3.5, response_encoding="gzip", request_encoding="br",
+        stream_chunks=[(1.0, b"data: x\n\n")], stream_finished=True, error="boom", notes=["n"],
+        request_tap=TapInfo(tmp_path / "req.spill", 10, True, None), response_tap=TapInfo(None, 0, False, "cut"),
+        client_body=b"{}", tags={"team": "a"}, route=classify("GET", "/openai/deployments/d/files/file-1/content"))
+    assert all(getattr(full, f.name) not in (None, False) for f in dataclasses.fields(full))  # every field set
+    frame = pickle.dumps(to_record(full), protocol=pickle.HIGHEST_PROTOCOL)
+    assert not [op for op, *_ in pickletools.genops(frame) if "GLOBAL" in op.name or "REDUCE" in op.name]
+    assert from_record(pickle.loads(frame)) == full
+    assert from_record(("something", "else")) is None
+
+    j = Journal(tmp_path / "j", "tag")
+    j.append(full)
+    j.close()
+    (seg,) = (tmp_path / "j").glob("journal-*")
+    with open(seg, "ab") as f:  # a frame as velvet 0.3 wrote it: the dataclass itself
+        old = pickle.dumps(chat(2), protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(len(old).to_bytes(4, "little") + old)
+    assert [s.flow_id for s in read(seg)] == ["flow-1", "flow-2"]
+    assert next(read(seg)) == full

@@ -72,6 +72,47 @@ def _rebuild(values: tuple[Any, ...]) -> CallSnapshot:
     return CallSnapshot(*values)
 
 
+RECORD = 2  # the journal's frame: a tuple of plain values, this number first
+
+
+def to_record(s: CallSnapshot) -> tuple[Any, ...]:
+    """The snapshot as plain values (the journal's frame, pickled on the event loop for every flow).
+
+    Pickling a tuple of builtins takes a third of the time of pickling the dataclass: no class is looked up by
+    name, and reading it back imports nothing. The order is :data:`_FIELDS`'s (tested).
+    """
+    r = s.route
+    return (RECORD, s.flow_id, s.method, s.host, s.path, (r.kind, r.action, r.path, r.object_id, r.deployment),
+            s.key_fingerprint, s.tags, s.request_headers, s.request_body, s.request_encoding, s.started_at,
+            s.request_end_at, s.status_code, s.response_headers, s.response_body, s.response_encoding,
+            s.first_byte_at, s.ended_at, s.stream_chunks, s.stream_finished, s.error, s.notes,
+            _tap(s.request_tap), _tap(s.response_tap), s.client_body)
+
+
+def from_record(rec: Any) -> CallSnapshot | None:
+    """A journal frame back as a snapshot (frames written before :data:`RECORD` hold the dataclass itself);
+    None for anything else."""
+    if isinstance(rec, CallSnapshot):
+        return rec
+    if not (isinstance(rec, tuple) and len(rec) == len(_FIELDS) + 1 and rec[0] == RECORD):
+        return None
+    v = list(rec[1:])
+    v[_ROUTE] = Route(*v[_ROUTE])
+    v[_REQUEST_TAP], v[_RESPONSE_TAP] = _untap(v[_REQUEST_TAP]), _untap(v[_RESPONSE_TAP])
+    return CallSnapshot(*v)
+
+
+_ROUTE, _REQUEST_TAP, _RESPONSE_TAP = (_FIELDS.index(n) for n in ("route", "request_tap", "response_tap"))
+
+
+def _tap(t: TapInfo | None) -> tuple[str | None, int, bool, str | None] | None:
+    return None if t is None else (None if t.path is None else str(t.path), t.bytes, t.finished, t.broken)
+
+
+def _untap(t: tuple[str | None, int, bool, str | None] | None) -> TapInfo | None:
+    return None if t is None else TapInfo(None if t[0] is None else Path(t[0]), t[1], t[2], t[3])
+
+
 def lower_headers(headers: http.Headers) -> dict[str, str]:
     """Headers as a dict with lower-case names (repeated headers joined by ', ').
 

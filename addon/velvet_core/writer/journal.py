@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.capture.snapshot import CallSnapshot, from_record, to_record
 from velvet_core.pids import alive as pid_alive
 from velvet_core.writer.spool import Unpickler, quarantine
 
@@ -68,7 +68,7 @@ class Journal:
     def append(self, snapshot: CallSnapshot) -> Segment | None:
         """Record ``snapshot``; None if it could not be recorded (then only the queue holds it)."""
         try:
-            data = pickle.dumps(snapshot, protocol=pickle.HIGHEST_PROTOCOL)
+            data = pickle.dumps(to_record(snapshot), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as e:
             self._fail(e)
             return None
@@ -168,9 +168,9 @@ def read(path: Path) -> Iterator[CallSnapshot]:
             if len(data) < size:
                 return
             try:
-                snap = Unpickler(io.BytesIO(data)).load()
+                snap = from_record(Unpickler(io.BytesIO(data)).load())
             except Exception as e:  # (quarantine logs it: a damaged file is not a bug of ours)
                 quarantine(path, f"damaged journal entry ({type(e).__name__}: {e})")
                 return
-            if isinstance(snap, CallSnapshot):
+            if snap is not None:
                 yield snap

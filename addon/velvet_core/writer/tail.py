@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.capture.snapshot import CallSnapshot, from_record
 from velvet_core.writer.journal import FRAME
 from velvet_core.writer.spool import Unpickler, quarantine
 
@@ -91,11 +91,11 @@ class Tail:
                     return  # being written: read again next time
                 seg.offset += FRAME.size + size
                 try:
-                    snap = Unpickler(io.BytesIO(data)).load()
+                    snap = from_record(Unpickler(io.BytesIO(data)).load())
                 except Exception as e:  # (quarantine logs it: a damaged file is not a bug of ours)
                     quarantine(seg.path, f"damaged journal entry ({type(e).__name__}: {e})")
                     return
-                if isinstance(snap, CallSnapshot):
+                if snap is not None:
                     with seg._lock:
                         seg.outstanding += 1
                     out.append((snap, seg))
