@@ -17,7 +17,7 @@ ALLOWED = {
     "storage": {"parsing"},
     "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
     "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
-    "capture": {"parsing", "process.processor", "storage.database", "writer.writer", "writer.health",
+    "capture": {"parsing", "process.processor", "storage.urls", "writer.writer", "writer.health",
                 "writer.process", "query.summary", "alerts.rules", "alerts.runner"},
     # the velvet command wires in the experiments', alerts' and report's commands
     "query": {"storage", "experiments.commands", "alerts.cli", "report.cli"},
@@ -58,6 +58,16 @@ def test_every_module_is_in_a_layer():
 def test_writer_thread_modules_do_not_import_mitmproxy():
     code = ("import sys; import velvet_core.process.processor, velvet_core.writer.writer, "
             "velvet_core.storage.store; print(sorted(m for m in sys.modules if m.startswith('mitmproxy')))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_the_proxy_side_loads_no_database_code():
+    """mitmproxy's process imports the addon; with the writer in its own process it never touches the database,
+    so peewee, psycopg and the price data stay out of its heap (each full garbage collection walks it)."""
+    code = ("import sys; import velvet_core.capture.addon, velvet_core.writer.process; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('peewee', 'playhouse', 'psycopg', 'sqlite3', 'genai_prices', 'tiktoken', 'pygal')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
 

@@ -8,15 +8,11 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
-from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
+from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path
 
 __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url", "connect", "migrate", "open_db",
            "schema_version", "sqlite_path"]
-
-
-class DatabaseURLError(ValueError):
-    pass
 
 
 class PostgresDatabase(PostgresqlDatabase):
@@ -36,26 +32,6 @@ class PostgresDatabase(PostgresqlDatabase):
 
         for name in ("json", "jsonb"):
             conn.adapters.register_loader(name, TextLoader)
-
-
-def check_url(url: str) -> str:
-    """Raise :class:`DatabaseURLError` unless ``url`` is a usable sqlite or postgresql URL."""
-    parts = urlsplit(url)
-    if parts.scheme == "sqlite":
-        if not parts.path or parts.path == "/":
-            raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
-    elif parts.scheme in ("postgresql", "postgres"):
-        if not parts.path.strip("/"):
-            raise DatabaseURLError(f"{redact(url)!r}: a PostgreSQL URL needs a database name, "
-                                   "e.g. postgresql://user:pass@host:5432/velvet")
-    else:
-        raise DatabaseURLError(f"{redact(url)!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
-    return url
-
-
-def sqlite_path(url: str) -> str:
-    """As SQLAlchemy and peewee: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute."""
-    return unquote(urlsplit(url).path)[1:]
 
 
 def connect(url: str, *, readonly: bool = False) -> Database:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -30,7 +30,9 @@ from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.redact import redact
 from velvet_core.writer.journal import Journal
 from velvet_core.writer.tail import Tail
-from velvet_core.writer.writer import Work, Writer
+
+if TYPE_CHECKING:  # (imported where used: the proxy's side never loads the database code)
+    from velvet_core.writer.writer import Writer
 
 log = logging.getLogger("velvet")
 POLL = 0.05  # seconds between looks at the journal when it has nothing new
@@ -73,6 +75,7 @@ class ProcessWriter:
             if self.fallback is None:
                 from velvet_core.parsing.pricing import Pricer, load_price_file
                 from velvet_core.process.processor import Processor
+                from velvet_core.writer.writer import Writer
 
                 processor = Processor(Pricer(load_price_file(self.prices) if self.prices else None),
                                       self.body_limit)
@@ -138,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     from velvet_core.parsing.pricing import Pricer, load_price_file
     from velvet_core.process.processor import Processor
+    from velvet_core.writer.writer import Work, Writer
 
     _spread(a.parent)
     processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
