@@ -358,3 +358,31 @@ def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
         f.write(len(old).to_bytes(4, "little") + old)
     assert [s.flow_id for s in read(seg)] == ["flow-1", "flow-2"]
     assert next(read(seg)) == full
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, tmp_path):
+    """Background work: the child runs niced (the proxy and the apps on the machine come first) and off the cores
+    the proxy is pinned to."""
+    from velvet_core.writer.process import NICE, ProcessWriter
+
+    w = ProcessWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    cpus = os.sched_getaffinity(0)
+    spread = len(cpus) > 1 and cpus == set(range(os.cpu_count() or 1))  # (not in a container's cpuset)
+    if spread:
+        os.sched_setaffinity(0, {min(cpus)})  # pinned as a benchmark pins mitmdump (the child starts with it)
+    try:
+        w.start()
+        assert w.proc is not None
+        deadline = time.monotonic() + 10
+        want = min(19, os.getpriority(os.PRIO_PROCESS, 0) + NICE)
+        while time.monotonic() < deadline and os.getpriority(os.PRIO_PROCESS, w.proc.pid) != want:
+            time.sleep(0.05)
+        assert os.getpriority(os.PRIO_PROCESS, w.proc.pid) == want
+        if spread:
+            while time.monotonic() < deadline and min(cpus) in os.sched_getaffinity(w.proc.pid):
+                time.sleep(0.05)
+            assert os.sched_getaffinity(w.proc.pid) == cpus - {min(cpus)}
+    finally:
+        os.sched_setaffinity(0, cpus)
+        assert w.stop(30)

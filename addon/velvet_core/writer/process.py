@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # (imported where used: the proxy's side never loads the data
 
 log = logging.getLogger("velvet")
 POLL = 0.05  # seconds between looks at the journal when it has nothing new
+NICE = 10  # the writer process's niceness, added to the proxy's
 ENV_DB = "VELVET_WRITER_DB"
 
 
@@ -122,11 +123,15 @@ class ProcessWriter:
 
 
 def _spread(parent: int) -> None:
-    """Run on the cores the proxy is not pinned to, if there are any (it was started with its affinity)."""
+    """Run on the cores the proxy is not pinned to, if there are any (it was started with its affinity), and
+    give way: the writer is background work, the proxy and the clients on the machine come first (it catches
+    up from the journal when they are idle)."""
     with contextlib.suppress(OSError, AttributeError):
         everything = set(range(os.cpu_count() or 1))
         others = everything - os.sched_getaffinity(parent)
         os.sched_setaffinity(0, others or everything)
+    with contextlib.suppress(OSError, AttributeError):
+        os.nice(NICE)
 
 
 def main(argv: list[str] | None = None) -> int:
