@@ -26,14 +26,14 @@ def _load(line: Line, problems: list[str]) -> Any:
         problems.append("blank line")
         return None
     try:
-        line.data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        problems.append(f"not UTF-8 (byte {e.start})")
-        return None
-    try:
-        return orjson.loads(line.data)
+        return orjson.loads(line.data)  # (it checks the UTF-8 too: decoding first cost every good line a copy)
     except orjson.JSONDecodeError as e:
-        problems.append(f"bad JSON: {e}")
+        try:
+            line.data.decode("utf-8")
+        except UnicodeDecodeError as u:
+            problems.append(f"not UTF-8 (byte {u.start})")
+        else:
+            problems.append(f"bad JSON: {e}")
         return None
 
 
