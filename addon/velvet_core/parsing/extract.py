@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -125,9 +126,12 @@ def api_error(body: Any) -> ApiError:
 def key_fingerprint(headers: dict[str, str]) -> str | None:
     """First 12 hex digits of sha256 of the API key (``Authorization: Bearer`` or Azure ``api-key``)."""
     raw = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key")
-    if not raw:
-        return None
-    key = raw.split(None, 1)[1] if raw.lower().startswith("bearer ") else raw
+    return _fingerprint(raw) if raw else None
+
+
+@functools.lru_cache(maxsize=256)  # (a proxy sees a few keys, once per call: on the event loop)
+def _fingerprint(raw: str) -> str:
+    key = raw.split(None, 1)[1] if raw.lower().startswith("bearer ") and " " in raw.strip() else raw
     return hashlib.sha256(key.strip().encode()).hexdigest()[:12]
 
 
