@@ -54,8 +54,8 @@ def start_proxy(url: str, standin: StandIn, tmp: Path, extra: list[str] | None =
 
 
 def last_set_wins(args: list[str]) -> list[str]:
-    """``--set name=value`` pairs, each name once (its last value): an option given twice makes mitmproxy
-    drop a script's options without a word (velvet then captures nothing)."""
+    """``--set name=value`` pairs, each name once (its last value, as velvet itself would take, with a
+    warning in the output the scenarios read)."""
     pairs = dict(args[i + 1].split("=", 1) for i in range(0, len(args), 2) if args[i] == "--set")
     rest = [a for i in range(0, len(args), 2) if args[i] != "--set" for a in args[i:i + 2]]
     return [*rest, *(x for k, v in pairs.items() for x in ("--set", f"{k}={v}"))]

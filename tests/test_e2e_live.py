@@ -227,3 +227,26 @@ def test_both_writer_modes_write_everything(standin, tmp_path, monkeypatch, mode
     with bound(url):
         rows = list(models.Call.select().where(models.Call.endpoint == "chat.completions"))
     assert len(rows) == 20 and all(r.input_tokens for r in rows) and len(ids) == 20
+
+
+def test_an_option_given_twice_takes_its_last_value_and_says_so(standin, tmp_path, monkeypatch):
+    """mitmproxy refuses a script's option given twice and the script would never start (capturing nothing,
+    silently): velvet keeps the last value, as a wrapper script appending options expects, and warns."""
+    from rig import Proxy
+
+    first, last = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'last.db'}"
+    p = Proxy(first, standin.url, tmp_path,
+              extra=["--set", f"velvet_db={last}", "--set", "velvet_writer=thread",
+                     "--set", "velvet_writer=process", "--set", "velvet_hosts=api.openai.com",
+                     "--set", "velvet_hosts=example.com"]).start()
+    client = p.client(monkeypatch)
+    client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+    assert p.stop() == 0
+    out = p.output()
+    assert "velvet_db was given more than once; using the last value" in out
+    assert "velvet_writer was given more than once" in out and "(writer process)" in out
+    assert "velvet_hosts was given" not in out  # several hosts are several values, by design
+    assert "api.openai.com, example.com" in out
+    with bound(last):
+        assert models.Call.select().count() == 1
+    assert not (tmp_path / "first.db").exists()

@@ -77,6 +77,23 @@ def _seconds(text: str) -> float:
     return v
 
 
+def _last_value_wins(options: Any) -> list[str]:
+    """Keep the last value of a velvet option given twice with ``--set`` (the names so treated).
+
+    mitmproxy holds a script's ``--set`` values until the script declares its options, then refuses one given
+    twice; the refusal is swallowed and the script never starts (velvet would capture nothing, silently).
+    Called from ``load``, before mitmproxy reads them. ``velvet_hosts`` takes several values by design.
+    """
+    fixed = []
+    deferred = getattr(options, "deferred", None)
+    for name, value in list(deferred.items() if isinstance(deferred, dict) else ()):
+        values = getattr(value, "val", None)  # (mitmproxy's unconverted --set strings)
+        if name.startswith("velvet_") and name != "velvet_hosts" and isinstance(values, list) and len(values) > 1:
+            deferred[name] = type(value)(values[-1:])
+            fixed.append(name)
+    return fixed
+
+
 class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
@@ -114,6 +131,8 @@ class Velvet:
 
     def load(self, loader: Any) -> None:
         contentviews.add(BatchJsonlContentview())
+        for name in _last_value_wins(loader.master.options):
+            log.warning("velvet: %s was given more than once; using the last value", name)
         loader.add_option("velvet_db", str, "",
                           "Database URL: sqlite:///relative.db, sqlite:////absolute.db or "
                           "postgresql://user:pass@host:port/db. Default: $VELVET_DB, else "
@@ -423,24 +442,27 @@ class Velvet:
 
     def _submit(self, flow: http.HTTPFlow) -> None:
         snap = self.snapshots.pop(flow.id, None)
-        rec = self.recorders.pop(flow.id, None)
-        taps = self.taps.pop(flow.id, (None, None))
-        self.injected.discard(flow.id)
         if snap is None:
             return
-        for t in taps:
-            if t is not None:
-                t.close()  # (no end-of-body call comes when the flow failed)
-        snap.request_tap, snap.response_tap = (
-            None if t is None else TapInfo(t.path, t.bytes, t.finished, t.broken) for t in taps)
+        rec = self.recorders.pop(flow.id, None) if self.recorders else None
+        taps = self.taps.pop(flow.id, None) if self.taps else None
+        if self.injected:
+            self.injected.discard(flow.id)
+        if taps is not None:  # (a batch body streamed through velvet's tap: rare, and big)
+            for t in taps:
+                if t is not None:
+                    t.close()  # (no end-of-body call comes when the flow failed)
+            snap.request_tap, snap.response_tap = (
+                None if t is None else TapInfo(t.path, t.bytes, t.finished, t.broken) for t in taps)
         if rec is not None:
             snap.stream_chunks = rec.chunks
             snap.stream_finished = rec.finished
         finish(snap, flow)
-        for t, msg in zip(taps, (flow.request, flow.response), strict=True):
-            if t is not None and msg is not None and msg.raw_content is None \
-                    and (kept := t.kept()) is not None:
-                msg.raw_content = kept  # viewable in mitmweb, as a buffered body would be
+        if taps is not None:
+            for t, msg in zip(taps, (flow.request, flow.response), strict=True):
+                if t is not None and msg is not None and msg.raw_content is None \
+                        and (kept := t.kept()) is not None:
+                    msg.raw_content = kept  # viewable in mitmweb, as a buffered body would be
         if flow.response is None or flow.response.status_code >= 400:
             if not flow.marked:
                 flow.marked = markers.FAILED
