@@ -85,7 +85,7 @@ def _last_value_wins(options: Any) -> list[str]:
     Called from ``load``, before mitmproxy reads them. ``velvet_hosts`` takes several values by design.
     """
     fixed = []
-    deferred = getattr(options, "deferred", None)
+    deferred: Any = getattr(options, "deferred", None)
     for name, value in list(deferred.items() if isinstance(deferred, dict) else ()):
         values = getattr(value, "val", None)  # (mitmproxy's unconverted --set strings)
         if name.startswith("velvet_") and name != "velvet_hosts" and isinstance(values, list) and len(values) > 1:
