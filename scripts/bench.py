@@ -436,10 +436,12 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> dict[str, Any]:
+def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
+        rounds: int | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
     lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
-    requests_per_round, rounds, conc = (300, 4, 16) if quick else (500, 16, 16)
+    requests_per_round, default_rounds, conc = (300, 4, 16) if quick else (500, 16, 16)
+    rounds = rounds or default_rounds
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(up_port), "--lines", str(lines),
                                  "--line-size", str(line_size)], stdout=subprocess.PIPE)
@@ -601,6 +603,7 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None) -> di
         upstream.wait()
     out["machine"] = f"{os.cpu_count()} cores, {_mem_gb():.0f} GB, Python {sys.version.split()[0]}"
     out["quick"] = quick
+    out["live_rounds"] = rounds
     out["pinned"] = pinned
     return out
 
@@ -643,6 +646,8 @@ def table(r: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description="velvet benchmarks (see BENCHMARKS.md)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
+    ap.add_argument("--rounds", type=int, help="live rounds per proxy (default 16; --quick 4): more for a tighter "
+                                               "median on a noisy machine")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-pin", action="store_true",
                     help="do not pin the proxies to their own core (default: pinned when there are 2+ cores)")
@@ -672,7 +677,7 @@ def main() -> int:
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
-    r = run(a.quick, log, pinned=not a.no_pin, pg=a.pg)
+    r = run(a.quick, log, pinned=not a.no_pin, pg=a.pg, rounds=a.rounds)
     print(json.dumps(r, indent=2) if a.json else table(r))
     return 0
 
