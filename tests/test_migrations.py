@@ -230,3 +230,29 @@ def test_newer_schema_is_refused(new_db):
     with pytest.raises(RuntimeError, match=f"schema v{SCHEMA_VERSION + 1} is newer than this velvet"):
         migrate(db)
     assert schema_version(db) == SCHEMA_VERSION + 1
+
+
+def test_lines_with_a_problem_are_found_without_reading_the_lines(sqlite_url):
+    """Counting a file's bad lines (at each poll of its batch) and listing a batch's read a partial index, not the
+    rows, whose ``problem`` sits after the body (SQLite's planner; PostgreSQL keeps big bodies out of line)."""
+    from datetime import UTC, datetime
+
+    from velvet_core.storage.batch_store import recount
+    from velvet_core.storage.database import open_db
+
+    db = open_db(sqlite_url)
+    with models.use(db):
+        rows = [{"file_id": "f", "line_no": n, "custom_id": f"c{n}", "body": "{}",
+                 "problem": "bad" if n % 7 == 0 else None} for n in range(1, 101)]
+        models.BatchRequest.insert_many(rows).execute()
+        now = datetime.now(UTC).replace(tzinfo=None)
+        models.File.insert(id="f", role="input", first_seen_at=now, updated_at=now).execute()
+        recount("f")
+        assert models.File.get_by_id("f").bad_lines == 14
+    queries = ("SELECT count(*) FROM batch_requests WHERE file_id = ? AND problem IS NOT NULL",
+               "SELECT problem, custom_id, line_no FROM batch_requests WHERE batch_id = ? AND problem IS NOT NULL "
+               "ORDER BY line_no")
+    plans = [" ".join(str(r[-1]) for r in db.execute_sql("EXPLAIN QUERY PLAN " + sql, ("x",)).fetchall())
+             for sql in queries]
+    assert "batch_requests_file_problems" in plans[0] and "batch_requests_batch_problems" in plans[1], plans
+    db.close()

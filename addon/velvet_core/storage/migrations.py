@@ -790,6 +790,16 @@ LEFT JOIN (SELECT "batch_id", count(*) AS n,
         values)
 
 
+def _problem_indexes(db: Database) -> None:
+    # the lines with a problem, by file and by batch: partial indexes (a few entries), so that counting them at
+    # each poll of a batch, or listing them for `velvet batch`, never reads the lines themselves (on SQLite,
+    # `problem` comes after the body, in its overflow pages: 59 ms -> 0.6 ms for a 50,000-line file)
+    db.execute_sql('CREATE INDEX "batch_requests_file_problems" ON "batch_requests" ("file_id") '
+                   'WHERE ("problem" IS NOT NULL)')
+    db.execute_sql('CREATE INDEX "batch_requests_batch_problems" ON "batch_requests" ("batch_id", "line_no") '
+                   'WHERE ("problem" IS NOT NULL)')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -810,6 +820,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "jsonb", _jsonb),
     Migration(8, "alerts", _alerts),
     Migration(9, "derived_counts", _derived_counts),
+    Migration(10, "problem_indexes", _problem_indexes),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

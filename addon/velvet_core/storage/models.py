@@ -306,6 +306,13 @@ class BatchRequest(Base):
         )
 
 
+# the lines with a problem (migration 10): counted at each poll of a batch, listed by `velvet batch`
+BatchRequest.add_index(BatchRequest.file_id, name="batch_requests_file_problems",
+                       where=BatchRequest.problem.is_null(False))
+BatchRequest.add_index(BatchRequest.batch_id, BatchRequest.line_no, name="batch_requests_batch_problems",
+                       where=BatchRequest.problem.is_null(False))
+
+
 class BatchResult(Base):
     """One line of a batch output or error file, linked to its request once both are known."""
 

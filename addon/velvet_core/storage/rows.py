@@ -31,8 +31,10 @@ COPY_FROM = 50  # PostgreSQL: from this many rows on, COPY through a temporary t
 def indexed(model: type[models.Base]) -> frozenset[str]:
     """The text columns of ``model`` in an index (their values must fit an index entry)."""
     names = {f.name for f in model._meta.sorted_fields if f.index or f.unique or f.primary_key}
-    for columns, _ in model._meta.indexes:
-        names.update(columns)
+    for index in model._meta.indexes:  # (columns, unique) tuples, or ModelIndex objects (partial indexes)
+        names.update(index[0] if isinstance(index, tuple) else
+                     (getattr(e, "name", None) for e in getattr(index, "_expressions", ())))
+    names.discard(None)
     return frozenset(n for n in names if isinstance(model._meta.fields.get(n), CharField | TextField))
 
 
