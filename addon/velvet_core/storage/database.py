@@ -42,8 +42,10 @@ def connect(url: str, *, readonly: bool = False) -> Database:
         path = sqlite_path(url)
         if not readonly:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # a checkpoint (pages copied from the WAL into the database, then fsync) every 32 MB of writes instead
+        # of SQLite's 4 MB: a 200 MB upload's ingest took about 7 % less (median of 8 alternated pairs)
         pragmas = {"busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
-                   "foreign_keys": 1}
+                   "foreign_keys": 1, "wal_autocheckpoint": 8192}
         if readonly:
             return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
