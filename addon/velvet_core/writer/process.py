@@ -38,8 +38,9 @@ log = logging.getLogger("velvet")
 POLL = 0.05  # seconds between looks at the journal when it has nothing new
 # the writer process's niceness, added to the proxy's: the lowest priority. It then takes only CPU nobody else
 # wants (the proxy, the clients on the machine); on a machine busy for long it falls behind, and catches up from
-# the journal on disk. Against +10, in paired benchmark runs: throughput ratio 0.985 / 0.999 against 0.934 /
-# 0.959, p95 latency 35.7 / 34.6 ms against 39.0 / 36.6 ms (plain mitmdump 35.0 / 35.9 ms).
+# the journal on disk. Against +10, in two paired runs of the benchmark's live phase: throughput ratio 0.985 /
+# 0.999 against 0.934 / 0.959, p95 latency 35.7 / 34.6 ms against 39.0 / 36.6 ms (plain mitmdump 35.0 / 35.9);
+# a machine this noisy needs more runs to be sure (BENCHMARKS.md, "Nice 19").
 NICE = 19
 ENV_DB = "VELVET_WRITER_DB"
 
