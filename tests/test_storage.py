@@ -167,7 +167,7 @@ def test_classify_is_pickleable_for_spool():
 
 
 def test_sqlite_writer_connections_are_set_for_bulk_writes(tmp_path):
-    """WAL, normal syncs, and a checkpoint every 8,192 pages (32 MB) rather than SQLite's 1,000: fewer fsyncs
+    """WAL, normal syncs, and a checkpoint every 8,192 pages rather than SQLite's 1,000: fewer fsyncs
     while a big batch file is written. Read-only connections (the velvet command) change nothing."""
     from velvet_core.storage.database import connect
 
@@ -176,4 +176,33 @@ def test_sqlite_writer_connections_are_set_for_bulk_writes(tmp_path):
     assert db.execute_sql("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute_sql("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
     assert db.execute_sql("PRAGMA wal_autocheckpoint").fetchone()[0] == 8192
+    db.close()
+
+
+def test_a_new_sqlite_database_gets_16k_pages_and_an_old_one_keeps_its_own(tmp_path):
+    """A batch line of a few kB fits a 16 kB page (with 4 kB pages it spilled onto overflow pages); a database
+    created before keeps its 4 kB pages, and works as before."""
+    import sqlite3
+
+    from velvet_core.storage.database import open_db
+
+    new = open_db(f"sqlite:///{tmp_path / 'new.db'}")
+    assert new.execute_sql("PRAGMA page_size").fetchone()[0] == 16384
+    new.close()
+    old = tmp_path / "old.db"
+    c = sqlite3.connect(old)
+    c.execute("PRAGMA page_size=4096")
+    c.execute("CREATE TABLE made_before (x)")  # (the first table fixes the page size)
+    c.commit()
+    c.close()
+    db = open_db(f"sqlite:///{old}")
+    assert db.execute_sql("PRAGMA page_size").fetchone()[0] == 4096
+    from velvet_core.storage.store import Store
+
+    with models.use(db):
+        Store(db).apply(call_op(7))
+        assert models.Call.get(models.Call.flow_id == "f7").input_tokens == 7
+    db.close()
+    db = open_db(f"sqlite:///{old}")  # and again: nothing changes on a second start
+    assert db.execute_sql("PRAGMA page_size").fetchone()[0] == 4096
     db.close()

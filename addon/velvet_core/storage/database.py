@@ -34,6 +34,18 @@ class PostgresDatabase(PostgresqlDatabase):
             conn.adapters.register_loader(name, TextLoader)
 
 
+# A new SQLite database gets 16 kB pages (SQLite's default is 4 kB; an existing database keeps its own: the
+# pragma only applies before the first table). A batch line's body is often a few kB: with 4 kB pages each such
+# row spilled onto overflow pages. The bench's 200 MB / 50,000-line upload: SQLite's share of the ingest 0.93 ->
+# 0.58 s, the whole offline ingest about 25 % less (three alternated runs); live writes and the --scale queries
+# were unchanged or faster (BENCHMARKS.md, session 5). 32 kB was no better.
+PAGE_SIZE = 16384
+# A checkpoint (pages copied from the WAL into the database, then fsync) every 8,192 pages (128 MB of WAL at
+# 16 kB pages; 32 MB at 4 kB) instead of SQLite's 1,000: a 200 MB upload's ingest took about 7 % less (median
+# of 8 alternated pairs, 4 kB pages) and 2,048 pages were slower again at 16 kB (three alternated runs).
+WAL_CHECKPOINT_PAGES = 8192
+
+
 def connect(url: str, *, readonly: bool = False) -> Database:
     """A peewee Database for ``url`` (not yet connected)."""
     check_url(url)
@@ -42,10 +54,8 @@ def connect(url: str, *, readonly: bool = False) -> Database:
         path = sqlite_path(url)
         if not readonly:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        # a checkpoint (pages copied from the WAL into the database, then fsync) every 32 MB of writes instead
-        # of SQLite's 4 MB: a 200 MB upload's ingest took about 7 % less (median of 8 alternated pairs)
-        pragmas = {"busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
-                   "foreign_keys": 1, "wal_autocheckpoint": 8192}
+        pragmas = {"page_size": PAGE_SIZE, "busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
+                   "foreign_keys": 1, "wal_autocheckpoint": WAL_CHECKPOINT_PAGES}
         if readonly:
             return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)

@@ -83,7 +83,7 @@ def json_text(value: Any) -> Any:
         return value
     if not isinstance(value, str):
         value = orjson.dumps(value).decode()
-    if "\\u0000" in value:  # rare: a cheap test first
+    if "\\" in value and "\\u0000" in value:  # rare: a cheap test first (one character: memchr)
         value = _NUL_ESCAPE.sub(r"\1\\ufffd", value)
     return value
 

@@ -6,7 +6,7 @@ import functools
 import operator
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from peewee import (
     BigIntegerField,
@@ -47,15 +47,53 @@ _AS_IS = frozenset({CharField, TextField, IntegerField, BigIntegerField, FloatFi
 _READY: dict[type, type | tuple[type, ...]] = {DateTimeField: datetime, BooleanField: bool}
 
 
+class _Plan(NamedTuple):
+    sql: str
+    fields: tuple[Any, ...]
+    json: tuple[int, ...]  # the positions of JSON columns
+    other: tuple[tuple[int, Any, Any], ...]  # other converted columns: position, db_value, types left as is
+
+
 @functools.cache
-def _insert_sql(model: type[models.Base], sqlite: bool, param: str) -> tuple[str, tuple[Any, ...]]:
+def _plan(model: type[models.Base], param: str) -> _Plan:
     fields = tuple(f for f in model._meta.sorted_fields if not isinstance(f, models.AutoField))
     names = ", ".join(f'"{f.column_name}"' for f in fields)
     # ON CONFLICT DO NOTHING skips rows already there (replays); SQLite's INSERT OR IGNORE would also
     # silently skip a row that breaks NOT NULL, which must fail instead (and be isolated by the writer)
     sql = (f"INSERT INTO \"{model._meta.table_name}\" ({names}) "
            f"VALUES ({', '.join([param] * len(fields))}) ON CONFLICT DO NOTHING")
-    return sql, fields
+    json = tuple(i for i, f in enumerate(fields) if isinstance(f, models.JSONField))
+    other = tuple((i, f.db_value, _READY.get(type(f), ())) for i, f in enumerate(fields)
+                  if type(f) not in _AS_IS and i not in json)
+    return _Plan(sql, fields, json, other)
+
+
+def _values(plan: _Plan, rows: list[dict[str, Any]]) -> list[Any]:
+    """Each row's values in field order, ready for the driver (missing fields get their defaults)."""
+    defaults = {f.name: f.default() if callable(f.default) else f.default for f in plan.fields}
+    pick = operator.itemgetter(*defaults)  # the row's values in field order, picked in C
+    values: list[Any] = [pick({**defaults, **r}) for r in rows]
+    json, other = plan.json, plan.other
+    for n, v in enumerate(values):
+        for i in json:  # JSON text, the common case, is kept as it is unless it holds a \u0000 escape
+            x = v[i]
+            if x is not None and (type(x) is not str or ("\\" in x and "\\u0000" in x)):  # (memchr first)
+                break
+        else:
+            for i, _, ready in other:
+                x = v[i]
+                if x is not None and not isinstance(x, ready):
+                    break
+            else:
+                continue
+        v = list(v)
+        for i in json:
+            v[i] = models.json_text(v[i])
+        for i, conv, ready in other:
+            if v[i] is not None and not isinstance(v[i], ready):
+                v[i] = conv(v[i])
+        values[n] = v
+    return values
 
 
 def insert_rows(model: type[models.Base], rows: list[dict[str, Any]], returning: str | None = None,
@@ -73,20 +111,8 @@ def insert_rows(model: type[models.Base], rows: list[dict[str, Any]], returning:
     clean_rows(rows, bounded=indexed(model))
     db = models.db.obj  # the real database behind the per-thread proxy
     assert db is not None, "insert_rows outside models.use()"
-    sql, fields = _insert_sql(model, isinstance(db, SqliteDatabase), db.param)
-    defaults = {f.name: f.default() if callable(f.default) else f.default for f in fields}
-    pick = operator.itemgetter(*defaults)  # the row's values in field order, picked in C
-    values: list[Any] = [pick({**defaults, **r}) for r in rows]
-    # the other fields (timestamps, booleans) through peewee, unless the value is already what it makes
-    convert = [(i, f.db_value, _READY.get(type(f), ())) for i, f in enumerate(fields) if type(f) not in _AS_IS]
-    if convert:
-        for n, v in enumerate(values):
-            if any(v[i] is not None and not isinstance(v[i], ready) for i, _, ready in convert):
-                v = list(v)
-                for i, conv, ready in convert:
-                    if v[i] is not None and not isinstance(v[i], ready):
-                        v[i] = conv(v[i])
-                values[n] = v
+    plan = _plan(model, db.param)
+    sql, fields, values = plan.sql, plan.fields, _values(plan, rows)
     cursor = db.cursor()
     if returning is not None:
         assert not isinstance(db, SqliteDatabase), "RETURNING is only asked of PostgreSQL"
