@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -362,8 +363,8 @@ def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, tmp_path):
-    """Background work: the child runs niced (the proxy and the apps on the machine come first) and off the cores
-    the proxy is pinned to."""
+    """Background work: the child runs niced and in the idle scheduling class (the proxy and the apps on the
+    machine come first) and off the cores the proxy is pinned to."""
     from velvet_core.writer.process import NICE, ProcessWriter
 
     w = ProcessWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
@@ -379,6 +380,12 @@ def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, t
         while time.monotonic() < deadline and os.getpriority(os.PRIO_PROCESS, w.proc.pid) != want:
             time.sleep(0.05)
         assert os.getpriority(os.PRIO_PROCESS, w.proc.pid) == want
+        if hasattr(os, "SCHED_IDLE"):  # (Linux) every thread of the child, the writer's too
+            while time.monotonic() < deadline and len(os.listdir(f"/proc/{w.proc.pid}/task")) < 3:
+                time.sleep(0.05)  # (the writer's thread, and the one watching stdin)
+            tids = [int(t) for t in os.listdir(f"/proc/{w.proc.pid}/task")]
+            assert len(tids) >= 3
+            assert {os.sched_getscheduler(t) for t in tids} == {os.SCHED_IDLE}
         if spread:
             while time.monotonic() < deadline and min(cpus) in os.sched_getaffinity(w.proc.pid):
                 time.sleep(0.05)
@@ -386,3 +393,24 @@ def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, t
     finally:
         os.sched_setaffinity(0, cpus)
         assert w.stop(30)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="the idle scheduling class is Linux's")
+def test_once_the_proxy_stops_the_writer_process_leaves_the_idle_class_if_allowed():
+    """With no proxy left to give way to, every thread returns to the normal class; an unprivileged process
+    whose RLIMIT_NICE forbids it stays idle-class, without an error."""
+    code = textwrap.dedent("""
+        import os, threading
+        from velvet_core.writer.process import _unidle
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        go = threading.Event()
+        t = threading.Thread(target=go.wait)  # (inherits the idle class, as the writer's thread does)
+        t.start()
+        _unidle()
+        print(sorted({os.sched_getscheduler(int(x)) for x in os.listdir("/proc/self/task")}))
+        go.set()
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT / "addon")}).stdout
+    allowed = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+    assert out.strip() == str([os.SCHED_OTHER] if allowed else [os.SCHED_IDLE])

@@ -40,7 +40,8 @@ POLL = 0.05  # seconds between looks at the journal when it has nothing new
 # wants (the proxy, the clients on the machine); on a machine busy for long it falls behind, and catches up from
 # the journal on disk. Against +10, in two paired runs of the benchmark's live phase: throughput ratio 0.985 /
 # 0.999 against 0.934 / 0.959, p95 latency 35.7 / 34.6 ms against 39.0 / 36.6 ms (plain mitmdump 35.0 / 35.9);
-# a machine this noisy needs more runs to be sure (BENCHMARKS.md, "Nice 19").
+# a machine this noisy needs more runs to be sure (BENCHMARKS.md, "Nice 19"). Where it can, it also runs in the
+# idle scheduling class (:func:`_spread`).
 NICE = 19
 ENV_DB = "VELVET_WRITER_DB"
 
@@ -137,6 +138,22 @@ def _spread(parent: int) -> None:
         os.sched_setaffinity(0, others or everything)
     with contextlib.suppress(OSError, AttributeError):
         os.nice(NICE)
+    # SCHED_IDLE (Linux): any other task that wakes up preempts the writer at once. Linux's EEVDF scheduler
+    # (6.6 on) may let a task at nice 19 finish its slice first, which held up the benchmark's client and
+    # upstream on the writer's core: throughput ratio 0.983 / 0.942 against 0.940 / 0.908 at nice 19 in two
+    # paired runs (BENCHMARKS.md, session 5)
+    with contextlib.suppress(OSError, AttributeError):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+
+
+def _unidle() -> None:
+    """The proxy has stopped: nothing to give way to, write what is left at a normal priority (Linux lets an
+    unprivileged process do that only if its RLIMIT_NICE allows; otherwise it stays idle-class). Linux sets
+    the policy per thread: each of this process's threads (the writer's among them)."""
+    with contextlib.suppress(OSError, AttributeError):
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError):
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         for snap, seg in flows:
             writer.queue.put(Work(snap, seg))  # blocks when the writer is behind: the journal holds the rest
         if final:
+            _unidle()
             break
         if not flows:
             stopping.wait(POLL)
