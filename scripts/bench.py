@@ -144,7 +144,8 @@ def pin(pid: int, cpus: set[int]) -> None:
 
 def setup_pinning(enabled: bool, upstream_pid: int) -> bool:
     """Proxies on the last core, this client and the upstream on the others: the proxy is then the
-    bottleneck being measured, and the client's CPU does not compete with velvet's writer."""
+    bottleneck being measured. velvet's writer process runs on the other cores too (off the proxy's), in the
+    idle scheduling class: it takes what the client and the upstream leave (on two cores, the same core)."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
     if not enabled or len(cpus) < 2:
         return False
@@ -440,7 +441,7 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         rounds: int | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
     lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
-    requests_per_round, default_rounds, conc = (300, 4, 16) if quick else (500, 16, 16)
+    requests_per_round, default_rounds, conc = (300, 4, 16) if quick else (500, 32, 16)
     rounds = rounds or default_rounds
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, __file__, "--serve", str(up_port), "--lines", str(lines),
@@ -646,7 +647,7 @@ def table(r: dict[str, Any]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description="velvet benchmarks (see BENCHMARKS.md)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
-    ap.add_argument("--rounds", type=int, help="live rounds per proxy (default 16; --quick 4): more for a tighter "
+    ap.add_argument("--rounds", type=int, help="live rounds per proxy (default 32; --quick 4): more for a tighter "
                                                "median on a noisy machine")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-pin", action="store_true",

@@ -173,6 +173,34 @@ async def test_response_headers_are_filtered_like_request_headers(addon, sqlite_
     assert "secret-cookie" not in orjson.dumps(row, default=str).decode()
 
 
+def test_the_hooks_keep_raw_header_fields_without_secrets_and_the_writer_decodes_them():
+    """On the event loop the snapshot only takes references to the header fields (secrets and tags out, so
+    they never reach the journal); ``settle`` on the writer's side decodes them as before: lower-case names,
+    repeated headers joined, bytes that are not UTF-8 kept as surrogate escapes, the encodings read."""
+    import pickle
+
+    from velvet_core.capture.snapshot import begin, finish, settle
+
+    f = flow(req_headers={"velvet-metadata-team": "ml", "Content-Encoding": "gzip", "api-key": "azure-secret"},
+             resp_headers={"content-encoding": "br", "set-cookie": "__cf_bm=c"})
+    f.request.headers.add("X-Repeated", "a")
+    f.request.headers.add("x-repeated", "b")
+    f.request.headers.fields += ((b"X-Odd", b"caf\xe9"),)
+    s = begin(f, classify("POST", "/v1/chat/completions"), "api.openai.com")
+    finish(s, f)
+    assert s.request_headers == {} and s.response_headers == {}  # (nothing decoded yet)
+    frame = pickle.dumps(s)
+    assert KEY.encode() not in frame and b"azure-secret" not in frame and b"velvet-metadata" not in frame
+    assert s.key_fingerprint and s.tags == {"team": "ml"} and "velvet-metadata-team" not in f.request.headers
+    settle(s)
+    assert s.request_fields is None and s.response_fields is None
+    assert s.request_headers["x-repeated"] == "a, b" and s.request_headers["x-odd"] == "caf\udce9"
+    assert "authorization" not in s.request_headers and "api-key" not in s.request_headers
+    assert s.request_encoding == "gzip" and s.response_encoding == "br"
+    assert s.response_headers["x-request-id"] == "req_1"
+    assert settle(s) == s  # (a second time changes nothing)
+
+
 async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sqlite_url):
     """The old writer (here stuck on a database that does not answer) is retired in the background."""
     from rig import free_port

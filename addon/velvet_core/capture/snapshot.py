@@ -32,6 +32,9 @@ class TapInfo:
     broken: str | None = None
 
 
+Fields = tuple[tuple[bytes, bytes], ...] | list[tuple[bytes, bytes]]
+
+
 @dataclass(slots=True)
 class CallSnapshot:
     flow_id: str
@@ -59,6 +62,10 @@ class CallSnapshot:
     request_tap: TapInfo | None = None
     response_tap: TapInfo | None = None
     client_body: bytes | None = None  # the body as the client sent it, when velvet changed it upstream
+    # the header fields as mitmproxy holds them (bytes, secrets and tags taken out), taken on the event loop and
+    # decoded into the dicts above by :func:`settle`, on the writer's side
+    request_fields: Fields | None = None
+    response_fields: Fields | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a plain tuple of the fields: a fraction of the dataclass default's time (journaled for every flow)
@@ -72,7 +79,7 @@ def _rebuild(values: tuple[Any, ...]) -> CallSnapshot:
     return CallSnapshot(*values)
 
 
-RECORD = 2  # the journal's frame: a tuple of plain values, this number first
+RECORD = 3  # the journal's frame: a tuple of plain values, this number first (2: without the raw header fields)
 
 
 def to_record(s: CallSnapshot) -> tuple[Any, ...]:
@@ -86,14 +93,16 @@ def to_record(s: CallSnapshot) -> tuple[Any, ...]:
             s.key_fingerprint, s.tags, s.request_headers, s.request_body, s.request_encoding, s.started_at,
             s.request_end_at, s.status_code, s.response_headers, s.response_body, s.response_encoding,
             s.first_byte_at, s.ended_at, s.stream_chunks, s.stream_finished, s.error, s.notes,
-            _tap(s.request_tap), _tap(s.response_tap), s.client_body)
+            _tap(s.request_tap), _tap(s.response_tap), s.client_body, s.request_fields, s.response_fields)
 
 
 def from_record(rec: Any) -> CallSnapshot | None:
-    """A journal frame back as a snapshot (frames written before :data:`RECORD` hold the dataclass itself);
-    None for anything else."""
+    """A journal frame back as a snapshot (the oldest frames hold the dataclass itself, RECORD 2 frames lack
+    the raw header fields); None for anything else."""
     if isinstance(rec, CallSnapshot):
         return rec
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 1 and rec[0] == 2:
+        rec = (RECORD, *rec[1:], None, None)  # (written before the raw header fields)
     if not (isinstance(rec, tuple) and len(rec) == len(_FIELDS) + 1 and rec[0] == RECORD):
         return None
     v = list(rec[1:])
@@ -113,21 +122,30 @@ def _untap(t: tuple[str | None, int, bool, str | None] | None) -> TapInfo | None
     return None if t is None else TapInfo(None if t[0] is None else Path(t[0]), t[1], t[2], t[3])
 
 
-def lower_headers(headers: http.Headers) -> dict[str, str]:
-    """Headers as a dict with lower-case names (repeated headers joined by ', ').
-
-    Reads the raw ``fields`` (as mitmproxy decodes them): its per-key accessors cost several times more
-    on the event loop.
-    """
+def header_dict(fields: Fields) -> dict[str, str]:
+    """Raw header fields (as mitmproxy holds them) as a dict with lower-case names, repeated headers joined by
+    ', ' (bytes that are not UTF-8 kept as mitmproxy decodes them: surrogate escapes)."""
     out: dict[str, str] = {}
-    for k, v in headers.fields:
+    for k, v in fields:
         name = k.decode("utf-8", "surrogateescape").lower()
         value = v.decode("utf-8", "surrogateescape")
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
 
 
+def settle(s: CallSnapshot) -> CallSnapshot:
+    """Decode the raw header fields the hooks took (on the writer's side: the event loop only keeps references)."""
+    if s.request_fields is not None:
+        s.request_headers, s.request_fields = header_dict(s.request_fields), None
+        s.request_encoding = s.request_headers.get("content-encoding")
+    if s.response_fields is not None:
+        s.response_headers, s.response_fields = header_dict(s.response_fields), None
+        s.response_encoding = s.response_headers.get("content-encoding")
+    return s
+
+
 _TAG = TAG_PREFIX.encode()
+_SECRET = frozenset(h.encode() for h in SECRET_HEADERS)
 
 
 def pop_tags(headers: http.Headers) -> dict[str, str]:
@@ -146,40 +164,45 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
     """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint.
 
     One pass over the raw header fields (this runs on the event loop for every call): secrets go aside for
-    the fingerprint only, tag headers are taken out of the request (rare: then :func:`pop_tags`).
+    the fingerprint only, tag headers are taken out of the request (rare: then :func:`pop_tags`); the others
+    are kept as they are, and decoded by :func:`settle` on the writer's side.
     """
     req = flow.request
-    safe: dict[str, str] = {}
-    secret: dict[str, str] = {}
+    keep: list[tuple[bytes, bytes]] = []
+    secret: dict[str, str] | None = None
     tagged = False
-    for k, v in req.headers.fields:
-        name = k.decode("utf-8", "surrogateescape").lower()
-        if name.startswith(TAG_PREFIX):
+    for f in req.headers.fields:
+        name = f[0].lower()
+        if name in _SECRET:
+            secret = secret or {}
+            key, value = name.decode(), f[1].decode("utf-8", "surrogateescape")
+            secret[key] = f"{secret[key]}, {value}" if key in secret else value
+        elif name.startswith(_TAG):
             tagged = True
-            continue
-        value = v.decode("utf-8", "surrogateescape")
-        d = secret if name in SECRET_HEADERS else safe
-        d[name] = f"{d[name]}, {value}" if name in d else value
+        else:
+            keep.append(f)
     return CallSnapshot(
         flow_id=flow.id, method=req.method, host=requested_host, path=req.path, route=route,
         key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
-        request_headers=safe, request_body=None, request_encoding=None, started_at=req.timestamp_start,
+        request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
+        request_fields=keep,
     )
 
 
 def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
-    """Fill in the request body, the response and the error at ``response``/``error``."""
+    """Fill in the request body, the response and the error at ``response``/``error`` (references only: the
+    header fields are decoded by :func:`settle`)."""
     req = flow.request
     snap.request_body = req.raw_content if snap.client_body is None else snap.client_body
-    snap.request_encoding = snap.request_headers.get("content-encoding")
+    if snap.request_fields is None:  # (a snapshot made otherwise than by begin())
+        snap.request_encoding = snap.request_headers.get("content-encoding")
     snap.request_end_at = req.timestamp_end
     if req.raw_content is None and req.stream and snap.request_tap is None:
         snap.notes.append("request body was streamed, not captured")
     resp = flow.response
     if resp is not None:
         snap.status_code = resp.status_code
-        snap.response_headers = lower_headers(resp.headers)
-        snap.response_encoding = snap.response_headers.get("content-encoding")
+        snap.response_fields = resp.headers.fields  # (an immutable tuple: mitmproxy replaces it on a change)
         snap.first_byte_at = resp.timestamp_start
         snap.ended_at = resp.timestamp_end
         if snap.stream_chunks is None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from velvet_core.capture.markers import marker
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.capture.snapshot import CallSnapshot, settle
 from velvet_core.parsing.extract import utc
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.process import batches, comments
@@ -43,6 +43,7 @@ class Processor:
     def process(self, s: CallSnapshot) -> Iterator[Op]:
         """The operations for one flow; if processing fails before the call row, a bare row says why."""
         try:
+            settle(s)
             yield from self._process(s)
         except Exception as e:
             log.exception("velvet: could not process %s %s (flow %s)", s.method, s.path, s.flow_id)
