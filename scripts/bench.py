@@ -13,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -438,7 +439,7 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
 # -- the run ---------------------------------------------------------------------------------------
 
 def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
-        rounds: int | None = None) -> dict[str, Any]:
+        rounds: int | None = None, keep: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
     lines, line_size = (5_000, 4_000) if quick else (50_000, 4_000)
     requests_per_round, default_rounds, conc = (300, 4, 16) if quick else (500, 32, 16)
@@ -602,6 +603,10 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
     finally:
         upstream.terminate()
         upstream.wait()
+        if keep:
+            log(f"bench: kept {tmp}")
+        else:  # (a full run leaves about 700 MB: the databases, the uploads' spill files, the proxies' logs)
+            shutil.rmtree(tmp, ignore_errors=True)
     out["machine"] = f"{os.cpu_count()} cores, {_mem_gb():.0f} GB, Python {sys.version.split()[0]}"
     out["quick"] = quick
     out["live_rounds"] = rounds
@@ -659,7 +664,7 @@ def main() -> int:
                     help="with --scale: live calls (default a tenth of --lines; --quick 25,000)")
     ap.add_argument("--pg", metavar="URL",
                     help="PostgreSQL to use (default $VELVET_TEST_PG, else a throwaway one)")
-    ap.add_argument("--keep", action="store_true", help="with --scale: keep the databases built")
+    ap.add_argument("--keep", action="store_true", help="keep the databases built (and a run's logs and files)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -678,7 +683,7 @@ def main() -> int:
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:
         del os.environ[k]
-    r = run(a.quick, log, pinned=not a.no_pin, pg=a.pg, rounds=a.rounds)
+    r = run(a.quick, log, pinned=not a.no_pin, pg=a.pg, rounds=a.rounds, keep=a.keep)
     print(json.dumps(r, indent=2) if a.json else table(r))
     return 0
 

@@ -20,8 +20,9 @@ SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms
               "export_rows_per_s"}
 
 
-def test_bench_quick_json():
+def test_bench_quick_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env["TMPDIR"] = str(tmp_path)  # (where it builds its databases: nothing is left there afterwards)
     r = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--json", "--pg", pg_base_url()],
                        capture_output=True, text=True, env=env, timeout=280)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -30,6 +31,7 @@ def test_bench_quick_json():
     assert out["rows_lost"] == 0 and out["upload_lines"] == 5000  # correctness, not speed
     assert all(isinstance(out[k], int | float) and out[k] > 0 for k in KEYS - {"rows_lost"})
     assert out["writer_cpu_us_per_call"] >= 0  # 0 where the writer is a thread (one core)
+    assert not list(tmp_path.glob("velvet-bench-*"))
 
 
 def test_bench_scale_quick_json():
