@@ -419,3 +419,52 @@ def test_once_the_proxy_stops_the_writer_process_leaves_the_idle_class_if_allowe
                          env={**os.environ, "PYTHONPATH": str(ROOT / "addon")}).stdout
     allowed = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
     assert out.strip() == str([os.SCHED_OTHER] if allowed else [os.SCHED_IDLE])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="flock, and a pid known to be dead")
+def test_a_dead_proxys_journal_is_left_to_its_writer_process_while_it_finishes(tmp_path):
+    """mitmdump alone killed: its writer process goes on writing what it has read, and deletes the spill files
+    once written. A proxy started meanwhile must leave that journal (and those spill files) alone until the
+    writer process is gone, then claim what it left."""
+    from velvet_core.writer.journal import Journal, finishing, left_behind
+    from velvet_core.writer.recovery import orphans
+
+    jdir = tmp_path / "journal"
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # (a pid that no longer runs: the killed proxy's)
+    seg = jdir / f"journal-tag-{gone.pid}-1-1.log"
+    j = Journal(jdir, "tag")
+    j.append(chat(1))
+    j.close()
+    (made,) = jdir.glob("journal-*")
+    made.rename(seg)
+    spill = tmp_path / "streams" / f"tap-{gone.pid}-x.part"
+    spill.parent.mkdir()
+    spill.write_bytes(b"{}")
+    holder = subprocess.Popen(  # the writer process of the killed proxy, still finishing
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from pathlib import Path
+            from velvet_core.writer.journal import hold, release
+            lock = hold(Path({str(jdir)!r}), "tag", {gone.pid})
+            print("held", flush=True)
+            sys.stdin.read()
+            release(Path({str(jdir)!r}), "tag", {gone.pid}, lock)
+        """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "addon")})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        assert finishing(jdir, "tag", gone.pid)
+        assert left_behind(jdir, "tag") == [] and seg.exists()
+        assert orphans(tmp_path / "streams", set(), busy=lambda pid: finishing(jdir, "tag", pid)) == []
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()
+        holder.wait(10)
+    assert not list(jdir.glob("writer-*.lock"))  # (the writer process removed its lock file)
+    assert not finishing(jdir, "tag", gone.pid)
+    (claimed,) = left_behind(jdir, "tag")
+    assert claimed.name.startswith(seg.name) and ".replaying-" in claimed.name
+    # a lock file left by a writer process killed too is no lock: the journal is claimed all the same
+    (jdir / f"writer-tag-{gone.pid}.lock").write_bytes(b"")
+    assert not finishing(jdir, "tag", gone.pid) and not list(jdir.glob("writer-*.lock"))

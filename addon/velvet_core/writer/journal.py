@@ -9,6 +9,7 @@ process loses nothing the kernel already has; a power cut may lose the last mome
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -18,7 +19,12 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # (Windows: no writer process there)
+    fcntl = None  # type: ignore[assignment]
 
 from velvet_core.capture.snapshot import CallSnapshot, from_record, to_record
 from velvet_core.pids import alive as pid_alive
@@ -128,15 +134,64 @@ class Journal:
         self.broken = f"{type(e).__name__}: {e}"
 
 
+def _lock_path(directory: Path, tag: str, pid: int) -> Path:
+    return directory / f"writer-{tag}-{pid}.lock"
+
+
+def hold(directory: Path, tag: str, pid: int) -> IO[bytes] | None:
+    """Say that this process writes proxy ``pid``'s journal (a writer process does, from its start), until it
+    ends: a lock that goes with the process however it ends. While it is held, a proxy started meanwhile leaves
+    that journal alone (see :func:`finishing`): after mitmdump alone was killed, its writer process still
+    finishes the flows it has read, and the spill files it deletes once written must not be read twice."""
+    if fcntl is None:
+        return None
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(_lock_path(directory, tag, pid), "ab")  # noqa: SIM115 (kept open: the lock lives with the process)
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # (another writer process for the same proxy: not started by velvet)
+        log.warning("velvet: another writer process is writing the journal of proxy %d", pid)
+    return f
+
+
+def release(directory: Path, tag: str, pid: int, lock: IO[bytes] | None) -> None:
+    """At the end of a writer process: the lock file goes (the lock itself goes with the process)."""
+    if lock is not None:
+        _lock_path(directory, tag, pid).unlink(missing_ok=True)
+        lock.close()
+
+
+def finishing(directory: Path, tag: str, pid: int) -> bool:
+    """Whether a writer process still finishes the journal of proxy ``pid`` (it holds the lock of :func:`hold`)."""
+    if fcntl is None:
+        return False
+    path = _lock_path(directory, tag, pid)
+    try:
+        f = open(path, "rb")  # noqa: SIM115
+    except OSError:
+        return False
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+    with contextlib.suppress(OSError):  # free: its writer process is gone too
+        path.unlink()
+    return False
+
+
 def left_behind(directory: Path, tag: str, skip: int | None = None) -> list[Path]:
     """Journal segments of proxies that are gone (killed), claimed for replay by this process (``skip``: a
-    proxy whose journal is read otherwise, by its writer process)."""
+    proxy whose journal is read otherwise, by its writer process; so is that of a dead proxy whose writer
+    process still finishes it)."""
     if not directory.is_dir():
         return []
     claimed = []
     for path in sorted(directory.glob(f"journal-{tag}-*")):
         owner = _owner(path)
-        if owner is None or owner in (os.getpid(), skip) or pid_alive(owner):
+        if owner is None or owner in (os.getpid(), skip) or pid_alive(owner) or finishing(directory, tag, owner):
             continue
         mine = path.with_name(f"{path.name.split('.', 1)[0]}.log.replaying-{os.getpid()}")
         try:

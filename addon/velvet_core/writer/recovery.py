@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ from velvet_core.writer.spool import quarantine
 log = logging.getLogger("velvet")
 
 
-def orphans(spill_dir: Path, referenced: set[Path], skip: int | None = None) -> list[tuple[Path, CallRow]]:
-    """Spill files of dead proxies that no replayed flow names, each with the row that records its flow."""
+def orphans(spill_dir: Path, referenced: set[Path], skip: int | None = None,
+            busy: Callable[[int], bool] = lambda pid: False,
+            only: int | None = None) -> list[tuple[Path, CallRow]]:
+    """Spill files of dead proxies that no replayed flow names, each with the row that records its flow
+    (``busy``: whether a proxy's writer process still finishes its journal, and so its spill files; ``only``:
+    those of this proxy, known to be dead, as its writer process records them once it has read its journal)."""
     if not spill_dir.is_dir():
         return []
     out = []
@@ -35,7 +40,10 @@ def orphans(spill_dir: Path, referenced: set[Path], skip: int | None = None) -> 
             pid = int(path.name.split("-")[1])
         except (IndexError, ValueError):
             continue
-        if pid in (os.getpid(), skip) or pid_alive(pid) or path in referenced:
+        if only is not None:
+            if pid != only or path in referenced:
+                continue
+        elif pid in (os.getpid(), skip) or pid_alive(pid) or path in referenced or busy(pid):
             continue
         try:
             meta = orjson.loads(sidecar(path).read_bytes())

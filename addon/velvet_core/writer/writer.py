@@ -68,6 +68,7 @@ class Work:
     snapshot: CallSnapshot | None  # None: only ``after`` (the end of a replayed file)
     segment: Releasable | None = None
     after: tuple[Path, ...] = ()  # files to delete once this flow is safe (a replayed journal or spool file)
+    ops: tuple[Op, ...] = ()  # operations written as they are (the row of a flow cut off by a crash)
 
 
 def spill_files(s: CallSnapshot | None) -> tuple[Path, ...]:
@@ -115,6 +116,7 @@ class Writer:
         self._attempts = 0
         self._thread: threading.Thread | None = None
         self._abandon = threading.Event()
+        self._stopping = threading.Event()  # cuts a linger short: everything queued is written at once
 
     # -- event-loop side -------------------------------------------------------------------------
 
@@ -143,6 +145,7 @@ class Writer:
         if self._thread is None:
             return True
         deadline = time.monotonic() + timeout
+        self._stopping.set()
         while True:  # the sentinel must not be lost to a full queue
             try:
                 self.queue.put(_STOP, timeout=max(0.01, deadline - time.monotonic()))
@@ -178,6 +181,7 @@ class Writer:
                     self.pending.append(op)
                     if isinstance(op, LINES):  # batch lines are written at once: a big body stays bounded
                         self._lines_arrived()
+                self.pending.extend(work.ops)
                 self.pending.append(Safe(work.segment, spill_files(work.snapshot) + work.after))
             if self.pending and self.store is not None and self._try_flush():
                 backoff = 0.5
@@ -239,7 +243,7 @@ class Writer:
         if first is not _STOP and not stopping and self.queue.qsize() < self.batch_size:
             # let a batch gather while asleep: waking for every item costs a thread switch and a
             # GIL hand-over per call, measurably slowing the proxy's event loop under load
-            time.sleep(self.linger)
+            self._stopping.wait(self.linger)
         item = first
         while True:
             if item is _STOP:
@@ -413,7 +417,9 @@ class Writer:
                 referenced.update(p for p in spill_files(snap))
                 self.backlog.append(Work(snap))
             self.backlog.append(Work(None, after=(path,)))
-        for spill, row in recovery.orphans(self.spool_dir / "streams", referenced, skip=self.serves):
+        jdir = self.spool_dir / "journal"
+        for spill, row in recovery.orphans(self.spool_dir / "streams", referenced, skip=self.serves,
+                                           busy=lambda pid: journal.finishing(jdir, self.tag, pid)):
             log.info("velvet: recording a flow cut off when its proxy stopped (%s)", spill)
             self.pending += [row, Safe(None, (spill, sidecar(spill)))]
         self.health.remove_stale_files()
