@@ -468,3 +468,34 @@ def test_a_dead_proxys_journal_is_left_to_its_writer_process_while_it_finishes(t
     # a lock file left by a writer process killed too is no lock: the journal is claimed all the same
     (jdir / f"writer-tag-{gone.pid}.lock").write_bytes(b"")
     assert not finishing(jdir, "tag", gone.pid) and not list(jdir.glob("writer-*.lock"))
+
+
+def test_a_batch_file_is_written_at_once_however_long_the_writer_lets_calls_gather(sqlite_url, tmp_path):
+    """A writer lets live calls gather before a transaction (1 s in the writer process); a batch file going up
+    is a transaction's worth on its own and is written without that wait."""
+    from test_batch_units import multipart_body
+
+    b = "velvetboundary"
+    data = b"".join(b'{"custom_id":"r-%d","method":"POST","url":"/v1/chat/completions","body":{"model":"m"}}\n' % i
+                    for i in range(20))
+    now = time.time()
+    upload = CallSnapshot(
+        flow_id="up-1", method="POST", host="api.openai.com", path="/v1/files",
+        route=classify("POST", "/v1/files"),
+        key_fingerprint="fp", tags={}, request_headers={"content-type": f"multipart/form-data; boundary={b}"},
+        request_body=multipart_body(b, [("purpose", None, b"batch"), ("file", "in.jsonl", data)]),
+        request_encoding=None, started_at=now, ended_at=now, status_code=200,
+        response_headers={"content-type": "application/json"},
+        response_body=b'{"id":"file-up1","object":"file","purpose":"batch","filename":"in.jsonl","bytes":1}')
+    w = Writer(sqlite_url, Processor(Pricer()).process, spool_dir=tmp_path / "spool", linger=60)
+    w.start()
+    try:
+        w.submit(upload)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and w.written == 0:
+            time.sleep(0.05)
+        assert w.written > 0, "the upload waited for the linger"
+        with bound(sqlite_url):
+            assert models.BatchRequest.select().where(models.BatchRequest.file_id == "file-up1").count() == 20
+    finally:
+        assert w.stop(60)

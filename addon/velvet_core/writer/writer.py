@@ -71,6 +71,11 @@ class Work:
     ops: tuple[Op, ...] = ()  # operations written as they are (the row of a flow cut off by a crash)
 
 
+def _whole_file(w: Work) -> bool:
+    """A batch file going up or down: its lines are a transaction's worth at once (no waiting for others)."""
+    return w.snapshot is not None and w.snapshot.route.batch_body is not None
+
+
 def spill_files(s: CallSnapshot | None) -> tuple[Path, ...]:
     """The spill files (and their sidecars) holding a flow's streamed bodies."""
     if s is None:
@@ -240,7 +245,7 @@ class Writer:
             first = self.queue.get(timeout=0.5) if block else self.queue.get_nowait()
         except queue.Empty:
             return items, stopping
-        if first is not _STOP and not stopping and self.queue.qsize() < self.batch_size:
+        if first is not _STOP and not stopping and self.queue.qsize() < self.batch_size and not _whole_file(first):
             # let a batch gather while asleep: waking for every item costs a thread switch and a
             # GIL hand-over per call, measurably slowing the proxy's event loop under load
             self._stopping.wait(self.linger)
