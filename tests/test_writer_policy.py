@@ -426,7 +426,7 @@ def test_a_dead_proxys_journal_is_left_to_its_writer_process_while_it_finishes(t
     """mitmdump alone killed: its writer process goes on writing what it has read, and deletes the spill files
     once written. A proxy started meanwhile must leave that journal (and those spill files) alone until the
     writer process is gone, then claim what it left."""
-    from velvet_core.writer.journal import Journal, finishing, left_behind
+    from velvet_core.writer.journal import Journal, finishing, hold, left_behind, release
     from velvet_core.writer.recovery import orphans
 
     jdir = tmp_path / "journal"
@@ -454,6 +454,9 @@ def test_a_dead_proxys_journal_is_left_to_its_writer_process_while_it_finishes(t
         env={**os.environ, "PYTHONPATH": str(ROOT / "addon")})
     try:
         assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+        assert finishing(jdir, "tag", gone.pid)
+        assert hold(jdir, "tag", gone.pid) is None  # (a second writer process: the first keeps its lock)
+        release(jdir, "tag", gone.pid, None)
         assert finishing(jdir, "tag", gone.pid)
         assert left_behind(jdir, "tag") == [] and seg.exists()
         assert orphans(tmp_path / "streams", set(), busy=lambda pid: finishing(jdir, "tag", pid)) == []

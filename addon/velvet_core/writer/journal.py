@@ -149,8 +149,10 @@ def hold(directory: Path, tag: str, pid: int) -> IO[bytes] | None:
     f = open(_lock_path(directory, tag, pid), "ab")  # noqa: SIM115 (kept open: the lock lives with the process)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # (another writer process for the same proxy: not started by velvet)
+    except OSError:  # (another writer process for the same proxy: not started by velvet; its lock stays)
         log.warning("velvet: another writer process is writing the journal of proxy %d", pid)
+        f.close()
+        return None
     return f
 
 
