@@ -256,3 +256,22 @@ def test_lines_with_a_problem_are_found_without_reading_the_lines(sqlite_url):
              for sql in queries]
     assert "batch_requests_file_problems" in plans[0] and "batch_requests_batch_problems" in plans[1], plans
     db.close()
+
+
+def test_stats_counts_estimated_calls_through_an_index(db_url):
+    """`velvet stats` counts the calls whose tokens velvet estimated beside the rollups: through a partial index
+    of those few calls, not by reading every call (it did: 270 ms at 1 M calls)."""
+    from velvet_core.storage.database import open_db
+
+    db = open_db(db_url)
+    sql = f"SELECT model, started_at FROM calls WHERE usage_estimated AND started_at >= {db.param}"
+    if isinstance(db, SqliteDatabase):
+        rows = db.execute_sql("EXPLAIN QUERY PLAN " + sql, ("2026-01-01",)).fetchall()
+        plan = " ".join(str(r[-1]) for r in rows)
+        assert "calls_usage_estimated" in plan, plan
+    else:  # (and on PostgreSQL, for a window with no start)
+        db.execute_sql("SET enable_seqscan = off")  # (an empty table: ask whether the index can serve at all)
+        plan = " ".join(r[0] for r in db.execute_sql("EXPLAIN SELECT model FROM calls WHERE usage_estimated"))
+        db.execute_sql("RESET enable_seqscan")
+        assert "calls_usage_estimated" in plan, plan
+    db.close()

@@ -515,7 +515,7 @@ def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[di
                 (r["model"] or r["model_requested"]) if by == "model" else r[dim]) or none  # type: ignore[index]
             groups[key].add_call(r["status_code"], r["complete"], r["latency_ms"], r["ttft_ms"],
                                  r["input_tokens"], r["output_tokens"], r["cost_usd"])
-    estimated: dict[str, int] = defaultdict(int)  # (not in the rollups: few calls, read through a partial index)
+    estimated: dict[str, int] = defaultdict(int)  # (not in the rollups: few calls, read through an index)
     where, params = ("", ()) if since is None else (" AND started_at >= ?", (_param(db, since),))
     if any(c.name == "usage_estimated" for c in db.get_columns("calls")):
         for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "

@@ -800,6 +800,12 @@ def _problem_indexes(db: Database) -> None:
                    'WHERE ("problem" IS NOT NULL)')
 
 
+def _estimated_index(db: Database) -> None:
+    # the calls whose tokens velvet estimated (a stream without usage): `velvet stats` counts them beside the
+    # rollups, and without an index that read every call (270 ms at 1 M calls, growing with history)
+    db.execute_sql('CREATE INDEX "calls_usage_estimated" ON "calls" ("started_at") WHERE "usage_estimated"')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -821,6 +827,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "alerts", _alerts),
     Migration(9, "derived_counts", _derived_counts),
     Migration(10, "problem_indexes", _problem_indexes),
+    Migration(11, "estimated_index", _estimated_index),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -179,6 +179,10 @@ class Call(Base):
         table_name = "calls"
 
 
+# the calls whose tokens velvet estimated (migration 11): `velvet stats` counts them beside the rollups
+Call.add_index(Call.started_at, name="calls_usage_estimated", where=Call.usage_estimated)
+
+
 class File(Base):
     """A file known to the API (batch input, output or error file, or another purpose)."""
 
