@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "addon"))
 
 from velvet_core.query import queries  # noqa: E402
+from velvet_core.storage import database, sql  # noqa: E402
 from velvet_core.storage.database import open_db  # noqa: E402
 from velvet_core.storage.ops import (  # noqa: E402
     BatchSeen,
@@ -200,7 +201,7 @@ def export_rate(url: str, **kw: Any) -> float:
     """Rows per second of ``velvet export --format jsonl`` (the CLI's own loop), written to /dev/null."""
     from velvet_core.query.cli import _default
 
-    db = queries.open_readonly(url)
+    db = database.open_readonly(url)
     try:
         t = time.perf_counter()
         total, rows = queries.export_rows(db, **kw)
@@ -213,7 +214,7 @@ def export_rate(url: str, **kw: Any) -> float:
 
 
 def measure(url: str, lines: int) -> dict[str, Any]:
-    db = queries.open_readonly(url)
+    db = database.open_readonly(url)
     out: dict[str, Any] = {}
     try:
         middle = f"batch_{max(1, lines // PER_BATCH) // 2:08d}"
@@ -234,7 +235,7 @@ def measure(url: str, lines: int) -> dict[str, Any]:
             out[key] = median_ms(fn)
         # exports: the calls of the last 3 days (a tenth); the lines of the newest tenth of the batches, 10 at most
         newest = queries.batches(db)[: min(10, max(1, lines // PER_BATCH // 10))]
-        lines_since = queries.to_dt(newest[-1]["created_at"].replace("T", " ").rstrip("Z"))
+        lines_since = sql.to_dt(newest[-1]["created_at"].replace("T", " ").rstrip("Z"))
     finally:
         db.close()
     rates = []

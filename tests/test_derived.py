@@ -13,7 +13,7 @@ import orjson
 import pytest
 from velvet_core.query import queries
 from velvet_core.query.cli import main
-from velvet_core.storage import derived
+from velvet_core.storage import database, derived, sql
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import BatchSeen, CallRow, FileSeen, InputDone, OutputDone, RequestLines, ResultLines
 from velvet_core.storage.store import Store
@@ -142,7 +142,7 @@ def test_stats_from_rollups_agree_with_the_calls(db_url, by, monkeypatch):
     db = open_db(db_url)
     fill_calls(db, seed=7)
     db.close()
-    ro = queries.open_readonly(db_url)
+    ro = database.open_readonly(db_url)
     # no window; one starting mid-hour; one starting at midnight (an hour's and a day's start)
     for since in (None, T0 + timedelta(hours=20, minutes=17, seconds=3), datetime(2026, 11, 21)):
         monkeypatch.setattr(queries, "EXACT_CALLS", 10**9)
@@ -202,7 +202,7 @@ def test_histogram_percentiles():
         b = derived.bucket(v)
         hist[b] = hist.get(b, 0) + 1
     for p in (1, 50, 95, 100):
-        exact = queries.percentile(values, p)
+        exact = sql.percentile(values, p)
         got = derived.hist_percentile(hist, p)
         assert got == pytest.approx(max(exact, derived.FLOOR_MS), rel=0.0101)
     assert derived.hist_percentile({}, 50) is None

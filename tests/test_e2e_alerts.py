@@ -20,8 +20,8 @@ from conftest import fresh_pg_url
 from rig import Proxy, bound
 from standin import StandIn
 from velvet_core.alerts.history import listing
-from velvet_core.query.queries import open_readonly
 from velvet_core.storage import models
+from velvet_core.storage.database import open_readonly
 from webhook import WebhookServer
 
 SECRET = "hook-secret-for-tests"

@@ -23,9 +23,8 @@ import pytest
 from conftest import fresh_pg_url
 from rig import API_KEY, Proxy, bound, wait_for
 from velvet_core.experiments.compare import latest_comparisons
-from velvet_core.query import queries
 from velvet_core.query.cli import main
-from velvet_core.storage import models
+from velvet_core.storage import database, models
 
 VELVET = Path(sys.executable).with_name("velvet")
 ANSWER = "Hello from the stand-in API."
@@ -234,7 +233,7 @@ def test_batch_replayed_on_another_model_then_compared(env, capsys, standin):
     assert j["metadata"] == {"velvet_judge": "velvet compare"} and j["request_counts"]["total"] == 4 + 5
     wait_for(lambda: len(results(url, judge_batch)) == 9, what="judge results logged")
 
-    db = queries.open_readonly(url)
+    db = database.open_readonly(url)
     try:
         recent = latest_comparisons(db)
     finally:

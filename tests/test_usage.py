@@ -32,7 +32,7 @@ from velvet_core.parsing.pricing import Pricer
 from velvet_core.process.calls import parse_call
 from velvet_core.query import queries
 from velvet_core.query.cli import main
-from velvet_core.storage import models
+from velvet_core.storage import database, models
 
 # -- the tokenizer -----------------------------------------------------------------------------------
 
@@ -499,7 +499,7 @@ def test_stats_on_a_database_the_proxy_has_not_migrated(tmp_path):
                    "complete, status_code, input_tokens) VALUES ('f', '2026-11-24 10:00:00', 'POST', 'h', '/', "
                    "'chat.completions', 'create', 1, 1, 200, 4)")
     db.close()
-    ro = queries.open_readonly(url)
+    ro = database.open_readonly(url)
     try:
         assert queries.stats(ro)["totals"] == {"calls": 1, "errors": 0, "input_tokens": 4, "output_tokens": 0,
                                                "estimated_calls": 0, "cost_usd": 0.0}

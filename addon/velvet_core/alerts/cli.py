@@ -21,8 +21,8 @@ from velvet_core.alerts.notify import Notifier, payloads
 from velvet_core.alerts.rules import BATCH_KINDS, RuleSet, load_rules
 from velvet_core.alerts.runner import Engine, announce, utcnow
 from velvet_core.humanize import table, when
-from velvet_core.query.queries import iso
 from velvet_core.storage.database import open_db
+from velvet_core.storage.sql import iso
 
 FIRING_EXIT = 3  # `velvet alerts check` when a rule is firing
 CHECK_SOURCE = "velvet alerts check"

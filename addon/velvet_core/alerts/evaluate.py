@@ -13,11 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from peewee import Database, PostgresqlDatabase
+from peewee import Database
 
 from velvet_core.alerts.rules import Rule
 from velvet_core.humanize import duration, money
-from velvet_core.query.queries import iso, to_dt
+from velvet_core.redact import redact
+from velvet_core.storage.sql import iso, json_field, json_key, rows, to_dt, ts
 
 FINAL = ("completed", "failed", "expired", "cancelled")
 BAD_FINAL = ("failed", "expired", "cancelled")
@@ -44,19 +45,7 @@ class Reading:
 
 # -- SQL helpers -----------------------------------------------------------------------------------
 
-def _sql(db: Database, sql: str) -> str:
-    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
 
-
-def _rows(db: Database, sql: str, params: list[Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-    cur = db.execute_sql(_sql(db, sql), tuple(params))
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-
-
-def _ts(db: Database, dt: datetime) -> Any:
-    """A timestamp parameter comparable with stored values (text on SQLite, to the microsecond)."""
-    return dt if isinstance(db, PostgresqlDatabase) else dt.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def _like(glob: str) -> str:
@@ -65,12 +54,6 @@ def _like(glob: str) -> str:
     return out.replace("*", "%").replace("?", "_")
 
 
-def _json_field(db: Database, column: str) -> str:
-    return f"({column}::jsonb ->> ?)" if isinstance(db, PostgresqlDatabase) else f"json_extract({column}, ?)"
-
-
-def _json_key(db: Database, key: str) -> str:
-    return key if isinstance(db, PostgresqlDatabase) else '$."' + key.replace('"', '\\"') + '"'
 
 
 def _any(column_sqls: list[str], patterns: tuple[str, ...], params: list[Any]) -> str:
@@ -93,8 +76,8 @@ def call_filters(db: Database, rule: Rule, params: list[Any]) -> str:
     if rule.keys:
         where.append(_any(["key_fingerprint"], rule.keys, params))
     for k, v in rule.tags:
-        where.append(f"{_json_field(db, 'tags')} = ?")
-        params += [_json_key(db, k), v]
+        where.append(f"{json_field(db, 'tags')} = ?")
+        params += [json_key(db, k), v]
     return "".join(" AND " + w for w in where)
 
 
@@ -111,8 +94,8 @@ def batch_filters(db: Database, rule: Rule, params: list[Any]) -> str:
     if rule.keys:
         where.append(_any(["b.key_fingerprint"], rule.keys, params))
     for k, v in rule.tags:
-        where.append(f"{_json_field(db, 'b.metadata')} = ?")
-        params += [_json_key(db, k), v]
+        where.append(f"{json_field(db, 'b.metadata')} = ?")
+        params += [json_key(db, k), v]
     return "".join(" AND " + w for w in where)
 
 
@@ -165,15 +148,15 @@ def _error_condition(rule: Rule) -> str:
 
 
 def _error_rate(db: Database, rule: Rule, now: datetime) -> Reading:
-    params: list[Any] = [_ts(db, now - timedelta(seconds=rule.window))]
+    params: list[Any] = [ts(db, now - timedelta(seconds=rule.window))]
     where = "started_at >= ?" + call_filters(db, rule, params)
     err = _error_condition(rule)
-    (r,) = _rows(db, f"SELECT count(*) AS n, sum(CASE WHEN {err} THEN 1 ELSE 0 END) AS e FROM calls WHERE {where}",
+    (r,) = rows(db, f"SELECT count(*) AS n, sum(CASE WHEN {err} THEN 1 ELSE 0 END) AS e FROM calls WHERE {where}",
                  params)
     n, e = int(r["n"]), int(r["e"] or 0)
     if n < rule.min_calls:
         return Reading(None, f"{n} calls in {rule.window_text}, fewer than min_calls {rule.min_calls}")
-    top = _rows(db, "SELECT status_code, COALESCE(error_code, error_type) AS code, count(*) AS n FROM calls "
+    top = rows(db, "SELECT status_code, COALESCE(error_code, error_type) AS code, count(*) AS n FROM calls "
                     f"WHERE {where} AND {err} GROUP BY status_code, COALESCE(error_code, error_type) "
                     "ORDER BY n DESC, status_code LIMIT 3", params)
     errors = [{"status_code": t["status_code"], "error_code": t["code"], "count": int(t["n"])} for t in top]
@@ -191,16 +174,16 @@ def _percentile_sql(db: Database, rule: Rule, now: datetime,
     """(count, p50, p95) of ``column`` over the answered calls that ended in the window (a long stream is
     known only once it ended), sorted by the database."""
     start = now - timedelta(seconds=rule.window)
-    params: list[Any] = [_ts(db, start - timedelta(hours=1)), _ts(db, start)]  # (the first: started_at's index)
+    params: list[Any] = [ts(db, start - timedelta(hours=1)), ts(db, start)]  # (the first: started_at's index)
     where = (f"started_at >= ? AND ended_at >= ? AND {column} IS NOT NULL AND status_code < 400"
              + call_filters(db, rule, params))
-    n = int(_rows(db, f"SELECT count(*) AS n FROM calls WHERE {where}", params)[0]["n"])
+    n = int(rows(db, f"SELECT count(*) AS n FROM calls WHERE {where}", params)[0]["n"])
     if n == 0:
         return 0, None, None
 
     def nearest_rank(p: float) -> float:
         k = max(0, min(n - 1, math.ceil(p / 100 * n) - 1))
-        return float(_rows(db, f"SELECT {column} AS v FROM calls WHERE {where} ORDER BY {column} "
+        return float(rows(db, f"SELECT {column} AS v FROM calls WHERE {where} ORDER BY {column} "
                                f"LIMIT 1 OFFSET {k}", params)[0]["v"])
 
     return n, nearest_rank(50), nearest_rank(95)
@@ -222,15 +205,15 @@ def spend(db: Database, rule: Rule, start: datetime, end: datetime) -> dict[str,
     """Live and batch spend between ``start`` and ``end``: calls by start, batches by when they ended."""
     out = {"live_usd": 0.0, "batch_usd": 0.0}
     if rule.source in ("live", "both"):
-        params: list[Any] = [_ts(db, start), _ts(db, end)]
+        params: list[Any] = [ts(db, start), ts(db, end)]
         where = "started_at >= ? AND started_at < ?" + call_filters(db, rule, params)
-        live = _rows(db, f"SELECT sum(cost_usd) AS s FROM calls WHERE {where}", params)[0]["s"]
+        live = rows(db, f"SELECT sum(cost_usd) AS s FROM calls WHERE {where}", params)[0]["s"]
         out["live_usd"] = float(live or 0)
     if rule.source in ("batch", "both"):
-        params = [_ts(db, start), _ts(db, end)]
+        params = [ts(db, start), ts(db, end)]
         ended = "COALESCE(b.completed_at, b.expired_at, b.cancelled_at)"
         where = f"{ended} >= ? AND {ended} < ?" + batch_filters(db, rule, params)
-        out["batch_usd"] = float(_rows(db, "SELECT sum(COALESCE(b.cost_usd, b.usage_cost_usd)) AS s "
+        out["batch_usd"] = float(rows(db, "SELECT sum(COALESCE(b.cost_usd, b.usage_cost_usd)) AS s "
                                            f"FROM batch_summary b WHERE {where}", params)[0]["s"] or 0)
     return out
 
@@ -259,14 +242,14 @@ def _spend_spike(db: Database, rule: Rule, now: datetime) -> Reading:
 
 
 def _batch_overdue(db: Database, rule: Rule, now: datetime) -> Reading:
-    params: list[Any] = [_ts(db, now - timedelta(seconds=rule.window))]
-    rows = _rows(db, f"SELECT b.id, b.status, {BATCH_MODEL} AS model, b.endpoint, b.created_at, b.first_seen_at, "
-                     "b.finalizing_at, b.expires_at, b.request_total, b.request_completed, b.request_failed "
-                     f"FROM batches b WHERE b.status NOT IN {FINAL!r} "
-                     "AND COALESCE(b.created_at, b.first_seen_at) >= ?" + batch_filters(db, rule, params), params)
+    params: list[Any] = [ts(db, now - timedelta(seconds=rule.window))]
+    found = rows(db, f"SELECT b.id, b.status, {BATCH_MODEL} AS model, b.endpoint, b.created_at, b.first_seen_at, "
+                      "b.finalizing_at, b.expires_at, b.request_total, b.request_completed, b.request_failed "
+                      f"FROM batches b WHERE b.status NOT IN {FINAL!r} "
+                      "AND COALESCE(b.created_at, b.first_seen_at) >= ?" + batch_filters(db, rule, params), params)
     out = []
     assert rule.threshold is not None
-    for r in rows:
+    for r in found:
         created = to_dt(r["created_at"]) or to_dt(r["first_seen_at"])
         assert created is not None
         age = (now - created).total_seconds() / 3600
@@ -287,16 +270,16 @@ def _batch_overdue(db: Database, rule: Rule, now: datetime) -> Reading:
 
 
 def _batch_failed(db: Database, rule: Rule, now: datetime) -> Reading:
-    start = _ts(db, now - timedelta(seconds=rule.window))
+    start = ts(db, now - timedelta(seconds=rule.window))
     params: list[Any] = [start]
     inner = ("SELECT b.id, b.status, b.endpoint, b.errors, b.request_total, b.request_failed, b.answered, "
              f"b.failed, {BATCH_MODEL} AS model, COALESCE((SELECT max(e.observed_at) FROM batch_events e "
              "WHERE e.batch_id = b.id AND e.status = b.status), b.last_seen_at) AS ended "
              f"FROM batch_summary b WHERE b.status IN {FINAL!r} AND b.last_seen_at >= ?"
              + batch_filters(db, rule, params))
-    rows = _rows(db, f"SELECT * FROM ({inner}) q WHERE q.ended >= ?", [*params, start])
+    found = rows(db, f"SELECT * FROM ({inner}) q WHERE q.ended >= ?", [*params, start])
     out = []
-    for r in rows:
+    for r in found:
         logged = int(r["answered"]) + int(r["failed"])
         if logged:
             share: float | None = int(r["failed"]) / logged
@@ -330,12 +313,12 @@ def _batch_error_sample(db: Database, r: dict[str, Any]) -> dict[str, Any]:
     data = errors.get("data") if isinstance(errors, dict) else errors
     if isinstance(data, list) and data and isinstance(data[0], dict):
         return {"top_error": data[0].get("code"), "error_message": data[0].get("message"), "examples": []}
-    top = _rows(db, "SELECT error_code, count(*) AS n FROM batch_results WHERE batch_id = ? AND failed "
+    top = rows(db, "SELECT error_code, count(*) AS n FROM batch_results WHERE batch_id = ? AND failed "
                     "GROUP BY error_code ORDER BY n DESC LIMIT 1", [r["id"]])
     if not top:
         return {"top_error": None, "examples": []}
     code = top[0]["error_code"]
-    ex = _rows(db, "SELECT custom_id FROM batch_results WHERE batch_id = ? AND failed AND "
+    ex = rows(db, "SELECT custom_id FROM batch_results WHERE batch_id = ? AND failed AND "
                    + ("error_code IS NULL" if code is None else "error_code = ?")
                    + " ORDER BY custom_id LIMIT 3", [r["id"]] + ([] if code is None else [code]))
     return {"top_error": code, "examples": [e["custom_id"] for e in ex]}
@@ -343,14 +326,14 @@ def _batch_error_sample(db: Database, r: dict[str, Any]) -> dict[str, Any]:
 
 def _batch_unread(db: Database, rule: Rule, now: datetime) -> Reading:
     ended = "COALESCE(b.completed_at, b.expired_at, b.cancelled_at, b.last_seen_at)"
-    params: list[Any] = [_ts(db, now - timedelta(seconds=rule.window))]
-    rows = _rows(db, f"SELECT b.id, b.status, {BATCH_MODEL} AS model, b.output_file_id, b.error_file_id, "
-                     f"{ended} AS ended FROM batches b WHERE b.status IN ('completed', 'expired', 'cancelled') "
-                     f"AND COALESCE(b.output_file_id, b.error_file_id) IS NOT NULL AND {ended} >= ? "
-                     "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.id = COALESCE(b.output_file_id, "
-                     "b.error_file_id) AND f.content_seen)" + batch_filters(db, rule, params), params)
+    params: list[Any] = [ts(db, now - timedelta(seconds=rule.window))]
+    found = rows(db, f"SELECT b.id, b.status, {BATCH_MODEL} AS model, b.output_file_id, b.error_file_id, "
+                      f"{ended} AS ended FROM batches b WHERE b.status IN ('completed', 'expired', 'cancelled') "
+                      f"AND COALESCE(b.output_file_id, b.error_file_id) IS NOT NULL AND {ended} >= ? "
+                      "AND NOT EXISTS (SELECT 1 FROM files f WHERE f.id = COALESCE(b.output_file_id, "
+                      "b.error_file_id) AND f.content_seen)" + batch_filters(db, rule, params), params)
     out = []
-    for r in rows:
+    for r in found:
         ended_at = to_dt(r["ended"])
         assert ended_at is not None
         hours = (now - ended_at).total_seconds() / 3600
@@ -365,11 +348,11 @@ def _batch_unread(db: Database, rule: Rule, now: datetime) -> Reading:
 def _velvet_stalled(db: Database, rule: Rule, now: datetime) -> Reading:
     if not db.table_exists("velvet_proxies"):
         return Reading(None, "this database has no velvet_proxies table (schema too old)")
-    rows = _rows(db, "SELECT proxy, hostname, pid, updated_at, failing_since, last_error, last_error_at, "
-                     "queue_depth, pending, spooled FROM velvet_proxies WHERE stopped_at IS NULL "
-                     "AND updated_at >= ?", [_ts(db, now - timedelta(days=1))])
+    found = rows(db, "SELECT proxy, hostname, pid, updated_at, failing_since, last_error, last_error_at, "
+                      "queue_depth, pending, spooled FROM velvet_proxies WHERE stopped_at IS NULL "
+                      "AND updated_at >= ?", [ts(db, now - timedelta(days=1))])
     out = []
-    for r in rows:
+    for r in found:
         failing_since, updated = to_dt(r["failing_since"]), to_dt(r["updated_at"])
         assert updated is not None
         silent = (now - updated).total_seconds()
@@ -396,12 +379,6 @@ def unreachable(rule: Rule, who: str, since: datetime, now: datetime, error: str
                              {"proxy": who, "failing_since": iso(since), "last_error": redact(error),
                               "reason": reason})])
 
-
-def redact(text: str | None) -> str | None:
-    """Remove a password from any URL in ``text`` (errors may quote a connection string)."""
-    import re
-
-    return None if text is None else re.sub(r"(://[^:/@\s]+):[^@\s]*@", r"\1:***@", text)
 
 
 _KINDS = {

@@ -10,14 +10,11 @@ from peewee import Database, PostgresqlDatabase
 
 from velvet_core.alerts.notify import text, threshold_for
 from velvet_core.alerts.state import Change
-from velvet_core.query.queries import iso, to_dt
+from velvet_core.storage.sql import adapt, iso, to_dt, ts
 
 ALERT_KEYS = ("id", "at", "rule", "kind", "subject", "state", "value", "threshold", "window", "text", "details",
               "source")
 
-
-def _sql(db: Database, sql: str) -> str:
-    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
 
 
 def record(db: Database, changes: list[Change], source: str) -> None:
@@ -29,7 +26,7 @@ def record(db: Database, changes: list[Change], source: str) -> None:
              threshold_for(c.rule, c.state), c.rule.window_text, text(c.rule, c.state, [c.summary], c.repeat),
              orjson.dumps({**c.details, **({"repeat": True} if c.repeat else {})}).decode(), source)
             for c in changes]
-    sql = _sql(db, 'INSERT INTO "alerts" ("at", "rule", "kind", "subject", "state", "value", "threshold", '
+    sql = adapt(db, 'INSERT INTO "alerts" ("at", "rule", "kind", "subject", "state", "value", "threshold", '
                    '"rule_window", "text", "details", "source") VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)')
     with db.atomic():
         db.cursor().executemany(sql, rows)
@@ -40,7 +37,7 @@ def last_states(db: Database, rules: list[str]) -> list[dict[str, Any]]:
     if not rules or not db.table_exists("alerts"):
         return []
     marks = ", ".join("?" * len(rules))
-    cur = db.execute_sql(_sql(db, f'SELECT a."rule", a."subject", a."state", a."at", a."value" FROM "alerts" a '
+    cur = db.execute_sql(adapt(db, f'SELECT a."rule", a."subject", a."state", a."at", a."value" FROM "alerts" a '
                                   f'WHERE a."rule" IN ({marks}) AND a."id" = (SELECT max(b."id") FROM "alerts" b '
                                   'WHERE b."rule" = a."rule" AND b."subject" = a."subject")'), tuple(rules))
     return [{"rule": r[0], "subject": r[1], "state": r[2], "at": to_dt(r[3]), "value": r[4]}
@@ -54,15 +51,15 @@ def listing(db: Database, since: datetime | None = None, until: datetime | None 
     where, params = [], []
     if since is not None:
         where.append('"at" >= ?')
-        params.append(since if isinstance(db, PostgresqlDatabase) else since.strftime("%Y-%m-%d %H:%M:%S.%f"))
+        params.append(ts(db, since))
     if until is not None:
         where.append('"at" <= ?')
-        params.append(until if isinstance(db, PostgresqlDatabase) else until.strftime("%Y-%m-%d %H:%M:%S.%f"))
+        params.append(ts(db, until))
     sql = ('SELECT "id", "at", "rule", "kind", "subject", "state", "value", "threshold", "rule_window", "text", '
            '"details", "source" FROM "alerts"' + (" WHERE " + " AND ".join(where) if where else "")
            + ' ORDER BY "at" DESC, "id" DESC')
     out = []
-    for r in db.execute_sql(_sql(db, sql), tuple(params)).fetchall():
+    for r in db.execute_sql(adapt(db, sql), tuple(params)).fetchall():
         row = dict(zip(ALERT_KEYS, r, strict=True))
         row["at"] = iso(row["at"])
         row["details"] = orjson.loads(row["details"]) if row["details"] else None

@@ -27,7 +27,7 @@ from velvet_core import __version__
 from velvet_core.alerts.evaluate import fmt_value
 from velvet_core.alerts.rules import BATCH_KINDS, Notify, Rule
 from velvet_core.alerts.state import Change
-from velvet_core.query.queries import iso
+from velvet_core.storage.sql import iso
 
 log = logging.getLogger(__name__)
 

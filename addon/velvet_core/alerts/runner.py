@@ -22,8 +22,7 @@ from velvet_core.alerts.history import last_states, record
 from velvet_core.alerts.notify import Notifier, payloads
 from velvet_core.alerts.rules import RuleSet
 from velvet_core.alerts.state import Change, Tracker
-from velvet_core.query.queries import open_readonly
-from velvet_core.storage.database import connect
+from velvet_core.storage.database import connect, open_readonly
 
 log = logging.getLogger(__name__)
 

@@ -30,19 +30,14 @@ from velvet_core.experiments.plan import (
 from velvet_core.experiments.select import Selection, SelectionError, count, parse_tag, select
 from velvet_core.humanize import Progress, duration, money, ms, pairs, table
 from velvet_core.humanize import count as num
-from velvet_core.query import queries
+from velvet_core.storage import sql
 from velvet_core.storage.database import open_db
+from velvet_core.storage.sql import since_arg
 
 LIVE_DEFAULT_MAX = 30  # without --mode, up to this many lines go live (a --batch selection always a batch)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 REPLAY_KEYS = ("experiment", "batch_id", "lines", "estimated_cost_usd")
 
-
-def _since(text: str) -> datetime:
-    try:
-        return queries.parse_since(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _dump(value: Any) -> None:
@@ -70,7 +65,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     f = p.add_argument_group("filters (--calls; --from-model, --endpoint and --since also --batch)")
     f.add_argument("--from-model", metavar="M", help="only requests to this model")
     f.add_argument("--endpoint", help="chat.completions, responses, embeddings, completions, moderations")
-    f.add_argument("--since", type=_since, metavar="WHEN")
+    f.add_argument("--since", type=since_arg, metavar="WHEN")
     f.add_argument("--status", help="a status code (429), a class (4xx) or 'error'")
     f.add_argument("--tag", action="append", metavar="KEY=VALUE",
                    help="only calls with this velvet-metadata tag (repeatable)")
@@ -147,7 +142,7 @@ def _name(db: Database, given: str | None) -> str:
 
 def _taken(db: Database, name: str) -> bool:
     return db.table_exists("experiments") and bool(
-        queries._rows(db, "SELECT name FROM experiments WHERE name = ?", (name,)))
+        sql.rows(db, "SELECT name FROM experiments WHERE name = ?", (name,)))
 
 
 def _check_batch(plan: Plan) -> None:

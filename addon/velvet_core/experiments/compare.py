@@ -18,8 +18,8 @@ import orjson
 from peewee import Database
 
 from velvet_core.experiments import answers
-from velvet_core.query import queries
 from velvet_core.storage.models import Comparison, use
+from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt
 
 # per side: a value for each line of A and of B; pairwise: one value per pair (a and b stay null)
 SIDE_METRICS = ("cost_usd", "input_tokens", "output_tokens", "latency", "turnaround", "json_valid",
@@ -106,8 +106,8 @@ class Side:
 def _experiment(db: Database, ref: str) -> dict[str, Any] | None:
     if not db.table_exists("experiments"):
         return None
-    found = queries._rows(db, "SELECT * FROM experiments WHERE name = ?", (ref,)) or \
-        queries._rows(db, "SELECT * FROM experiments WHERE batch_id = ?", (ref,))
+    found = rows(db, "SELECT * FROM experiments WHERE name = ?", (ref,)) or \
+        rows(db, "SELECT * FROM experiments WHERE batch_id = ?", (ref,))
     return found[0] if found else None
 
 
@@ -116,7 +116,7 @@ def resolve(db: Database, ref: str, prompts: bool = False) -> Side:
     exp = _experiment(db, ref)
     if exp is not None:
         return experiment_side(db, exp, prompts)
-    if queries._rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
+    if rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
                          "WHERE batch_id = ?", (ref, ref)):
         return batch_side(db, ref, prompts)
     raise CompareError(f"{ref!r} is neither an experiment nor a batch in this database")
@@ -141,11 +141,11 @@ def _answer(r: dict[str, Any], ident: str, key: tuple[Any, ...], custom_id: str 
     live = "complete" in r
     status = r.get("status_code")
     ok = status == 200 and (bool(r.get("complete")) if live else not r.get("failed"))
-    said = answers.read(_json(r.get("response_body"))) if ok else answers.Said()
+    said = answers.read(json_value(r.get("response_body"))) if ok else answers.Said()
     return Answer(ident, key, custom_id, status, ok, said, r.get("input_tokens"), r.get("output_tokens"),
-                  r.get("cost_usd"), r.get("latency_ms"), queries.to_dt(r.get("started_at")),
-                  queries.to_dt(r.get("ended_at")),
-                  answers.prompt(_json(r.get("request_body"))) if prompts else "")
+                  r.get("cost_usd"), r.get("latency_ms"), to_dt(r.get("started_at")),
+                  to_dt(r.get("ended_at")),
+                  answers.prompt(json_value(r.get("request_body"))) if prompts else "")
 
 
 def _source_key(r: dict[str, Any]) -> tuple[Any, ...]:
@@ -160,7 +160,7 @@ def _source_key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 def batch_side(db: Database, batch_id: str, prompts: bool = False) -> Side:
     side = Side(batch_id, turnaround_s=_turnaround(db, batch_id))
-    for r in queries.stream_rows(db, f"SELECT {_BATCH_COLS} FROM batch_requests r LEFT JOIN batch_results x "
+    for r in stream_rows(db, f"SELECT {_BATCH_COLS} FROM batch_requests r LEFT JOIN batch_results x "
                                      "ON x.request_row_id = r.id WHERE r.batch_id = ? AND r.problem IS NULL "
                                      "ORDER BY r.line_no", (batch_id,)):
         cid = r["line_custom_id"]
@@ -182,7 +182,7 @@ def experiment_side(db: Database, exp: dict[str, Any], prompts: bool = False) ->
                "ON c.request_id = e.request_id WHERE e.experiment = ? ORDER BY e.line_no")
         params = (name,)
     seen: set[str] = set()
-    for r in queries.stream_rows(db, sql, params):
+    for r in stream_rows(db, sql, params):
         if r["custom_id"] in seen:  # one answer per line
             continue
         seen.add(r["custom_id"])
@@ -201,13 +201,13 @@ def source_side(db: Database, exp: dict[str, Any], prompts: bool = False) -> Sid
     name = exp["name"]
     side = Side(f"{name}:source")
     batches: set[str] = set()
-    for r in queries.stream_rows(
+    for r in stream_rows(
             db, f"SELECT {_MAP_COLS}, {_BATCH_COLS} FROM experiment_lines e JOIN batch_requests r "
                 "ON r.batch_id = e.source_batch_id AND r.custom_id = e.source_custom_id LEFT JOIN batch_results x "
                 "ON x.request_row_id = r.id WHERE e.experiment = ? ORDER BY e.line_no", (name,)):
         batches.add(r["source_batch_id"])
         side.answers.append(_answer(r, r["source_custom_id"], _source_key(r), r["source_custom_id"], prompts))
-    for r in queries.stream_rows(
+    for r in stream_rows(
             db, f"SELECT {_MAP_COLS}, {_CALL_COLS} FROM experiment_lines e JOIN calls c "
                 "ON c.id = e.source_call_id WHERE e.experiment = ? AND e.source_batch_id IS NULL "
                 "ORDER BY e.line_no", (name,)):
@@ -222,7 +222,7 @@ def source_side(db: Database, exp: dict[str, Any], prompts: bool = False) -> Sid
 
 
 def _turnaround(db: Database, batch_id: str) -> float | None:
-    found = queries._rows(db, "SELECT turnaround_s FROM batches WHERE id = ?", (batch_id,))
+    found = rows(db, "SELECT turnaround_s FROM batches WHERE id = ?", (batch_id,))
     return found[0]["turnaround_s"] if found else None
 
 
@@ -245,14 +245,6 @@ def pair(a: Side, b: Side) -> tuple[list[tuple[Answer, Answer]], int]:
 
 
 # -- metrics ---------------------------------------------------------------------------------------
-
-def _json(v: Any) -> Any:
-    if v is None or isinstance(v, dict | list):
-        return v
-    try:
-        return orjson.loads(bytes(v) if isinstance(v, memoryview) else v)
-    except (orjson.JSONDecodeError, TypeError):
-        return None
 
 
 def _json_doc(text: str | None) -> Any:
@@ -387,7 +379,7 @@ def summary(m: Metric, lines: list[dict[str, Any]], a: Side, b: Side) -> dict[st
     elif m.name in ("cost_usd", "input_tokens", "output_tokens"):
         sa, sb = _total(col("a")), _total(col("b"))
     elif m.name == "latency":
-        sa, sb = (queries.percentile([v for v in col(k) if v is not None], 50) for k in ("a", "b"))
+        sa, sb = (percentile([v for v in col(k) if v is not None], 50) for k in ("a", "b"))
     elif m.name in ("json_valid", "contains", "regex"):
         sa, sb = _share(col("a")), _share(col("b"))
     elif m.name == "judge":
@@ -436,12 +428,12 @@ def latest_comparisons(db: Database, limit: int = 5) -> list[dict[str, Any]]:
         return []
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()
-    for r in queries._rows(db, "SELECT * FROM comparisons ORDER BY created_at DESC, id DESC LIMIT 1000"):
+    for r in rows(db, "SELECT * FROM comparisons ORDER BY created_at DESC, id DESC LIMIT 1000"):
         if (r["a"], r["b"]) in seen:
             continue
         seen.add((r["a"], r["b"]))
-        out.append({"a": r["a"], "b": r["b"], "created_at": queries.iso(r["created_at"]), "pairs": r["pairs"],
-                    "unpaired": r["unpaired"], "metrics": _json(r["metrics"]),
+        out.append({"a": r["a"], "b": r["b"], "created_at": iso(r["created_at"]), "pairs": r["pairs"],
+                    "unpaired": r["unpaired"], "metrics": json_value(r["metrics"]),
                     "judge_batch_id": r["judge_batch_id"]})
         if len(out) >= limit:
             break

@@ -16,6 +16,7 @@ from peewee import Database
 
 from velvet_core.parsing.classify import classify
 from velvet_core.query import queries
+from velvet_core.storage.sql import iso, json_value, rows, stream_rows, to_int, ts
 
 # The endpoints a batch can run and a replay can send, by the kind velvet stores in calls.endpoint.
 ENDPOINT_URLS = {"chat.completions": "/v1/chat/completions", "responses": "/v1/responses",
@@ -70,7 +71,7 @@ class Selection:
         if self.file is not None:
             return {"file": str(Path(self.file).resolve())}
         filters = {k: v for k, v in (("model", self.model), ("endpoint", self.endpoint),
-                                     ("since", queries.iso(self.since)), ("status", self.status),
+                                     ("since", iso(self.since)), ("status", self.status),
                                      ("tags", dict(self.tags) or None), ("limit", self.limit)) if v}
         if self.batch is not None:
             return {"batch": self.batch, **({"filters": filters} if filters else {})}
@@ -118,7 +119,7 @@ def count(db: Database, sel: Selection, *, ok_only: bool = False) -> int:
     if sel.calls and sel.tags:
         return sum(1 for _ in _from_calls(db, sel, False, ok_only))
     sql, params = _calls_sql(db, sel, False, ok_only) if sel.calls else _lines_sql(db, sel, False, ok_only)
-    n = int(queries._rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"])
+    n = int(rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"])
     return min(n, sel.limit) if sel.limit else n
 
 
@@ -139,7 +140,7 @@ def _lines_sql(db: Database, sel: Selection, answers: bool, ok_only: bool) -> tu
         params.append(ENDPOINT_URLS[sel.endpoint])
     if sel.since:
         cond.append("r.batch_id IN (SELECT id FROM batches WHERE COALESCE(created_at, first_seen_at) >= ?)")
-        params.append(queries._param(db, sel.since))
+        params.append(ts(db, sel.since))
     if ok_only:
         cond.append("x.status_code = 200 AND NOT x.failed")
     answer = ", x.body AS response_body" if answers else ""
@@ -150,14 +151,14 @@ def _lines_sql(db: Database, sel: Selection, answers: bool, ok_only: bool) -> tu
 
 
 def _from_batch_lines(db: Database, sel: Selection, answers: bool, ok_only: bool) -> Iterator[Logged]:
-    if sel.batch is not None and not queries._rows(
+    if sel.batch is not None and not rows(
             db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests WHERE batch_id = ?",
             (sel.batch, sel.batch)):
         raise SelectionError(f"--batch {sel.batch}: no such batch in this database")
     sql, params = _lines_sql(db, sel, answers, ok_only)
     seen: set[tuple[str, str | None]] = set()
     n = 0
-    for r in queries.stream_rows(db, sql + " ORDER BY r.batch_id, r.line_no", params):
+    for r in stream_rows(db, sql + " ORDER BY r.batch_id, r.line_no", params):
         key = (r["batch_id"], r["custom_id"])
         body = _object(r["body"])
         if key in seen or body is None:  # an input line answered twice (output and error file) counts once
@@ -167,7 +168,7 @@ def _from_batch_lines(db: Database, sel: Selection, answers: bool, ok_only: bool
         yield Logged(url=r["url"] or "/v1/chat/completions", body=body, custom_id=r["custom_id"],
                      batch_id=r["batch_id"], input_tokens=r["input_tokens"], cached_tokens=r["cached_tokens"],
                      output_tokens=r["output_tokens"], ok=ok,
-                     response=_json(r.get("response_body")) if answers else None)
+                     response=json_value(r.get("response_body")) if answers else None)
         n += 1
         if sel.limit and n >= sel.limit:
             return
@@ -201,7 +202,7 @@ def _from_calls(db: Database, sel: Selection, answers: bool, ok_only: bool) -> I
     sql, params = _calls_sql(db, sel, answers, ok_only)
     wanted = dict(sel.tags)
     n = 0
-    for r in queries.stream_rows(db, sql + " ORDER BY started_at, id", params):
+    for r in stream_rows(db, sql + " ORDER BY started_at, id", params):
         tags = _object(r["tags"]) or {}
         if any(tags.get(k) != v for k, v in wanted.items()):
             continue
@@ -213,7 +214,7 @@ def _from_calls(db: Database, sel: Selection, answers: bool, ok_only: bool) -> I
         yield Logged(url=ENDPOINT_URLS[r["endpoint"]], body=body, call_id=int(r["id"]),
                      input_tokens=r["input_tokens"], cached_tokens=r["cached_tokens"],
                      output_tokens=r["output_tokens"], ok=r["status_code"] == 200 and bool(r["complete"]),
-                     response=_json(r.get("response_body")) if answers else None)
+                     response=json_value(r.get("response_body")) if answers else None)
         n += 1
         if sel.limit and n >= sel.limit:
             return
@@ -247,9 +248,9 @@ def _from_sql(db: Database, query: str) -> Iterator[Logged]:
             batch_id = r.get("batch_id")
             yield Logged(url=url, body=body, custom_id=_str(r.get("custom_id")),
                          batch_id=_str(batch_id) if r.get("custom_id") is not None else None,
-                         call_id=_int(r.get(call_col)) if call_col else None,
-                         input_tokens=_int(r.get("input_tokens")), cached_tokens=_int(r.get("cached_tokens")),
-                         output_tokens=_int(r.get("output_tokens")))
+                         call_id=to_int(r.get(call_col)) if call_col else None,
+                         input_tokens=to_int(r.get("input_tokens")), cached_tokens=to_int(r.get("cached_tokens")),
+                         output_tokens=to_int(r.get("output_tokens")))
 
 
 def _url(r: dict[str, Any], body: dict[str, Any]) -> str | None:
@@ -292,25 +293,13 @@ def _from_file(path: str) -> Iterator[Logged]:
 
 # -- values ----------------------------------------------------------------------------------------
 
-def _json(v: Any) -> Any:
-    if v is None or isinstance(v, dict | list):
-        return v
-    try:
-        return orjson.loads(bytes(v) if isinstance(v, memoryview) else v)
-    except (orjson.JSONDecodeError, TypeError):
-        return None
 
 
 def _object(v: Any) -> dict[str, Any] | None:
-    out = _json(v)
+    out = json_value(v)
     return out if isinstance(out, dict) else None
 
 
-def _int(v: Any) -> int | None:
-    try:
-        return None if v is None or isinstance(v, bool) else int(v)
-    except (TypeError, ValueError):
-        return None
 
 
 def _str(v: Any) -> str | None:

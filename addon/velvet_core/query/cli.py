@@ -21,7 +21,9 @@ from velvet_core.query import queries, rebuild
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
 from velvet_core.report.cli import add_commands as add_report_commands
+from velvet_core.storage import database
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
+from velvet_core.storage.sql import since_arg
 
 
 def _default(v: Any) -> Any:
@@ -235,12 +237,6 @@ def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
 
 # -- arguments -------------------------------------------------------------------------------------
 
-def _since(text: str) -> datetime:
-    try:
-        return queries.parse_since(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
@@ -261,7 +257,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = command("batches", cmd_batches, "one row per batch, newest first")
     p.add_argument("--status", help="only batches in this status (completed, failed, in_progress, ...)")
-    p.add_argument("--since", type=_since, metavar="WHEN", help="only batches created since WHEN")
+    p.add_argument("--since", type=since_arg, metavar="WHEN", help="only batches created since WHEN")
     p = command("batch", cmd_batch, "one batch: status history, durations, errors by code, cost by model")
     p.add_argument("batch_id")
     p = command("lines", cmd_lines, "a batch's lines with status, error, tokens and cost")
@@ -276,11 +272,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model")
     p.add_argument("--status", help="a status code (429), a class (4xx) or 'error'")
     p.add_argument("--endpoint", help="chat.completions, responses, embeddings, files, batches, ...")
-    p.add_argument("--since", type=_since, metavar="WHEN")
+    p.add_argument("--since", type=since_arg, metavar="WHEN")
     p.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
     p = command("stats", cmd_stats, "calls, tokens, cost, error rate, latency and batch turnaround")
     p.add_argument("--by", choices=queries.GROUPS, default="model")
-    p.add_argument("--since", type=_since, metavar="WHEN")
+    p.add_argument("--since", type=since_arg, metavar="WHEN")
     p = command("status", cmd_status, "the health of each proxy writing here: last write, queue, spooled and "
                                       "dead-lettered operations, last error (exit 1 if one is failing)")
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
@@ -292,13 +288,13 @@ def parser() -> argparse.ArgumentParser:
     what = p.add_mutually_exclusive_group()
     what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
     what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
-    p.add_argument("--since", type=_since, metavar="WHEN")
+    p.add_argument("--since", type=since_arg, metavar="WHEN")
     p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
     p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
     add_export_options(p)
     add_commands(command)  # replay, compare
-    add_alert_commands(command, _since)  # alerts, alerts check
-    add_report_commands(command, _since)  # report
+    add_alert_commands(command, since_arg)  # alerts, alerts check
+    add_report_commands(command, since_arg)  # report
     command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
     return ap
 
@@ -329,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.db or config.default_db_url()
     if args.cmd == "status":  # must speak when the database does not
         try:
-            db = queries.open_readonly(url)
+            db = database.open_readonly(url)
         except Exception as e:
             return cmd_status(None, args, redact(_first_line(e)))
         try:
@@ -337,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             db.close()
     try:
-        db = rebuild.open_writable(url) if args.cmd == "rebuild" else queries.open_readonly(url)
+        db = rebuild.open_writable(url) if args.cmd == "rebuild" else database.open_readonly(url)
     except DatabaseURLError as e:
         return _fail(str(e), 2)
     except Exception as e:

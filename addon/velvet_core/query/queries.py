@@ -6,19 +6,16 @@ values: timestamps become ISO-8601 UTC strings (``2026-11-24T15:04:05Z``).
 
 from __future__ import annotations
 
-import math
 import re
 from collections import defaultdict
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-import orjson
 from peewee import Database, PostgresqlDatabase
 
-from velvet_core.redact import redact
 from velvet_core.storage import derived
-from velvet_core.storage.database import DatabaseURLError, connect, sqlite_path
+from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
 
 class NotFound(LookupError):
@@ -31,111 +28,6 @@ BATCH_KEYS = ("id", "status", "endpoint", "model", "created_at", "in_progress_at
               "failed", "turnaround_seconds", "cost_usd")
 _TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
           "cancelling_at", "cancelled_at", "expires_at")
-
-
-# -- connections and values -----------------------------------------------------------------------
-
-def open_readonly(url: str) -> Database:
-    """Connect read-only: SQLite with ``mode=ro``, PostgreSQL with read-only transactions."""
-    if url.startswith("sqlite:"):
-        import os
-
-        if not os.path.exists(sqlite_path(url)):
-            raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
-    db = connect(url, readonly=True)
-    db.connect()
-    if isinstance(db, PostgresqlDatabase):
-        db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-    if not db.table_exists("batches"):
-        db.close()
-        raise DatabaseURLError(f"{redact(url)}: not a velvet database (no tables yet)")
-    return db
-
-
-def to_dt(v: Any) -> datetime | None:
-    """A stored timestamp (datetime on PostgreSQL, text on SQLite) as naive UTC."""
-    if v is None or isinstance(v, datetime):
-        return v
-    return datetime.fromisoformat(str(v))
-
-
-def iso(v: Any) -> str | None:
-    dt = to_dt(v)
-    return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _param(db: Database, dt: datetime) -> Any:
-    """A timestamp as a query parameter comparable with the stored values."""
-    return dt if isinstance(db, PostgresqlDatabase) else dt.strftime("%Y-%m-%d %H:%M:%S")
-
-
-_REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
-    now = now or datetime.now(UTC).replace(tzinfo=None)
-    t = text.strip().lower()
-    if m := _REL.match(t):
-        return now - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
-    if t in ("today", "yesterday"):
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return day - timedelta(days=1) if t == "yesterday" else day
-    try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
-
-
-def _sql(db: Database, sql: str) -> str:
-    """Our queries use ``?`` placeholders; psycopg wants ``%s``."""
-    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
-
-
-def _rows(db: Database, sql: str, params: tuple = ()) -> list[dict[str, Any]]:
-    cur = db.execute_sql(_sql(db, sql), params)
-    cols = [d[0] for d in cur.description]
-    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
-
-
-def stream_rows(db: Database, sql: str, params: tuple = (), size: int = 1000) -> Iterator[dict[str, Any]]:
-    """Rows one at a time in constant memory (a server-side cursor on PostgreSQL)."""
-    if isinstance(db, PostgresqlDatabase):
-        conn = db.connection()
-        with conn.transaction(), conn.cursor(name="velvet_export") as cur:
-            cur.execute(_sql(db, sql), params)
-            cols: list[str] | None = None
-            while batch := cur.fetchmany(size):  # iterating the cursor fetched a dozen rows per round trip
-                cols = cols or [d[0] for d in cur.description]
-                for r in batch:
-                    yield dict(zip(cols, r, strict=True))
-        return
-    cur = db.execute_sql(sql, params)
-    cols = [d[0] for d in cur.description]
-    while batch := cur.fetchmany(size):
-        for r in batch:
-            yield dict(zip(cols, r, strict=True))
-
-
-def _json(text: Any) -> Any:
-    """A stored JSON value parsed (a body that was not JSON is stored as a JSON string: its text)."""
-    if text is None or not isinstance(text, str | bytes | memoryview):
-        return text  # already parsed (a jsonb value from a connection that parses them)
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return text
-
-
-def percentile(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile (``p`` in 0..100) of unsorted ``values``."""
-    if not values:
-        return None
-    s = sorted(values)
-    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
-    return s[k]
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -165,20 +57,20 @@ def batches(db: Database, status: str | None = None, since: datetime | None = No
         params.append(status)
     if since:
         where.append("COALESCE(b.created_at, b.first_seen_at) >= ?")
-        params.append(_param(db, since))
+        params.append(ts(db, since))
     sql = _BATCH_SQL + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY COALESCE(b.created_at, b.first_seen_at) DESC, b.id"
-    return [_batch(r) for r in _rows(db, sql, tuple(params))]
+    return [_batch(r) for r in rows(db, sql, tuple(params))]
 
 
 def batch(db: Database, batch_id: str) -> dict[str, Any]:
     """One batch: its summary plus status history, durations, errors by code and cost by model."""
-    found = _rows(db, _BATCH_SQL + " WHERE b.id = ?", (batch_id,))
+    found = rows(db, _BATCH_SQL + " WHERE b.id = ?", (batch_id,))
     if not found:
         raise NotFound(f"no batch {batch_id!r} in this database")
     r = found[0]
     out = _batch(r)
-    out["metadata"] = _json(r.get("metadata"))
+    out["metadata"] = json_value(r.get("metadata"))
     out["key_fingerprint"] = r.get("key_fingerprint")
     out["durations"] = {"queue_seconds": r.get("queue_s"), "processing_seconds": r.get("processing_s"),
                         "finalize_seconds": r.get("finalize_s"), "turnaround_seconds": r.get("turnaround_s")}
@@ -187,20 +79,20 @@ def batch(db: Database, batch_id: str) -> dict[str, Any]:
     out["usage"]["cost_usd"] = r.get("usage_cost_usd")
     out["events"] = [{"status": e["status"], "previous_status": e["previous_status"],
                       "observed_at": iso(e["observed_at"]), "api_at": iso(e["api_at"]), "source": e["source"]}
-                     for e in _rows(db, "SELECT * FROM batch_events WHERE batch_id = ? "
+                     for e in rows(db, "SELECT * FROM batch_events WHERE batch_id = ? "
                                         "ORDER BY observed_at, id", (batch_id,))]
-    files = _rows(db, "SELECT id, role, filename, bytes, lines, bad_lines, complete, problem FROM files "
+    files = rows(db, "SELECT id, role, filename, bytes, lines, bad_lines, complete, problem FROM files "
                       "WHERE id IN (?, ?, ?)", (r.get("input_file_id") or "", r.get("output_file_id") or "",
                                                  r.get("error_file_id") or ""))
     out["files"] = [{**f, "complete": None if f["complete"] is None else bool(f["complete"])} for f in files]
     out["errors"] = batch_errors(db, batch_id)
     out["cost_by_model"] = [
-        {"model": m["model"], "lines": int(m["n"]), "input_tokens": _int(m["inp"]),
-         "output_tokens": _int(m["outp"]),
+        {"model": m["model"], "lines": int(m["n"]), "input_tokens": to_int(m["inp"]),
+         "output_tokens": to_int(m["outp"]),
          "cost_usd": None if m["cost"] is None else round(float(m["cost"]), 10)}
         # the request's model only where the answer has none, looked up by id: a join made PostgreSQL
         # hash every input line of every batch
-        for m in _rows(db, "SELECT model, count(*) AS n, sum(inp) AS inp, sum(outp) AS outp, sum(cost) AS cost "
+        for m in rows(db, "SELECT model, count(*) AS n, sum(inp) AS inp, sum(outp) AS outp, sum(cost) AS cost "
                            "FROM (SELECT COALESCE(x.model, (SELECT r.model FROM batch_requests r "
                            "WHERE r.id = x.request_row_id)) AS model, x.input_tokens AS inp, "
                            "x.output_tokens AS outp, x.cost_usd AS cost FROM batch_results x "
@@ -209,19 +101,16 @@ def batch(db: Database, batch_id: str) -> dict[str, Any]:
     return out
 
 
-def _int(v: Any) -> int | None:
-    return None if v is None else int(v)
-
 
 def batch_errors(db: Database, batch_id: str) -> list[dict[str, Any]]:
     """Failed lines and batch-level (validation) errors, grouped by code, with a count and an example."""
     groups: dict[tuple[str, str | None], dict[str, Any]] = {}
-    for e in _rows(db, "SELECT code, message, line FROM batch_errors WHERE batch_id = ? ORDER BY line, id",
+    for e in rows(db, "SELECT code, message, line FROM batch_errors WHERE batch_id = ? ORDER BY line, id",
                    (batch_id,)):
         g = groups.setdefault(("batch", e["code"]), {"source": "batch", "code": e["code"], "count": 0,
                                                      "example": {"line": e["line"], "message": e["message"]}})
         g["count"] += 1
-    for e in _rows(db, "SELECT x.error_code, x.error_message, x.custom_id, r.line_no FROM batch_results x "
+    for e in rows(db, "SELECT x.error_code, x.error_message, x.custom_id, r.line_no FROM batch_results x "
                        "LEFT JOIN batch_requests r ON r.id = x.request_row_id "
                        "WHERE x.batch_id = ? AND x.failed ORDER BY r.line_no IS NULL, r.line_no, x.line_no",
                    (batch_id,)):
@@ -229,7 +118,7 @@ def batch_errors(db: Database, batch_id: str) -> list[dict[str, Any]]:
             "source": "line", "code": e["error_code"], "count": 0,
             "example": {"custom_id": e["custom_id"], "line": e["line_no"], "message": e["error_message"]}})
         g["count"] += 1
-    for e in _rows(db, "SELECT problem, custom_id, line_no FROM batch_requests WHERE batch_id = ? "
+    for e in rows(db, "SELECT problem, custom_id, line_no FROM batch_requests WHERE batch_id = ? "
                        "AND problem IS NOT NULL ORDER BY line_no", (batch_id,)):
         g = groups.setdefault(("input", e["problem"]), {
             "source": "input", "code": "malformed_line", "count": 0,
@@ -240,7 +129,7 @@ def batch_errors(db: Database, batch_id: str) -> list[dict[str, Any]]:
 
 def lines(db: Database, batch_id: str, failed: bool = False, custom_id: str | None = None) -> list[dict[str, Any]]:
     """A batch's input lines with their answers (and answers whose input line was never logged)."""
-    if not _rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
+    if not rows(db, "SELECT id FROM batches WHERE id = ? UNION SELECT batch_id FROM batch_requests "
                      "WHERE batch_id = ?", (batch_id, batch_id)):
         raise NotFound(f"no batch {batch_id!r} in this database")
     return [_line(r) for r in _stream_lines(db, _lines_sql(batch_id, failed, custom_id, bodies=False))]
@@ -290,7 +179,7 @@ def _stream_lines(db: Database, queries: list[tuple[str, tuple]]) -> Iterator[di
 
 
 def _count_lines(db: Database, queries: list[tuple[str, tuple]]) -> int:
-    return sum(int(_rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"]) for sql, params in queries)
+    return sum(int(rows(db, f"SELECT count(*) AS n FROM ({sql}) c", params)[0]["n"]) for sql, params in queries)
 
 
 def _line(r: dict[str, Any]) -> dict[str, Any]:
@@ -309,7 +198,7 @@ def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
         raise NotFound(f"no line with custom_id {custom_id!r} in batch {batch_id!r}")
     r = found
     return {"batch_id": batch_id, **_line(r), "url": r["url"], "request_id": r["request_id"],
-            "request": _json(r["request_body"]), "response": _json(r["response_body"])}
+            "request": json_value(r["request_body"]), "response": json_value(r["response_body"])}
 
 
 # -- live calls ------------------------------------------------------------------------------------
@@ -335,7 +224,7 @@ def calls(db: Database, model: str | None = None, status: str | None = None, sin
     where, params = calls_where(db, model=model, status=status, since=since, endpoint=endpoint)
     sql = "SELECT * FROM calls" + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY started_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
-    return [_call(r) for r in _rows(db, sql, tuple(params))]
+    return [_call(r) for r in rows(db, sql, tuple(params))]
 
 
 def calls_where(db: Database, model: str | None = None, status: str | None = None, since: datetime | None = None,
@@ -363,23 +252,23 @@ def calls_where(db: Database, model: str | None = None, status: str | None = Non
             raise ValueError(f"--status {status!r}: use a code (429), a class (4xx) or 'error'")
     if since:
         where.append("started_at >= ?")
-        params.append(_param(db, since))
+        params.append(ts(db, since))
     return where, params
 
 
 def call(db: Database, ref: str) -> dict[str, Any]:
     """One call by its row id, flow id or ``x-request-id``, with the exact request and answer."""
-    found = _rows(db, "SELECT * FROM calls WHERE request_id = ? OR flow_id = ?", (ref, ref))
+    found = rows(db, "SELECT * FROM calls WHERE request_id = ? OR flow_id = ?", (ref, ref))
     if not found and ref.isdigit():
-        found = _rows(db, "SELECT * FROM calls WHERE id = ?", (int(ref),))
+        found = rows(db, "SELECT * FROM calls WHERE id = ?", (int(ref),))
     if not found:
         raise NotFound(f"no call with id or x-request-id {ref!r} in this database")
     r = found[0]
     out = _call(r)
     out.update(method=r["method"], url=f"https://{r['host']}{r['path']}", flow_id=r["flow_id"],
-               key_fingerprint=r["key_fingerprint"], tags=_json(r["tags"]), finish_reason=r["finish_reason"],
+               key_fingerprint=r["key_fingerprint"], tags=json_value(r["tags"]), finish_reason=r["finish_reason"],
                error_message=r["error_message"], response_text=r["response_text"],
-               request=_json(r["request_body"]), response=_json(r["response_body"]))
+               request=json_value(r["request_body"]), response=json_value(r["response_body"]))
     return out
 
 
@@ -414,7 +303,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
         raise ValueError(f"--by {by!r}: use one of {', '.join(GROUPS)}")
     bw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
     if since:
-        bw, params = " WHERE COALESCE(created_at, first_seen_at) >= ?", (_param(db, since),)
+        bw, params = " WHERE COALESCE(created_at, first_seen_at) >= ?", (ts(db, since),)
     out_live = _live_from_rollups(db, by, since) if _rollups_cover(db, since) else _live_from_calls(db, by, since)
     bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
                                                           "input_tokens": 0, "output_tokens": 0,
@@ -445,7 +334,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
 def _live_from_calls(db: Database, by: str, since: datetime | None) -> list[dict[str, Any]]:
     cw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
     if since:
-        cw, params = " WHERE started_at >= ?", (_param(db, since),)
+        cw, params = " WHERE started_at >= ?", (ts(db, since),)
     live: dict[str, dict[str, Any]] = defaultdict(lambda: {"calls": 0, "errors": 0, "input_tokens": 0,
                                                            "output_tokens": 0, "cost_usd": 0.0,
                                                            "estimated_calls": 0, "_lat": [], "_ttft": []})
@@ -484,8 +373,8 @@ def _rollups_cover(db: Database, since: datetime | None) -> bool:
         return False
     sql, params = "SELECT COALESCE(sum(calls), 0) AS n FROM call_rollups WHERE hours = 24", ()  # type: tuple[str, tuple]
     if since is not None:
-        sql, params = sql + " AND period >= ?", (_param(db, _day(since)),)
-    return int(_rows(db, sql, params)[0]["n"]) > EXACT_CALLS
+        sql, params = sql + " AND period >= ?", (ts(db, _day(since)),)
+    return int(rows(db, sql, params)[0]["n"]) > EXACT_CALLS
 
 
 _ROLLUP_COLS = ("SELECT period, model, endpoint, key_fingerprint, calls, errors, input_tokens, output_tokens, "
@@ -499,29 +388,29 @@ def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[di
     dim = {"model": "model", "endpoint": "endpoint", "key": "key_fingerprint"}.get(by)
     none = {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}.get(by, "")
     if since is None:
-        rows = _rows(db, _ROLLUP_COLS + " WHERE hours = 24")
+        periods = rows(db, _ROLLUP_COLS + " WHERE hours = 24")
     else:
         hour = since.replace(minute=0, second=0, microsecond=0)
         hour += timedelta(hours=1) if hour < since else timedelta()
         day = _day(hour)
         day += timedelta(days=1) if day < hour else timedelta()
-        rows = _rows(db, _ROLLUP_COLS + " WHERE hours = 24 AND period >= ?", (_param(db, day),))
-        rows += _rows(db, _ROLLUP_COLS + " WHERE hours = 1 AND period >= ? AND period < ?",
-                      (_param(db, hour), _param(db, day)))
+        periods = rows(db, _ROLLUP_COLS + " WHERE hours = 24 AND period >= ?", (ts(db, day),))
+        periods += rows(db, _ROLLUP_COLS + " WHERE hours = 1 AND period >= ? AND period < ?",
+                      (ts(db, hour), ts(db, day)))
         cols = ", ".join(derived.CALL_COLUMNS)
         for r in stream_rows(db, f"SELECT {cols} FROM calls WHERE started_at >= ? AND started_at < ?",
-                             (_param(db, since), _param(db, hour))):
+                             (ts(db, since), ts(db, hour))):
             key = to_dt(r["started_at"]).date().isoformat() if by == "day" else (  # type: ignore[union-attr]
                 (r["model"] or r["model_requested"]) if by == "model" else r[dim]) or none  # type: ignore[index]
             groups[key].add_call(r["status_code"], r["complete"], r["latency_ms"], r["ttft_ms"],
                                  r["input_tokens"], r["output_tokens"], r["cost_usd"])
     estimated: dict[str, int] = defaultdict(int)  # (not in the rollups: few calls, read through an index)
-    where, params = ("", ()) if since is None else (" AND started_at >= ?", (_param(db, since),))
+    where, params = ("", ()) if since is None else (" AND started_at >= ?", (ts(db, since),))
     if any(c.name == "usage_estimated" for c in db.get_columns("calls")):
         for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
                                  f"started_at FROM calls WHERE usage_estimated{where}", params):
             estimated[_group_value(by, r, "started_at")] += 1
-    for r in rows:
+    for r in periods:
         key = _day(r["period"]).date().isoformat() if by == "day" else r[dim] or none  # type: ignore[index]
         g = groups[key]
         g.calls += int(r["calls"])
@@ -546,31 +435,31 @@ def export_rows(db: Database, batch_id: str | None = None, lines_of_batches: boo
                 since: datetime | None = None) -> tuple[int, Iterator[dict[str, Any]]]:
     """(row count, row iterator) for ``velvet export``: a batch's lines, all batch lines, or live calls."""
     if batch_id is not None or lines_of_batches:
-        if batch_id is not None and not _rows(db, "SELECT id FROM batches WHERE id = ?", (batch_id,)):
+        if batch_id is not None and not rows(db, "SELECT id FROM batches WHERE id = ?", (batch_id,)):
             raise NotFound(f"no batch {batch_id!r} in this database")
         if batch_id is not None:
             ids: list[str | None] = [batch_id]
-            if since is not None and not _rows(db, "SELECT id FROM batches WHERE id = ? AND COALESCE(created_at, "
-                                               "first_seen_at) >= ?", (batch_id, _param(db, since))):
+            if since is not None and not rows(db, "SELECT id FROM batches WHERE id = ? AND COALESCE(created_at, "
+                                               "first_seen_at) >= ?", (batch_id, ts(db, since))):
                 ids = []
         else:  # batch by batch, each through its indexes: one sorted union would sort every line first
             where, params = ("", ()) if since is None else (
-                " WHERE COALESCE(created_at, first_seen_at) >= ?", (_param(db, since),))
-            ids = [r["id"] for r in _rows(db, f"SELECT id FROM batches{where} ORDER BY id", params)]
+                " WHERE COALESCE(created_at, first_seen_at) >= ?", (ts(db, since),))
+            ids = [r["id"] for r in rows(db, f"SELECT id FROM batches{where} ORDER BY id", params)]
             if since is None:  # and the lines bound to no batch, where the database sorts NULL
                 ids = [*ids, None] if isinstance(db, PostgresqlDatabase) else [None, *ids]
         total = sum(_count_lines(db, _lines_sql(b, bodies=False)) for b in ids)
         return total, (_export_line(r) for b in ids for r in _stream_lines(db, _lines_sql(b)))
-    where, params = ("", ()) if since is None else (" WHERE started_at >= ?", (_param(db, since),))
-    total = _rows(db, f"SELECT count(*) AS n FROM calls{where}", params)[0]["n"]
+    where, params = ("", ()) if since is None else (" WHERE started_at >= ?", (ts(db, since),))
+    total = rows(db, f"SELECT count(*) AS n FROM calls{where}", params)[0]["n"]
     cols = [d[0] for d in db.execute_sql("SELECT * FROM calls LIMIT 0").description]
     pg = isinstance(db, PostgresqlDatabase)
     # timestamps formatted by the database: in Python it was a third of the export's time
     fmt = ("to_char(\"{0}\", 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS \"{0}\"" if pg
            else "strftime('%Y-%m-%dT%H:%M:%SZ', \"{0}\") AS \"{0}\"")
     select = ", ".join(fmt.format(c) if c.endswith("_at") else f'"{c}"' for c in cols)
-    rows = stream_rows(db, f"SELECT {select} FROM calls{where} ORDER BY started_at, id", params)
-    return int(total), rows if pg else _export_calls(rows)
+    found = stream_rows(db, f"SELECT {select} FROM calls{where} ORDER BY started_at, id", params)
+    return int(total), found if pg else _export_calls(found)
 
 
 def _export_line(r: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import orjson
 from peewee import Database
 
 from velvet_core.pids import alive
-from velvet_core.query.queries import iso, to_dt
+from velvet_core.storage.sql import iso, to_dt
 
 KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
         "failing_since", "last_error", "queue_depth", "pending", "spooled", "dead_lettered", "written", "source")

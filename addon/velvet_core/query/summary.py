@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from velvet_core.humanize import money
 from velvet_core.query import queries
+from velvet_core.storage import database
 
 
 def text(url: str) -> str:
     """Calls, tokens, cost and batches by status, in one line."""
-    db = queries.open_readonly(url)
+    db = database.open_readonly(url)
     try:
         s = queries.stats(db, by="endpoint")
         by_status: dict[str, int] = {}

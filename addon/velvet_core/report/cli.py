@@ -13,9 +13,9 @@ from typing import Any
 import orjson
 from peewee import Database
 
-from velvet_core.query.queries import parse_since
 from velvet_core.report.data import collect
 from velvet_core.report.page import build
+from velvet_core.storage.sql import parse_since
 
 DEFAULT_OUTPUT = "report.html"
 

@@ -12,13 +12,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from peewee import Database, PostgresqlDatabase
+from peewee import Database
 
 from velvet_core.alerts.history import listing
 from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
 from velvet_core.parsing.pricing import Pricer
-from velvet_core.query.queries import iso, percentile, stream_rows, to_dt
+from velvet_core.storage.sql import adapt, iso, percentile, stream_rows, to_dt, ts
 
 BAD = ("failed", "expired", "cancelled")
 ENDED = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at", "cancelled": "cancelled_at"}
@@ -26,12 +26,6 @@ TIMELINE_ROWS = 50  # the most recent batches (and every bad one, up to half of 
 TOP = 10
 
 
-def _param(db: Database, dt: datetime) -> Any:
-    return dt if isinstance(db, PostgresqlDatabase) else dt.strftime("%Y-%m-%d %H:%M:%S.%f")
-
-
-def _sql(db: Database, sql: str) -> str:
-    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
 
 
 def _hours(a: datetime | None, b: datetime | None) -> float | None:
@@ -84,10 +78,10 @@ def _calls(db: Database, since: datetime, until: datetime, daily: bool,
     n = errors = 0
     cost = 0.0
     tokens_in = tokens_out = 0
-    for r in stream_rows(db, _sql(db, "SELECT started_at, status_code, complete, latency_ms, ttft_ms, cost_usd, "
+    for r in stream_rows(db, adapt(db, "SELECT started_at, status_code, complete, latency_ms, ttft_ms, cost_usd, "
                                       "COALESCE(model, model_requested) AS model, key_fingerprint, tags, "
                                       "input_tokens, output_tokens FROM calls WHERE started_at >= ? "
-                                      "AND started_at < ?"), (_param(db, since), _param(db, until))):
+                                      "AND started_at < ?"), (ts(db, since), ts(db, until))):
         started = to_dt(r["started_at"])
         assert started is not None
         p = per[bucket_of(started, daily)]
@@ -138,15 +132,15 @@ def _tag_names(text: str | None) -> list[str]:
 def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Batches created in the period, and their lines summed per batch and model."""
     created = "COALESCE(b.created_at, b.first_seen_at)"
-    params = (_param(db, since), _param(db, until))
-    batches = list(stream_rows(db, _sql(db, (
+    params = (ts(db, since), ts(db, until))
+    batches = list(stream_rows(db, adapt(db, (
         "SELECT b.id, b.status, COALESCE(b.model, (SELECT min(r.model) FROM batch_requests r "
         "WHERE r.batch_id = b.id)) AS model, b.created_at, b.first_seen_at, b.in_progress_at, b.finalizing_at, "
         "b.completed_at, b.failed_at, b.expired_at, b.cancelled_at, b.turnaround_s, b.request_total, "
         "b.request_failed, b.input_tokens, b.cached_tokens, b.output_tokens, b.usage_cost_usd, "
         f"b.key_fingerprint, b.metadata FROM batches b WHERE {created} >= ? AND {created} < ? "
         f"ORDER BY {created}")), params))
-    lines = list(stream_rows(db, _sql(db, (
+    lines = list(stream_rows(db, adapt(db, (
         "SELECT x.batch_id, x.model, count(*) AS n, sum(CASE WHEN x.failed THEN 1 ELSE 0 END) AS failed, "
         "sum(x.cost_usd) AS cost, sum(x.input_tokens) AS inp, sum(x.cached_tokens) AS cached, "
         "sum(x.output_tokens) AS outp FROM batch_results x JOIN batches b ON b.id = x.batch_id "
@@ -244,21 +238,21 @@ def _failures(db: Database, since: datetime, until: datetime, lines: list[dict[s
         per[x["model"] or "(no model)"][0] += int(x["n"])
         per[x["model"] or "(no model)"][1] += int(x["failed"])
     created = "COALESCE(b.created_at, b.first_seen_at)"
-    params = (_param(db, since), _param(db, until))
-    codes = list(stream_rows(db, _sql(db, (
+    params = (ts(db, since), ts(db, until))
+    codes = list(stream_rows(db, adapt(db, (
         "SELECT x.error_code AS code, count(*) AS n, min(x.custom_id) AS example FROM batch_results x "
         f"JOIN batches b ON b.id = x.batch_id WHERE x.failed AND {created} >= ? AND {created} < ? "
         "GROUP BY x.error_code ORDER BY n DESC LIMIT 8")), params))
     top = []
     for c in codes:
-        ex = list(stream_rows(db, _sql(db, (
+        ex = list(stream_rows(db, adapt(db, (
             "SELECT x.batch_id, x.custom_id FROM batch_results x JOIN batches b ON b.id = x.batch_id "
             f"WHERE x.failed AND {created} >= ? AND {created} < ? AND "
             + ("x.error_code IS NULL" if c["code"] is None else "x.error_code = ?")
             + " ORDER BY x.id LIMIT 3")), params + (() if c["code"] is None else (c["code"],))))
         top.append({"source": "line", "code": c["code"], "count": int(c["n"]),
                     "examples": [{"batch_id": e["batch_id"], "custom_id": e["custom_id"]} for e in ex]})
-    for c in stream_rows(db, _sql(db, (
+    for c in stream_rows(db, adapt(db, (
             "SELECT e.code, count(*) AS n, min(e.batch_id) AS batch_id FROM batch_errors e JOIN batches b "
             f"ON b.id = e.batch_id WHERE {created} >= ? AND {created} < ? GROUP BY e.code ORDER BY n DESC "
             "LIMIT 5")), params):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
+from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path
 
@@ -75,4 +77,18 @@ def open_db(url: str) -> Database:
     db = connect(url)
     db.connect(reuse_if_open=True)
     migrate(db)
+    return db
+
+
+def open_readonly(url: str) -> Database:
+    """Connect read-only: SQLite with ``mode=ro``, PostgreSQL with read-only transactions."""
+    if url.startswith("sqlite:") and not os.path.exists(sqlite_path(url)):
+        raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
+    db = connect(url, readonly=True)
+    db.connect()
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
+    if not db.table_exists("batches"):
+        db.close()
+        raise DatabaseURLError(f"{redact(url)}: not a velvet database (no tables yet)")
     return db

@@ -24,6 +24,7 @@ from peewee import Database, IntegrityError, PostgresqlDatabase, SqliteDatabase
 
 from velvet_core.storage import models
 from velvet_core.storage.rows import COPY_FROM, chunks, insert_rows
+from velvet_core.storage.sql import adapt, ts
 
 HOUR, DAY = 1, 24  # call_rollups.hours
 SCALE = 50  # histogram bucket = round(SCALE * ln(ms)): buckets 2 % wide, a percentile within 1 %
@@ -132,13 +133,6 @@ def _row_tuple(r: dict[str, Any]) -> tuple:
             r.get("input_tokens"), r.get("output_tokens"), r.get("cost_usd"))
 
 
-def _sql(db: Database, sql: str) -> str:
-    return sql.replace("?", "%s") if isinstance(db, PostgresqlDatabase) else sql
-
-
-def _period(db: Database, dt: datetime) -> Any:
-    """A period as stored: text on SQLite (as peewee writes datetimes), a timestamp on PostgreSQL."""
-    return dt if isinstance(db, PostgresqlDatabase) else dt.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # -- live calls ------------------------------------------------------------------------------------
@@ -199,14 +193,14 @@ def add_rollups(db: Database, acc: dict[Key, Sums]) -> None:
     """Add ``acc`` to the stored rollups (rows made as needed, locked while read and rewritten)."""
     pg = isinstance(db, PostgresqlDatabase)
     keys = sorted(acc)  # one lock order for every writer: no deadlock between proxies sharing a database
-    params = [(h, _period(db, p), m, e, k) for h, p, m, e, k in keys]
+    params = [(h, ts(db, p), m, e, k) for h, p, m, e, k in keys]
     cur = db.cursor()
     ignore = "" if pg else " OR IGNORE"
     conflict = " ON CONFLICT DO NOTHING" if pg else ""
-    cur.executemany(_sql(db, f'INSERT{ignore} INTO "call_rollups" ("hours", "period", "model", "endpoint", '
+    cur.executemany(adapt(db, f'INSERT{ignore} INTO "call_rollups" ("hours", "period", "model", "endpoint", '
                              '"key_fingerprint", "calls", "errors", "input_tokens", "output_tokens", "cost_usd") '
                              f"VALUES (?, ?, ?, ?, ?, 0, 0, 0, 0, 0){conflict}"), params)
-    select = _sql(db, f'SELECT "id", "latency_hist", "ttft_hist" FROM "call_rollups" WHERE {_KEY_WHERE}'
+    select = adapt(db, f'SELECT "id", "latency_hist", "ttft_hist" FROM "call_rollups" WHERE {_KEY_WHERE}'
                       + (" FOR UPDATE" if pg else ""))
     updates = []
     for key, p in zip(keys, params, strict=True):
@@ -214,7 +208,7 @@ def add_rollups(db: Database, acc: dict[Key, Sums]) -> None:
         s = acc[key]
         updates.append((s.calls, s.errors, s.input_tokens, s.output_tokens, s.cost,
                         _merged(lat, s.latency), _merged(ttft, s.ttft), rid))
-    cur.executemany(_sql(db, 'UPDATE "call_rollups" SET "calls" = "calls" + ?, "errors" = "errors" + ?, '
+    cur.executemany(adapt(db, 'UPDATE "call_rollups" SET "calls" = "calls" + ?, "errors" = "errors" + ?, '
                              '"input_tokens" = "input_tokens" + ?, "output_tokens" = "output_tokens" + ?, '
                              '"cost_usd" = "cost_usd" + ?, "latency_hist" = ?, "ttft_hist" = ? WHERE "id" = ?'),
                     updates)
@@ -250,7 +244,7 @@ def recount_batch(batch_id: str) -> None:
     """Recompute one batch's counters from its lines (after a link bound or matched some)."""
     db = models.db.obj
     assert db is not None, "recount_batch outside models.use()"
-    db.execute_sql(_sql(db, _COUNTS), (batch_id, batch_id, batch_id))
+    db.execute_sql(adapt(db, _COUNTS), (batch_id, batch_id, batch_id))
 
 
 _ALL_COUNTS = """INSERT INTO "batch_counts" ("batch_id", "lines", "answered", "failed", "results", "input_tokens",
@@ -307,13 +301,13 @@ def rebuild(db: Database, progress: Callable[[int], None] | None = None) -> dict
 
 def insert_sums(db: Database, acc: dict[Key, Sums]) -> None:
     """Insert new rollup rows (none of these keys may be stored yet)."""
-    values = [(h, _period(db, p), m, e, k, s.calls, s.errors, s.input_tokens, s.output_tokens, s.cost,
+    values = [(h, ts(db, p), m, e, k, s.calls, s.errors, s.input_tokens, s.output_tokens, s.cost,
                orjson.dumps(s.latency).decode() if s.latency else None,
                orjson.dumps(s.ttft).decode() if s.ttft else None)
               for (h, p, m, e, k), s in sorted(acc.items())]
     cur = db.cursor()
     for part in chunks(values, 1000):
-        cur.executemany(_sql(db, 'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", '
+        cur.executemany(adapt(db, 'INSERT INTO "call_rollups" ("hours", "period", "model", "endpoint", '
                                  '"key_fingerprint", "calls", "errors", "input_tokens", "output_tokens", '
                                  '"cost_usd", "latency_hist", "ttft_hist") '
                                  f'VALUES ({", ".join("?" * 12)})'),

@@ -1,0 +1,143 @@
+"""The SQL helpers every reader shares: placeholders, rows, timestamps and JSON values, one definition each.
+
+velvet's queries are written once for both backends, with ``?`` placeholders; stored timestamps are naive UTC
+(``timestamp`` on PostgreSQL, peewee's text on SQLite); JSON columns hold text (or ``jsonb``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from peewee import Database, PostgresqlDatabase
+
+
+def is_pg(db: Database) -> bool:
+    return isinstance(db, PostgresqlDatabase)
+
+
+def adapt(db: Database, sql: str) -> str:
+    """Our queries use ``?`` placeholders; psycopg wants ``%s``."""
+    return sql.replace("?", "%s") if is_pg(db) else sql
+
+
+def rows(db: Database, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """Every row of a query as a dict keyed by column name."""
+    cur = db.execute_sql(adapt(db, sql), tuple(params))
+    cols = [d[0] for d in cur.description]
+    return [dict(zip(cols, r, strict=True)) for r in cur.fetchall()]
+
+
+def stream_rows(db: Database, sql: str, params: Sequence[Any] = (), size: int = 1000) -> Iterator[dict[str, Any]]:
+    """Rows one at a time in constant memory (a server-side cursor on PostgreSQL)."""
+    if is_pg(db):
+        conn = db.connection()
+        with conn.transaction(), conn.cursor(name="velvet_export") as cur:
+            cur.execute(adapt(db, sql), tuple(params))
+            cols: list[str] | None = None
+            while batch := cur.fetchmany(size):  # iterating the cursor fetched a dozen rows per round trip
+                cols = cols or [d[0] for d in cur.description]
+                for r in batch:
+                    yield dict(zip(cols, r, strict=True))
+        return
+    cur = db.execute_sql(sql, tuple(params))
+    cols = [d[0] for d in cur.description]
+    while batch := cur.fetchmany(size):
+        for r in batch:
+            yield dict(zip(cols, r, strict=True))
+
+
+def ts(db: Database, dt: datetime) -> Any:
+    """A timestamp as a query parameter comparable with the stored values.
+
+    On SQLite a datetime is stored as ``dt.isoformat(" ")`` (sqlite3's adapter: microseconds only when not
+    zero), and compared as text: the parameter must be written the same way, or a row stored at a whole second
+    sorts before a bound written with ``.000000`` (and one written to the second misses the fraction).
+    """
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    return dt if is_pg(db) else dt.isoformat(" ")
+
+
+def to_dt(v: Any) -> datetime | None:
+    """A stored timestamp (datetime on PostgreSQL, text on SQLite) as naive UTC."""
+    if v is None or isinstance(v, datetime):
+        return v
+    return datetime.fromisoformat(str(v))
+
+
+def iso(v: Any) -> str | None:
+    """A stored timestamp as ISO 8601 UTC to the second (``2026-11-24T15:00:00Z``)."""
+    dt = to_dt(v)
+    return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def to_int(v: Any) -> int | None:
+    """An integer column's value (``None``, and anything not a number, as ``None``)."""
+    try:
+        return None if v is None or isinstance(v, bool) else int(v)
+    except (TypeError, ValueError):
+        return None
+
+
+def json_value(v: Any) -> Any:
+    """A stored JSON value parsed. Text that is not JSON comes back as it is (never lost from a view);
+    a value already parsed (``jsonb`` from a connection that parses them) is returned unchanged."""
+    if v is None or not isinstance(v, str | bytes | memoryview):
+        return v
+    try:
+        return orjson.loads(bytes(v) if isinstance(v, memoryview) else v)
+    except orjson.JSONDecodeError:
+        return bytes(v).decode("utf-8", "replace") if isinstance(v, bytes | memoryview) else v
+
+
+def json_field(db: Database, column: str) -> str:
+    """SQL reading one top-level key (the next ``?`` parameter, see :func:`json_key`) of a JSON column."""
+    return f"({column}::jsonb ->> ?)" if is_pg(db) else f"json_extract({column}, ?)"
+
+
+def json_key(db: Database, key: str) -> str:
+    """The parameter for :func:`json_field`: the key itself on PostgreSQL, a JSON path on SQLite."""
+    return key if is_pg(db) else '$."' + key.replace('"', '\\"') + '"'
+
+
+_REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
+    now = now or datetime.now(UTC).replace(tzinfo=None)
+    t = text.strip().lower()
+    if m := _REL.match(t):
+        return now - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
+    if t in ("today", "yesterday"):
+        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
+        return day - timedelta(days=1) if t == "yesterday" else day
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
+    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+
+
+def since_arg(text: str) -> datetime:
+    """:func:`parse_since` as an argparse ``type``."""
+    try:
+        return parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def percentile(values: list[float], p: float) -> float | None:
+    """Nearest-rank percentile (``p`` in 0..100) of unsorted ``values`` (SQLite has no percentile aggregate)."""
+    if not values:
+        return None
+    s = sorted(values)
+    k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
+    return s[k]
