@@ -3,6 +3,6 @@
 The code lives in the ``velvet_core`` package beside this file (or installed with pip).
 """
 
-from velvet_core.capture.addon import Velvet
+from velvet_core.addon import Velvet
 
 addons = [Velvet()]

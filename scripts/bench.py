@@ -396,9 +396,9 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
     The snapshots are what the addon's hooks hand over for a non-streamed chat call (as the tests build
     them); the time runs from the first ``submit`` to the last row committed (``Writer.stop``).
     """
-    from velvet_core.capture.snapshot import CallSnapshot
     from velvet_core.parsing.classify import classify
-    from velvet_core.process.processor import Processor
+    from velvet_core.processing.processor import Processor
+    from velvet_core.storage.snapshot import CallSnapshot
     from velvet_core.writer.writer import Writer
 
     route = classify("POST", "/v1/chat/completions")
@@ -419,7 +419,7 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
 
     before = pg_count_calls(url)
     processor = Processor()
-    writer = Writer(url, processor.process, spool_dir=spool, queue_size=n + 10, setup=processor.warm)
+    writer = Writer(url, processor.operations, spool_dir=spool, queue_size=n + 10, setup=processor.warm)
     writer.start()
     writer.submit(snap(-1))  # connect, migrate and load the prices before the clock starts
     deadline = time.monotonic() + 60

@@ -21,7 +21,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the stand-in API
 from standin import StandIn
-from velvet_core.query.cli import main as velvet
+from velvet_core.cli import main as velvet
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent

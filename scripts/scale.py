@@ -199,7 +199,7 @@ def median_ms(fn: Callable[[], Any], runs: int = RUNS) -> float:
 
 def export_rate(url: str, **kw: Any) -> float:
     """Rows per second of ``velvet export --format jsonl`` (the CLI's own loop), written to /dev/null."""
-    from velvet_core.query.cli import _default
+    from velvet_core.jsonout import default as _default
 
     db = database.open_readonly(url)
     try:

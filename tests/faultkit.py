@@ -725,7 +725,7 @@ def _poison_calls(standin: StandIn, client: openai.OpenAI, raw: Raw,
 
 def read_side(url: str, request_ids: list[str]) -> list[str]:
     """Run the ``velvet`` commands people read with over the poisoned rows: each must succeed."""
-    from velvet_core.query.cli import main as velvet
+    from velvet_core.cli import main as velvet
 
     commands = [["calls", "--json", "--limit", "0"], ["stats", "--json"], ["batches", "--json"],
                 ["export", "--format", "jsonl"], ["export", "--lines", "--format", "csv"],

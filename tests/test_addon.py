@@ -11,12 +11,13 @@ import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
 from rig import bound
-from velvet_core.capture.addon import Velvet
-from velvet_core.capture.snapshot import CallSnapshot, StreamRecorder
+from velvet_core.addon import Velvet
+from velvet_core.capture.take import StreamRecorder
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.calls import parse_call
+from velvet_core.processing.calls import parse_call
 from velvet_core.storage import models
+from velvet_core.storage.snapshot import CallSnapshot
 
 KEY = "sk-unit-" + "q" * 30
 
@@ -91,7 +92,7 @@ async def test_error_hook_stores_the_failed_call(addon, sqlite_url):
 
 
 async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, caplog):
-    import velvet_core.capture.addon as cap
+    import velvet_core.addon as cap
 
     def boom(*a, **k):
         raise RuntimeError("synthetic")
@@ -104,7 +105,7 @@ async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, cap
 
 
 async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
-    import velvet_core.process.processor as processor
+    import velvet_core.processing.processor as processor
 
     monkeypatch.setattr(processor, "parse_call", lambda *a: 1 / 0)
     f = flow()
@@ -179,7 +180,8 @@ def test_the_hooks_keep_raw_header_fields_without_secrets_and_the_writer_decodes
     repeated headers joined, bytes that are not UTF-8 kept as surrogate escapes, the encodings read."""
     import pickle
 
-    from velvet_core.capture.snapshot import begin, finish, settle
+    from velvet_core.capture.take import begin, finish
+    from velvet_core.storage.snapshot import settle
 
     f = flow(req_headers={"velvet-metadata-team": "ml", "Content-Encoding": "gzip", "api-key": "azure-secret"},
              resp_headers={"content-encoding": "br", "set-cookie": "__cf_bm=c"})
@@ -241,7 +243,7 @@ def velvet_warnings(caplog) -> list[str]:
 
 
 async def test_warns_once_when_flows_pass_and_none_is_captured(addon, caplog):
-    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+    from velvet_core.addon import UNCAPTURED_FLOWS
 
     for i in range(UNCAPTURED_FLOWS - 1):
         addon.requestheaders(flow(host="llm.internal" if i else "example.org"))
@@ -258,7 +260,7 @@ async def test_warns_once_when_flows_pass_and_none_is_captured(addon, caplog):
 
 
 async def test_no_warning_once_something_was_captured(addon, caplog):
-    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+    from velvet_core.addon import UNCAPTURED_FLOWS
 
     addon.requestheaders(flow())  # api.openai.com: captured
     for _ in range(2 * UNCAPTURED_FLOWS):

@@ -16,13 +16,13 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from rig import free_port
+from velvet_core.addon import Velvet
 from velvet_core.alerts.evaluate import Instance, Reading
 from velvet_core.alerts.notify import Notifier, payloads, signature
 from velvet_core.alerts.rules import Notify, RulesError, load_rules, parse_rules
 from velvet_core.alerts.runner import AlertRunner
 from velvet_core.alerts.state import Tracker
-from velvet_core.capture.addon import Velvet
-from velvet_core.query.cli import main
+from velvet_core.cli import main
 from velvet_core.storage.database import open_db
 from webhook import WebhookServer
 
@@ -123,9 +123,9 @@ def test_addon_options(tmp_path, sqlite_url):
     with taddons.context(v) as tctx:
         with pytest.raises(exceptions.OptionsError, match=r"velvet_alerts: .*rule 'a': kind: must be one of"):
             tctx.configure(v, velvet_alerts=str(rules_file(tmp_path, '[[rule]]\nname = "a"\nkind = "x"\n')))
-        with pytest.raises(exceptions.OptionsError, match="velvet_alert_interval must be a number"):
+        with pytest.raises(exceptions.OptionsError, match="velvet_alert_interval: must be a number"):
             tctx.configure(v, velvet_alert_interval="soon")
-        with pytest.raises(exceptions.OptionsError, match="velvet_alert_interval must be a number"):
+        with pytest.raises(exceptions.OptionsError, match="velvet_alert_interval: must be a number"):
             tctx.configure(v, velvet_alert_interval="0")
         tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"),
                        velvet_alerts=str(rules_file(tmp_path, GOOD)), velvet_alert_interval="0.25")

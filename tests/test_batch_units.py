@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from rig import bound
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.extract import Tokens, utc
 from velvet_core.parsing.jsonl import LineSplitter
-from velvet_core.parsing.lines import request_row, result_row
+from velvet_core.parsing.lines import request_row
 from velvet_core.parsing.multipart import (
     MultipartError,
     MultipartScanner,
@@ -24,12 +24,12 @@ from velvet_core.parsing.multipart import (
     boundary_of,
     fields,
 )
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process import batches
-from velvet_core.process.ingest import ingest_buffered
+from velvet_core.processing import batches
+from velvet_core.processing.batch_files import ingest_buffered, priced_result
 from velvet_core.storage import models
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import InputDone, OutputDone, RequestLines, ResultLines, UploadCompleted
+from velvet_core.storage.snapshot import CallSnapshot
 from velvet_core.storage.store import Store
 
 NOW = utc(time.time())
@@ -117,7 +117,7 @@ def test_request_and_result_rows():
                                           "body": {"model": "gpt-4o-mini", "messages": []}})))
     assert r["custom_id"] == "a" and r["model"] == "gpt-4o-mini" and r["problem"] is None
     assert "line is not a JSON object" in request_row(Line(2, b"[1, 2]"))["problem"]
-    out = result_row(Line(1, orjson.dumps({
+    out = priced_result(Line(1, orjson.dumps({
         "id": "batch_req_1", "custom_id": "a", "error": None,
         "response": {"status_code": 200, "request_id": "req_1",
                      "body": {"model": "gpt-4o-mini",
@@ -125,10 +125,10 @@ def test_request_and_result_rows():
         Pricer(), NOW)
     sync = Pricer().cost("gpt-4o-mini", Tokens(1000, 1000))
     assert out["cost_usd"] == pytest.approx(sync / 2) and out["input_tokens"] == 1000 and not out["failed"]
-    exp = result_row(Line(2, b'{"id": "x", "custom_id": "b", "response": null, '
+    exp = priced_result(Line(2, b'{"id": "x", "custom_id": "b", "response": null, '
                              b'"error": {"code": "batch_expired", "message": "late"}}'), Pricer(), NOW)
     assert exp["failed"] and exp["error_code"] == "batch_expired" and exp.get("cost_usd") is None
-    unknown = result_row(Line(3, orjson.dumps({"custom_id": "c", "response": {"status_code": 200, "body": {
+    unknown = priced_result(Line(3, orjson.dumps({"custom_id": "c", "response": {"status_code": 200, "body": {
         "model": "no-such-model", "usage": {"prompt_tokens": 5}}}})), Pricer(), NOW)
     assert unknown["cost_usd"] is None and unknown["input_tokens"] == 5
 
@@ -161,7 +161,7 @@ def input_ops(file_id: str, data: bytes) -> list:
 
 
 def output_ops(file_id: str, data: bytes, p: Pricer) -> list:
-    rows = [{**result_row(x, p, NOW), "file_id": file_id} for x in LineSplitter().split(data)]
+    rows = [{**priced_result(x, p, NOW), "file_id": file_id} for x in LineSplitter().split(data)]
     return [ResultLines(rows), OutputDone(file_id)]
 
 

@@ -17,7 +17,7 @@ import pytest
 from conftest import fresh_pg_url
 from rig import Proxy
 from velvet_core import humanize
-from velvet_core.query.cli import main
+from velvet_core.cli import main
 from velvet_core.storage import sql
 from velvet_core.storage.database import open_db
 

@@ -341,7 +341,7 @@ def test_curl_in_reverse_mode(reverse):
 
 def test_reverse_mode_to_an_unlisted_host_warns_once(standin, tmp_path, monkeypatch):
     """The target is the host velvet sees: unlisted, nothing is captured and velvet says how to fix it."""
-    from velvet_core.capture.addon import UNCAPTURED_FLOWS
+    from velvet_core.addon import UNCAPTURED_FLOWS
 
     target = f"reverse:{standin.url}"  # host 127.0.0.1
     p = Proxy(f"sqlite:///{tmp_path / 'velvet.db'}", standin.url, tmp_path, mode=target).start()

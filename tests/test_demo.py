@@ -9,7 +9,7 @@ from pathlib import Path
 
 import orjson
 from rig import ROOT
-from velvet_core.query.cli import main
+from velvet_core.cli import main
 
 DEMO_DIR = re.compile(r"velvet-demo-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix="velvet-demo-")
 

@@ -11,6 +11,7 @@ import httpx2
 import orjson
 import pytest
 from rig import API_KEY, free_port
+from velvet_core.cost.prices import Pricer
 from velvet_core.experiments import answers, finetune, judge
 from velvet_core.experiments.client import APIError, Client, backoff, retry_after
 from velvet_core.experiments.compare import (
@@ -27,7 +28,6 @@ from velvet_core.experiments.compare import (
 from velvet_core.experiments.plan import Overrides, PlanError, build, parse_set
 from velvet_core.experiments.select import Logged, Selection, SelectionError, parse_tag, select
 from velvet_core.parsing.extract import Tokens
-from velvet_core.parsing.pricing import Pricer
 from velvet_core.storage.database import connect, open_db
 
 CHAT = "/v1/chat/completions"

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 from rig import ROOT, bound
-from velvet_core.capture.addon import Velvet
+from velvet_core.addon import Velvet
 from velvet_core.storage import models
 
 

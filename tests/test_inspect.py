@@ -11,10 +11,10 @@ import pytest
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
 from test_addon import flow
-from velvet_core.capture import markers
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.parsing.classify import classify
-from velvet_core.process.comments import comment
+from velvet_core.processing import markers
+from velvet_core.processing.comments import comment
 from velvet_core.storage.ops import BatchSeen, CallRow, FileSeen, InputDone, OutputDone
 
 BOUNDARY = "velvetboundary123"
@@ -141,7 +141,7 @@ async def wait_comment(f: http.HTTPFlow) -> str:
 @pytest.fixture
 async def addon(sqlite_url, tmp_path):
     """The addon inside a running event loop, as in mitmdump (comments come back through the loop)."""
-    from velvet_core.capture.addon import Velvet
+    from velvet_core.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:
@@ -192,7 +192,7 @@ def await_cycle(addon, f):
 
 def test_summary_command_without_database(tmp_path):
     from mitmproxy import exceptions
-    from velvet_core.capture.addon import Velvet
+    from velvet_core.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:

@@ -9,8 +9,8 @@ import orjson
 import pytest
 from rig import call_row
 from test_migrations import new_db, run_script  # noqa: F401 - new_db is a fixture
+from velvet_core.cli import main
 from velvet_core.query import queries
-from velvet_core.query.cli import main
 from velvet_core.storage import models
 from velvet_core.storage.database import connect, migrate
 from velvet_core.storage.migrations import (

@@ -1,5 +1,5 @@
-"""The package's shape: data flows one way (capture -> writer -> process -> storage), each layer imports
-only the layers it may, and the writer thread's modules do not import mitmproxy."""
+"""The package's shape: data flows one way (capture -> writer -> processing -> storage), each layer imports
+only the layers below it (no circles), and the writer's modules do not import mitmproxy."""
 
 from __future__ import annotations
 
@@ -10,21 +10,12 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "addon" / "velvet_core"
 
-# what each subpackage may import from velvet_core (besides itself and the leaf modules config, humanize, redact)
-LEAVES = ("config", "humanize", "redact", "pids")  # top-level modules any layer may use
-ALLOWED = {
-    "parsing": set(),
-    "storage": {"parsing"},
-    "process": {"parsing", "storage.ops", "capture.snapshot", "capture.markers"},
-    "writer": {"storage", "parsing", "capture.snapshot", "capture.tap", "process.processor"},
-    "capture": {"parsing", "process.processor", "storage.urls", "writer.writer", "writer.health",
-                "writer.process", "query.summary", "alerts.rules", "alerts.runner"},
-    # the velvet command wires in the experiments', alerts' and report's commands
-    "query": {"storage", "experiments.commands", "alerts.cli", "report.cli"},
-    "experiments": {"storage", "query", "parsing"},
-    "alerts": {"storage", "query.queries"},
-    "report": {"storage", "query.queries", "parsing", "alerts.history", "experiments.compare"},
-}
+# Leaf modules any layer may use (they import no other part of velvet_core but each other's constants).
+LEAVES = ("config", "humanize", "redact", "pids", "jsonout")
+# The layers, bottom first: each may import only the layers before it (and the leaves). The data path is
+# capture (hooks) -> storage.snapshot -> writer -> processing -> storage (store); the commands read storage.
+LAYERS = ("parsing", "cost", "storage", "processing", "writer", "capture", "query", "alerts", "experiments",
+          "report", "options", "addon", "cli")
 
 
 def velvet_imports(path: Path) -> set[str]:
@@ -37,26 +28,45 @@ def velvet_imports(path: Path) -> set[str]:
     return out
 
 
+def _layer_of(path: Path) -> str:
+    rel = path.relative_to(PKG).parts
+    return rel[0] if len(rel) > 1 else rel[0].removesuffix(".py")
+
+
 def test_layers_import_only_downstream():
     wrong = []
-    for sub, allowed in ALLOWED.items():
-        for path in (PKG / sub).glob("*.py"):
-            for mod in velvet_imports(path):
-                top = mod.split(".")[0]
-                if top in (sub, *LEAVES, "__version__") or top in allowed or mod in allowed:
-                    continue
-                wrong.append(f"{sub}/{path.name} imports velvet_core.{mod}")
+    for path in PKG.rglob("*.py"):
+        me = _layer_of(path)
+        if me in LEAVES or me == "__init__":
+            continue
+        below = LAYERS[:LAYERS.index(me)]
+        for mod in velvet_imports(path):
+            top = mod.split(".")[0]
+            if top in (me, *LEAVES, "__version__") or top in below:
+                continue
+            wrong.append(f"{path.relative_to(PKG)} ({me}) imports velvet_core.{mod}")
     assert not wrong, "\n".join(wrong)
 
 
+def test_leaves_import_no_layer():
+    for name in LEAVES:
+        assert {m.split(".")[0] for m in velvet_imports(PKG / f"{name}.py")} <= {*LEAVES, "__version__"}, name
+
+
 def test_every_module_is_in_a_layer():
-    loose = {p.name for p in PKG.glob("*.py")} - {"__init__.py", *(f"{m}.py" for m in LEAVES)}
-    assert not loose, loose
-    assert {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(ALLOWED)
+    found = {p.name.removesuffix(".py") for p in PKG.glob("*.py")} - {"__init__"}
+    found |= {p.name for p in PKG.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert found == {*LAYERS, *LEAVES}
+
+
+def test_every_module_says_its_job():
+    for path in PKG.rglob("*.py"):
+        if path.name != "__init__.py" or path.stat().st_size:
+            assert ast.get_docstring(ast.parse(path.read_text())), path
 
 
 def test_writer_thread_modules_do_not_import_mitmproxy():
-    code = ("import sys; import velvet_core.process.processor, velvet_core.writer.writer, "
+    code = ("import sys; import velvet_core.processing.processor, velvet_core.writer.writer, "
             "velvet_core.storage.store; print(sorted(m for m in sys.modules if m.startswith('mitmproxy')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
@@ -65,7 +75,7 @@ def test_writer_thread_modules_do_not_import_mitmproxy():
 def test_the_proxy_side_loads_no_database_code():
     """mitmproxy's process imports the addon; with the writer in its own process it never touches the database,
     so peewee, psycopg and the price data stay out of its heap (each full garbage collection walks it)."""
-    code = ("import sys; import velvet_core.capture.addon, velvet_core.writer.process; "
+    code = ("import sys; import velvet_core.addon, velvet_core.writer.child; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in "
             "('peewee', 'playhouse', 'psycopg', 'sqlite3', 'genai_prices', 'tiktoken', 'pygal')))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -85,5 +95,5 @@ def test_wheel_ships_the_package_only(tmp_path):
     assert code and all(n.startswith("velvet_core/") for n in code)
     assert not [n for n in names if "standin" in n or n.startswith("tests/")]
     # the tokenizer's encodings, which tiktoken would otherwise download
-    assert {"velvet_core/parsing/encodings/o200k_base.tiktoken.gz",
-            "velvet_core/parsing/encodings/cl100k_base.tiktoken.gz"} <= set(names)
+    assert {"velvet_core/cost/encodings/o200k_base.tiktoken.gz",
+            "velvet_core/cost/encodings/cl100k_base.tiktoken.gz"} <= set(names)

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from mitmproxy.utils import emoji
 from rig import Proxy, free_port, wait_for
-from velvet_core.capture import markers
+from velvet_core.processing import markers
 
 MITMWEB = Path(sys.executable).with_name("mitmweb")
 PASSWORD = "velvet-test-pw"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from velvet_core.cost.prices import PriceFileError, Pricer, load_price_file
 from velvet_core.parsing.extract import Tokens
-from velvet_core.parsing.pricing import PriceFileError, Pricer, load_price_file
 
 
 def test_known_model_costs_something():

@@ -22,8 +22,8 @@ import orjson
 import pytest
 from conftest import fresh_pg_url
 from rig import API_KEY, Proxy, bound, wait_for
+from velvet_core.cli import main
 from velvet_core.experiments.compare import latest_comparisons
-from velvet_core.query.cli import main
 from velvet_core.storage import database, models
 
 VELVET = Path(sys.executable).with_name("velvet")

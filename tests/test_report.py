@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 from reportdb import fill
-from velvet_core.query.cli import main
+from velvet_core.cli import main
 from velvet_core.storage.database import open_db
 
 SECTIONS = ("timeline", "turnaround", "failures", "spend", "traffic", "top", "alerts")

@@ -5,7 +5,6 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-
 from velvet_core.storage.database import open_db
 from velvet_core.storage.sql import adapt, json_value, parse_since, rows, to_int, ts
 
@@ -42,5 +41,5 @@ def test_ints_and_since():
     assert [to_int(v) for v in (None, True, "3", 4.0, "x")] == [None, None, 3, 4, None]
     now = datetime(2026, 11, 24, 15, 0)
     assert parse_since("2h", now) == datetime(2026, 11, 24, 13, 0)
-    with pytest.raises(ValueError, match="use e.g."):
+    with pytest.raises(ValueError, match=r"use e\.g\."):
         parse_since("soon", now)

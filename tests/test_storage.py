@@ -7,11 +7,11 @@ import time
 
 import pytest
 from rig import bound, free_port
-from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.parsing.classify import classify
 from velvet_core.storage import models
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
 from velvet_core.storage.ops import CallRow
+from velvet_core.storage.snapshot import CallSnapshot
 from velvet_core.writer.spool import Unprocessed
 from velvet_core.writer.writer import Writer
 

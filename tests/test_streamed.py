@@ -14,25 +14,26 @@ from mitmproxy.test import taddons, tflow, tutils
 from rig import bound
 from test_batch_units import multipart_body
 from test_inspect import upload_flow
-from velvet_core.capture.addon import Velvet
-from velvet_core.capture.snapshot import CallSnapshot, TapInfo
+from velvet_core.addon import Velvet
 from velvet_core.capture.tap import BodyTap
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.jsonl import LineSplitter
-from velvet_core.parsing.lines import request_row, result_row
+from velvet_core.parsing.lines import request_row
 from velvet_core.parsing.multipart import fields
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.calls import utc
-from velvet_core.process.ingest import (
+from velvet_core.processing.batch_files import (
     ContentIngest,
     PartIngest,
     UploadIngest,
     form_purpose,
     ingest_buffered,
     ingest_streamed,
+    priced_result,
 )
+from velvet_core.processing.calls import utc
 from velvet_core.storage import models
 from velvet_core.storage.ops import FileSeen, InputDone, OutputDone, RequestLines, ResultLines
+from velvet_core.storage.snapshot import CallSnapshot, TapInfo
 
 NOW = utc(time.time())
 B = "bnd42"
@@ -106,7 +107,7 @@ def test_streamed_download_equals_buffered(cuts):
         "error": None}) + b"\n" for i in range(8))
     ingest = ContentIngest("file-out", "gzip", Pricer(), NOW)
     rows = run(ingest, pieces(gzip.compress(out), cuts))
-    want = [result_row(line, Pricer(), NOW) for line in LineSplitter().split(out)]
+    want = [priced_result(line, Pricer(), NOW) for line in LineSplitter().split(out)]
     assert rows == [{**r, "file_id": "file-out"} for r in want]
     assert ingest.mode == "results"
     again = ContentIngest("file-in", None, Pricer(), NOW)
@@ -295,13 +296,13 @@ def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
 
 
 def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkeypatch):
-    from velvet_core.process import ingest
+    from velvet_core.processing import ingest
 
     def broken(*a, **k):
         yield RequestLines([])
         raise RuntimeError("parser bug")
 
-    monkeypatch.setattr("velvet_core.process.processor.ingest_streamed", broken)
+    monkeypatch.setattr("velvet_core.processing.processor.ingest_streamed", broken)
     assert ingest.ingest_streamed is not broken
     url = f"sqlite:///{tmp_path}/v.db"
     v = Velvet()

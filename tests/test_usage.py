@@ -23,16 +23,17 @@ from mitmproxy import http as mhttp
 from mitmproxy.test import tutils
 from rig import API_KEY, Proxy, bound, call_row, wait_for
 from standin.server import ANSWER, count_tokens
-from velvet_core.capture.snapshot import CallSnapshot, StreamRecorder
+from velvet_core.capture.take import StreamRecorder
 from velvet_core.capture.usage import UsageStripper, ask_for_usage
-from velvet_core.parsing import tokens
+from velvet_core.cli import main
+from velvet_core.cost import tokens
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.extract import Tokens
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.calls import parse_call
+from velvet_core.processing.calls import parse_call
 from velvet_core.query import queries
-from velvet_core.query.cli import main
 from velvet_core.storage import database, models
+from velvet_core.storage.snapshot import CallSnapshot
 
 # -- the tokenizer -----------------------------------------------------------------------------------
 
@@ -245,7 +246,7 @@ def test_estimate_failure_keeps_the_row(monkeypatch):
     def broken(*a, **k):
         raise FileNotFoundError("o200k_base.tiktoken.gz")
 
-    monkeypatch.setattr("velvet_core.process.calls.estimate", broken)
+    monkeypatch.setattr("velvet_core.processing.calls.estimate", broken)
     row, _, _ = parse_call(stream_snapshot(chat_events(False), BODY), Pricer(), 1 << 20)
     assert row["input_tokens"] is None and "tokens not estimated" in row["problem"] and row["complete"]
 
@@ -468,8 +469,8 @@ def test_inject_leaves_other_calls_alone(inject, monkeypatch):
 
 def test_stats_counts_estimates_apart(sqlite_url):
     """estimated_calls per group and in totals, from rows written as the writer writes them."""
+    from velvet_core.storage.bulk import insert_rows
     from velvet_core.storage.database import open_db
-    from velvet_core.storage.rows import insert_rows
 
     db = open_db(sqlite_url)
     base = {"started_at": "2026-11-24 10:00:00", "method": "POST", "host": "api.openai.com",
@@ -515,7 +516,7 @@ def test_stats_on_a_database_the_proxy_has_not_migrated(tmp_path):
 def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
     from mitmproxy import exceptions
     from mitmproxy.test import taddons, tflow
-    from velvet_core.capture.addon import Velvet
+    from velvet_core.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:

@@ -15,12 +15,12 @@ from pathlib import Path
 import orjson
 import pytest
 from rig import bound, free_port
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.processor import Processor
+from velvet_core.processing.processor import Processor
 from velvet_core.storage import models
 from velvet_core.storage.ops import CallRow, RequestLines
+from velvet_core.storage.snapshot import CallSnapshot
 from velvet_core.storage.values import clean_rows
 from velvet_core.writer.writer import Writer
 
@@ -47,7 +47,7 @@ def headers_with(s: CallSnapshot, headers: dict[str, str]) -> CallSnapshot:
 
 
 def run(url: str, spool: Path, snaps: list[CallSnapshot], **kw) -> Writer:
-    w = Writer(url, Processor(Pricer()).process, spool_dir=spool, **kw)
+    w = Writer(url, Processor(Pricer()).operations, spool_dir=spool, **kw)
     w.start()
     for s in snaps:
         w.submit(s)
@@ -122,7 +122,7 @@ def test_a_refused_operation_never_blocks_the_others(db_url, tmp_path):
 
 def test_damaged_spool_file_is_quarantined_not_deleted(db_url, tmp_path):
     spool = tmp_path / "spool"
-    down = Writer(db_url, Processor().process, spool_dir=spool)
+    down = Writer(db_url, Processor().operations, spool_dir=spool)
     down.spool.write([CallRow({"flow_id": "spooled", "method": "GET", "host": "h", "path": "/",
                                "endpoint": "other", "action": "other", "started_at": "2026-11-24 10:00:00"})])
     with open(down.spool.path, "ab") as f:
@@ -138,10 +138,10 @@ CHILD = textwrap.dedent("""
     import sys, time
     sys.path[:0] = [{tests!r}]
     from test_writer_policy import chat
-    from velvet_core.process.processor import Processor
+    from velvet_core.processing.processor import Processor
     from velvet_core.writer.writer import Writer
     # the thread is never started: every flow waits in the queue, as when the writer lags behind
-    w = Writer({url!r}, Processor().process, spool_dir=__import__("pathlib").Path({spool!r}))
+    w = Writer({url!r}, Processor().operations, spool_dir=__import__("pathlib").Path({spool!r}))
     for i in range({n}):
         w.submit(chat(i))
     print("submitted", flush=True)
@@ -198,7 +198,7 @@ def test_outage_warns_then_recovers(tmp_path, caplog):
     target = tmp_path / "later"
     target.write_text("not a directory")  # the database cannot be created yet
     url = f"sqlite:///{target / 'v.db'}"
-    w = Writer(url, Processor().process, spool_dir=tmp_path / "spool", warn_after=0.5)
+    w = Writer(url, Processor().operations, spool_dir=tmp_path / "spool", warn_after=0.5)
     w.start()
     w.submit(chat(1))
     deadline = time.monotonic() + 10
@@ -221,7 +221,7 @@ def test_redact(text):
 
 
 def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys):
-    from velvet_core.query.cli import main
+    from velvet_core.cli import main
 
     spool = tmp_path / "spool"
     w = run(db_url, spool, [chat(i) for i in range(4)])
@@ -246,7 +246,7 @@ def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys
 
 async def test_velvet_status_command(tmp_path):
     from mitmproxy.test import taddons
-    from velvet_core.capture.addon import Velvet
+    from velvet_core.addon import Velvet
 
     v = Velvet()
     with taddons.context(v) as tctx:
@@ -308,9 +308,9 @@ def test_a_full_disk_is_never_taken_for_bad_data():
 def test_a_dead_writer_process_is_replaced_and_loses_nothing(sqlite_url, tmp_path):
     """The child that writes for the proxy dies (OOM killer, say): the next flows start another (looked for once a
     second, at most once every 5 s), which reads the journal from where the dead one left off."""
-    from velvet_core.writer.process import ProcessWriter
+    from velvet_core.writer.child import ChildWriter
 
-    w = ProcessWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w = ChildWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
     w.start()
     first = w.proc
     assert first is not None
@@ -337,7 +337,7 @@ def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
     import pickle
     import pickletools
 
-    from velvet_core.capture.snapshot import TapInfo, from_record, to_record
+    from velvet_core.storage.snapshot import TapInfo, from_record, to_record
     from velvet_core.writer.journal import Journal, read
 
     full = dataclasses.replace(
@@ -370,9 +370,9 @@ def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
 def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, tmp_path):
     """Background work: the child runs niced and in the idle scheduling class (the proxy and the apps on the
     machine come first) and off the cores the proxy is pinned to."""
-    from velvet_core.writer.process import NICE, ProcessWriter
+    from velvet_core.writer.child import NICE, ChildWriter
 
-    w = ProcessWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w = ChildWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
     cpus = os.sched_getaffinity(0)
     spread = len(cpus) > 1 and cpus == set(range(os.cpu_count() or 1))  # (not in a container's cpuset)
     if spread:
@@ -406,7 +406,7 @@ def test_once_the_proxy_stops_the_writer_process_leaves_the_idle_class_if_allowe
     whose RLIMIT_NICE forbids it stays idle-class, without an error."""
     code = textwrap.dedent("""
         import os, threading
-        from velvet_core.writer.process import _unidle
+        from velvet_core.writer.child import _unidle
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         go = threading.Event()
         t = threading.Thread(target=go.wait)  # (inherits the idle class, as the writer's thread does)
@@ -490,7 +490,7 @@ def test_a_batch_file_is_written_at_once_however_long_the_writer_lets_calls_gath
         request_encoding=None, started_at=now, ended_at=now, status_code=200,
         response_headers={"content-type": "application/json"},
         response_body=b'{"id":"file-up1","object":"file","purpose":"batch","filename":"in.jsonl","bytes":1}')
-    w = Writer(sqlite_url, Processor(Pricer()).process, spool_dir=tmp_path / "spool", linger=60)
+    w = Writer(sqlite_url, Processor(Pricer()).operations, spool_dir=tmp_path / "spool", linger=60)
     w.start()
     try:
         w.submit(upload)

@@ -1,4 +1,4 @@
-"""Defaults shared by the addon and the CLI: where the database and the spool live."""
+"""Defaults shared by the addon, the writer and the CLI: where the database and the spool live, default sizes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 ENV_DB = "VELVET_DB"
 DEFAULT_HOSTS = ("api.openai.com",)
+BODY_LIMIT = 8 * 1024 * 1024  # velvet_body_limit's default
+STREAM_THRESHOLD = 4 * 1024 * 1024  # velvet_stream_threshold's default
 
 
 def data_dir() -> Path:

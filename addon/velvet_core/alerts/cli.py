@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 from peewee import Database
 
-from velvet_core import config
+from velvet_core import config, jsonout
 from velvet_core.alerts.evaluate import fmt_value
 from velvet_core.alerts.history import listing, record
 from velvet_core.alerts.notify import Notifier, payloads
@@ -27,9 +27,6 @@ from velvet_core.storage.sql import iso
 FIRING_EXIT = 3  # `velvet alerts check` when a rule is firing
 CHECK_SOURCE = "velvet alerts check"
 
-
-def _print_json(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def default_rules() -> Path:
@@ -61,7 +58,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser], since: Callabl
 def cmd_alerts(db: Database, a: argparse.Namespace) -> None:
     rows = listing(db, since=a.since)
     if a.json:
-        return _print_json(rows)
+        return jsonout.dump(rows)
     table(["AT", "STATE", "RULE", "SUBJECT", "MESSAGE"],
           [[when(r["at"]), r["state"], r["rule"], r["subject"] or "-", r["text"].split(": ", 1)[-1]]
            for r in rows])
@@ -112,7 +109,7 @@ def cmd_check(db: Database, a: argparse.Namespace) -> int:
     report = _rule_states(engine, ruleset)
     if a.json:
         rules = [{k: v for k, v in r.items() if not k.endswith("_text")} for r in report]
-        _print_json({"at": iso(now), "rules": rules, "messages": messages, "delivered": delivered})
+        jsonout.dump({"at": iso(now), "rules": rules, "messages": messages, "delivered": delivered})
     else:
         table(["RULE", "KIND", "STATE", "VALUE", "THRESHOLD", "WHAT"],
               [[r["rule"], r["kind"], r["state"], r["value_text"], r["threshold_text"], r["text"]]

@@ -10,8 +10,8 @@ import weakref
 from mitmproxy import ctx, http
 from mitmproxy.hooks import UpdateHook
 
-from velvet_core.capture import markers
-from velvet_core.capture.snapshot import META_KEY
+from velvet_core.capture.take import META_KEY
+from velvet_core.processing import markers
 
 log = logging.getLogger("velvet")
 

@@ -18,6 +18,8 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from velvet_core.storage.snapshot import sidecar
+
 log = logging.getLogger("velvet")
 
 
@@ -87,8 +89,3 @@ class BodyTap:
             except OSError as e:
                 self.broken = self.broken or f"velvet could not keep the body: {e}"
             self._file = None
-
-
-def sidecar(spill: Path) -> Path:
-    """The file beside a spill file that describes its flow."""
-    return spill.with_suffix(".json")

@@ -12,9 +12,9 @@ from typing import IO, Any
 
 import orjson
 
+from velvet_core.cost.prices import Pricer
 from velvet_core.experiments.select import Logged
 from velvet_core.parsing.extract import Tokens
-from velvet_core.parsing.pricing import Pricer
 
 BATCH_MAX_LINES = 50_000  # the Batch API's limits for one input file
 BATCH_MAX_BYTES = 200 * 1024 * 1024

@@ -39,6 +39,12 @@ class Tokens:
             "reasoning_tokens": self.reasoning, "total_tokens": self.total,
         }
 
+    @classmethod
+    def of_row(cls, row: dict[str, Any]) -> Tokens:
+        """The counts of a row built with :meth:`as_dict`."""
+        return cls(row.get("input_tokens"), row.get("output_tokens"), row.get("cached_tokens"),
+                   row.get("reasoning_tokens"), row.get("total_tokens"))
+
 
 TOKENS_MAX = 1 << 40  # no request has a trillion tokens: a bigger count is not one
 

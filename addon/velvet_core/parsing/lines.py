@@ -9,7 +9,6 @@ import orjson
 
 from velvet_core.parsing.extract import api_error, tokens_from_usage
 from velvet_core.parsing.jsonl import Line
-from velvet_core.parsing.pricing import Pricer
 
 
 def _notes(line: Line) -> list[str]:
@@ -78,8 +77,9 @@ def looks_like_input(obj: Any) -> bool:
     return isinstance(obj, dict) and "url" in obj and "body" in obj and "response" not in obj
 
 
-def result_row(line: Line, pricer: Pricer, seen_at: datetime) -> dict[str, Any]:
-    """A ``batch_results`` row (without file keys) for one output or error line."""
+def result_row(line: Line, seen_at: datetime) -> dict[str, Any]:
+    """A ``batch_results`` row (without file keys, not priced: see :mod:`velvet_core.cost`) for one output or
+    error line."""
     problems = _notes(line)
     obj = _load(line, problems)
     row: dict[str, Any] = {"line_no": line.no, "seen_at": seen_at, "failed": False, "custom_id": None}
@@ -103,7 +103,6 @@ def result_row(line: Line, pricer: Pricer, seen_at: datetime) -> dict[str, Any]:
                     row["model"] = body["model"]
                 tokens = tokens_from_usage(body.get("usage"))
                 row.update(tokens.as_dict())
-                row["cost_usd"] = pricer.cost(row.get("model"), tokens, batch=True)
             if row.get("status_code") is not None and row["status_code"] >= 400:
                 row["failed"] = True
                 e = api_error(body)

@@ -1,56 +1,27 @@
-"""The ``velvet`` command: batches, lines, calls, stats, SQL and exports from the captured database."""
+"""The reading commands of ``velvet``: batches, batch, lines, show, calls, stats, status, sql (and rebuild)."""
 
 from __future__ import annotations
 
 import argparse
-import csv
-import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import orjson
 from peewee import Database, PostgresqlDatabase
 
-from velvet_core import __version__, config
-from velvet_core.alerts.cli import add_commands as add_alert_commands
-from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
-from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
+from velvet_core import config, jsonout
+from velvet_core.humanize import count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries, rebuild
 from velvet_core.query.status import status as status_of
-from velvet_core.redact import redact
-from velvet_core.report.cli import add_commands as add_report_commands
-from velvet_core.storage import database
-from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError
 from velvet_core.storage.sql import since_arg
-
-
-def _default(v: Any) -> Any:
-    if isinstance(v, datetime):
-        return v.strftime("%Y-%m-%dT%H:%M:%SZ")
-    if isinstance(v, bytes | memoryview):
-        return bytes(v).decode("utf-8", "replace")
-    return str(v)
-
-
-def dump_json(value: Any, out: TextIO | None = None) -> None:
-    (out or sys.stdout).write(orjson.dumps(value, default=_default, option=orjson.OPT_INDENT_2).decode() + "\n")
-
-
-def pretty(value: Any) -> str:
-    """JSON pretty-printed; text as it is."""
-    if isinstance(value, dict | list):
-        return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
-    return "-" if value is None else str(value)
-
 
 # -- commands --------------------------------------------------------------------------------------
 
 def cmd_batches(db: Database, a: argparse.Namespace) -> None:
     rows = queries.batches(db, status=a.status, since=a.since)
     if a.json:
-        return dump_json(rows)
+        return jsonout.dump(rows)
     table(["ID", "STATUS", "ENDPOINT", "MODEL", "CREATED", "LINES", "ANSWERED", "FAILED", "TURNAROUND", "COST"],
           [[b["id"], b["status"], b["endpoint"] or "-", b["model"] or "-", when(b["created_at"]),
             count(b["lines"]),
@@ -63,7 +34,7 @@ def cmd_batches(db: Database, a: argparse.Namespace) -> None:
 def cmd_batch(db: Database, a: argparse.Namespace) -> None:
     b = queries.batch(db, a.batch_id)
     if a.json:
-        return dump_json(b)
+        return jsonout.dump(b)
     rc = b["request_counts"]
     d = b["durations"]
     pairs([("batch", b["id"]), ("status", b["status"]), ("endpoint", b["endpoint"]), ("model", b["model"]),
@@ -103,7 +74,7 @@ def _example(ex: dict[str, Any]) -> str:
 def cmd_lines(db: Database, a: argparse.Namespace) -> None:
     rows = queries.lines(db, a.batch_id, failed=a.failed, custom_id=a.custom_id)
     if a.json:
-        return dump_json(rows)
+        return jsonout.dump(rows)
     table(["LINE", "CUSTOM_ID", "STATUS", "ERROR", "MODEL", "IN", "OUT", "COST"],
           [[count(r["line"]), r["custom_id"] or "-", r["status_code"] or "-",
             r["error_code"] or (r["problem"] or "")[:40] or "-", r["model"] or "-", count(r["input_tokens"]),
@@ -128,23 +99,23 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
                            + (" (estimated: the stream carried no usage)" if r["usage_estimated"] else "")),
                 ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
     if a.json:
-        return dump_json(r)
+        return jsonout.dump(r)
     pairs(head)
     print("\n--- request ---")
-    print(pretty(r["request"]))
+    print(jsonout.pretty(r["request"]))
     print("\n--- response ---")
     if a.custom_id is None and r["stream"] and r["response_text"] is not None:
         print(r["response_text"])
         print("\n(streamed; reassembled from the SSE events)")
     else:
-        print(pretty(r["response"]))
+        print(jsonout.pretty(r["response"]))
 
 
 def cmd_calls(db: Database, a: argparse.Namespace) -> None:
     rows = queries.calls(db, model=a.model, status=a.status, since=a.since, endpoint=a.endpoint,
                          limit=a.limit or None)
     if a.json:
-        return dump_json(rows)
+        return jsonout.dump(rows)
     table(["ID", "STARTED", "ENDPOINT", "MODEL", "STATUS", "LATENCY", "TTFT", "IN", "OUT", "COST"],
           [[c["id"], when(c["started_at"]), c["endpoint"], c["model"] or "-",
             c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
@@ -165,7 +136,7 @@ def _est(c: dict[str, Any], text: str) -> str:
 def cmd_stats(db: Database, a: argparse.Namespace) -> None:
     s = queries.stats(db, by=a.by, since=a.since)
     if a.json:
-        return dump_json(s)
+        return jsonout.dump(s)
     by = a.by.upper()
     print("Live calls")
     table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "ESTIMATED", "P50", "P95", "TTFT P50"],
@@ -194,67 +165,47 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
     if isinstance(db, PostgresqlDatabase):
         db.execute_sql("ROLLBACK")
     if a.json:
-        return dump_json([dict(zip(cols, r, strict=True)) for r in rows])
-    table(cols, [[_default(v) if v is not None and not isinstance(v, int | float | str) else v for v in r]
+        return jsonout.dump([dict(zip(cols, r, strict=True)) for r in rows])
+    table(cols, [[jsonout.default(v) if v is not None and not isinstance(v, int | float | str) else v for v in r]
                  for r in rows])
-
-
-def cmd_export(db: Database, a: argparse.Namespace) -> None:
-    check_export(a)
-    if a.format == "finetune":
-        return export_finetune(db, a)
-    total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
-    out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
-    progress = Progress(total, f"exporting to {a.output}") if a.output else None
-    try:
-        writer: csv.DictWriter | None = None
-        for r in rows:
-            if a.format == "jsonl":
-                out.write(orjson.dumps(r, default=_default).decode() + "\n")
-            else:
-                if writer is None:
-                    writer = csv.DictWriter(out, fieldnames=list(r))
-                    writer.writeheader()
-                writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
-            if progress:
-                progress.advance()
-    finally:
-        if progress:
-            progress.close()
-        if out is not sys.stdout:
-            out.close()
-    if a.output:
-        print(f"{total:,} rows written to {a.output}", file=sys.stderr)
 
 
 def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
     r = rebuild.rebuild(db)
     if a.json:
-        return dump_json(r)
+        return jsonout.dump(r)
     print(f"rebuilt the counters of {r['batches']:,} batches and {r['rollup_rows']:,} rollup rows "
           f"from {r['calls']:,} calls in {r['seconds']} s")
 
 
-# -- arguments -------------------------------------------------------------------------------------
+def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
+    """Also called without a database (``db_error`` says why): status must speak when the database does not."""
+    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
+    if a.json:
+        jsonout.dump(s)
+    else:
+        table(["PROXY", "RUNNING", "LAST WRITE", "FAILING SINCE", "QUEUE", "PENDING", "SPOOLED", "DEAD", "WRITTEN",
+               "LAST ERROR"],
+              [[p["proxy"], "yes" if p["running"] else "no", when(p["last_write_at"]), when(p["failing_since"]),
+                count(p["queue_depth"] or 0), count(p["pending"] or 0), count(p["spooled"] or 0),
+                count(p["dead_lettered"] or 0), count(p["written"] or 0), (p["last_error"] or "")[:60]]
+               for p in s["proxies"]], right=(4, 5, 6, 7, 8))
+        if not s["proxies"]:
+            print("(no proxy has written to this database yet)")
+        if db_error:
+            print(f"database: {db_error}")
+        print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
+              f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
+    failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
+    return 1 if failing or db_error else 0
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="velvet", description="Query the OpenAI traffic velvet captured.",
-        epilog="--db URL may come before or after the command; default $VELVET_DB, else "
-               f"{config.default_db_url()}. WHEN is 2h, 30m, 7d, today, yesterday or an ISO date/time (UTC).")
-    ap.add_argument("--db", default=None, help="database URL (sqlite:///path or postgresql://...)")
-    ap.add_argument("--version", action="version", version=f"velvet {__version__} (schema v{SCHEMA_VERSION})")
-    sub = ap.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
-    def command(name: str, func: Callable, help: str, json: bool = True) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("--db", default=argparse.SUPPRESS, help="database URL")
-        if json:
-            p.add_argument("--json", action="store_true", help="print JSON for machines")
-        p.set_defaults(func=func)
-        return p
 
+# -- registration ----------------------------------------------------------------------------------
+
+def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    """The reading commands, with the CLI's ``command(name, func, help)`` helper."""
     p = command("batches", cmd_batches, "one row per batch, newest first")
     p.add_argument("--status", help="only batches in this status (completed, failed, in_progress, ...)")
     p.add_argument("--since", type=since_arg, metavar="WHEN", help="only batches created since WHEN")
@@ -281,89 +232,11 @@ def parser() -> argparse.ArgumentParser:
                                       "dead-lettered operations, last error (exit 1 if one is failing)")
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
                                                       f"{config.default_spool_dir()})")
+    p.set_defaults(opens="tolerant")  # must speak when the database does not
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
-    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
-                                      "answers as fine-tuning data", json=False)
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
-    what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
-    p.add_argument("--since", type=since_arg, metavar="WHEN")
-    p.add_argument("--format", choices=("jsonl", "csv", "finetune"), required=True)
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    add_export_options(p)
-    add_commands(command)  # replay, compare
-    add_alert_commands(command, since_arg)  # alerts, alerts check
-    add_report_commands(command, since_arg)  # report
-    command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
-    return ap
 
 
-def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
-    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
-    if a.json:
-        dump_json(s)
-    else:
-        table(["PROXY", "RUNNING", "LAST WRITE", "FAILING SINCE", "QUEUE", "PENDING", "SPOOLED", "DEAD", "WRITTEN",
-               "LAST ERROR"],
-              [[p["proxy"], "yes" if p["running"] else "no", when(p["last_write_at"]), when(p["failing_since"]),
-                count(p["queue_depth"] or 0), count(p["pending"] or 0), count(p["spooled"] or 0),
-                count(p["dead_lettered"] or 0), count(p["written"] or 0), (p["last_error"] or "")[:60]]
-               for p in s["proxies"]], right=(4, 5, 6, 7, 8))
-        if not s["proxies"]:
-            print("(no proxy has written to this database yet)")
-        if db_error:
-            print(f"database: {db_error}")
-        print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
-              f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
-    failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
-    return 1 if failing or db_error else 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    url = args.db or config.default_db_url()
-    if args.cmd == "status":  # must speak when the database does not
-        try:
-            db = database.open_readonly(url)
-        except Exception as e:
-            return cmd_status(None, args, redact(_first_line(e)))
-        try:
-            return cmd_status(db, args)
-        finally:
-            db.close()
-    try:
-        db = rebuild.open_writable(url) if args.cmd == "rebuild" else database.open_readonly(url)
-    except DatabaseURLError as e:
-        return _fail(str(e), 2)
-    except Exception as e:
-        return _fail(f"cannot open {url}: {_first_line(e)}", 2)
-    try:
-        code = args.func(db, args)  # None, or an exit status (alerts check)
-    except queries.NotFound as e:
-        return _fail(str(e.args[0]), 1)
-    except ValueError as e:
-        return _fail(str(e), 2)
-    except BrokenPipeError:
-        return 0
-    except KeyboardInterrupt:
-        return 130
-    except Exception as e:
-        return _fail(f"{type(e).__name__}: {_first_line(e)}", 1)
-    finally:
-        db.close()
-    return code if isinstance(code, int) else 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"velvet: {redact(message)}", file=sys.stderr)
-    return code
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def add_maintenance(command: Callable[..., argparse.ArgumentParser]) -> None:
+    p = command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
+    p.set_defaults(opens="writable")

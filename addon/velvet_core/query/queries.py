@@ -14,7 +14,7 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase
 
-from velvet_core.storage import derived
+from velvet_core.storage import rollups
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
 
@@ -384,7 +384,7 @@ _ROLLUP_COLS = ("SELECT period, model, endpoint, key_fingerprint, calls, errors,
 def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[dict[str, Any]]:
     """Whole days from the daily rollups, whole hours of the first day from the hourly ones, and the calls
     of the first, partial hour themselves."""
-    groups: dict[str, derived.Sums] = defaultdict(derived.Sums)
+    groups: dict[str, rollups.Sums] = defaultdict(rollups.Sums)
     dim = {"model": "model", "endpoint": "endpoint", "key": "key_fingerprint"}.get(by)
     none = {"model": "(no model)", "endpoint": "(none)", "key": "(no key)"}.get(by, "")
     if since is None:
@@ -397,7 +397,7 @@ def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[di
         periods = rows(db, _ROLLUP_COLS + " WHERE hours = 24 AND period >= ?", (ts(db, day),))
         periods += rows(db, _ROLLUP_COLS + " WHERE hours = 1 AND period >= ? AND period < ?",
                       (ts(db, hour), ts(db, day)))
-        cols = ", ".join(derived.CALL_COLUMNS)
+        cols = ", ".join(rollups.CALL_COLUMNS)
         for r in stream_rows(db, f"SELECT {cols} FROM calls WHERE started_at >= ? AND started_at < ?",
                              (ts(db, since), ts(db, hour))):
             key = to_dt(r["started_at"]).date().isoformat() if by == "day" else (  # type: ignore[union-attr]
@@ -418,14 +418,14 @@ def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[di
         g.input_tokens += int(r["input_tokens"])
         g.output_tokens += int(r["output_tokens"])
         g.cost += float(r["cost_usd"])
-        derived.merge(g.latency, derived.load_hist(r["latency_hist"]))
-        derived.merge(g.ttft, derived.load_hist(r["ttft_hist"]))
+        rollups.merge(g.latency, rollups.load_hist(r["latency_hist"]))
+        rollups.merge(g.ttft, rollups.load_hist(r["ttft_hist"]))
     return [{by: key, "calls": g.calls, "errors": g.errors, "input_tokens": g.input_tokens,
              "output_tokens": g.output_tokens, "cost_usd": round(g.cost, 10), "estimated_calls": estimated[key],
              "error_rate": round(g.errors / g.calls, 4),
-             "latency_p50_ms": derived.hist_percentile(g.latency, 50),
-             "latency_p95_ms": derived.hist_percentile(g.latency, 95),
-             "ttft_p50_ms": derived.hist_percentile(g.ttft, 50)}
+             "latency_p50_ms": rollups.hist_percentile(g.latency, 50),
+             "latency_p95_ms": rollups.hist_percentile(g.latency, 95),
+             "ttft_p50_ms": rollups.hist_percentile(g.ttft, 50)}
             for key, g in sorted(groups.items()) if g.calls]
 
 

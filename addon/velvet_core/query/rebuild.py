@@ -8,7 +8,7 @@ from typing import Any
 from peewee import Database
 
 from velvet_core.humanize import Progress
-from velvet_core.storage import derived
+from velvet_core.storage import rollups
 from velvet_core.storage.database import DatabaseURLError, open_db, sqlite_path
 
 
@@ -24,6 +24,6 @@ def rebuild(db: Database) -> dict[str, Any]:
     total = db.execute_sql('SELECT count(*) FROM "calls"').fetchone()[0]
     progress = Progress(int(total), "rebuilding call rollups")
     try:
-        return derived.rebuild(db, progress.advance)
+        return rollups.rebuild(db, progress.advance)
     finally:
         progress.close()

@@ -15,9 +15,9 @@ import orjson
 from peewee import Database
 
 from velvet_core.alerts.history import listing
+from velvet_core.cost.prices import Pricer
 from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
-from velvet_core.parsing.pricing import Pricer
 from velvet_core.storage.sql import adapt, iso, percentile, stream_rows, to_dt, ts
 
 BAD = ("failed", "expired", "cancelled")

@@ -12,7 +12,8 @@ from velvet_core.parsing.classify import normalise
 from velvet_core.parsing.extract import utc
 from velvet_core.parsing.jsonl import Line
 from velvet_core.parsing.lines import request_row
-from velvet_core.storage import derived
+from velvet_core.storage import rollups
+from velvet_core.storage.bulk import chunks, indexed, insert_rows
 from velvet_core.storage.models import (
     Batch,
     BatchError,
@@ -24,7 +25,6 @@ from velvet_core.storage.models import (
     UploadPart,
 )
 from velvet_core.storage.ops import BatchSeen, PartSeen, UploadCompleted
-from velvet_core.storage.rows import chunks, indexed, insert_rows
 from velvet_core.storage.values import clean_rows, clean_text
 
 STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
@@ -165,7 +165,7 @@ def link(b: Batch) -> None:
     changed += BatchResult.update(request=first).where(BatchResult.batch_id == b.id, BatchResult.request.is_null(),
                                                        fn.EXISTS(first)).execute()
     if changed:
-        derived.recount_batch(b.id)
+        rollups.recount_batch(b.id)
 
 
 def check_urls(b: Batch) -> None:

@@ -1,6 +1,6 @@
 """The operations the store applies: the one vocabulary between processing and the database.
 
-Processing (:mod:`velvet_core.process`) turns each snapshot into a sequence of these; the writer
+Processing (:mod:`velvet_core.processing`) turns each snapshot into a sequence of these; the writer
 queues them; :class:`~velvet_core.storage.store.Store` has one handler per type. Rows are plain dicts
 keyed by column name (missing columns take their defaults).
 """

@@ -7,7 +7,8 @@ from typing import Any
 
 from peewee import Database, SqliteDatabase
 
-from velvet_core.storage import batch_store, derived, models
+from velvet_core.storage import batch_store, models, rollups
+from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import (
     BatchSeen,
     CallRow,
@@ -21,7 +22,6 @@ from velvet_core.storage.ops import (
     UploadCompleted,
     UploadSeen,
 )
-from velvet_core.storage.rows import insert_rows
 
 
 def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
@@ -34,7 +34,7 @@ def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
 
 HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     # consecutive operations of one type are handed over together: rows go in with one executemany
-    CallRow: lambda ops: derived.add_calls([op.row for op in ops]),  # and the hourly/daily rollups
+    CallRow: lambda ops: rollups.add_calls([op.row for op in ops]),  # and the hourly/daily rollups
     RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
     ResultLines: lambda ops: insert_rows(models.BatchResult, [r for op in ops for r in op.rows]),
     FileSeen: _each(lambda op: batch_store.upsert_file(op.row)),

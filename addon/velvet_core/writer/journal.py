@@ -26,8 +26,8 @@ try:
 except ImportError:  # (Windows: no writer process there)
     fcntl = None  # type: ignore[assignment]
 
-from velvet_core.capture.snapshot import CallSnapshot, from_record, to_record
 from velvet_core.pids import alive as pid_alive
+from velvet_core.storage.snapshot import CallSnapshot, from_record, to_record
 from velvet_core.writer.spool import Unpickler, quarantine
 
 log = logging.getLogger("velvet")

@@ -17,10 +17,10 @@ from typing import Any
 
 import orjson
 
-from velvet_core.capture.tap import sidecar
 from velvet_core.parsing.classify import classify
 from velvet_core.pids import alive as pid_alive
 from velvet_core.storage.ops import CallRow
+from velvet_core.storage.snapshot import sidecar
 from velvet_core.writer.spool import quarantine
 
 log = logging.getLogger("velvet")

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from velvet_core.capture.snapshot import CallSnapshot
 from velvet_core.pids import alive as pid_alive
 from velvet_core.storage import ops
+from velvet_core.storage.snapshot import CallSnapshot
 
 log = logging.getLogger("velvet")
 
@@ -104,8 +104,9 @@ def quarantine(path: Path, why: str) -> Path | None:
     return target
 
 
-# where classes lived before the package was grouped (spool files of 0.1 name them so)
-_MOVED = {"velvet_core.snapshot": "velvet_core.capture.snapshot",
+# where classes lived before (spool files of 0.1, and of the layout before issue 19, name them so)
+_MOVED = {"velvet_core.snapshot": "velvet_core.storage.snapshot",
+          "velvet_core.capture.snapshot": "velvet_core.storage.snapshot",
           "velvet_core.classify": "velvet_core.parsing.classify"}
 
 

@@ -12,7 +12,7 @@ import logging
 import threading
 from pathlib import Path
 
-from velvet_core.capture.snapshot import CallSnapshot, from_record
+from velvet_core.storage.snapshot import CallSnapshot, from_record
 from velvet_core.writer.journal import FRAME
 from velvet_core.writer.spool import Unpickler, quarantine
 

@@ -27,11 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from velvet_core.capture.snapshot import CallSnapshot
-from velvet_core.capture.tap import sidecar
 from velvet_core.redact import redact
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import LINES, Op
+from velvet_core.storage.snapshot import CallSnapshot, sidecar
 from velvet_core.storage.store import Store
 from velvet_core.writer import journal, recovery
 from velvet_core.writer.deadletter import DeadLetters
@@ -41,10 +40,10 @@ from velvet_core.writer.spool import Spool, Unprocessed
 
 log = logging.getLogger("velvet")
 
-Process = Callable[[CallSnapshot], Iterable[Op]]
+ToOperations = Callable[[CallSnapshot], Iterable[Op]]
 
 
-class Releasable(Protocol):
+class Origin(Protocol):
     """Where a flow came from (a journal segment): told when the flow is safe."""
 
     def release(self) -> None: ...
@@ -54,24 +53,24 @@ MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated a
 
 
 @dataclass(slots=True)
-class Safe:
+class FlowDone:
     """Ends a flow's operations: once they are written (or spooled), its journal entry and files can go."""
 
-    segment: Releasable | None
+    segment: Origin | None
     files: tuple[Path, ...]
 
 
 @dataclass(slots=True)
-class Work:
+class QueuedFlow:
     """A flow to process: from the queue, or replayed from a journal or spool left by a dead proxy."""
 
     snapshot: CallSnapshot | None  # None: only ``after`` (the end of a replayed file)
-    segment: Releasable | None = None
+    segment: Origin | None = None
     after: tuple[Path, ...] = ()  # files to delete once this flow is safe (a replayed journal or spool file)
     ops: tuple[Op, ...] = ()  # operations written as they are (the row of a flow cut off by a crash)
 
 
-def _whole_file(w: Work) -> bool:
+def _whole_file(w: QueuedFlow) -> bool:
     """A batch file going up or down: its lines are a transaction's worth at once (no waiting for others)."""
     return w.snapshot is not None and w.snapshot.route.batch_body is not None
 
@@ -91,12 +90,12 @@ class Writer:
     into operations in the thread; :class:`Store` writes them.
     """
 
-    def __init__(self, url: str, process: Process, *, spool_dir: Path, queue_size: int = 10_000,
+    def __init__(self, url: str, operations: ToOperations, *, spool_dir: Path, queue_size: int = 10_000,
                  max_pending: int = 50_000, batch_size: int = 500, linger: float = 0.1,
                  setup: Callable[[], None] | None = None, journaled: bool = True, warn_after: float = 5.0,
                  serves: int | None = None) -> None:
         self.url = url
-        self.process = process
+        self.operations = operations
         self.setup = setup
         self.spool_dir = spool_dir
         tag = hashlib.sha256(url.encode()).hexdigest()[:10]
@@ -109,11 +108,11 @@ class Writer:
         self.dead = DeadLetters(spool_dir / "dead-letters.jsonl")
         self.health = Health(url, spool_dir, tag, warn_after)
         self.queue: queue.Queue[Any] = queue.Queue(queue_size)
-        self.backlog: collections.deque[Work] = collections.deque()  # replayed flows, before the queue
+        self.backlog: collections.deque[QueuedFlow] = collections.deque()  # replayed flows, before the queue
         self.max_pending = max_pending
         self.batch_size = batch_size
         self.linger = linger
-        self.pending: list[Op | Safe] = []
+        self.pending: list[Op | FlowDone] = []
         self.written = 0
         self.failures = 0
         self.store: Store | None = None
@@ -134,7 +133,7 @@ class Writer:
         """Journal a finished flow and hand it to the thread, without blocking (spooled if the queue is full)."""
         segment = self.journal.append(snapshot) if self.journal else None
         try:
-            self.queue.put_nowait(Work(snapshot, segment))
+            self.queue.put_nowait(QueuedFlow(snapshot, segment))
         except queue.Full:
             log.warning("velvet: writer queue full (%d); spooling to %s", self.queue.maxsize, self.spool.path)
             try:
@@ -143,7 +142,7 @@ class Writer:
                 log.error("velvet: cannot spool a flow (%s); it waits in the journal for the next start", e)
                 return
             self.clean = False
-            self._safe(Safe(segment, ()))
+            self._safe(FlowDone(segment, ()))
 
     def stop(self, timeout: float) -> bool:
         """Write everything queued, waiting at most ``timeout`` s; spool what could not be written."""
@@ -187,7 +186,7 @@ class Writer:
                     if isinstance(op, LINES):  # batch lines are written at once: a big body stays bounded
                         self._lines_arrived()
                 self.pending.extend(work.ops)
-                self.pending.append(Safe(work.segment, spill_files(work.snapshot) + work.after))
+                self.pending.append(FlowDone(work.segment, spill_files(work.snapshot) + work.after))
             if self.pending and self.store is not None and self._try_flush():
                 backoff = 0.5
             if len(self.pending) > self.max_pending:
@@ -201,7 +200,7 @@ class Writer:
                     break
                 backoff = min(backoff * 2, 30.0)
         if self.pending:
-            n = sum(not isinstance(p, Safe) for p in self.pending)
+            n = sum(not isinstance(p, FlowDone) for p in self.pending)
             self._spill()
             log.warning("velvet: %d operations could not be written; spooled to %s, written at next start",
                         n, self.spool.path)
@@ -231,14 +230,14 @@ class Writer:
     def _process(self, snapshot: CallSnapshot) -> Iterator[Op]:
         """The snapshot's operations; a bug in processing costs that flow only, never the thread."""
         try:
-            yield from self.process(snapshot)
+            yield from self.operations(snapshot)
         except Exception:
             log.exception("velvet: could not process a flow")
 
-    def _take(self, stopping: bool, block: bool) -> tuple[list[Work], bool]:
+    def _take(self, stopping: bool, block: bool) -> tuple[list[QueuedFlow], bool]:
         if self.backlog:
             return [self.backlog.popleft()], stopping
-        items: list[Work] = []
+        items: list[QueuedFlow] = []
         if stopping:
             block = False
         try:
@@ -301,13 +300,13 @@ class Writer:
         assert self.store is not None
         while self.pending:
             group = self.pending[: self.batch_size]
-            ops = [o for o in group if not isinstance(o, Safe)]
+            ops = [o for o in group if not isinstance(o, FlowDone)]
             self._write(ops)
             del self.pending[: len(group)]
             self.written += len(ops)
             self.health.wrote(len(ops))
             for marker in group:
-                if isinstance(marker, Safe):
+                if isinstance(marker, FlowDone):
                     self._safe(marker)
 
     def _write(self, ops: list[Op]) -> None:
@@ -375,7 +374,7 @@ class Writer:
         except Exception:
             return False
 
-    def _safe(self, marker: Safe) -> None:
+    def _safe(self, marker: FlowDone) -> None:
         if marker.segment is not None:
             marker.segment.release()
         for path in marker.files:
@@ -384,7 +383,7 @@ class Writer:
 
     def _spill(self) -> None:
         """Pending operations to the spool file (their flows are then safe); kept in memory if the disk refuses."""
-        entries = [o for o in self.pending if not isinstance(o, Safe)]
+        entries = [o for o in self.pending if not isinstance(o, FlowDone)]
         try:
             self.spool.write(entries)
         except OSError as e:
@@ -395,7 +394,7 @@ class Writer:
         self.clean = False
         self.health.spooled += len(entries)
         for marker in self.pending:
-            if isinstance(marker, Safe):
+            if isinstance(marker, FlowDone):
                 self._safe(marker)
         self.pending = []
 
@@ -409,10 +408,10 @@ class Writer:
             log.info("velvet: replaying %d spooled operations from %s", len(entries), path)
             for entry in entries:
                 if isinstance(entry, Unprocessed):
-                    self.backlog.append(Work(entry.snapshot))
+                    self.backlog.append(QueuedFlow(entry.snapshot))
                 else:
                     self.pending.append(entry)
-            self.backlog.append(Work(None, after=(path,)))  # after the flows above and the pending operations
+            self.backlog.append(QueuedFlow(None, after=(path,)))  # after the flows above and the pending ops
         referenced: set[Path] = set()
         # (a writer that does not journal itself still finishes what dead proxies journaled)
         for path in journal.left_behind(self.spool_dir / "journal", self.tag, skip=self.serves):
@@ -420,11 +419,11 @@ class Writer:
             log.info("velvet: finishing %d flows journaled by a proxy that stopped (%s)", len(flows), path)
             for snap in flows:
                 referenced.update(p for p in spill_files(snap))
-                self.backlog.append(Work(snap))
-            self.backlog.append(Work(None, after=(path,)))
+                self.backlog.append(QueuedFlow(snap))
+            self.backlog.append(QueuedFlow(None, after=(path,)))
         jdir = self.spool_dir / "journal"
         for spill, row in recovery.orphans(self.spool_dir / "streams", referenced, skip=self.serves,
                                            busy=lambda pid: journal.finishing(jdir, self.tag, pid)):
             log.info("velvet: recording a flow cut off when its proxy stopped (%s)", spill)
-            self.pending += [row, Safe(None, (spill, sidecar(spill)))]
+            self.pending += [row, FlowDone(None, (spill, sidecar(spill)))]
         self.health.remove_stale_files()

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from velvet_core.capture.snapshot import CallSnapshot, TapInfo
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.decode import DecodeError, Decoder
 from velvet_core.parsing.extract import utc
 from velvet_core.parsing.jsonl import Line, LineSplitter
@@ -30,9 +30,9 @@ from velvet_core.parsing.multipart import (
     PartStart,
     boundary_of,
 )
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.batches import file_row
+from velvet_core.processing.batches import file_row
 from velvet_core.storage.ops import FileSeen, InputDone, Op, OutputDone, PartSeen, RequestLines, ResultLines
+from velvet_core.storage.snapshot import CallSnapshot, TapInfo
 
 log = logging.getLogger("velvet")
 
@@ -175,6 +175,13 @@ class PartIngest(MultipartIngest):
         self._add({**request_row(line), "part_line_no": line.no, "upload_part_id": self.part_id})
 
 
+def priced_result(line: Line, pricer: Pricer, seen: datetime) -> dict[str, Any]:
+    """An output or error line's row, priced at the batch rate."""
+    row = result_row(line, seen)
+    row["cost_usd"] = pricer.line_cost(row)
+    return row
+
+
 class ContentIngest(Ingest):
     """``GET /v1/files/{id}/content``: output/error lines (or an input file's lines, downloaded again)."""
 
@@ -212,7 +219,7 @@ class ContentIngest(Ingest):
         if self.mode == "requests":
             self._add({**request_row(line), "line_no": line.no, "file_id": self.file_id})
         else:
-            self._add({**result_row(line, self.pricer, self.seen), "file_id": self.file_id})
+            self._add({**priced_result(line, self.pricer, self.seen), "file_id": self.file_id})
 
     def _decide(self, mode: str) -> None:
         self.mode = mode

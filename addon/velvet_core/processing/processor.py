@@ -12,14 +12,15 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from velvet_core.capture.markers import marker
-from velvet_core.capture.snapshot import CallSnapshot, settle
+from velvet_core.config import BODY_LIMIT
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.extract import utc
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process import batches, comments
-from velvet_core.process.calls import Body, parse_call
-from velvet_core.process.ingest import ingest_buffered, ingest_streamed
+from velvet_core.processing import batches, comments
+from velvet_core.processing.batch_files import ingest_buffered, ingest_streamed
+from velvet_core.processing.calls import Body, parse_call
+from velvet_core.processing.markers import marker
 from velvet_core.storage.ops import LINES, BatchSeen, CallRow, Op
+from velvet_core.storage.snapshot import CallSnapshot, settle
 
 log = logging.getLogger("velvet")
 
@@ -29,7 +30,7 @@ Note = Callable[[str, str, str | None], None]
 class Processor:
     """Turns snapshots into operations. ``pricer`` and ``body_limit`` are read per flow (options may change)."""
 
-    def __init__(self, pricer: Pricer | None = None, body_limit: int = 8 * 1024 * 1024,
+    def __init__(self, pricer: Pricer | None = None, body_limit: int = BODY_LIMIT,
                  note: Note | None = None) -> None:
         self.pricer = pricer or Pricer()
         self.body_limit = body_limit
@@ -40,16 +41,16 @@ class Processor:
         """Load what the first flow would otherwise wait for (price data), in the writer thread."""
         self.pricer.warm()
 
-    def process(self, s: CallSnapshot) -> Iterator[Op]:
+    def operations(self, s: CallSnapshot) -> Iterator[Op]:
         """The operations for one flow; if processing fails before the call row, a bare row says why."""
         try:
             settle(s)
-            yield from self._process(s)
+            yield from self._operations(s)
         except Exception as e:
             log.exception("velvet: could not process %s %s (flow %s)", s.method, s.path, s.flow_id)
             yield fallback(s, e)
 
-    def _process(self, s: CallSnapshot) -> Iterator[Op]:
+    def _operations(self, s: CallSnapshot) -> Iterator[Op]:
         pricer = self.pricer
         row, req, resp = parse_call(s, pricer, self.body_limit)
         summary: list[Op] = []  # what the comment needs (not the lines themselves)

@@ -11,9 +11,9 @@ from datetime import datetime, timedelta
 
 import orjson
 import pytest
+from velvet_core.cli import main
 from velvet_core.query import queries
-from velvet_core.query.cli import main
-from velvet_core.storage import database, derived, sql
+from velvet_core.storage import database, rollups, sql
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import BatchSeen, CallRow, FileSeen, InputDone, OutputDone, RequestLines, ResultLines
 from velvet_core.storage.store import Store
@@ -108,7 +108,7 @@ def fill_calls(db, n: int = 400, seed: int = 1) -> list[dict]:
     return calls
 
 
-def rollups(db) -> list[tuple]:
+def rollup_rows(db) -> list[tuple]:
     out = []
     for r in db.execute_sql("SELECT hours, period, model, endpoint, key_fingerprint, calls, errors, input_tokens, "
                             "output_tokens, cost_usd, latency_hist, ttft_hist FROM call_rollups").fetchall():
@@ -119,10 +119,10 @@ def rollups(db) -> list[tuple]:
 def test_call_rollups_count_each_call_once_and_equal_a_rebuild(db_url, capsys):
     db = open_db(db_url)
     calls = fill_calls(db)
-    kept = rollups(db)
-    assert sum(r[5] for r in kept if r[0] == derived.DAY) == sum(r[5] for r in kept if r[0] == derived.HOUR) == 400
-    assert max(b for r in kept for b in map(int, r[10])) < derived.SCALE * 10  # the 1e6 ms duplicates are not in
-    assert sum(r[7] for r in kept if r[0] == derived.DAY) == sum(c["input_tokens"] for c in calls)
+    kept = rollup_rows(db)
+    assert sum(r[5] for r in kept if r[0] == rollups.DAY) == sum(r[5] for r in kept if r[0] == rollups.HOUR) == 400
+    assert max(b for r in kept for b in map(int, r[10])) < rollups.SCALE * 10  # the 1e6 ms duplicates are not in
+    assert sum(r[7] for r in kept if r[0] == rollups.DAY) == sum(c["input_tokens"] for c in calls)
     db.execute_sql("UPDATE batch_counts SET lines = 0")
     db.execute_sql("DELETE FROM call_rollups WHERE hours = 1")
     db.close()
@@ -130,7 +130,7 @@ def test_call_rollups_count_each_call_once_and_equal_a_rebuild(db_url, capsys):
     out = orjson.loads(capsys.readouterr().out)
     assert set(out) == {"batches", "calls", "rollup_rows", "seconds"} and out["calls"] == 400
     db = open_db(db_url)
-    assert rollups(db) == kept
+    assert rollup_rows(db) == kept
     assert out["rollup_rows"] == len(kept)
     db.close()
     assert main(["rebuild", "--db", db_url]) == 0
@@ -199,13 +199,13 @@ def test_histogram_percentiles():
     values = [0.0, 0.5, 3, 3.01, 40, 812.7, 812.7, 5000, 1e5]
     hist: dict[str, int] = {}
     for v in values:
-        b = derived.bucket(v)
+        b = rollups.bucket(v)
         hist[b] = hist.get(b, 0) + 1
     for p in (1, 50, 95, 100):
         exact = sql.percentile(values, p)
-        got = derived.hist_percentile(hist, p)
-        assert got == pytest.approx(max(exact, derived.FLOOR_MS), rel=0.0101)
-    assert derived.hist_percentile({}, 50) is None
+        got = rollups.hist_percentile(hist, p)
+        assert got == pytest.approx(max(exact, rollups.FLOOR_MS), rel=0.0101)
+    assert rollups.hist_percentile({}, 50) is None
 
 
 def test_rebuild_needs_a_database(tmp_path, capsys):

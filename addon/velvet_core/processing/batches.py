@@ -7,11 +7,11 @@ from typing import Any
 
 import orjson
 
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.extract import tokens_from_usage, ts, utc
-from velvet_core.parsing.pricing import Pricer
-from velvet_core.process.calls import Body
+from velvet_core.processing.calls import Body
 from velvet_core.storage.ops import BatchSeen, FileSeen, Op, UploadCompleted, UploadSeen
+from velvet_core.storage.snapshot import CallSnapshot
 
 TIMESTAMPS = ("created_at", "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at",
               "expired_at", "cancelling_at", "cancelled_at")

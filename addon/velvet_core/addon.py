@@ -1,4 +1,6 @@
-"""The mitmproxy addon: decide which flows are ours, snapshot them, hand them to the writer."""
+"""The mitmproxy addon, and velvet's assembly: options and hooks; it builds the writer (a thread or a child
+process, with its processor) and the alert runner, decides which flows are ours, snapshots them
+(:mod:`velvet_core.capture`) and hands the snapshots to the writer (:mod:`velvet_core.writer`)."""
 
 from __future__ import annotations
 
@@ -9,28 +11,28 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from velvet_core import config
-from velvet_core.alerts.rules import RulesError, RuleSet, load_rules
-from velvet_core.capture import markers
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
-from velvet_core.capture.snapshot import META_KEY, CallSnapshot, StreamRecorder, TapInfo, begin, finish
+from velvet_core.capture.take import META_KEY, StreamRecorder, begin, finish
 from velvet_core.capture.tap import BodyTap
 from velvet_core.capture.usage import UsageStripper, ask_for_usage
+from velvet_core.options import BY_NAME, OPTIONS, OptionError
 from velvet_core.parsing.classify import classify
-from velvet_core.parsing.pricing import PriceFileError, Pricer, load_price_file
-from velvet_core.process.processor import Processor
+from velvet_core.processing import markers
+from velvet_core.processing.processor import Processor
 from velvet_core.redact import redact
-from velvet_core.storage.urls import DatabaseURLError, check_url
-from velvet_core.writer.process import ProcessWriter
+from velvet_core.storage.snapshot import CallSnapshot, TapInfo
+from velvet_core.writer.child import ChildWriter
 
 if TYPE_CHECKING:
+    from velvet_core.alerts.rules import RuleSet
     from velvet_core.alerts.runner import AlertRunner
     from velvet_core.writer.writer import Writer
 
@@ -67,15 +69,6 @@ def _azure_knows_stream_options(api_version: str) -> bool:
     return api_version[:10] >= "2024-09-01"
 
 
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 < v < float("inf"):
-        raise exceptions.OptionsError(f"velvet_alert_interval must be a number of seconds > 0, got {text!r}")
-    return v
-
 
 def _last_value_wins(options: Any) -> list[str]:
     """Keep the last value of a velvet option given twice with ``--set`` (the names so treated).
@@ -98,13 +91,13 @@ class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
     def __init__(self) -> None:
-        self.writer: Writer | ProcessWriter | None = None
+        self.writer: Writer | ChildWriter | None = None
         self.processor = Processor()
         self.hosts: frozenset[str] = frozenset(config.DEFAULT_HOSTS)
         self.recorders: dict[str, StreamRecorder] = {}
         self.snapshots: dict[str, CallSnapshot] = {}
         self.notes = FlowNotes()
-        self.stream_threshold = 4 * 1024 * 1024
+        self.stream_threshold = config.STREAM_THRESHOLD
         self.taps: dict[str, tuple[BodyTap | None, BodyTap | None]] = {}
         self.captured = 0  # flows captured since start (only compared with 0)
         self.passed: dict[str, int] = {}  # flows not captured, per host, until the warning (bounded)
@@ -133,97 +126,30 @@ class Velvet:
         contentviews.add(BatchJsonlContentview())
         for name in _last_value_wins(loader.master.options):
             log.warning("velvet: %s was given more than once; using the last value", name)
-        loader.add_option("velvet_db", str, "",
-                          "Database URL: sqlite:///relative.db, sqlite:////absolute.db or "
-                          "postgresql://user:pass@host:port/db. Default: $VELVET_DB, else "
-                          f"{config.default_db_url()}.")
-        loader.add_option("velvet_hosts", Sequence[str], list(config.DEFAULT_HOSTS),
-                          "Hosts whose flows are captured (repeat --set for several), e.g. an "
-                          "Azure OpenAI resource <name>.openai.azure.com. In reverse mode, the target's host.")
-        loader.add_option("velvet_prices", str, "",
-                          "A TOML or JSON file of prices (USD per million tokens) that override "
-                          "genai-prices for the models it names.")
-        loader.add_option("velvet_body_limit", int, 8 * 1024 * 1024,
-                          "Bodies larger than this many bytes (decoded) are not stored in calls.")
-        loader.add_option("velvet_spool_dir", str, "",
-                          "Where rows wait on disk while the database is unreachable. Default: "
-                          f"{config.default_spool_dir()}.")
-        loader.add_option("velvet_stream_threshold", int, 4 * 1024 * 1024,
-                          "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
-                          "are streamed through velvet's parser instead of being buffered: no delay to the "
-                          "transfer, bounded memory, but mitmweb does not show the body (unless "
-                          "store_streamed_bodies is on). Compressed bodies and downloads of unknown length "
-                          "are always streamed, and kept for mitmweb when no bigger than this on the wire. "
-                          "Bodies mitmproxy already streams (stream_large_bodies) are always followed.")
-        loader.add_option("velvet_journal", bool, True,
-                          "Journal each finished flow before its response goes to the client, so a proxy killed "
-                          "with SIGKILL loses nothing: the flows are finished at the next start. Off: the "
-                          "flows still queued when the process dies are lost.")
-        loader.add_option("velvet_writer", str, "auto",
-                          "Where rows are processed and written: 'thread' (in mitmproxy's process), 'process' "
-                          "(a child process reading the journal: the event loop only journals; needs "
-                          "velvet_journal), or 'auto' (a process when there is a second core and no flow list "
-                          "to comment, as in mitmdump; a thread otherwise).",
-                          choices=("auto", "thread", "process"))
-        loader.add_option("velvet_stream_usage", str, "off",
-                          "Streamed chat/completions calls whose client did not ask for usage: 'off' counts "
-                          "their tokens with a tokenizer (usage_estimated); 'inject' asks upstream for "
-                          "stream_options.include_usage and removes the extra usage chunk before the client "
-                          "sees it, for exact figures.", choices=["off", "inject"])
-        loader.add_option("velvet_flush_timeout", int, 30,  # (mitmproxy cannot --set a float option)
-                          "Seconds to wait at shutdown for queued rows to be written (the rest is "
-                          "spooled to disk and written at the next start).")
-        loader.add_option("velvet_alerts", str, "",
-                          "A TOML file of alert rules (error rate, latency, spend, batches, velvet's own "
-                          "health) evaluated in the background, with a webhook or command to notify.")
-        # a str holding a number: mitmproxy's --set cannot parse float options
-        loader.add_option("velvet_alert_interval", str, "30",
-                          "Seconds between two evaluations of the alert rules (decimals allowed).")
+        for o in OPTIONS:
+            loader.add_option(o.name, o.type, o.default, o.help, choices=o.choices)
+
+    # what the addon keeps of each checked option: an attribute (of itself, or of its processor)
+    _KEEP: ClassVar[dict[str, str]] = {
+        "velvet_hosts": "hosts", "velvet_prices": "processor.pricer", "velvet_body_limit": "processor.body_limit",
+        "velvet_stream_threshold": "stream_threshold", "velvet_alert_interval": "alert_interval",
+        "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage"}
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
-        if "velvet_db" in updated and opts.velvet_db:
+        for name in sorted(updated & BY_NAME.keys()):
+            o = BY_NAME[name]
+            if o.parse is None:
+                continue
             try:
-                check_url(opts.velvet_db)
-            except DatabaseURLError as e:
-                raise exceptions.OptionsError(f"velvet_db: {e}") from None
-        if "velvet_hosts" in updated:
-            hosts = [h.strip().lower() for h in opts.velvet_hosts if h.strip()]
-            if bad := [h for h in hosts if "/" in h or " " in h or "," in h]:
-                raise exceptions.OptionsError(
-                    f"velvet_hosts: {bad[0]!r} is not a host name (repeat --set velvet_hosts=HOST "
-                    "for several)")
-            self.hosts = frozenset(hosts)
-        if "velvet_prices" in updated:
-            try:
-                self.processor.pricer = Pricer(load_price_file(opts.velvet_prices) if opts.velvet_prices else None)
-            except PriceFileError as e:
-                raise exceptions.OptionsError(f"velvet_prices: {e}") from None
-        if "velvet_body_limit" in updated:
-            if opts.velvet_body_limit < 0:
-                raise exceptions.OptionsError("velvet_body_limit must be >= 0")
-            self.processor.body_limit = opts.velvet_body_limit
-        if "velvet_stream_threshold" in updated:
-            if opts.velvet_stream_threshold < 0:
-                raise exceptions.OptionsError("velvet_stream_threshold must be >= 0")
-            self.stream_threshold = opts.velvet_stream_threshold
-        if "velvet_alert_interval" in updated:
-            self.alert_interval = _seconds(opts.velvet_alert_interval)
-        if "velvet_alerts" in updated:
-            try:
-                self.alert_rules = load_rules(opts.velvet_alerts) if opts.velvet_alerts else None
-            except RulesError as e:
-                raise exceptions.OptionsError(f"velvet_alerts: {e}") from None
-        if "velvet_stream_usage" in updated:
-            if opts.velvet_stream_usage not in ("off", "inject"):  # (mitmproxy does not check choices)
-                raise exceptions.OptionsError(
-                    f"velvet_stream_usage: {opts.velvet_stream_usage!r}: use off or inject")
-            self.inject_usage = opts.velvet_stream_usage == "inject"
-            self.request = self._ask_for_usage if self.inject_usage else None
-        if "velvet_writer" in updated and opts.velvet_writer not in ("auto", "thread", "process"):
-            raise exceptions.OptionsError(f"velvet_writer: {opts.velvet_writer!r}: use auto, thread or process")
+                value = o.parse(getattr(opts, name), o)
+            except OptionError as e:
+                raise exceptions.OptionsError(f"{name}: {e}") from None
+            if keep := self._KEEP.get(name):
+                owner, _, attr = keep.rpartition(".")
+                setattr(getattr(self, owner) if owner else self, attr, value)
         restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
-        if isinstance(self.writer, ProcessWriter):  # its own processor: started with these
+        if isinstance(self.writer, ChildWriter):  # its own processor: started with these
             restart |= {"velvet_prices", "velvet_body_limit"}
         if self.writer is not None and updated & restart:
             # the old writer finishes its queue in the background: never on the event loop
@@ -233,6 +159,16 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_alerts", "velvet_alert_interval"}:
             self._stop_alerts()
             self._start_alerts()
+
+    @property
+    def stream_usage(self) -> str:
+        return "inject" if self.inject_usage else "off"
+
+    @stream_usage.setter
+    def stream_usage(self, value: str) -> None:
+        self.inject_usage = value == "inject"
+        # the request hook exists only with inject: mitmproxy skips a hook that is None
+        self.request = self._ask_for_usage if self.inject_usage else None
 
     def running(self) -> None:
         self.notes.loop = ctx.master.event_loop
@@ -265,16 +201,16 @@ class Velvet:
         url = self.db_url()
         opts = ctx.options
         if self._writer_mode() == "process":
-            self.writer = ProcessWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
+            self.writer = ChildWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
                                         body_limit=opts.velvet_body_limit, flush_timeout=opts.velvet_flush_timeout)
         else:
             from velvet_core.writer.writer import Writer
 
-            self.writer = Writer(url, self.processor.process, spool_dir=self.spool_dir(),
+            self.writer = Writer(url, self.processor.operations, spool_dir=self.spool_dir(),
                                  setup=self.processor.warm, journaled=opts.velvet_journal)
         self.writer.start()
         log.info("velvet: logging %s into %s (%s)", ", ".join(sorted(self.hosts)), redact(url),
-                 "writer process" if isinstance(self.writer, ProcessWriter) else "writer thread")
+                 "writer process" if isinstance(self.writer, ChildWriter) else "writer thread")
 
     def _stop_writer(self) -> None:
         if self.writer is not None:
@@ -282,7 +218,7 @@ class Velvet:
             self._retire(w)
 
     @staticmethod
-    def _retire(w: Writer | ProcessWriter) -> None:
+    def _retire(w: Writer | ChildWriter) -> None:
         if w.stop(ctx.options.velvet_flush_timeout):
             log.info("velvet: %d operations written to %s", w.written, redact(w.url))
 

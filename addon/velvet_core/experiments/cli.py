@@ -1,5 +1,5 @@
-"""The ``velvet`` subcommands of this package: ``replay``, ``compare`` and ``export --format finetune``
-(``query/cli.py`` registers them; arguments, output for people and ``--json`` live here)."""
+"""The ``velvet`` subcommands ``replay`` and ``compare``
+(``velvet_core/cli.py`` registers them; arguments, output for people and ``--json`` live here)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import argparse
 import os
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
@@ -15,9 +14,9 @@ from typing import Any
 import orjson
 from peewee import Database
 
-from velvet_core import config
+from velvet_core import config, jsonout
 from velvet_core.experiments import compare as cmp
-from velvet_core.experiments import finetune, judge, replay
+from velvet_core.experiments import judge, replay
 from velvet_core.experiments.client import APIError, Client
 from velvet_core.experiments.plan import (
     BATCH_MAX_BYTES,
@@ -27,7 +26,7 @@ from velvet_core.experiments.plan import (
     build,
     parse_set,
 )
-from velvet_core.experiments.select import Selection, SelectionError, count, parse_tag, select
+from velvet_core.experiments.select import Selection, SelectionError, parse_tag, select
 from velvet_core.humanize import Progress, duration, money, ms, pairs, table
 from velvet_core.humanize import count as num
 from velvet_core.storage import sql
@@ -39,9 +38,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 REPLAY_KEYS = ("experiment", "batch_id", "lines", "estimated_cost_usd")
 
 
-
-def _dump(value: Any) -> None:
-    sys.stdout.write(orjson.dumps(value, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 def _note(text: str) -> None:
@@ -101,19 +97,6 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--poll-interval", type=float, default=30.0, metavar="SECONDS",
                    help="seconds between polls of the judge's batch (default 30)")
     p.add_argument("--lines", type=int, default=20, metavar="N", help="lines shown for people (default 20)")
-
-
-def add_export_options(p: argparse.ArgumentParser) -> None:
-    """Filters of ``velvet export --format finetune``."""
-    p.add_argument("--model", help="finetune: only requests to this model")
-    p.add_argument("--endpoint", help="finetune: chat.completions or responses")
-    p.add_argument("--tag", action="append", metavar="KEY=VALUE",
-                   help="finetune: only calls with this velvet-metadata tag (repeatable)")
-
-
-def check_export(a: argparse.Namespace) -> None:
-    if a.format != "finetune" and (a.model or a.endpoint or a.tag):
-        raise ValueError("--model, --endpoint and --tag apply to --format finetune")
 
 
 # -- replay ----------------------------------------------------------------------------------------
@@ -177,7 +160,7 @@ def cmd_replay(db: Database, a: argparse.Namespace) -> None:
         estimate = plan.estimated_cost(mode)
         out = {"experiment": name, "batch_id": None, "lines": n, "estimated_cost_usd": estimate}
         if a.dry_run:
-            return _dump(out) if a.json else _show_plan(name, sel, overrides, mode, plan, estimate)
+            return jsonout.dump(out) if a.json else _show_plan(name, sel, overrides, mode, plan, estimate)
         if n > a.max_lines and not a.yes:
             raise ValueError(f"the selection has {n:,} requests, more than --max-lines {a.max_lines:,}: add --yes "
                              "to replay them all (or --limit)")
@@ -197,7 +180,7 @@ def cmd_replay(db: Database, a: argparse.Namespace) -> None:
             finally:
                 wdb.close()
         if a.json:
-            _dump(out)
+            jsonout.dump(out)
         else:
             _note(f"compare with what it replayed: velvet compare {name}")
     finally:
@@ -269,7 +252,7 @@ def _resume(db: Database, a: argparse.Namespace) -> None:
     with Client.from_env() as client:
         _wait_and_download(client, exp["batch_id"], a, exp["name"])
     if a.json:
-        _dump({"experiment": exp["name"], "batch_id": exp["batch_id"], "lines": exp["lines"],
+        jsonout.dump({"experiment": exp["name"], "batch_id": exp["batch_id"], "lines": exp["lines"],
                "estimated_cost_usd": exp["estimated_cost_usd"]})
 
 
@@ -315,7 +298,7 @@ def cmd_compare(db: Database, a: argparse.Namespace) -> None:
     except Exception as e:  # a read-only database still gets its comparison printed
         _note(f"velvet: comparison not recorded: {type(e).__name__}: {str(e).strip().splitlines()[0]}")
     if a.json:
-        return _dump(result)
+        return jsonout.dump(result)
     _show_comparison(result, metrics, a.lines)
 
 
@@ -392,29 +375,3 @@ def _cell(name: str, v: dict[str, Any]) -> str:
 
 # -- export --format finetune ----------------------------------------------------------------------
 
-def export_finetune(db: Database, a: argparse.Namespace) -> None:
-    sel = Selection(batch=a.batch, lines=a.lines, calls=not (a.batch or a.lines), model=a.model,
-                    endpoint=a.endpoint, since=a.since, tags=[parse_tag(t) for t in a.tag or ()])
-    if sel.endpoint not in (None, "chat.completions", "responses"):
-        raise ValueError(f"--endpoint {sel.endpoint!r}: fine-tuning data comes from chat.completions or responses")
-    total = count(db, sel, ok_only=True)
-    out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
-    progress = Progress(total, f"exporting to {a.output}") if a.output else None
-    skipped: Counter[str] = Counter()
-    written = 0
-    try:
-        for ex in finetune.examples(select(db, sel, answers=True, ok_only=True), skipped):
-            if ex is not None:
-                out.write(orjson.dumps(ex).decode() + "\n")
-                written += 1
-            if progress:
-                progress.advance()
-    finally:
-        if progress:
-            progress.close()
-        if out is not sys.stdout:
-            out.close()
-    why = "; ".join(f"{n:,} {reason}" for reason, n in skipped.most_common())
-    if a.output or skipped:
-        _note(f"{written:,} examples written{f' to {a.output}' if a.output else ''}"
-              f"{f' ({sum(skipped.values()):,} skipped: {why})' if skipped else ''}")

@@ -7,7 +7,8 @@ from typing import Any
 
 import orjson
 
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.cost.prices import Pricer
+from velvet_core.cost.tokens import estimate
 from velvet_core.parsing.decode import DecodeError, Decoder, decode_body
 from velvet_core.parsing.extract import (
     ApiError,
@@ -22,9 +23,8 @@ from velvet_core.parsing.extract import (
     tokens_from_usage,
     utc,
 )
-from velvet_core.parsing.pricing import Pricer
 from velvet_core.parsing.sse import reassemble
-from velvet_core.parsing.tokens import estimate
+from velvet_core.storage.snapshot import CallSnapshot
 
 log = logging.getLogger("velvet")
 

@@ -7,7 +7,7 @@ as it grows (:mod:`tail`), processes the flows and writes them with the same :cl
 costs the event loop nothing more than the journal append. The child stops when the proxy closes its
 stdin (at shutdown, or when the proxy dies), after writing everything journaled.
 
-Run by the addon as ``python -m velvet_core.writer.process``; not a command for people.
+Run by the addon as ``python -m velvet_core.writer.child``; not a command for people.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from velvet_core.capture.snapshot import CallSnapshot
+from velvet_core.config import BODY_LIMIT
 from velvet_core.redact import redact
+from velvet_core.storage.snapshot import CallSnapshot
 from velvet_core.writer.journal import Journal, hold, release
 from velvet_core.writer.tail import Tail
 
@@ -55,10 +56,10 @@ def tag_of(url: str) -> str:
     return hashlib.sha256(url.encode()).hexdigest()[:10]
 
 
-class ProcessWriter:
+class ChildWriter:
     """The proxy's side: the same interface as :class:`Writer` (``submit``, ``stop``, ``status``)."""
 
-    def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = 8 * 1024 * 1024,
+    def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = BODY_LIMIT,
                  flush_timeout: float = 30.0) -> None:
         self.url = url
         self.spool_dir = spool_dir
@@ -66,7 +67,7 @@ class ProcessWriter:
         self.journal = Journal(spool_dir / "journal", tag_of(url))
         self.fallback: Writer | None = None  # for flows the journal could not take (a full disk)
         # (the URL goes in the environment: a command line, password included, is visible to every user)
-        self.args = [sys.executable, "-m", "velvet_core.writer.process", "--spool-dir", str(spool_dir),
+        self.args = [sys.executable, "-m", "velvet_core.writer.child", "--spool-dir", str(spool_dir),
                      "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit),
                      "--flush-timeout", str(flush_timeout)]
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,13 +86,13 @@ class ProcessWriter:
         """Journal the flow (the child reads it from there). Never blocks on the child."""
         if self.journal.append(snapshot) is None:  # the journal is the hand-off: write this flow in-process
             if self.fallback is None:
-                from velvet_core.parsing.pricing import Pricer, load_price_file
-                from velvet_core.process.processor import Processor
+                from velvet_core.cost.prices import Pricer, load_price_file
+                from velvet_core.processing.processor import Processor
                 from velvet_core.writer.writer import Writer
 
                 processor = Processor(Pricer(load_price_file(self.prices) if self.prices else None),
                                       self.body_limit)
-                self.fallback = Writer(self.url, processor.process, spool_dir=self.spool_dir, journaled=False,
+                self.fallback = Writer(self.url, processor.operations, spool_dir=self.spool_dir, journaled=False,
                                        setup=processor.warm, serves=os.getpid())
                 self.fallback.start()
             self.fallback.submit(snapshot)
@@ -165,13 +166,13 @@ def _record_cut(streams: Path, referenced: set[Path], proxy: int, writer: Writer
     """The flows of the dead ``proxy`` cut off mid-transfer (spill files its journal does not name), each as
     an incomplete row, as the next start would record them (a proxy started meanwhile leaves them to this
     process: see :func:`journal.hold`)."""
-    from velvet_core.capture.tap import sidecar
+    from velvet_core.storage.snapshot import sidecar
     from velvet_core.writer.recovery import orphans
-    from velvet_core.writer.writer import Work
+    from velvet_core.writer.writer import QueuedFlow
 
     for spill, row in orphans(streams, referenced, only=proxy):
         log.info("velvet: recording a flow cut off when its proxy stopped (%s)", spill)
-        writer.queue.put(Work(None, ops=(row,), after=(spill, sidecar(spill))))
+        writer.queue.put(QueuedFlow(None, ops=(row,), after=(spill, sidecar(spill))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,20 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spool-dir", required=True, type=Path)
     ap.add_argument("--parent", required=True, type=int)
     ap.add_argument("--prices", default="")
-    ap.add_argument("--body-limit", type=int, default=8 * 1024 * 1024)
+    ap.add_argument("--body-limit", type=int, default=BODY_LIMIT)
     ap.add_argument("--flush-timeout", type=float, default=30.0)
     a = ap.parse_args(argv)
     url = os.environ[ENV_DB]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from velvet_core.parsing.pricing import Pricer, load_price_file
-    from velvet_core.process.processor import Processor
-    from velvet_core.writer.writer import Work, Writer, spill_files
+    from velvet_core.cost.prices import Pricer, load_price_file
+    from velvet_core.processing.processor import Processor
+    from velvet_core.writer.writer import QueuedFlow, Writer, spill_files
 
     _spread(a.parent)
     journal_dir = a.spool_dir / "journal"
     lock = hold(journal_dir, tag_of(url), a.parent)  # before reading any of it (see journal.hold)
     processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
-    writer = Writer(url, processor.process, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
+    writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
                     serves=a.parent, linger=LINGER)
     writer.start()
     stopping = threading.Event()
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         flows = tail.poll(final=final)
         for snap, seg in flows:
             referenced.update(p for p in spill_files(snap) if p.suffix == ".part")
-            writer.queue.put(Work(snap, seg))  # blocks when the writer is behind: the journal holds the rest
+            writer.queue.put(QueuedFlow(snap, seg))  # blocks when the writer is behind: the journal holds the rest
         if final:
             _unidle()
             if os.getppid() != a.parent:  # the proxy died (killed): its flows cut off are this process's to record

@@ -1,25 +1,16 @@
-"""Plain-data snapshots of flows, taken on mitmproxy's event loop and handed to the writer thread.
+"""The snapshot: a finished flow as plain data, the one type between the hooks, the writer and processing.
 
-A snapshot holds references to bytes already in memory (no copies, no parsing): the cheap part.
+Taken on mitmproxy's event loop (:mod:`velvet_core.capture.take`), journaled, and turned into operations on the
+writer's side. It holds references to bytes already in memory (no copies, no parsing): the cheap part.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from velvet_core.capture.usage import UsageStripper
 from velvet_core.parsing.classify import Route
-from velvet_core.parsing.extract import SECRET_HEADERS, TAG_PREFIX, key_fingerprint
-
-if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
-    from mitmproxy import http
-
-log = logging.getLogger("velvet")
-
-META_KEY = "velvet"
 
 
 @dataclass(slots=True)
@@ -144,103 +135,6 @@ def settle(s: CallSnapshot) -> CallSnapshot:
     return s
 
 
-_TAG = TAG_PREFIX.encode()
-_SECRET = frozenset(h.encode() for h in SECRET_HEADERS)
-
-
-def pop_tags(headers: http.Headers) -> dict[str, str]:
-    """Remove ``velvet-metadata-<key>`` headers (so they never go upstream) and return them."""
-    if not any(k[:len(_TAG)].lower() == _TAG for k, _ in headers.fields):
-        return {}
-    tags: dict[str, str] = {}
-    for name in list(headers.keys()):
-        if name.lower().startswith(TAG_PREFIX):
-            tags[name[len(TAG_PREFIX):].lower()] = ", ".join(headers.get_all(name))
-            del headers[name]
-    return tags
-
-
-def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapshot:
-    """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint.
-
-    One pass over the raw header fields (this runs on the event loop for every call): secrets go aside for
-    the fingerprint only, tag headers are taken out of the request (rare: then :func:`pop_tags`); the others
-    are kept as they are, and decoded by :func:`settle` on the writer's side.
-    """
-    req = flow.request
-    keep: list[tuple[bytes, bytes]] = []
-    secret: dict[str, str] | None = None
-    tagged = False
-    for f in req.headers.fields:
-        name = f[0].lower()
-        if name in _SECRET:
-            secret = secret or {}
-            key, value = name.decode(), f[1].decode("utf-8", "surrogateescape")
-            secret[key] = f"{secret[key]}, {value}" if key in secret else value
-        elif name.startswith(_TAG):
-            tagged = True
-        else:
-            keep.append(f)
-    return CallSnapshot(
-        flow_id=flow.id, method=req.method, host=requested_host, path=req.path, route=route,
-        key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
-        request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
-        request_fields=keep,
-    )
-
-
-def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
-    """Fill in the request body, the response and the error at ``response``/``error`` (references only: the
-    header fields are decoded by :func:`settle`)."""
-    req = flow.request
-    snap.request_body = req.raw_content if snap.client_body is None else snap.client_body
-    if snap.request_fields is None:  # (a snapshot made otherwise than by begin())
-        snap.request_encoding = snap.request_headers.get("content-encoding")
-    snap.request_end_at = req.timestamp_end
-    if req.raw_content is None and req.stream and snap.request_tap is None:
-        snap.notes.append("request body was streamed, not captured")
-    resp = flow.response
-    if resp is not None:
-        snap.status_code = resp.status_code
-        snap.response_fields = resp.headers.fields  # (an immutable tuple: mitmproxy replaces it on a change)
-        snap.first_byte_at = resp.timestamp_start
-        snap.ended_at = resp.timestamp_end
-        if snap.stream_chunks is None:
-            snap.response_body = resp.raw_content
-            if resp.raw_content is None and resp.stream and snap.response_tap is None:
-                snap.notes.append("response body was streamed, not captured")
-    if flow.error is not None:
-        snap.error = flow.error.msg
-        snap.ended_at = snap.ended_at or flow.error.timestamp
-    return snap
-
-
-class StreamRecorder:
-    """``flow.response.stream`` callable: passes each chunk on and remembers it with its arrival time.
-
-    The chunks are recorded as they came from upstream (the answer, the usage and the time to first token
-    are rebuilt from them); with a ``strip`` filter (``velvet_stream_usage=inject``) the client gets them
-    without the usage velvet asked for.
-    """
-
-    __slots__ = ("chunks", "clock", "finished", "strip")
-
-    def __init__(self, clock: Any, strip: UsageStripper | None = None) -> None:
-        self.chunks: list[tuple[float, bytes]] = []
-        self.finished = False
-        self.clock = clock
-        self.strip = strip
-
-    def __call__(self, data: bytes) -> bytes | list[bytes]:
-        if data:
-            self.chunks.append((self.clock(), data))
-        else:
-            self.finished = True
-        if self.strip is not None:
-            try:
-                return self.strip.feed(data)
-            except Exception:  # never break the stream: from here on it goes to the client as it comes
-                log.exception("velvet: could not filter a stream; passing it on unfiltered")
-                held, self.strip = self.strip.buf, None
-                return [held + data] if held or data else []
-        return data
+def sidecar(spill: Path) -> Path:
+    """The file beside a tap's spill file that describes its flow (for recovery after a crash)."""
+    return spill.with_suffix(".json")

@@ -23,7 +23,7 @@ import orjson
 from peewee import Database, IntegrityError, PostgresqlDatabase, SqliteDatabase
 
 from velvet_core.storage import models
-from velvet_core.storage.rows import COPY_FROM, chunks, insert_rows
+from velvet_core.storage.bulk import COPY_FROM, chunks, insert_rows
 from velvet_core.storage.sql import adapt, ts
 
 HOUR, DAY = 1, 24  # call_rollups.hours

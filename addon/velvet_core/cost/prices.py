@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -101,6 +102,10 @@ class Pricer:
         with self._lock:
             return _genai_cost(model, tokens.input or 0, tokens.cached or 0, tokens.output or 0,
                                batch, service_tier)
+
+    def line_cost(self, row: dict[str, Any]) -> float | None:
+        """A batch result line's cost, at the batch rate, from its row (model and token columns)."""
+        return self.cost(row.get("model"), Tokens.of_row(row), batch=True)
 
     def _override(self, model: str, batch: bool) -> Rate | None:
         rates = self.overrides.get(model)
