@@ -66,37 +66,35 @@ def _any(column_sqls: list[str], patterns: tuple[str, ...], params: list[Any]) -
     return "(" + " OR ".join(parts) + ")"
 
 
-def call_filters(db: Database, rule: Rule, params: list[Any]) -> str:
-    """`` AND …`` for the rule's model, endpoint, key and tags filters on ``calls``."""
+def _filters(db: Database, rule: Rule, params: list[Any], models: list[str], endpoint: str,
+             endpoints: tuple[str, ...], key: str, tags: str) -> str:
+    """`` AND …`` for the rule's model, endpoint, key and tags filters, on the columns given."""
     where = []
     if rule.models:
-        where.append(_any(["model", "model_requested"], rule.models, params))
+        where.append(_any(models, rule.models, params))
     if rule.endpoints:
-        where.append(_any(["endpoint"], rule.endpoints, params))
+        where.append(_any([endpoint], endpoints, params))
     if rule.keys:
-        where.append(_any(["key_fingerprint"], rule.keys, params))
+        where.append(_any([key], rule.keys, params))
     for k, v in rule.tags:
-        where.append(f"{json_field(db, 'tags')} = ?")
+        where.append(f"{json_field(db, tags)} = ?")
         params += [json_key(db, k), v]
     return "".join(" AND " + w for w in where)
+
+
+def call_filters(db: Database, rule: Rule, params: list[Any]) -> str:
+    """The filters on ``calls``."""
+    return _filters(db, rule, params, ["model", "model_requested"], "endpoint", rule.endpoints, "key_fingerprint",
+                    "tags")
 
 
 BATCH_MODEL = "COALESCE(b.model, (SELECT min(r.model) FROM batch_requests r WHERE r.batch_id = b.id))"
 
 
 def batch_filters(db: Database, rule: Rule, params: list[Any]) -> str:
-    """`` AND …`` on batches (alias ``b``): model, endpoint, key, and tags matched to the batch's metadata."""
-    where = []
-    if rule.models:
-        where.append(_any([BATCH_MODEL], rule.models, params))
-    if rule.endpoints:  # stored as the API's path, /v1/chat/completions
-        where.append(_any(["b.endpoint"], tuple("*/" + e.replace(".", "/") for e in rule.endpoints), params))
-    if rule.keys:
-        where.append(_any(["b.key_fingerprint"], rule.keys, params))
-    for k, v in rule.tags:
-        where.append(f"{json_field(db, 'b.metadata')} = ?")
-        params += [json_key(db, k), v]
-    return "".join(" AND " + w for w in where)
+    """The filters on batches (alias ``b``); tags match the batch's metadata, endpoints its API path."""
+    return _filters(db, rule, params, [BATCH_MODEL], "b.endpoint",
+                    tuple("*/" + e.replace(".", "/") for e in rule.endpoints), "b.key_fingerprint", "b.metadata")
 
 
 def level_of(rule: Rule, value: float | None) -> str:
