@@ -41,3 +41,41 @@ def test_cli_reference_covers_every_command():
     for cmd in ("batches", "batch", "lines", "show", "calls", "stats", "status", "sql", "export", "replay",
                 "compare", "alerts", "alerts check", "report", "rebuild"):
         assert f"`velvet {cmd}`\n\n```text\nusage: velvet {cmd} " in text, cmd
+
+
+def test_readme_lists_the_dependencies_of_pyproject():
+    """README's dependency list is pyproject.toml's, no more, no less (requirement names with their extras)."""
+    import re
+    import tomllib
+
+    declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.match(r"[A-Za-z0-9_.\-]+(\[[^\]]*\])?", d).group(0) for d in declared}
+    readme = (ROOT / "README.md").read_text()
+    para = readme[readme.index("Its dependencies, as `pyproject.toml` declares them:"):]
+    para = para[:para.index(".\n") if ".\n" in para[:400] else para.index(". ")]
+    listed = set(re.findall(r"`([^`]+)`", para.split(":", 1)[1]))
+    assert listed == names
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to dashes."""
+    import re
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_is_short_and_its_links_and_docs_links_resolve():
+    import re
+
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 300
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    anchors = {p.resolve(): {_slug(h) for h in re.findall(r"^#+ (.+)$", p.read_text(), re.M)} for p in pages}
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page.resolve()
+            assert dest.exists(), (page.name, target)
+            if anchor:
+                assert anchor in anchors.get(dest, set()), (page.name, target)
