@@ -1,7 +1,7 @@
 """Benchmarks: plain mitmdump against mitmdump + velvet, alternated in one run, everything on loopback.
 
 Run through ``scripts/bench [--quick] [--json]``. Figures are ratios against the plain proxy (or a bare
-baseline) measured in the same run, because these machines are noisy. See BENCHMARKS.md.
+baseline) measured in the same run, because these machines are noisy. See docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -650,7 +650,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="velvet benchmarks (see BENCHMARKS.md)")
+    ap = argparse.ArgumentParser(description="velvet benchmarks (see docs/benchmarks.md)")
     ap.add_argument("--quick", action="store_true", help="smaller sizes, under a minute")
     ap.add_argument("--rounds", type=int, help="live rounds per proxy (default 32; --quick 4): more for a tighter "
                                                "median on a noisy machine")

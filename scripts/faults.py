@@ -185,7 +185,7 @@ def table(r: dict[str, Any]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description="velvet's fault suite, with figures (see BENCHMARKS.md)")
+    ap = argparse.ArgumentParser(description="velvet's fault suite, with figures (see docs/benchmarks.md)")
     ap.add_argument("--quick", action="store_true", help="smaller scenarios, about a minute")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--writer", choices=("auto", "thread", "process"), default="auto",

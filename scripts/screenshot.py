@@ -1,4 +1,4 @@
-"""Take the README's mitmweb screenshot: the demo's traffic through ``mitmweb -s addon/velvet.py``.
+"""Take the mitmweb screenshot (docs/mitmweb.png): the demo's traffic through ``mitmweb -s addon/velvet.py``.
 
 Needs Chromium (Debian package ``chromium``; ``fonts-noto-color-emoji`` for the markers). Usage:
 ``.venv/bin/python scripts/screenshot.py docs/mitmweb.png``

@@ -1,4 +1,4 @@
-"""Every client of the README's "Clients" section, through a real mitmdump with velvet at the stand-in.
+"""Every client of docs/clients.md, through a real mitmdump with velvet at the stand-in.
 
 Python (the openai SDK, requests, httpx), Node (the official openai npm SDK, in reverse mode and with
 undici's EnvHttpProxyAgent; and Node's fetch ignoring HTTPS_PROXY), curl; reverse mode itself, and the

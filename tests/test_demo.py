@@ -34,6 +34,7 @@ def test_demo(tmp_path, capsys):
     assert orjson.loads(capsys.readouterr().out) == [{"n": 12}]
 
     readme = (ROOT / "README.md").read_text()
-    demo = readme[readme.index("## Try it offline"):readme.index("## Clients")]
+    start = readme.index("## Try it offline")
+    demo = readme[start:readme.index("\n## ", start)]
     shown = set(re.findall(r"/tmp/(velvet-demo[^/\s]*)/velvet\.db", demo))
     assert len(shown) == 1 and DEMO_DIR.fullmatch(shown.pop()), shown  # one dir, shaped like the real one

@@ -1,4 +1,5 @@
-"""JSON columns: jsonb on PostgreSQL, JSON text on SQLite; the migration of existing rows; the README's queries."""
+"""JSON columns: jsonb on PostgreSQL, JSON text on SQLite; the migration of existing rows; the documented queries
+(docs/schema.md)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from velvet_core.storage.migrations import (
 from velvet_core.storage.ops import CallRow, RequestLines
 from velvet_core.storage.store import Store
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SCHEMA_DOC = Path(__file__).resolve().parent.parent / "docs" / "schema.md"
 
 
 def is_sqlite(db) -> bool:
@@ -149,15 +150,15 @@ def test_json_text_only_touches_nul_escapes():
 
 
 def readme_queries(backend: str) -> list[str]:
-    """The statements of the README's SQL block that starts with ``-- <backend>``."""
-    blocks = re.findall(r"```sql\n(.*?)```", README.read_text(), re.S)
+    """The statements of docs/schema.md's SQL block that starts with ``-- <backend>``."""
+    blocks = re.findall(r"```sql\n(.*?)```", SCHEMA_DOC.read_text(), re.S)
     [block] = [b for b in blocks if b.startswith(f"-- {backend}")]
     code = "\n".join(line for line in block.splitlines() if not line.startswith("--"))
     return [s.strip() for s in code.split(";\n") if s.strip()]
 
 
 def test_readme_json_queries(proxy, monkeypatch, capsys):
-    """The README's JSON queries for the proxy's backend, through ``velvet sql``, on a call the SDK made."""
+    """docs/schema.md's JSON queries for the proxy's backend, through ``velvet sql``, on a call the SDK made."""
     client = proxy.client(monkeypatch)
     msg = "What does jsonb give me?"
     r = client.chat.completions.with_raw_response.create(model="gpt-4o-mini",

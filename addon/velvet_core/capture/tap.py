@@ -5,7 +5,7 @@ arrives, inside its event handling. This one only appends the chunk to a spill f
 GIL is released during the write) and returns it untouched: no parsing, no memory growth, whatever
 the body's size. The writer thread parses the file once the flow is over (see :mod:`ingest`):
 parsing during the transfer competes with the event loop for the GIL and measurably slowed uploads
-(see BENCHMARKS.md).
+(see docs/benchmarks.md).
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ class PostgresDatabase(PostgresqlDatabase):
 # pragma only applies before the first table). A batch line's body is often a few kB: with 4 kB pages each such
 # row spilled onto overflow pages. The bench's 200 MB / 50,000-line upload: SQLite's share of the ingest 0.93 ->
 # 0.58 s, the whole offline ingest about 25 % less (three alternated runs); live writes and the --scale queries
-# were unchanged or faster (BENCHMARKS.md, session 5). 32 kB was no better.
+# were unchanged or faster (BENCHMARKS.md at c8ffec3, session 5). 32 kB was no better.
 PAGE_SIZE = 16384
 # A checkpoint (pages copied from the WAL into the database, then fsync) every 8,192 pages (128 MB of WAL at
 # 16 kB pages; 32 MB at 4 kB) instead of SQLite's 1,000: a 200 MB upload's ingest took about 7 % less (median

@@ -41,8 +41,8 @@ POLL = 0.05  # seconds between looks at the journal
 # wants (the proxy, the clients on the machine); on a machine busy for long it falls behind, and catches up from
 # the journal on disk. Against +10, in two paired runs of the benchmark's live phase: throughput ratio 0.985 /
 # 0.999 against 0.934 / 0.959, p95 latency 35.7 / 34.6 ms against 39.0 / 36.6 ms (plain mitmdump 35.0 / 35.9);
-# a machine this noisy needs more runs to be sure (BENCHMARKS.md, "Nice 19"). Where it can, it also runs in the
-# idle scheduling class (:func:`_spread`).
+# a machine this noisy needs more runs to be sure (BENCHMARKS.md at c8ffec3, "Nice 19"). Where it can, it also runs
+# in the idle scheduling class (:func:`_spread`).
 NICE = 19
 # how long the writer lets flows gather before a transaction (a thread writer: 0.1 s). Bigger transactions cost
 # less per call: in a paired live run the child's CPU per call was 160 us at 0.1 s, 120 at 0.4 and 100 at 1.0 s,
@@ -147,7 +147,7 @@ def _spread(parent: int) -> None:
     # SCHED_IDLE (Linux): any other task that wakes up preempts the writer at once. Linux's EEVDF scheduler
     # (6.6 on) may let a task at nice 19 finish its slice first, which held up the benchmark's client and
     # upstream on the writer's core: throughput ratio 0.983 / 0.942 against 0.940 / 0.908 at nice 19 in two
-    # paired runs (BENCHMARKS.md, session 5)
+    # paired runs (BENCHMARKS.md at c8ffec3, session 5)
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
