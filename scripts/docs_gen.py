@@ -36,12 +36,8 @@ def stable_env() -> Iterator[None]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    """The ``velvet`` command's parser: ``velvet_core.cli.parser()`` (the agreed place after issue 19's
-    restructure), else ``velvet_core.query.cli.parser()`` (today's layout; drop this fallback after the merge)."""
-    try:
-        from velvet_core.cli import parser  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from velvet_core.query.cli import parser
+    from velvet_core.cli import parser
+
     return parser()
 
 
@@ -74,36 +70,10 @@ def cli_reference() -> str:
         return "\n".join(parts)
 
 
-class _Recorder:
-    """Stands in for mitmproxy's loader: records ``add_option`` calls (for the fallback below)."""
-
-    class _Options:
-        deferred: dict[str, Any] = {}
-
-    class _Master:
-        def __init__(self) -> None:
-            self.options = _Recorder._Options()
-
-    def __init__(self) -> None:
-        self.master = self._Master()
-        self.options: list[argparse.Namespace] = []
-
-    def add_option(self, name: str, typespec: Any, default: Any, help: str, choices: Any = None) -> None:
-        self.options.append(argparse.Namespace(name=name, type=typespec, default=default, help=help,
-                                               choices=choices))
-
-
 def _options() -> tuple[Any, ...]:
-    """velvet's options: ``velvet_core.options.OPTIONS`` (the agreed table after issue 19), else what today's
-    ``Velvet.load`` (``velvet_core.capture.addon``) declares to a recording loader (drop after the merge)."""
-    try:
-        from velvet_core.options import OPTIONS  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        from velvet_core.capture.addon import Velvet
-        loader = _Recorder()
-        Velvet().load(loader)
-        return tuple(loader.options)
-    return tuple(OPTIONS)
+    from velvet_core.options import OPTIONS
+
+    return OPTIONS
 
 
 def _type_name(typespec: Any) -> str:

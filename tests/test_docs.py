@@ -79,29 +79,3 @@ def test_readme_is_short_and_its_links_and_docs_links_resolve():
             assert dest.exists(), (page.name, target)
             if anchor:
                 assert anchor in anchors.get(dest, set()), (page.name, target)
-
-
-def test_generator_prefers_the_agreed_interfaces(monkeypatch):
-    """After issue 19's restructure: ``velvet_core.cli.parser()`` and ``velvet_core.options.OPTIONS`` are read
-    when they exist (today's layout is the fallback)."""
-    import argparse
-    import importlib.util
-    import sys
-    import types
-
-    spec = importlib.util.spec_from_file_location("docs_gen", ROOT / "scripts" / "docs_gen.py")
-    assert spec and spec.loader
-    docs_gen = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(docs_gen)
-
-    def parser() -> argparse.ArgumentParser:
-        ap = argparse.ArgumentParser(prog="velvet")
-        ap.add_subparsers().add_parser("only").add_subparsers().add_parser("nested")
-        return ap
-
-    option = types.SimpleNamespace(name="velvet_x", type=int, default=3, help="a | b", choices=None)
-    monkeypatch.setitem(sys.modules, "velvet_core.cli", types.SimpleNamespace(parser=parser))
-    monkeypatch.setitem(sys.modules, "velvet_core.options", types.SimpleNamespace(OPTIONS=(option,)))
-    ref = docs_gen.cli_reference()
-    assert "### `velvet only`" in ref and "#### `velvet only nested`" in ref and "batches" not in ref
-    assert docs_gen.options_table().splitlines()[2] == "| `velvet_x` | int | `3` | a \\| b |"

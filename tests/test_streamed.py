@@ -296,14 +296,14 @@ def test_compressed_download_is_parsed_in_bounded_memory(tmp_path):
 
 
 def test_a_bug_while_parsing_a_streamed_body_keeps_the_call_row(tmp_path, monkeypatch):
-    from velvet_core.processing import ingest
+    from velvet_core.processing import batch_files
 
     def broken(*a, **k):
         yield RequestLines([])
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr("velvet_core.processing.processor.ingest_streamed", broken)
-    assert ingest.ingest_streamed is not broken
+    assert batch_files.ingest_streamed is not broken
     url = f"sqlite:///{tmp_path}/v.db"
     v = Velvet()
     with taddons.context(v) as tctx:
