@@ -10,8 +10,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parent.parent / "addon" / "velvet_core"
 
-# what each subpackage may import from velvet_core (besides itself and the leaf modules config, humanize, redact)
-LEAVES = ("config", "humanize", "redact", "pids")  # top-level modules any layer may use
+# what each subpackage may import from velvet_core (besides itself and the leaf modules of LEAVES)
+LEAVES = ("config", "humanize", "redact", "pids", "private", "secret_names")  # top-level modules any layer may use
 ALLOWED = {
     "parsing": set(),
     "storage": {"parsing"},

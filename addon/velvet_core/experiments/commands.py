@@ -30,6 +30,7 @@ from velvet_core.experiments.plan import (
 from velvet_core.experiments.select import Selection, SelectionError, count, parse_tag, select
 from velvet_core.humanize import Progress, duration, money, ms, pairs, table
 from velvet_core.humanize import count as num
+from velvet_core.private import open_private
 from velvet_core.query import queries
 from velvet_core.storage.database import open_db
 
@@ -403,7 +404,7 @@ def export_finetune(db: Database, a: argparse.Namespace) -> None:
     if sel.endpoint not in (None, "chat.completions", "responses"):
         raise ValueError(f"--endpoint {sel.endpoint!r}: fine-tuning data comes from chat.completions or responses")
     total = count(db, sel, ok_only=True)
-    out = open(a.output, "w", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
+    out = open_private(a.output, "w", follow=True, encoding="utf-8") if a.output else sys.stdout
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
     skipped: Counter[str] = Counter()
     written = 0

@@ -17,7 +17,9 @@ from velvet_core import __version__, config
 from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
+from velvet_core.private import open_private
 from velvet_core.query import queries, rebuild
+from velvet_core.query.status import database_files
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
 from velvet_core.report.cli import add_commands as add_report_commands
@@ -202,7 +204,7 @@ def cmd_export(db: Database, a: argparse.Namespace) -> None:
     if a.format == "finetune":
         return export_finetune(db, a)
     total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
-    out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
+    out = open_private(a.output, "w", follow=True, newline="", encoding="utf-8") if a.output else sys.stdout
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
     try:
         writer: csv.DictWriter | None = None
@@ -304,7 +306,8 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
-    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
+    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error,
+                  database_files(a.db or config.default_db_url()))
     if a.json:
         dump_json(s)
     else:
@@ -320,6 +323,9 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
             print(f"database: {db_error}")
         print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
               f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
+        for f in s["world_readable"]:
+            print(f"readable by other users: {f['path']} (mode {f['mode']}; velvet leaves an existing file's "
+                  f"mode alone: chmod go-rwx it)")
     failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
     return 1 if failing or db_error else 0
 
