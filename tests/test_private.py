@@ -9,17 +9,13 @@ so). End to end through a real mitmdump on both backends, with the helpers' clas
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import stat
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-import openai
 import pytest
 from mitmproxy.test import tflow
-from rig import API_KEY, Proxy, bound, wait_for
+from privacy import HEADERS, QUERY, S, found, mode, probe, umask
+from rig import API_KEY
 from velvet_core.capture.snapshot import begin, finish, settle, to_record
 from velvet_core.capture.tap import BodyTap
 from velvet_core.parsing.classify import classify
@@ -27,39 +23,9 @@ from velvet_core.parsing.extract import key_fingerprint, safe_headers
 from velvet_core.private import loose, open_private, private_dir, touch_private, write_private
 from velvet_core.redact import redact
 from velvet_core.secret_names import redact_path, secret_header, secret_name
-from velvet_core.storage import models
 from velvet_core.storage.database import connect, open_db
 from velvet_core.writer.deadletter import DeadLetters
 from velvet_core.writer.spool import Spool
-
-# planted secrets: each is searched for, byte for byte, everywhere velvet keeps or prints something
-S = {name: f"PLANTED{name.upper()}{i:02d}x7q" for i, name in enumerate((
-    "key", "apikey", "token", "sig", "code", "secret", "password", "goog", "apim", "portkey", "cookie", "aig",
-    "setcookie", "upstream"))}
-QUERY = {"key": S["key"], "api-key": S["apikey"], "Access_Token": S["token"], "sig": S["sig"],
-         "code": S["code"], "client_secret": S["secret"], "password": S["password"], "api-version": "2024-10-21"}
-HEADERS = {"x-goog-api-key": S["goog"], "Ocp-Apim-Subscription-Key": S["apim"], "x-portkey-api-key": S["portkey"],
-           "cookie": f"session={S['cookie']}", "cf-aig-authorization": f"Bearer {S['aig']}"}
-PLANTED = [*S.values(), API_KEY]
-MSG = [{"role": "user", "content": "hello"}]
-
-
-@contextmanager
-def umask(mask: int) -> Iterator[None]:
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def mode(p: Path) -> int:
-    return stat.S_IMODE(p.lstat().st_mode)
-
-
-def found(data: bytes) -> list[str]:
-    return [s for s in PLANTED if s.encode() in data]
-
 
 # -- the names ----------------------------------------------------------------------------------------------------
 
@@ -217,95 +183,16 @@ def test_a_new_sqlite_database_and_its_wal_are_private(tmp_path):
 
 # -- end to end ---------------------------------------------------------------------------------------------------
 
-def dump_database(url: str) -> bytes:
-    """Every row of every table as text."""
-    db = connect(url)
-    db.connect()
-    try:
-        out = []
-        for t in db.get_tables():
-            cur = db.execute_sql(f'SELECT * FROM "{t}"')
-            out += [repr(row) for row in cur.fetchall()]
-        return "\n".join(out).encode()
-    finally:
-        db.close()
-
-
-def scan(root: Path) -> dict[str, list[str]]:
-    """The planted secrets found in any file below ``root``."""
-    hits = {}
-    for p in root.rglob("*"):
-        if p.is_file() and not p.is_symlink() and (got := found(p.read_bytes())):
-            hits[str(p)] = got
-    return hits
-
-
-def not_private(root: Path) -> dict[str, str]:
-    return {str(p): f"{mode(p):04o}" for p in [root, *root.rglob("*")]
-            if mode(p) != (0o700 if p.is_dir() else 0o600)}
-
-
-def test_no_secret_reaches_disk_or_outputs_and_every_file_is_private(db_url, standin, tmp_path, monkeypatch,
-                                                                    capsys):
+def test_no_secret_reaches_disk_or_outputs_and_every_file_is_private(db_url, standin, tmp_path):
     """Secret-bearing queries and headers through a real mitmdump (umask 022, inherited): no byte of them in
-    the database (every table), its files, the spool, journal and status files, mitmdump's log, exports or the
-    report; every file and folder velvet made is 0600 / 0700."""
-    from velvet_core.query.cli import main
-
-    run = tmp_path / "run"
-    data = tmp_path / "data"  # made by velvet
-    url = f"sqlite:///{data / 'velvet.db'}" if db_url.startswith("sqlite") else db_url
-    canned = standin.can(b'{"object": "list", "data": []}', headers=[
-        (b"set-cookie", f"sid={S['setcookie']}".encode()), (b"x-upstream-token", S["upstream"].encode())])
-    with umask(0o022):
-        # mitmproxy's own flow listing prints each URL as sent (flow_detail 0 keeps it out: see docs/security.md)
-        p = Proxy(url, standin.url, run, extra=["--set", "flow_detail=0"]).start()
-        try:
-            client = p.client(monkeypatch, default_query=QUERY, default_headers=HEADERS)
-            client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-            list(client.chat.completions.create(model="gpt-4o-mini", messages=MSG, stream=True))
-            client.models.list(extra_headers={"x-standin-canned": canned})
-            with pytest.raises(openai.InternalServerError):
-                client.chat.completions.create(model="gpt-4o-mini", messages=MSG,
-                                               extra_headers={"x-standin-scenario": "500"})
-            lines = b"".join(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": "/v1/chat/completions",
-                                         "body": {"model": "gpt-4o-mini", "messages": MSG}}).encode() + b"\n"
-                             for i in range(3))
-            f = client.files.create(file=("in.jsonl", lines), purpose="batch")
-            client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h")
-
-            def stored() -> bool:
-                with bound(url):
-                    return models.Call.select().count() >= 6
-            wait_for(stored, 30, "6 calls")
-            with bound(url):
-                paths = [c.path for c in models.Call.select()]
-                fps = {c.key_fingerprint for c in models.Call.select()}
-            assert all("api-version=2024-10-21" in x and "key=***" in x for x in paths), paths
-            assert fps == {key_fingerprint({"authorization": f"Bearer {API_KEY}"})}
-            wait_for(lambda: list((run / "spool").glob("status-*.json")), 10, "a status file")
-            out = tmp_path / "out"
-            out.mkdir(mode=0o700)
-            for name, args in (("calls.jsonl", ["export", "--format", "jsonl"]),
-                               ("calls.csv", ["export", "--format", "csv"]),
-                               ("lines.jsonl", ["export", "--lines", "--format", "jsonl"]),
-                               ("report.html", ["report"])):
-                assert main(["--db", url, *args, "-o", str(out / name)]) == 0
-            # (velvet status is left out while a proxy runs until issue 24 item 9 is fixed: it crashes on
-            # mixed naive and aware times; the status files it reads are in the scan below)
-            for args in (["calls"], ["calls", "--json"], ["batches"], ["stats"], ["show", "1"], ["show", "2"]):
-                main(["--db", url, *args])
-            printed = capsys.readouterr()
-            assert found((printed.out + printed.err).encode()) == []
-            while_running = {**not_private(run / "spool"), **not_private(out)}
-            if url.startswith("sqlite"):
-                while_running |= not_private(data)
-            assert while_running == {}
-            assert {**scan(run), **scan(out), **scan(data)} == {}
-            assert found(dump_database(url)) == []
-        finally:
-            assert p.stop() == 0
-    assert {**scan(run), **scan(out), **scan(data)} == {}
-    assert not_private(run / "spool") == {} and (not url.startswith("sqlite") or not_private(data) == {})
-    assert found(dump_database(url)) == []
-    assert "velvet" in p.output()  # (the log was written: it is in the scan above)
+    the database (every table), its files, the spool, journal and status files, mitmdump's log, exports, the
+    report or what the CLI printed; every file and folder velvet made is 0600 / 0700 (see tests/privacy.py)."""
+    r = probe(standin, tmp_path, db_url)
+    assert len(r.paths) >= 6 and all("api-version=2024-10-21" in x and "key=***" in x for x in r.paths), r.paths
+    assert r.fingerprints == {key_fingerprint({"authorization": f"Bearer {API_KEY}"})}
+    for made in ("run/spool/streams", "run/spool/journal/journal-", "run/spool/journal/writer-",
+                 "run/spool/status-"):
+        assert any(m.startswith(made) for m in r.made), (made, r.made)  # (all of them were walked)
+    assert r.secrets == {}
+    assert r.loose == {}
+    assert r.figures() == {"secrets_found": 0, "world_readable_files": 0}
