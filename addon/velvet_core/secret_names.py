@@ -43,17 +43,26 @@ def secret_name(name: str) -> bool:
     return _secret(_norm(name))
 
 
-_HEADERS: dict[bytes, bool] = {}
+# Raw header names seen and found not secret: the event loop's hooks test ``name in PLAIN`` first (a set lookup,
+# no call: most names of most flows), and call :func:`secret_header` only for the others (which adds them here).
+PLAIN: set[bytes] = set()
+_SECRET: set[bytes] = set()
+_TAG = b"velvet-metadata-"  # (never plain: the capture takes them out of the request)
 
 
 def secret_header(name: bytes) -> bool:
-    """:func:`secret_name` for a raw header name (on the event loop for every header: remembered)."""
-    known = _HEADERS.get(name)
-    if known is None:
-        known = secret_name(name.decode("latin-1"))
-        if len(_HEADERS) < 4096:  # (names a client makes up cannot grow it without end)
-            _HEADERS[name] = known
-    return known
+    """:func:`secret_name` for a raw header name (remembered: see :data:`PLAIN`)."""
+    if name in _SECRET:
+        return True
+    if name in PLAIN:
+        return False
+    secret = secret_name(name.decode("latin-1"))
+    if len(PLAIN) + len(_SECRET) < 4096:  # (names a client makes up cannot grow them without end)
+        if secret:
+            _SECRET.add(name)
+        elif not name.lower().startswith(_TAG):
+            PLAIN.add(name)
+    return secret
 
 
 def redact_path(path: str) -> tuple[str, str | None]:

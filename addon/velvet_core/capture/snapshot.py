@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from velvet_core.capture.usage import UsageStripper
 from velvet_core.parsing.classify import Route
 from velvet_core.parsing.extract import SECRET_HEADERS, TAG_PREFIX, key_fingerprint
-from velvet_core.secret_names import redact_path, secret_header
+from velvet_core.secret_names import PLAIN, redact_path, secret_header
 
 if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
     from mitmproxy import http
@@ -174,7 +174,9 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
     tagged = False
     for f in req.headers.fields:
         name = f[0].lower()
-        if name in _SECRET or secret_header(name):
+        if name in PLAIN:
+            keep.append(f)
+        elif name in _SECRET or secret_header(name):
             secret = secret or {}
             key, value = name.decode(), f[1].decode("utf-8", "surrogateescape")
             secret[key] = f"{secret[key]}, {value}" if key in secret else value
@@ -208,8 +210,10 @@ def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
     if resp is not None:
         snap.status_code = resp.status_code
         fields = resp.headers.fields  # (an immutable tuple: mitmproxy replaces it on a change)
-        if any(secret_header(k) for k, _ in fields):  # (set-cookie, a gateway's token: never journaled)
-            fields = tuple(f for f in fields if not secret_header(f[0]))
+        for k, _ in fields:
+            if k not in PLAIN and secret_header(k):  # (set-cookie, a gateway's token: never journaled)
+                fields = tuple(f for f in fields if not secret_header(f[0]))
+                break
         snap.response_fields = fields
         snap.first_byte_at = resp.timestamp_start
         snap.ended_at = resp.timestamp_end
