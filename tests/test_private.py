@@ -196,3 +196,13 @@ def test_no_secret_reaches_disk_or_outputs_and_every_file_is_private(db_url, sta
     assert r.secrets == {}
     assert r.loose == {}
     assert r.figures() == {"secrets_found": 0, "world_readable_files": 0}
+
+
+def test_a_batch_lines_url_is_kept_without_its_key():
+    """A batch input line's ``url`` is a path velvet keeps (batch_requests.url): the same redaction."""
+    from velvet_core.parsing.jsonl import Line
+    from velvet_core.parsing.lines import request_row
+
+    row = request_row(Line(1, json.dumps({"custom_id": "a", "method": "POST", "body": {"model": "m"},
+                                          "url": f"/v1/chat/completions?api-key={S['apikey']}"}).encode()))
+    assert row["url"] == "/v1/chat/completions?api-key=***" and row["problem"] is None
