@@ -2,7 +2,8 @@
 
 Run through ``scripts/faults [--quick] [--json]``. Starts the stand-in API and a PostgreSQL cluster of
 its own, then runs each scenario of ``tests/faultkit.py`` (the same ones tests/test_faults.py asserts
-on) and prints what survived what. Targets: every ``*_lost`` and ``*_missing`` is 0, ``tracebacks`` is 0.
+on) and prints what survived what. Targets: every ``*_lost`` and ``*_missing`` is 0, ``tracebacks`` is 0, and
+every figure of the ``security`` section is 0.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the rig, the stand-in API
 import faultkit as fk
+import privacy
 from standin import StandIn
 
 
@@ -128,6 +130,14 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
             out.update(shared_pg_lines_lost=sh.lines_lost + sh.results_lost,
                        shared_pg_proxies_seen=sh.proxies_seen)
 
+        # what velvet promises about secrets and files: each probe returns figures, merged here (all must be 0)
+        security: dict[str, Any] = {}
+        say("faults: secrets planted in URL queries and headers, files and modes under umask 022")
+        for fig in each("secrets", lambda d, url: privacy.probe(standin, d, url).figures()):
+            for k, v in fig.items():
+                security[k] = security.get(k, 0) + v
+        out["security"] = security
+
         out["dead_lettered"] = fk.dead_letters(root)
         out["writer_processes_lingering"] = len(fk.LINGERED)
         out["tracebacks"] = sum(p.read_text(errors="replace").count("Traceback")
@@ -179,6 +189,7 @@ def table(r: dict[str, Any]) -> str:
                      f"{r['disk_full_dead_lettered']} dead-lettered"))
     if has("shared_pg_lines_lost"):
         rows.append(("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"))
+    rows += [(f"security: {k}", str(v)) for k, v in r.get("security", {}).items()]
     rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"

@@ -58,7 +58,7 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
             hook(self, flow)
         except Exception:
             log.exception("velvet: %s failed for %s %s (flow %s); the flow continues",
-                          hook.__name__, flow.request.method, flow.request.pretty_url, flow.id)
+                          hook.__name__, flow.request.method, redact(flow.request.pretty_url), flow.id)
 
     return wrapper
 
@@ -334,7 +334,7 @@ class Velvet:
                     strip = UsageStripper()
                 else:
                     log.warning("velvet: cannot take the usage chunk out of the stream of %s (compressed or of "
-                                "fixed length): the client gets it too", flow.request.path)
+                                "fixed length): the client gets it too", redact(flow.request.path))
             rec = StreamRecorder(time.time, strip)
             self.recorders[flow.id] = rec
             flow.response.stream = rec

@@ -1,8 +1,11 @@
-"""One redaction for every message that may carry a secret: URL passwords, API keys, bearer tokens."""
+"""One redaction for every message that may carry a secret: URL passwords, API keys, bearer tokens, secret
+query parameters (:func:`velvet_core.secret_names.secret_name`)."""
 
 from __future__ import annotations
 
 import re
+
+from velvet_core.secret_names import REDACTED, secret_name
 
 _PATTERNS = (
     (re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://[^:/@\s]*):[^@\s/]*@", re.I), r"\g<scheme>:***@"),  # URL password
@@ -12,8 +15,15 @@ _PATTERNS = (
 )
 
 
+_QUERY = re.compile(r"(?P<sep>[?&;])(?P<name>[^=&#?;\s]+)=(?P<value>[^&#;\s]*)")
+
+
+def _param(m: re.Match[str]) -> str:
+    return f"{m['sep']}{m['name']}={REDACTED}" if secret_name(m["name"]) else m[0]
+
+
 def redact(text: str) -> str:
-    """``text`` with passwords, keys and tokens replaced by ``***``."""
+    """``text`` with passwords, keys and tokens (query parameters named like secrets too) replaced by ``***``."""
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
-    return text
+    return _QUERY.sub(_param, text) if "=" in text else text

@@ -21,6 +21,7 @@ from velvet_core.alerts.notify import Notifier, payloads
 from velvet_core.alerts.rules import BATCH_KINDS, RuleSet, load_rules
 from velvet_core.alerts.runner import Engine, announce, utcnow
 from velvet_core.humanize import table, when
+from velvet_core.private import private_dir, write_private
 from velvet_core.storage.database import open_db
 from velvet_core.storage.sql import iso
 
@@ -102,9 +103,9 @@ def cmd_check(db: Database, a: argparse.Namespace) -> int:
             delivered = notifier.flush(ruleset.notify.timeout * (ruleset.notify.retries + 1) + 60) \
                 and notifier.failed == 0
         notifier.stop(0)
-        state.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(state.parent)
         tmp = state.with_suffix(".tmp")
-        tmp.write_bytes(orjson.dumps(engine.tracker.dump()))
+        write_private(tmp, orjson.dumps(engine.tracker.dump()))
         tmp.replace(state)
     report = _rule_states(engine, ruleset)
     if a.json:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from velvet_core.capture.usage import UsageStripper
 from velvet_core.parsing.classify import Route
 from velvet_core.parsing.extract import SECRET_HEADERS, TAG_PREFIX, key_fingerprint
+from velvet_core.secret_names import PLAIN, redact_path, secret_header
 from velvet_core.storage.snapshot import CallSnapshot
 
 if TYPE_CHECKING:  # the writer thread reads snapshots without importing mitmproxy
@@ -37,7 +38,7 @@ def pop_tags(headers: http.Headers) -> dict[str, str]:
 
 
 def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapshot:
-    """Start a snapshot at ``requestheaders``: tags removed, the key reduced to a fingerprint.
+    """Start a snapshot at ``requestheaders``: tags removed, the key (header or query) reduced to a fingerprint.
 
     One pass over the raw header fields (this runs on the event loop for every call): secrets go aside for
     the fingerprint only, tag headers are taken out of the request (rare: then :func:`pop_tags`); the others
@@ -49,7 +50,9 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
     tagged = False
     for f in req.headers.fields:
         name = f[0].lower()
-        if name in _SECRET:
+        if name in PLAIN:
+            keep.append(f)
+        elif name in _SECRET or secret_header(name):
             secret = secret or {}
             key, value = name.decode(), f[1].decode("utf-8", "surrogateescape")
             secret[key] = f"{secret[key]}, {value}" if key in secret else value
@@ -57,8 +60,12 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
             tagged = True
         else:
             keep.append(f)
+    # a key in the query (?api-key=, ?key=) is taken out here, before the journal: no later stage holds it
+    path, query_key = redact_path(req.path)
+    if query_key is not None and not secret:
+        secret = {"api-key": query_key}
     return CallSnapshot(
-        flow_id=flow.id, method=req.method, host=requested_host, path=req.path, route=route,
+        flow_id=flow.id, method=req.method, host=requested_host, path=path, route=route,
         key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
         request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
         request_fields=keep,
@@ -78,7 +85,12 @@ def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
     resp = flow.response
     if resp is not None:
         snap.status_code = resp.status_code
-        snap.response_fields = resp.headers.fields  # (an immutable tuple: mitmproxy replaces it on a change)
+        fields = resp.headers.fields  # (an immutable tuple: mitmproxy replaces it on a change)
+        for k, _ in fields:
+            if k not in PLAIN and secret_header(k):  # (set-cookie, a gateway's token: never journaled)
+                fields = tuple(f for f in fields if not secret_header(f[0]))
+                break
+        snap.response_fields = fields
         snap.first_byte_at = resp.timestamp_start
         snap.ended_at = resp.timestamp_end
         if snap.stream_chunks is None:

@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import orjson
 
+from velvet_core.private import private_dir, write_private
 from velvet_core.storage.snapshot import sidecar
 
 log = logging.getLogger("velvet")
@@ -70,11 +71,11 @@ class BodyTap:
         if self.broken is None:
             try:
                 if self._file is None:
-                    self.spill_dir.mkdir(parents=True, exist_ok=True)
+                    private_dir(self.spill_dir)  # (mkstemp's files are 0600 already)
                     fd, name = tempfile.mkstemp(prefix=f"tap-{os.getpid()}-", suffix=".part", dir=self.spill_dir)
                     self._file, self.path = os.fdopen(fd, "wb"), Path(name)
                     if self.meta is not None:
-                        sidecar(self.path).write_bytes(orjson.dumps(self.meta))
+                        write_private(sidecar(self.path), orjson.dumps(self.meta))
                 self._file.write(data)
             except Exception as e:  # never the user's problem (a full disk, say): note it, pass bytes on
                 self.broken = f"velvet could not keep the body: {type(e).__name__}: {e}"

@@ -11,7 +11,7 @@ import csv
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import orjson
 from peewee import Database
@@ -20,6 +20,7 @@ from velvet_core import jsonout
 from velvet_core.experiments import finetune
 from velvet_core.experiments.select import Selection, count, parse_tag, select
 from velvet_core.humanize import Progress
+from velvet_core.private import open_private
 from velvet_core.query import queries
 from velvet_core.storage.sql import since_arg
 
@@ -49,7 +50,7 @@ def cmd_export(db: Database, a: argparse.Namespace) -> None:
     else:
         total, rows = queries.export_rows(db, batch_id=a.batch, lines_of_batches=a.lines, since=a.since)
         skipped = Counter()
-    out = open(a.output, "w", newline="", encoding="utf-8") if a.output else sys.stdout  # noqa: SIM115
+    out = open_private(a.output, "w", follow=True, newline="", encoding="utf-8") if a.output else sys.stdout
     progress = Progress(total, f"exporting to {a.output}") if a.output else None
     written = 0
     try:
@@ -88,14 +89,14 @@ def _finetune_rows(db: Database, a: argparse.Namespace) -> tuple[int, Iterator[d
 
 # -- writers: one per format, each takes the open output and returns its row writer ------------------------
 
-def _jsonl(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _jsonl(out: IO[Any] | TextIO) -> Callable[[dict[str, Any]], None]:
     def write(r: dict[str, Any]) -> None:
         out.write(orjson.dumps(r, default=jsonout.default).decode() + "\n")
 
     return write
 
 
-def _csv(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _csv(out: IO[Any] | TextIO) -> Callable[[dict[str, Any]], None]:
     writer: csv.DictWriter | None = None
 
     def write(r: dict[str, Any]) -> None:
@@ -108,12 +109,12 @@ def _csv(out: TextIO) -> Callable[[dict[str, Any]], None]:
     return write
 
 
-def _finetune(out: TextIO) -> Callable[[dict[str, Any]], None]:
+def _finetune(out: IO[Any] | TextIO) -> Callable[[dict[str, Any]], None]:
     def write(example: dict[str, Any]) -> None:
         out.write(orjson.dumps(example).decode() + "\n")
 
     return write
 
 
-WRITERS: dict[str, Callable[[TextIO], Callable[[dict[str, Any]], None]]] = {
+WRITERS: dict[str, Callable[[IO[Any]], Callable[[dict[str, Any]], None]]] = {
     "jsonl": _jsonl, "csv": _csv, "finetune": _finetune}

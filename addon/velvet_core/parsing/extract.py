@@ -10,6 +10,8 @@ from typing import Any, overload
 
 import orjson
 
+from velvet_core.secret_names import secret_name
+
 RATELIMIT_HEADERS = {
     "x-ratelimit-limit-requests": "rl_limit_requests",
     "x-ratelimit-limit-tokens": "rl_limit_tokens",
@@ -18,8 +20,11 @@ RATELIMIT_HEADERS = {
     "x-ratelimit-reset-requests": "rl_reset_requests",
     "x-ratelimit-reset-tokens": "rl_reset_tokens",
 }
+# the usual secret headers; any name that ends like one is secret too (:mod:`velvet_core.secret_names`)
 SECRET_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "proxy-authorization", "cookie", "set-cookie",
-                            "proxy-authenticate", "www-authenticate"})
+                            "proxy-authenticate", "www-authenticate", "x-goog-api-key",
+                            "ocp-apim-subscription-key"})
+KEY_HEADERS = ("authorization", "api-key", "x-api-key", "x-goog-api-key", "ocp-apim-subscription-key")
 TAG_PREFIX = "velvet-metadata-"
 
 
@@ -130,8 +135,9 @@ def api_error(body: Any) -> ApiError:
 
 
 def key_fingerprint(headers: dict[str, str]) -> str | None:
-    """First 12 hex digits of sha256 of the API key (``Authorization: Bearer`` or Azure ``api-key``)."""
-    raw = headers.get("authorization") or headers.get("api-key") or headers.get("x-api-key")
+    """First 12 hex digits of sha256 of the API key (``Authorization: Bearer``, Azure ``api-key``, Google's
+    ``x-goog-api-key``...)."""
+    raw = next((v for h in KEY_HEADERS if (v := headers.get(h))), None)
     return _fingerprint(raw) if raw else None
 
 
@@ -143,7 +149,7 @@ def _fingerprint(raw: str) -> str:
 
 def safe_headers(headers: dict[str, str]) -> dict[str, str]:
     """Headers minus anything secret."""
-    return {k: v for k, v in headers.items() if k not in SECRET_HEADERS}
+    return {k: v for k, v in headers.items() if k not in SECRET_HEADERS and not secret_name(k)}
 
 
 def json_text(obj: Any) -> str:

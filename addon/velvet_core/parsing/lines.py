@@ -9,6 +9,7 @@ import orjson
 
 from velvet_core.parsing.extract import api_error, tokens_from_usage
 from velvet_core.parsing.jsonl import Line
+from velvet_core.secret_names import redact_path
 
 
 def _notes(line: Line) -> list[str]:
@@ -57,7 +58,7 @@ def request_row(line: Line) -> dict[str, Any]:
         else:
             row["custom_id"] = cid
         row["method"] = obj.get("method") if isinstance(obj.get("method"), str) else None
-        row["url"] = obj.get("url") if isinstance(obj.get("url"), str) else None
+        row["url"] = redact_path(obj["url"])[0] if isinstance(obj.get("url"), str) else None
         if row["url"] is None:
             problems.append("missing url")
         body = obj.get("body")

@@ -13,6 +13,7 @@ from peewee import Database, PostgresqlDatabase
 from velvet_core import config, jsonout
 from velvet_core.humanize import count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries, rebuild
+from velvet_core.query.status import database_files
 from velvet_core.query.status import status as status_of
 from velvet_core.storage.sql import since_arg
 
@@ -181,6 +182,8 @@ def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
 def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
     """Also called without a database (``db_error`` says why): status must speak when the database does not."""
     s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
+    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error,
+                  database_files(a.db or config.default_db_url()))
     if a.json:
         jsonout.dump(s)
     else:
@@ -196,6 +199,9 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
             print(f"database: {db_error}")
         print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
               f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
+        for f in s["world_readable"]:
+            print(f"readable by other users: {f['path']} (mode {f['mode']}; velvet leaves an existing file's "
+                  f"mode alone: chmod go-rwx it)")
     failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
     return 1 if failing or db_error else 0
 

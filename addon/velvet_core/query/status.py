@@ -7,6 +7,7 @@ when the database does not answer (the usual reason to look). Both are merged pe
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from typing import Any
 import orjson
 from peewee import Database
 
+from velvet_core import config
 from velvet_core.pids import alive
+from velvet_core.private import loose
 from velvet_core.storage.sql import iso, to_dt
+from velvet_core.storage.urls import sqlite_path
 
 KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
         "failing_since", "last_error", "queue_depth", "pending", "spooled", "dead_lettered", "written", "source")
@@ -23,8 +27,10 @@ STALE = timedelta(seconds=30)  # a proxy that has not published for this long is
 
 
 
-def status(db: Database | None, spool_dir: Path, db_error: str | None = None) -> dict[str, Any]:
-    """Every proxy known to the database or the spool directory, newest first, and the spool's leftovers."""
+def status(db: Database | None, spool_dir: Path, db_error: str | None = None,
+           files: Sequence[Path] = ()) -> dict[str, Any]:
+    """Every proxy known to the database or the spool directory, newest first, the spool's leftovers, and which
+    of ``files``, the spool directory and what it holds other users may read (``world_readable``)."""
     found: dict[str, dict[str, Any]] = {}
     if db is not None and db.table_exists("velvet_proxies"):
         cur = db.execute_sql("SELECT * FROM velvet_proxies")
@@ -65,4 +71,16 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None) ->
         "dead_letters": sum(1 for _ in letters.open("rb")) if letters.is_file() else 0,
         "dead_letter_file": str(letters),
         "quarantined": sorted(str(p) for p in spool_dir.rglob("*.damaged-*")) if spool_dir.is_dir() else [],
+        # made by their owner so (velvet creates its own 0600 and 0700, and leaves existing ones alone)
+        "world_readable": loose([*files, spool_dir, *sorted(spool_dir.rglob("*"))]),
     }
+
+
+def database_files(url: str) -> list[Path]:
+    """What holds a database's rows on this machine: a SQLite file with its -wal and -shm, and its folder when
+    that is velvet's data folder (PostgreSQL's files are the server's)."""
+    if not url.startswith("sqlite:"):
+        return []
+    db = Path(sqlite_path(url))
+    own = [db.parent] if db.parent.resolve() == config.data_dir().resolve() else []
+    return [*own, db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]

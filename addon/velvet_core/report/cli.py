@@ -7,12 +7,12 @@ import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import orjson
 from peewee import Database
 
+from velvet_core.private import write_private
 from velvet_core.report.data import collect
 from velvet_core.report.page import build
 from velvet_core.storage.sql import parse_since
@@ -59,7 +59,7 @@ def cmd_report(db: Database, a: argparse.Namespace) -> None:
     if out == "-":
         sys.stdout.write(html)
         return
-    Path(out).write_text(html, encoding="utf-8")
+    write_private(out, html.encode(), follow=True)
     if a.json:
         sys.stdout.write(orjson.dumps({"output": out, "bytes": len(html.encode()), "since": data["since"],
                                        "until": data["until"], "totals": data["totals"]},

@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
+from velvet_core.private import private_dir, touch_private
 from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path
@@ -55,7 +56,8 @@ def connect(url: str, *, readonly: bool = False) -> Database:
     if parts.scheme == "sqlite":
         path = sqlite_path(url)
         if not readonly:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_dir(Path(path).parent)
+            touch_private(path)  # 0600 before SQLite creates it: its -wal and -shm take the file's mode
         pragmas = {"page_size": PAGE_SIZE, "busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
                    "foreign_keys": 1, "wal_autocheckpoint": WAL_CHECKPOINT_PAGES}
         if readonly:

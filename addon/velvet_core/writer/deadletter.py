@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from velvet_core.private import private_dir
 from velvet_core.storage.ops import Op
 
 log = logging.getLogger("velvet")
@@ -36,7 +37,7 @@ class DeadLetters:
                   "data": dataclasses.asdict(op)}
         # the standard library's encoder: it escapes what orjson refuses (lone surrogates), and speed is moot here
         line = (json.dumps(record, default=_default, ensure_ascii=True) + "\n").encode()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             size = os.fstat(fd).st_size

@@ -19,6 +19,7 @@ from typing import Any
 import orjson
 
 from velvet_core.pids import alive as pid_alive
+from velvet_core.private import private_dir, write_private
 from velvet_core.redact import redact
 from velvet_core.storage import models
 
@@ -97,10 +98,10 @@ class Health:
         if force or now - self._file_at >= 2.0:
             self._file_at = now
             with contextlib.suppress(OSError):
-                self.file.parent.mkdir(parents=True, exist_ok=True)
+                private_dir(self.file.parent)
                 tmp = self.file.with_suffix(".tmp")
-                tmp.write_bytes(orjson.dumps({**snap, "quarantined": self.quarantined},
-                                             option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z))
+                write_private(tmp, orjson.dumps({**snap, "quarantined": self.quarantined},
+                                                option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z))
                 tmp.replace(self.file)
         if db is not None and (force or now - self._row_at >= 5.0):
             self._row_at = now

@@ -27,6 +27,7 @@ except ImportError:  # (Windows: no writer process there)
     fcntl = None  # type: ignore[assignment]
 
 from velvet_core.pids import alive as pid_alive
+from velvet_core.private import open_private, private_dir
 from velvet_core.storage.snapshot import CallSnapshot, from_record, to_record
 from velvet_core.writer.spool import Unpickler, quarantine
 
@@ -43,7 +44,7 @@ class Segment:
     def __init__(self, path: Path, journal: Journal) -> None:
         self.path = path
         self.journal = journal
-        self.file: Any = open(path, "ab", buffering=0)  # noqa: SIM115 (closed on rotation)
+        self.file: Any = open_private(path, "ab", buffering=0)  # (closed on rotation)
         self.opened = time.monotonic()
         self.count = 0
         self.outstanding = 0
@@ -114,7 +115,7 @@ class Journal:
         if cur is not None and (cur.count >= self.max_entries or time.monotonic() - cur.opened > self.max_age):
             self._rotate()
         if self._current is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            private_dir(self.dir)
             self._n += 1
             name = f"journal-{self.tag}-{os.getpid()}-{int(time.time())}-{self._n}.log"
             self._current = Segment(self.dir / name, self)
@@ -145,8 +146,8 @@ def hold(directory: Path, tag: str, pid: int) -> IO[bytes] | None:
     finishes the flows it has read, and the spill files it deletes once written must not be read twice."""
     if fcntl is None:
         return None
-    directory.mkdir(parents=True, exist_ok=True)
-    f = open(_lock_path(directory, tag, pid), "ab")  # noqa: SIM115 (kept open: the lock lives with the process)
+    private_dir(directory)
+    f = open_private(_lock_path(directory, tag, pid), "ab")  # (kept open: the lock lives with the process)
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:  # (another writer process for the same proxy: not started by velvet; its lock stays)

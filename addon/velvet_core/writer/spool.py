@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from velvet_core.pids import alive as pid_alive
+from velvet_core.private import open_private, private_dir
 from velvet_core.storage import ops
 from velvet_core.storage.snapshot import CallSnapshot
 
@@ -51,8 +52,8 @@ class Spool:
         if not entries:
             return
         with self._lock:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as f:
+            private_dir(self.dir)
+            with open_private(self.path, "ab") as f:
                 pickle.dump(list(entries), f, protocol=pickle.HIGHEST_PROTOCOL)
                 f.flush()
                 os.fsync(f.fileno())
