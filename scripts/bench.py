@@ -30,7 +30,7 @@ import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-ROUTE = ROOT / "tests" / "standin" / "route.py"
+ROUTE = ROOT / "tests" / "support" / "standin" / "route.py"
 STREAMING = ("--set", "stream_large_bodies=1")  # plain mitmdump, streaming every body
 
 CHAT = orjson.dumps({

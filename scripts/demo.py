@@ -18,9 +18,7 @@ from pathlib import Path
 
 import openai
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the stand-in API
-from standin import StandIn
+from support.standin import StandIn
 from velvet_core.cli import main as velvet
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -20,10 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the rig, the stand-in API
-import faultkit as fk
-import privacy
-from standin import StandIn
+from support import faultkit as fk
+from support import privacy
+from support.standin import StandIn
 
 
 def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:

@@ -25,14 +25,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import orjson
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "addon"))
-
-from velvet_core.query import queries  # noqa: E402
-from velvet_core.storage import database, sql  # noqa: E402
-from velvet_core.storage.database import open_db  # noqa: E402
-from velvet_core.storage.ops import (  # noqa: E402
+from velvet_core.query import queries
+from velvet_core.storage import database, sql
+from velvet_core.storage.database import open_db
+from velvet_core.storage.ops import (
     BatchSeen,
     CallRow,
     FileSeen,
@@ -42,7 +38,9 @@ from velvet_core.storage.ops import (  # noqa: E402
     RequestLines,
     ResultLines,
 )
-from velvet_core.storage.store import Store  # noqa: E402
+from velvet_core.storage.store import Store
+
+ROOT = Path(__file__).resolve().parent.parent
 
 VELVET = Path(sys.executable).with_name("velvet")
 PER_BATCH = 10_000

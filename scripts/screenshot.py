@@ -18,10 +18,8 @@ from pathlib import Path
 
 import openai
 import orjson
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the stand-in API
 from demo import free_port, start_proxy, workload
-from standin import StandIn
+from support.standin import StandIn
 
 PASSWORD = "velvet-demo"
 

@@ -2,33 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import secrets
+import contextlib
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
-import psycopg
 import pytest
-from rig import Proxy
-from standin import StandIn
-
-
-def pg_base_url() -> str:
-    url = os.environ.get("VELVET_TEST_PG")
-    if not url:
-        pytest.fail("VELVET_TEST_PG is not set: run the suite with scripts/test, which starts a "
-                    "throwaway PostgreSQL, or point VELVET_TEST_PG at a test database URL")
-    return url
-
-
-def fresh_pg_url() -> str:
-    """A new schema in the test database, reached through ``search_path``."""
-    base = pg_base_url()
-    schema = f"t_{secrets.token_hex(5)}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f"CREATE SCHEMA {schema}")
-    sep = "&" if urlsplit(base).query else "?"
-    return f"{base}{sep}options=-csearch_path%3D{schema}"
+from support.pg import fresh_pg_url
+from support.rig import Proxy
+from support.standin import StandIn
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -59,3 +39,42 @@ def proxy(request: pytest.FixtureRequest, standin: StandIn, tmp_path_factory) ->
     p = Proxy(url, standin.url, tmp).start()
     yield p
     p.stop()
+
+
+# -- markers: what a test needs, found from its fixtures and its code ----------------------------------------
+# e2e: it starts mitmdump (or mitmweb, node, scripts/run); pg: it uses a PostgreSQL database; slow: it runs the
+# bench, the fault suite, the demo or builds a wheel. `scripts/test --quick` runs the rest.
+
+_E2E = ("Proxy(", "MITMDUMP", "mitmdump", "mitmweb", "scripts\" / \"run", "scripts/run", "run_node(",
+        "start_proxy(", "fk.", "probe(")
+_PG = ("fresh_pg_url(", "pg_base_url(")
+_SLOW = ("scripts\" / \"bench", "scripts\" / \"faults", "scripts\" / \"demo", "\"wheel\"", "scale.py")
+
+
+def _sources(item: pytest.Item) -> str:
+    """The code of the test and of every fixture it uses (their own code, not what they call)."""
+    import inspect
+
+    out = []
+    fn = getattr(item, "function", None)
+    funcs = [fn] if fn is not None else []
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        funcs += [d.func for d in defs]
+    for f in funcs:
+        with contextlib.suppress(OSError, TypeError):  # (a builtin, or code without a file)
+            out.append(inspect.getsource(f))
+    return "\n".join(out)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        code = _sources(item)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        backends = {v for v in params.values() if v in ("sqlite", "postgres")}
+        if "postgres" in backends or (not backends and any(t in code for t in _PG)):
+            item.add_marker(pytest.mark.pg)
+        if any(t in code for t in _E2E):
+            item.add_marker(pytest.mark.e2e)
+        if any(t in code for t in _SLOW):
+            item.add_marker(pytest.mark.slow)

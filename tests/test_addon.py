@@ -10,7 +10,8 @@ import orjson
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow, tutils
-from rig import bound
+from support.helpers import snapshot
+from support.rig import bound
 from velvet_core.addon import Velvet
 from velvet_core.capture.take import StreamRecorder
 from velvet_core.cost.prices import Pricer
@@ -136,11 +137,9 @@ def test_extra_hosts():
 
 
 def snap(path="/v1/chat/completions", body=b"{}", resp=b"{}", status=200, enc=None, ct="application/json"):
-    s = CallSnapshot(flow_id="x", method="POST", host="api.openai.com", path=path, route=classify("POST", path),
-                     key_fingerprint=None, tags={}, request_headers={"content-type": "application/json"},
-                     request_body=body, request_encoding=None, started_at=1.0, ended_at=2.0,
-                     status_code=status, response_headers={"content-type": ct}, response_body=resp,
-                     response_encoding=enc)
+    s = snapshot(path, flow_id="x", request_headers={"content-type": "application/json"}, request_body=body,
+                 ended_at=2.0, status_code=status, response_headers={"content-type": ct}, response_body=resp,
+                 response_encoding=enc)
     return parse_call(s, Pricer(), 1 << 20)[0]
 
 
@@ -205,7 +204,7 @@ def test_the_hooks_keep_raw_header_fields_without_secrets_and_the_writer_decodes
 
 async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sqlite_url):
     """The old writer (here stuck on a database that does not answer) is retired in the background."""
-    from rig import free_port
+    from support.rig import free_port
 
     v = Velvet()
     nowhere = f"postgresql://velvet:pw@127.0.0.1:{free_port()}/x?connect_timeout=1"

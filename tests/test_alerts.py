@@ -15,7 +15,8 @@ import orjson
 import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
-from rig import free_port
+from support.rig import free_port
+from support.webhook import WebhookServer
 from velvet_core.addon import Velvet
 from velvet_core.alerts.evaluate import Instance, Reading
 from velvet_core.alerts.notify import Notifier, payloads, signature
@@ -24,7 +25,6 @@ from velvet_core.alerts.runner import AlertRunner
 from velvet_core.alerts.state import Tracker
 from velvet_core.cli import main
 from velvet_core.storage.database import open_db
-from webhook import WebhookServer
 
 GOOD = """
 [[rule]]

@@ -10,8 +10,8 @@ from decimal import Decimal
 import openai
 import orjson
 import pytest
-from conftest import fresh_pg_url
-from rig import Proxy, bound, call_row, stored_batch, wait_for
+from support.pg import fresh_pg_url
+from support.rig import Proxy, bound, call_row, stored_batch, wait_for
 from velvet_core.parsing.extract import key_fingerprint
 from velvet_core.storage import models
 

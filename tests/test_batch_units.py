@@ -9,7 +9,8 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rig import bound
+from support.helpers import multipart_body
+from support.rig import bound
 from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import classify
 from velvet_core.parsing.extract import Tokens, utc
@@ -59,16 +60,6 @@ def test_line_splitter_any_chunking(lines, final_nl, cuts):
     if got:
         assert got[-1].final_newline == (final_nl or data.endswith(b"\n"))
 
-
-def multipart_body(boundary: str, parts: list[tuple[str, str | None, bytes]]) -> bytes:
-    out = b""
-    for name, filename, value in parts:
-        disp = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-        out += f"--{boundary}\r\nContent-Disposition: {disp}\r\n".encode()
-        if filename:
-            out += b"Content-Type: application/octet-stream\r\n"
-        out += b"\r\n" + value + b"\r\n"
-    return out + f"--{boundary}--\r\n".encode()
 
 
 def scan(data: bytes, boundary: str, cuts: list[int]) -> dict[str, bytes]:

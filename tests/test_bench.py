@@ -7,8 +7,8 @@ import json
 import os
 import subprocess
 
-from conftest import pg_base_url
-from rig import ROOT
+from support.pg import pg_base_url
+from support.rig import ROOT
 
 KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_ratio", "live_p95_ms_ratio",
         "live_rps_ratio_no_journal", "live_rps_ratio_thread",

@@ -14,8 +14,9 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from conftest import fresh_pg_url
-from rig import Proxy
+from support.helpers import js, run
+from support.pg import fresh_pg_url
+from support.rig import Proxy
 from velvet_core import humanize
 from velvet_core.cli import main
 from velvet_core.storage import sql
@@ -94,16 +95,6 @@ def filled(request, standin, tmp_path_factory) -> Filled:
     return f
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def js(capsys, *args: str):
-    code, out, err = run(capsys, *args, "--json")
-    assert code == 0, err
-    return orjson.loads(out)
 
 
 def test_batches_json(filled, capsys):

@@ -22,8 +22,8 @@ import httpx
 import orjson
 import pytest
 import requests
-from conftest import fresh_pg_url
-from rig import API_KEY, ROOT, Proxy, bound, call_row, stored_batch, wait_for
+from support.pg import fresh_pg_url
+from support.rig import API_KEY, ROOT, Proxy, bound, call_row, stored_batch, wait_for
 from velvet_core.storage import models
 
 NODE_DIR = ROOT / "tests" / "node"

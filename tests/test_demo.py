@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import orjson
-from rig import ROOT
+from support.rig import ROOT
 from velvet_core.cli import main
 
 DEMO_DIR = re.compile(r"velvet-demo-[a-z0-9_]{8}")  # tempfile.mkdtemp(prefix="velvet-demo-")

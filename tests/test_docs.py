@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-from rig import ROOT
+from support.rig import ROOT
 
 DOCS = ("docs/cli.md", "docs/options.md")
 

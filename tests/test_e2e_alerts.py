@@ -16,13 +16,13 @@ from datetime import UTC, datetime, timedelta
 import openai
 import orjson
 import pytest
-from conftest import fresh_pg_url
-from rig import Proxy, bound
-from standin import StandIn
+from support.pg import fresh_pg_url
+from support.rig import Proxy, bound
+from support.standin import StandIn
+from support.webhook import WebhookServer
 from velvet_core.alerts.history import listing
 from velvet_core.storage import models
 from velvet_core.storage.database import open_readonly
-from webhook import WebhookServer
 
 SECRET = "hook-secret-for-tests"
 TOKEN = "T0KEN-in-the-webhook-path"

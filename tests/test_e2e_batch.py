@@ -6,13 +6,10 @@ import io
 
 import orjson
 import pytest
-from rig import bound, wait_for
+from support.helpers import jsonl
+from support.rig import bound, wait_for
 from velvet_core.storage import models
 from velvet_core.storage.models import Batch, BatchEvent, BatchRequest, BatchResult, File
-
-
-def jsonl(objs) -> bytes:
-    return b"".join(orjson.dumps(o) + b"\n" for o in objs)
 
 
 def chat_lines(n: int, prefix: str = "req", bad: set[int] = frozenset(), url="/v1/chat/completions"):

@@ -10,7 +10,7 @@ import orjson
 import psycopg
 import pytest
 from peewee import Cast
-from rig import API_KEY, bound, call_row, wait_for
+from support.rig import API_KEY, bound, call_row, wait_for
 from velvet_core.parsing.extract import key_fingerprint
 from velvet_core.storage import models
 
@@ -196,7 +196,7 @@ def test_nothing_lost_at_shutdown(standin, tmp_path, monkeypatch):
     """Rows still queued when mitmdump is told to stop are written before it exits."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from rig import Proxy
+    from support.rig import Proxy
 
     url = f"sqlite:///{tmp_path / 'shutdown.db'}"
     p = Proxy(url, standin.url, tmp_path).start()
@@ -216,7 +216,7 @@ def test_nothing_lost_at_shutdown(standin, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("mode", ["thread", "process"])
 def test_both_writer_modes_write_everything(standin, tmp_path, monkeypatch, mode):
-    from rig import Proxy
+    from support.rig import Proxy
 
     url = f"sqlite:///{tmp_path / 'modes.db'}"
     p = Proxy(url, standin.url, tmp_path, extra=["--set", f"velvet_writer={mode}"]).start()
@@ -232,7 +232,7 @@ def test_both_writer_modes_write_everything(standin, tmp_path, monkeypatch, mode
 def test_an_option_given_twice_takes_its_last_value_and_says_so(standin, tmp_path, monkeypatch):
     """mitmproxy refuses a script's option given twice and the script would never start (capturing nothing,
     silently): velvet keeps the last value, as a wrapper script appending options expects, and warns."""
-    from rig import Proxy
+    from support.rig import Proxy
 
     first, last = f"sqlite:///{tmp_path / 'first.db'}", f"sqlite:///{tmp_path / 'last.db'}"
     p = Proxy(first, standin.url, tmp_path,

@@ -12,8 +12,8 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from conftest import fresh_pg_url
-from rig import Proxy, bound, wait_for
+from support.pg import fresh_pg_url
+from support.rig import Proxy, bound, wait_for
 from test_e2e_batch import chat_lines, jsonl, run_batch
 from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 

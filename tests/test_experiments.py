@@ -10,7 +10,7 @@ import time
 import httpx2
 import orjson
 import pytest
-from rig import API_KEY, free_port
+from support.rig import API_KEY, free_port
 from velvet_core.cost.prices import Pricer
 from velvet_core.experiments import answers, finetune, judge
 from velvet_core.experiments.client import APIError, Client, backoff, retry_after

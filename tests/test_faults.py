@@ -15,15 +15,16 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import faultkit as fk
 import orjson
 import pytest
-from conftest import fresh_pg_url
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
-from rig import ROOT, bound
+from support import faultkit as fk
+from support.helpers import multipart_body
+from support.pg import fresh_pg_url
+from support.rig import ROOT, bound
 from velvet_core.addon import Velvet
 from velvet_core.storage import models
 
@@ -182,9 +183,8 @@ HEADER_NAMES = st.sampled_from([b"openai-organization", b"openai-project", b"x-r
 
 def multipart(lines: bytes) -> tuple[bytes, str]:
     b = "fuzzboundary"
-    body = (f"--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            f"--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"f.jsonl\"\r\n\r\n").encode()
-    return body + lines + f"\r\n--{b}--\r\n".encode(), f"multipart/form-data; boundary={b}"
+    return (multipart_body(b, [("purpose", None, b"batch"), ("file", "f.jsonl", lines)], content_type=False),
+            f"multipart/form-data; boundary={b}")
 
 
 @st.composite

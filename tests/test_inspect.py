@@ -10,6 +10,7 @@ import orjson
 import pytest
 from mitmproxy import contentviews, http
 from mitmproxy.test import taddons, tflow, tutils
+from support.helpers import multipart_body
 from test_addon import flow
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.parsing.classify import classify
@@ -27,9 +28,7 @@ def batch_line(i: int, pad: int = 0) -> bytes:
 
 
 def multipart(file: bytes, field: str = "file") -> bytes:
-    return (f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-            f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"in.jsonl\"\r\n"
-            f"Content-Type: application/octet-stream\r\n\r\n").encode() + file + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return multipart_body(BOUNDARY, [("purpose", None, b"batch"), (field, "in.jsonl", file)])
 
 
 def upload_flow(body: bytes, path="/v1/files", resp=b'{"id":"file-1","object":"file","purpose":"batch"}'):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from rig import call_row
+from support.rig import call_row
 from test_migrations import new_db, run_script  # noqa: F401 - new_db is a fixture
 from velvet_core.cli import main
 from velvet_core.query import queries

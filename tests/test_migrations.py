@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import fresh_pg_url
 from peewee import Database, SqliteDatabase
+from support.pg import fresh_pg_url
 from velvet_core.storage import models
 from velvet_core.storage.database import SCHEMA_VERSION, connect, migrate, schema_version
 from velvet_core.storage.migrations import (

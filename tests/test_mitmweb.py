@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import pytest
 from mitmproxy.utils import emoji
-from rig import Proxy, free_port, wait_for
+from support.rig import Proxy, free_port, wait_for
 from velvet_core.processing import markers
 
 MITMWEB = Path(sys.executable).with_name("mitmweb")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 from mitmproxy.test import tflow
-from privacy import HEADERS, QUERY, S, found, mode, probe, umask
-from rig import API_KEY
+from support.privacy import HEADERS, QUERY, S, found, mode, probe, umask
+from support.rig import API_KEY
 from velvet_core.capture.take import begin, finish
 from velvet_core.capture.tap import BodyTap
 from velvet_core.parsing.classify import classify

@@ -20,9 +20,9 @@ from pathlib import Path
 import genai_prices
 import orjson
 import pytest
-from conftest import fresh_pg_url
-from rig import API_KEY, Proxy, bound, wait_for
-from velvet_core.cli import main
+from support.helpers import js, run
+from support.pg import fresh_pg_url
+from support.rig import API_KEY, Proxy, bound, wait_for
 from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.storage import database, models
 
@@ -112,16 +112,6 @@ def env(logged, monkeypatch):
     return logged
 
 
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def js(capsys, *args: str):
-    code, out, err = run(capsys, *args, "--json")
-    assert code == 0, err
-    return orjson.loads(out)
 
 
 def live_answers_logged(url: str, experiment: str, n: int) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
-from reportdb import fill
+from support.reportdb import fill
 from velvet_core.cli import main
 from velvet_core.storage.database import open_db
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import openai
 import orjson
 import pytest
-from rig import API_KEY, ROOT, ROUTE, call_row, free_port
+from support.rig import API_KEY, ROOT, ROUTE, call_row, free_port
 
 MSG = [{"role": "user", "content": "Say hello to the proxy"}]
 

@@ -6,7 +6,8 @@ import threading
 import time
 
 import pytest
-from rig import bound, free_port
+from support.helpers import snapshot
+from support.rig import bound, free_port
 from velvet_core.parsing.classify import classify
 from velvet_core.storage import models
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
@@ -23,10 +24,7 @@ def call_row(i: int) -> dict:
 
 
 def snap(i: int) -> CallSnapshot:
-    path = "/v1/chat/completions"
-    return CallSnapshot(flow_id=f"f{i}", method="POST", host="api.openai.com", path=path,
-                        route=classify("POST", path), key_fingerprint=None, tags={}, request_headers={},
-                        request_body=None, request_encoding=None, started_at=1.0 + i)
+    return snapshot(flow_id=f"f{i}", started_at=1.0 + i)
 
 
 def call_op(s: CallSnapshot | int) -> list:

@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
-from rig import bound
+from support.helpers import snapshot as make_snapshot
+from support.rig import bound
 from test_batch_units import multipart_body
 from test_inspect import upload_flow
 from velvet_core.addon import Velvet
 from velvet_core.capture.tap import BodyTap
 from velvet_core.cost.prices import Pricer
-from velvet_core.parsing.classify import classify
 from velvet_core.parsing.jsonl import LineSplitter
 from velvet_core.parsing.lines import request_row
 from velvet_core.parsing.multipart import fields
@@ -144,10 +144,8 @@ def test_tap_keeps_the_body_on_disk(tmp_path):
 
 def snapshot(path: str, method: str = "POST", status: int | None = 200, error: str | None = None,
              ct: str = f"multipart/form-data; boundary={B}") -> CallSnapshot:
-    return CallSnapshot(flow_id="f1", method=method, host="api.openai.com", path=path,
-                        route=classify(method, path), key_fingerprint=None, tags={},
-                        request_headers={"content-type": ct}, request_body=None, request_encoding=None,
-                        started_at=time.time(), status_code=status, ended_at=time.time(), error=error)
+    return make_snapshot(path, method, request_headers={"content-type": ct}, started_at=time.time(),
+                         status_code=status, ended_at=time.time(), error=error)
 
 
 def spilled(tmp_path, data: bytes, finished: bool = True) -> TapInfo:

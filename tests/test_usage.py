@@ -16,19 +16,19 @@ import orjson
 import pytest
 import tiktoken
 import tiktoken_ext.openai_public as openai_public
-from conftest import fresh_pg_url
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mitmproxy import http as mhttp
 from mitmproxy.test import tutils
-from rig import API_KEY, Proxy, bound, call_row, wait_for
-from standin.server import ANSWER, count_tokens
+from support.helpers import snapshot
+from support.pg import fresh_pg_url
+from support.rig import API_KEY, Proxy, bound, call_row, wait_for
+from support.standin.server import ANSWER, count_tokens
 from velvet_core.capture.take import StreamRecorder
 from velvet_core.capture.usage import UsageStripper, ask_for_usage
 from velvet_core.cli import main
 from velvet_core.cost import tokens
 from velvet_core.cost.prices import Pricer
-from velvet_core.parsing.classify import classify
 from velvet_core.parsing.extract import Tokens
 from velvet_core.processing.calls import parse_call
 from velvet_core.query import queries
@@ -193,10 +193,9 @@ def chat_events(usage: bool, text: str = ANSWER) -> list[bytes]:
 def stream_snapshot(chunks: list[bytes], body: dict, path: str = "/v1/chat/completions",
                     status: int = 200) -> CallSnapshot:
     now = time.time()
-    return CallSnapshot(
-        flow_id="f1", method="POST", host="api.openai.com", path=path, route=classify("POST", path),
-        key_fingerprint=None, tags={}, request_headers={"content-type": "application/json"},
-        request_body=orjson.dumps(body), request_encoding=None, started_at=now, status_code=status,
+    return snapshot(
+        path, request_headers={"content-type": "application/json"},
+        request_body=orjson.dumps(body), started_at=now, status_code=status,
         response_headers={"content-type": "text/event-stream"}, first_byte_at=now, ended_at=now + 1,
         stream_chunks=[(now + 0.1 * i, c) for i, c in enumerate(chunks)], stream_finished=True)
 

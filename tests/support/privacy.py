@@ -19,12 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faultkit as fk
 import openai
-from rig import API_KEY, bound, wait_for
-from standin import StandIn
 from velvet_core.storage import models
 from velvet_core.storage.database import connect
+
+from support import faultkit as fk
+from support.rig import API_KEY, bound, wait_for
+from support.standin import StandIn
 
 S = {name: f"PLANTED{name.upper()}{i:02d}x7q" for i, name in enumerate((
     "key", "apikey", "token", "sig", "code", "secret", "password", "goog", "apim", "portkey", "cookie", "aig",

@@ -4,6 +4,6 @@
 streamed requests to it.
 """
 
-from standin.server import StandIn
+from support.standin.server import StandIn
 
 __all__ = ["StandIn"]

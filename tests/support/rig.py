@@ -18,9 +18,9 @@ import openai
 from velvet_core.storage import models
 from velvet_core.storage.database import connect
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ADDON = ROOT / "addon" / "velvet.py"
-ROUTE = ROOT / "tests" / "standin" / "route.py"  # streamed requests skip map_remote
+ROUTE = ROOT / "tests" / "support" / "standin" / "route.py"  # streamed requests skip map_remote
 MITMDUMP = Path(sys.executable).with_name("mitmdump")
 API_KEY = "sk-test-" + "k" * 40
 T = TypeVar("T")

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
-from rig import API_KEY, ROOT, Proxy, bound
-from standin import StandIn
 from velvet_core.storage import models
 from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
+
+from support.helpers import jsonl
+from support.rig import API_KEY, ROOT, Proxy, bound
+from support.standin import StandIn
 
 Raw = openai.DefaultHttpxClient  # the SDK's own HTTP client class (httpx's API)
 LOW = ["--set", "velvet_stream_threshold=1024"]  # every batch body over 1 KiB takes the streamed path
@@ -210,9 +211,6 @@ def chat(client: openai.OpenAI, **kw: Any) -> tuple[int, str]:
     kw.setdefault("messages", [{"role": "user", "content": "hello"}])
     return request_id(lambda: client.chat.completions.with_raw_response.create(**kw))
 
-
-def jsonl(objs: list[Any]) -> bytes:
-    return b"".join(orjson.dumps(o) + b"\n" for o in objs)
 
 
 def batch_lines(n: int, prefix: str) -> list[dict[str, Any]]:
