@@ -13,15 +13,17 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from support import attacks, privacy
 from support import faultkit as fk
-from support import privacy
 from support.standin import StandIn
 
 
@@ -135,6 +137,10 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
         for fig in each("secrets", lambda d, url: privacy.probe(standin, d, url).figures()):
             for k, v in fig.items():
                 security[k] = security.get(k, 0) + v
+        say("faults: SQL that tries to write, through velvet sql (a read-only role on PostgreSQL)")
+        for fig in each("readonly", lambda d, url: readonly_probe(d, url, cluster.base_url)):
+            for k, v in fig.items():
+                security[k] = security.get(k, 0) + v
         out["security"] = security
 
         out["dead_lettered"] = fk.dead_letters(root)
@@ -192,6 +198,31 @@ def table(r: dict[str, Any]) -> str:
     rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"
+
+
+def readonly_probe(d: Path, url: str, pg_base: str) -> dict[str, int]:
+    """Every write attack of tests/support/attacks.py through the real ``velvet sql``; rows and files checked."""
+    from velvet_core.storage.database import open_db
+    from velvet_core.storage.ops import CallRow
+    from velvet_core.storage.store import Store
+
+    db = open_db(url)
+    Store(db).apply([CallRow({"flow_id": f"f{i}", "method": "POST", "host": "api.openai.com", "path": "/v1/x",
+                              "endpoint": "chat.completions", "action": "create",
+                              "started_at": datetime(2026, 11, 24, 10)}) for i in range(3)])
+
+    def snapshot() -> list[tuple]:
+        return sorted(tuple(r) for r in db.execute_sql("SELECT flow_id, model, status_code FROM calls").fetchall())
+
+    before = snapshot()
+    through = attacks.reader_url(pg_base, url) if url.startswith("postgresql") else url
+    velvet = Path(sys.executable).with_name("velvet")
+    try:
+        got = attacks.probe(through, d / "spot", lambda: snapshot() != before, lambda sql: subprocess.run(
+            [str(velvet), "sql", "--db", through, sql], capture_output=True, timeout=60).returncode)
+    finally:
+        db.close()
+    return got.figures()
 
 
 def main() -> int:

@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
+from support import attacks
 from support import faultkit as fk
 from support.helpers import multipart_body
 from support.pg import fresh_pg_url
@@ -282,4 +283,9 @@ def test_faults_script_quick_json():
     assert all(isinstance(out[k], int | float) for k in KEYS)
     assert out["poison_values_tried"] == 2 * (len(fk.POISONS) + fk.POISONED_LINES)
     assert out["fuzz_requests"] > 0 and out["outage_s"] > 0
+    sec = out["security"]  # what velvet promises (docs/security.md): each figure 0
+    assert {"sql_writes_blocked", "files_written_by_readonly", "secrets_found", "world_readable_files"} <= set(sec)
+    assert sec["sql_attacks_tried"] == 2 * len(attacks.ATTACKS) + len(attacks.SQLITE_ATTACKS) + len(
+        attacks.PG_ATTACKS)
+    assert {k: v for k, v in sec.items() if k != "sql_attacks_tried" and v} == {}
     orjson.dumps(out)  # plain JSON values only

@@ -50,6 +50,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from velvet_core.query import queries, rebuild
     from velvet_core.storage.database import DatabaseURLError, open_readonly
+    from velvet_core.storage.readonly import ReadOnlyError
 
     args = parser().parse_args(argv)
     url = args.db or config.default_db_url()
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         code = args.func(db, args)  # None, or an exit status (alerts check)
     except queries.NotFound as e:
         return _fail(str(e.args[0]), 1)
+    except ReadOnlyError as e:
+        return _fail(str(e), 1)
     except ValueError as e:
         return _fail(str(e), 2)
     except BrokenPipeError:

@@ -57,6 +57,8 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                       help="a read-only query returning request_body (or body), and optionally id / call_id, "
                            "batch_id and custom_id, url or endpoint")
     what.add_argument("--file", metavar="FILE", help="a batch input file (JSONL)")
+    p.add_argument("--allow-powerful-role", action="store_true",
+                   help="--sql on PostgreSQL: run even as a role that can do more than read (see velvet sql)")
     what.add_argument("--resume", metavar="NAME", help="wait for an experiment's batch and download its results")
     f = p.add_argument_group("filters (--calls; --from-model, --endpoint and --since also --batch)")
     f.add_argument("--from-model", metavar="M", help="only requests to this model")
@@ -105,6 +107,7 @@ def _selection(a: argparse.Namespace) -> Selection:
     if a.limit is not None and a.limit < 1:
         raise ValueError("--limit must be at least 1")
     return Selection(batch=a.batch, calls=a.calls, sql=a.sql, file=a.file, model=a.from_model, endpoint=a.endpoint,
+                     allow_powerful_role=a.allow_powerful_role,
                      since=a.since, status=a.status, tags=[parse_tag(t) for t in a.tag or ()], limit=a.limit)
 
 

@@ -4,6 +4,7 @@ from, what it cost when logged and, when asked for, the answer)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from peewee import Database
 
 from velvet_core.parsing.classify import classify
 from velvet_core.query import queries
+from velvet_core.storage import readonly
 from velvet_core.storage.sql import iso, json_value, rows, stream_rows, to_int, ts
 
 # The endpoints a batch can run and a replay can send, by the kind velvet stores in calls.endpoint.
@@ -63,6 +65,7 @@ class Selection:
     status: str | None = None
     tags: list[tuple[str, str]] = field(default_factory=list)
     limit: int | None = None
+    allow_powerful_role: bool = False  # sql: see storage/readonly.py
 
     def describe(self) -> dict[str, Any]:
         """The selection as stored in ``experiments.source``."""
@@ -107,7 +110,7 @@ def select(db: Database, sel: Selection, *, answers: bool = False, ok_only: bool
     if sel.file is not None:
         yield from _from_file(sel.file)
     elif sel.sql is not None:
-        yield from _from_sql(db, sel.sql)
+        yield from _from_sql(db, sel.sql, sel.allow_powerful_role)
     elif sel.calls:
         yield from _from_calls(db, sel, answers, ok_only)
     else:
@@ -222,12 +225,17 @@ def _from_calls(db: Database, sel: Selection, answers: bool, ok_only: bool) -> I
 
 # -- SQL and files ---------------------------------------------------------------------------------
 
-def _from_sql(db: Database, query: str) -> Iterator[Logged]:
-    try:
-        cur = db.execute_sql(query)
-        cols = [d[0].lower() for d in cur.description or ()]
-    except Exception as e:
-        raise SelectionError(f"--sql: {_first_line(e)}") from None
+def _from_sql(db: Database, query: str, allow_powerful_role: bool = False) -> Iterator[Logged]:
+    with contextlib.ExitStack() as stack:
+        try:  # the one door for SQL velvet did not write: read-only by the engine's rules
+            cur = stack.enter_context(readonly.statement(db, query, allow_powerful_role=allow_powerful_role))
+            cols = [d[0].lower() for d in cur.description or ()]
+        except Exception as e:
+            raise SelectionError(f"--sql: {_first_line(e)}") from None
+        yield from _logged_rows(cur, cols)
+
+
+def _logged_rows(cur: Any, cols: list[str]) -> Iterator[Logged]:
     body_col = next((c for c in ("request_body", "body") if c in cols), None)
     if body_col is None:
         raise SelectionError("--sql: the query must return the request body as a request_body (or body) column"

@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from peewee import Database, PostgresqlDatabase
+from peewee import Database
 
 from velvet_core import config, jsonout
 from velvet_core.humanize import count, duration, money, ms, pairs, table, when
 from velvet_core.query import queries, rebuild
 from velvet_core.query.status import database_files
 from velvet_core.query.status import status as status_of
+from velvet_core.storage import readonly
 from velvet_core.storage.sql import since_arg
 
 # -- commands --------------------------------------------------------------------------------------
@@ -158,13 +159,9 @@ def cmd_stats(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_sql(db: Database, a: argparse.Namespace) -> None:
-    if isinstance(db, PostgresqlDatabase):
-        db.execute_sql("BEGIN READ ONLY")
-    cur = db.execute_sql(a.query)
-    cols = [d[0] for d in cur.description or ()]
-    rows = [tuple(r) for r in cur.fetchall()] if cols else []
-    if isinstance(db, PostgresqlDatabase):
-        db.execute_sql("ROLLBACK")
+    with readonly.statement(db, a.query, timeout=a.timeout, allow_powerful_role=a.allow_powerful_role) as cur:
+        cols = [d[0] for d in cur.description or ()]
+        rows = [tuple(r) for r in cur.fetchall()] if cols else []
     if a.json:
         return jsonout.dump([dict(zip(cols, r, strict=True)) for r in rows])
     table(cols, [[jsonout.default(v) if v is not None and not isinstance(v, int | float | str) else v for v in r]
@@ -239,8 +236,18 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
                                                       f"{config.default_spool_dir()})")
     p.set_defaults(opens="tolerant")  # must speak when the database does not
-    p = command("sql", cmd_sql, "run a read-only SQL query")
+    p = command("sql", cmd_sql, "run one read-only SQL statement (the database engine refuses any write)")
     p.add_argument("query")
+    add_readonly_options(p)
+
+
+def add_readonly_options(p: argparse.ArgumentParser) -> None:
+    """The options of a command that runs SQL it was given (see storage/readonly.py)."""
+    p.add_argument("--timeout", type=float, default=readonly.DEFAULT_TIMEOUT, metavar="SECONDS",
+                   help=f"stop the statement after this long (default {readonly.DEFAULT_TIMEOUT:g})")
+    p.add_argument("--allow-powerful-role", action="store_true",
+                   help="PostgreSQL: run even as a role that can do more than read (a superuser, or one that "
+                        "reaches the server's files): only the read-only transaction stands then")
 
 
 def add_maintenance(command: Callable[..., argparse.ArgumentParser]) -> None:

@@ -61,7 +61,9 @@ def connect(url: str, *, readonly: bool = False) -> Database:
         pragmas = {"page_size": PAGE_SIZE, "busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
                    "foreign_keys": 1, "wal_autocheckpoint": WAL_CHECKPOINT_PAGES}
         if readonly:
-            return SqliteDatabase(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
+            from velvet_core.storage.readonly import ReadOnlySqlite
+
+            return ReadOnlySqlite(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
     query: dict[str, Any] = dict(parse_qsl(parts.query))
     # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
