@@ -18,3 +18,10 @@ def test_redact(text):
     from velvet_core.redact import redact
 
     assert "s3cret" not in redact(text) and "abcdefghijkl123" not in redact(text)
+
+
+def test_redact_keeps_none():
+    """An error that is not there (a proxy that never failed) stays None: the alerts' health kind read it so."""
+    from velvet_core.redact import redact
+
+    assert redact(None) is None

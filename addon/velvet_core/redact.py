@@ -4,6 +4,7 @@ query parameters (:func:`velvet_core.secret_names.secret_name`)."""
 from __future__ import annotations
 
 import re
+from typing import overload
 
 from velvet_core.secret_names import REDACTED, secret_name
 
@@ -22,8 +23,17 @@ def _param(m: re.Match[str]) -> str:
     return f"{m['sep']}{m['name']}={REDACTED}" if secret_name(m["name"]) else m[0]
 
 
-def redact(text: str) -> str:
-    """``text`` with passwords, keys and tokens (query parameters named like secrets too) replaced by ``***``."""
+@overload
+def redact(text: str) -> str: ...
+@overload
+def redact(text: None) -> None: ...
+
+
+def redact(text: str | None) -> str | None:
+    """``text`` with passwords, keys and tokens (query parameters named like secrets too) replaced by ``***``
+    (``None`` stays ``None``: an error that is not there)."""
+    if text is None:
+        return None
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return _QUERY.sub(_param, text) if "=" in text else text
