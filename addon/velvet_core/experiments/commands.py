@@ -28,7 +28,7 @@ from velvet_core.experiments.plan import (
     parse_set,
 )
 from velvet_core.experiments.select import Selection, SelectionError, count, parse_tag, select
-from velvet_core.humanize import Progress, duration, money, ms, pairs, table
+from velvet_core.humanize import Progress, duration, money, ms, pairs, printable, table
 from velvet_core.humanize import count as num
 from velvet_core.query import queries
 from velvet_core.storage.database import open_db
@@ -50,7 +50,7 @@ def _dump(value: Any) -> None:
 
 
 def _note(text: str) -> None:
-    print(text, file=sys.stderr)
+    print(printable(text, multiline=True), file=sys.stderr)
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def _show_plan(name: str, sel: Selection, overrides: Overrides, mode: str, plan:
            ("logged tokens", f"{num(plan.input_tokens)} in, {num(plan.output_tokens)} out"),
            ("estimated", f"{money(estimate)} at {'batch' if mode == 'batch' else 'synchronous'} prices{note}")])
     print("\nfirst request as it would be sent:")
-    print(orjson.dumps(plan.example, option=orjson.OPT_INDENT_2).decode())
+    print(printable(orjson.dumps(plan.example, option=orjson.OPT_INDENT_2).decode(), multiline=True))
 
 
 # -- compare ---------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from peewee import Database, PostgresqlDatabase
 from velvet_core import __version__, config
 from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
-from velvet_core.humanize import Progress, count, duration, money, ms, pairs, table, when
+from velvet_core.humanize import Progress, count, duration, money, ms, pairs, printable, table, when
 from velvet_core.query import queries, rebuild
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
@@ -129,13 +129,13 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
         return dump_json(r)
     pairs(head)
     print("\n--- request ---")
-    print(pretty(r["request"]))
+    print(printable(pretty(r["request"]), multiline=True))
     print("\n--- response ---")
     if a.custom_id is None and r["stream"] and r["response_text"] is not None:
-        print(r["response_text"])
+        print(printable(r["response_text"], multiline=True))
         print("\n(streamed; reassembled from the SSE events)")
     else:
-        print(pretty(r["response"]))
+        print(printable(pretty(r["response"]), multiline=True))
 
 
 def cmd_calls(db: Database, a: argparse.Namespace) -> None:
@@ -317,8 +317,9 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
         if not s["proxies"]:
             print("(no proxy has written to this database yet)")
         if db_error:
-            print(f"database: {db_error}")
-        print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
+            print(f"database: {printable(db_error)}")
+        print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
+              f"{s['dead_letters']} dead letters "
               f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
     failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
     return 1 if failing or db_error else 0
@@ -365,7 +366,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"velvet: {redact(message)}", file=sys.stderr)
+    print(f"velvet: {printable(redact(message))}", file=sys.stderr)
     return code
 
 
