@@ -25,6 +25,7 @@ from velvet_core.parsing.extract import (
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.parsing.sse import reassemble
 from velvet_core.parsing.tokens import estimate
+from velvet_core.parsing.utf8 import loads_replaced, replaced_note
 
 log = logging.getLogger("velvet")
 
@@ -62,20 +63,23 @@ class Body:
         if opaque or not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
                 "application/octet-stream", "application/jsonl", "application/x-ndjson"):
             return
+        text: str | None = None
         try:
             self.json = orjson.loads(data)
         except orjson.JSONDecodeError:
-            if ct in ("application/json", "") or ct.endswith("+json"):
-                problems.append(f"{side} body is not JSON")
-            if len(data) <= limit:
-                try:
-                    self.text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    problems.append(f"{side} body is not UTF-8")
-            return
+            # bad bytes: kept replaced by U+FFFD (the answer is what a user wants to see), and parsed
+            self.json, text, bad = loads_replaced(data)
+            if bad:
+                problems.append(f"{side} body is {replaced_note(bad)}")
+            if self.json is None:
+                if ct in ("application/json", "") or ct.endswith("+json"):
+                    problems.append(f"{side} body is not JSON")
+                if len(data) <= limit:
+                    self.text = text
+                return
         self.is_json = True
         if len(data) <= limit:
-            self.text = data.decode("utf-8")  # orjson accepted it, so it is UTF-8
+            self.text = data.decode("utf-8") if text is None else text  # orjson accepted it: UTF-8
         else:
             problems.append(f"{side} body of {len(data)} bytes not stored (over velvet_body_limit)")
 
