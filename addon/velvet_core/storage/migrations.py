@@ -859,17 +859,19 @@ def migrate(db: Database) -> int:
         current = schema_version(db)
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{current} is newer than this velvet (v{SCHEMA_VERSION})")
-        if current == 0:
+        new = current == 0
+        if new:
             _run(db, BASELINE_SQLITE if isinstance(db, SqliteDatabase) else BASELINE_PG)
             _set_version(db, BASELINE_VERSION)
             current = BASELINE_VERSION
-            done.append(f"velvet: created database schema v{BASELINE_VERSION} (baseline)")
         for step in MIGRATIONS:
             if step.version > current:
                 step.apply(db)
                 _set_version(db, step.version)
                 current = step.version
                 done.append(f"velvet: migrated database schema to v{step.version} ({step.name})")
+        if new:  # a new database was not upgraded: one line, not the steps it is built with
+            done = [f"velvet: created database schema v{current}"]
     for message in done:
         log.info("%s", message)
     return current
