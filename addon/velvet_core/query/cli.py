@@ -18,6 +18,7 @@ from velvet_core.alerts.cli import add_commands as add_alert_commands
 from velvet_core.experiments.commands import add_commands, add_export_options, check_export, export_finetune
 from velvet_core.humanize import Progress, count, duration, money, ms, pairs, printable, table, when
 from velvet_core.query import queries, rebuild
+from velvet_core.query.backup import cmd_backup
 from velvet_core.query.status import status as status_of
 from velvet_core.redact import redact
 from velvet_core.report.cli import add_commands as add_report_commands
@@ -285,6 +286,9 @@ def parser() -> argparse.ArgumentParser:
                                       "dead-lettered operations, last error (exit 1 if one is failing)")
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
                                                       f"{config.default_spool_dir()})")
+    # (main runs it before opening the database)
+    p = command("backup", cmd_backup, "copy a live SQLite database into a new FILE (online backup; mode 0600)")
+    p.add_argument("file", metavar="FILE")
     p = command("sql", cmd_sql, "run a read-only SQL query")
     p.add_argument("query")
     p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
@@ -328,6 +332,8 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     url = args.db or config.default_db_url()
+    if args.cmd == "backup":  # reads the file itself (SQLite's backup API), not through peewee
+        return cmd_backup(url, args.file, args.json)
     if args.cmd == "status":  # must speak when the database does not
         try:
             db = queries.open_readonly(url)
