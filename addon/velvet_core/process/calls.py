@@ -103,8 +103,8 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     rq = req.json if isinstance(req.json, dict) else {}
     rh = s.response_headers
     row: dict[str, Any] = {
-        "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
-        "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
+        "flow_id": s.flow_id, "method": s.method, "scheme": s.scheme, "host": s.host, "port": s.port,
+        "path": s.path, "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
         "deployment": route.deployment, "key_fingerprint": s.key_fingerprint,
         "tags": json_text(s.tags) if s.tags else None,
         "request_headers": json_text(s.request_headers),
