@@ -16,7 +16,7 @@ import pytest
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 from support.rig import free_port
-from support.webhook import WebhookServer
+from support.webhook import WebhookServer, velvet_webhook_ok
 from velvet_core.addon import Velvet
 from velvet_core.alerts.evaluate import Instance, Reading
 from velvet_core.alerts.notify import Notifier, payloads, signature
@@ -241,13 +241,51 @@ def test_webhook_signed_and_retried_with_backoff(caplog):
         (got,) = hooks.received
         assert hooks.attempts == 3 and n.delivered == 1 and n.failed == 0
         assert got["json"] == PAYLOAD and got["headers"]["content-type"] == "application/json"
-        assert got["headers"]["x-velvet-signature"] == "sha256=" + hmac.new(b"k3y", got["body"],
-                                                                            hashlib.sha256).hexdigest()
-        assert signature("k3y", got["body"]) == got["headers"]["x-velvet-signature"]
+        ts = got["headers"]["x-velvet-timestamp"]
+        assert abs(int(ts) - time.time()) < 60
+        assert got["headers"]["x-velvet-signature"] == "v1=" + hmac.new(b"k3y", ts.encode() + b"." + got["body"],
+                                                                         hashlib.sha256).hexdigest()
+        assert signature("k3y", int(ts), got["body"]) == got["headers"]["x-velvet-signature"]
+        assert velvet_webhook_ok(b"k3y", got["headers"], got["body"])
         assert "retrying" in caplog.text and "HTTP 500" in caplog.text and "tok3n" not in caplog.text
     finally:
         n.stop()
         hooks.stop()
+
+
+def test_webhook_replay_refused_and_slack_text_escaped(db_url, tmp_path, capsys):
+    """The documented receiver check: a fresh message passes; the same one 5 minutes later, one with its
+    timestamp changed, or one without the secret fails. Traffic text in ``text`` is Slack-inert."""
+    hooks = WebhookServer()
+    rules = rules_file(tmp_path, CHECK_RULES.replace("{url}", hooks.url).replace('model = "gpt-4o*"\n', "")
+                       + 'secret = "s3cret"\n')
+    open_db(db_url).close()
+    db = open_db(db_url)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    p = db.param
+    with db.atomic():
+        for i in range(4):
+            db.execute_sql(
+                f"INSERT INTO calls (flow_id, started_at, method, host, path, endpoint, action, model, "
+                f"status_code, error_code, stream, complete, tags) VALUES ({', '.join([p] * 13)})",
+                (f"f-esc-{i}", now if "postgres" in db_url else now.isoformat(" "), "POST", "api.openai.com",
+                 "/v1/chat/completions", "chat.completions", "create", "<!channel> & <https://x.example|y>",
+                 429, "<!channel>", False, True, orjson.dumps({"team": "search"}).decode()))
+    db.close()
+    code, out = check(capsys, db_url, rules, tmp_path / "state.json")
+    assert code == 3 and out["delivered"] is True
+    (got,) = hooks.received
+    text = got["json"]["text"]
+    assert "429 &lt;!channel&gt; x4" in text and "<!" not in text, text
+    assert velvet_webhook_ok(b"s3cret", got["headers"], got["body"])
+    ts = int(got["headers"]["x-velvet-timestamp"])
+    assert not velvet_webhook_ok(b"s3cret", got["headers"], got["body"], now=ts + 301)  # replayed later
+    assert velvet_webhook_ok(b"s3cret", got["headers"], got["body"], now=ts + 299)
+    moved = {**got["headers"], "x-velvet-timestamp": str(ts + 1)}
+    assert not velvet_webhook_ok(b"s3cret", moved, got["body"])  # a fresh timestamp on an old signature
+    assert not velvet_webhook_ok(b"other", got["headers"], got["body"])
+    assert not velvet_webhook_ok(b"s3cret", got["headers"], got["body"] + b" ")
+    hooks.stop()
 
 
 def test_unreachable_webhook_is_a_warning_and_never_blocks(caplog):

@@ -19,7 +19,7 @@ import pytest
 from support.pg import fresh_pg_url
 from support.rig import Proxy, bound
 from support.standin import StandIn
-from support.webhook import WebhookServer
+from support.webhook import WebhookServer, velvet_webhook_ok
 from velvet_core.alerts.history import listing
 from velvet_core.storage import models
 from velvet_core.storage.database import open_readonly
@@ -159,11 +159,14 @@ def test_error_rate_fires_and_resolves(rig, monkeypatch):
     resolved = rig.hooks.wait_state("chat errors", "resolved")
     check_message(resolved, rig)
     assert resolved["value"] <= 0.5  # not above the threshold
-    # the signature is the HMAC-SHA256 of the exact body; the path's token reached the hook
+    # the signature is the HMAC-SHA256 of the timestamp and the exact body (the check of docs/security.md);
+    # the path's token reached the hook
     hit = next(r for r in rig.hooks.received if r["json"] == fired)
     assert hit["path"] == f"/hook/{TOKEN}"
-    expected = "sha256=" + hmac.new(SECRET.encode(), hit["body"], hashlib.sha256).hexdigest()
+    ts = hit["headers"]["x-velvet-timestamp"]
+    expected = "v1=" + hmac.new(SECRET.encode(), ts.encode() + b"." + hit["body"], hashlib.sha256).hexdigest()
     assert hit["headers"]["x-velvet-signature"] == expected
+    assert velvet_webhook_ok(SECRET.encode(), hit["headers"], hit["body"])
     # the mitmproxy log and the alerts table have both changes; the webhook's token is never logged
     out = rig.proxy.output()
     assert fired["text"] in out and resolved["text"] in out and TOKEN not in out and SECRET not in out

@@ -231,7 +231,8 @@ def test_malformed_input_lines(proxy, monkeypatch):
     assert r[1].problem is None and r[1].custom_id == "m1"
     assert "bad JSON" in r[2].problem and "missing custom_id" in r[3].problem
     assert "duplicate custom_id" in r[4].problem and "CRLF" in r[5].problem and r[5].custom_id == "m5"
-    assert "blank line" in r[6].problem and "not UTF-8" in r[7].problem
+    assert "blank line" in r[6].problem and "not UTF-8 (1 invalid byte sequence replaced" in r[7].problem
+    assert r[7].custom_id == "m7"  # kept with U+FFFD for the bad byte: still matched by its custom_id
     assert "url does not match" in r[8].problem and "no final newline" in r[9].problem
     assert r[9].custom_id == "m9"
     (fr,) = rows(url, File, File.id == f.id)

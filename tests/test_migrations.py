@@ -214,7 +214,12 @@ def test_models_match_the_migrated_schema(new_db):
 
 def test_migrating_again_changes_nothing(new_db, caplog):
     db = new_db()
+    caplog.set_level(logging.INFO, logger="velvet_core.storage.migrations")
     migrate(db)
+    # a new database is created, not upgraded: one line (an upgraded one logs each step, above)
+    assert [r.getMessage() for r in caplog.records if r.name == "velvet_core.storage.migrations"] == [
+        f"velvet: created database schema v{SCHEMA_VERSION}"]
+    caplog.clear()
     before = schema(db)
     caplog.set_level(logging.INFO, logger="velvet_core.storage.migrations")
     assert migrate(db) == SCHEMA_VERSION

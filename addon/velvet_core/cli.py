@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     url = args.db or config.default_db_url()
+    if args.opens == "none":  # the command opens what it needs itself
+        return int(args.func(url, args))
     if args.opens == "tolerant":
         try:
             db = open_readonly(url)
@@ -94,7 +96,9 @@ def _first_line(e: BaseException) -> str:
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"velvet: {redact(message)}", file=sys.stderr)
+    from velvet_core.humanize import printable
+
+    print(f"velvet: {printable(redact(message))}", file=sys.stderr)
     return code
 
 

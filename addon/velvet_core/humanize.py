@@ -54,11 +54,29 @@ def when(iso: str | None) -> str:
     return "-" if not iso else iso.replace("T", " ").rstrip("Z")
 
 
+# Code points a terminal acts on instead of showing: C0, DEL, C1 (ESC starts colour, title and
+# clear-screen sequences; 0x9b is a one-byte CSI) and the bidi overrides/isolates that reorder a line
+# (Trojan Source). Shown as escapes, so the reader sees that something was there.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]
+_INLINE = str.maketrans({c: (f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}") for c in _CONTROLS})
+_MULTILINE = str.maketrans({c: v for c, v in _INLINE.items() if c not in (0x0A, 0x09)})
+
+
+def printable(value: Any, multiline: bool = False) -> str:
+    """``value`` as text safe for a terminal: control and bidi characters become visible escapes
+    (``\\x1b``, ``\\u202e``); with ``multiline``, newlines and tabs are kept (CRLF as a newline).
+    Every value from traffic the CLI prints goes through here (``--json`` output does not: JSON escapes)."""
+    text = "" if value is None else str(value)
+    if multiline:
+        return text.replace("\r\n", "\n").translate(_MULTILINE)
+    return text.translate(_INLINE)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = (),
           out: TextIO | None = None) -> None:
     """Print an aligned table; ``right`` are the indexes of right-aligned (numeric) columns."""
     out = out or sys.stdout
-    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    cells = [[printable(h) for h in headers]] + [[printable(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for n, r in enumerate(cells):
         line = "  ".join(v.rjust(w) if i in right else v.ljust(w)
@@ -73,7 +91,7 @@ def pairs(items: Sequence[tuple[str, Any]], out: TextIO | None = None) -> None:
     out = out or sys.stdout
     width = max((len(k) for k, _ in items), default=0)
     for k, v in items:
-        out.write(f"{k.ljust(width)}  {'-' if v is None or v == '' else v}\n")
+        out.write(f"{printable(k).ljust(width)}  {'-' if v is None or v == '' else printable(v)}\n")
 
 
 class Progress:

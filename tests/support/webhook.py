@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import threading
 import time
 from collections.abc import Callable
@@ -9,6 +11,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import orjson
+
+
+def velvet_webhook_ok(secret: bytes, headers: dict[str, str], body: bytes, tolerance: int = 300,
+                      now: float | None = None) -> bool:
+    """The receiver's check documented in docs/security.md (``now`` added to test old messages)."""
+    ts = headers.get("x-velvet-timestamp", "")
+    if not ts.isdigit() or abs((time.time() if now is None else now) - int(ts)) > tolerance:
+        return False  # missing, malformed or too old: a replay
+    mac = hmac.new(secret, ts.encode() + b"." + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest("v1=" + mac, headers.get("x-velvet-signature", ""))
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -20,7 +20,7 @@ from velvet_core.alerts.history import listing, record
 from velvet_core.alerts.notify import Notifier, payloads
 from velvet_core.alerts.rules import BATCH_KINDS, RuleSet, load_rules
 from velvet_core.alerts.runner import Engine, announce, utcnow
-from velvet_core.humanize import table, when
+from velvet_core.humanize import printable, table, when
 from velvet_core.private import private_dir, write_private
 from velvet_core.storage.database import open_db
 from velvet_core.storage.sql import iso
@@ -117,7 +117,7 @@ def cmd_check(db: Database, a: argparse.Namespace) -> int:
                for r in report])
         if a.dry_run:  # (otherwise each message is in the log, on standard error)
             for m in messages:
-                print(f"would send: {m['text']}")
+                print(f"would send: {printable(m['text'])}")
     return FIRING_EXIT if any(r["state"] == "firing" for r in report) else 0
 
 

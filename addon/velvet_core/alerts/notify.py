@@ -2,7 +2,9 @@
 
 The :class:`Notifier` works in its own thread from a queue: ``send`` never blocks the caller, a failing
 webhook is retried with exponential backoff (network errors, 5xx, 408, 429) and then given up with a
-logged warning. A webhook URL often holds a token: logs show its scheme and host only.
+logged warning. A webhook URL often holds a token: logs show its scheme and host only. With a secret,
+each POST is signed over its send time and body (``v1=``, docs/security.md), so a captured message
+cannot be replayed later.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from velvet_core.storage.sql import iso
 log = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Velvet-Signature"
+TIMESTAMP_HEADER = "X-Velvet-Timestamp"
 MAX_QUEUED = 1000
 MAX_LISTED = 50  # subjects detailed in one message (the text names 5)
 _COMPARED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike", "batch_overdue",
@@ -92,14 +95,23 @@ def payloads(changes: list[Change]) -> list[dict[str, Any]]:
             "rule": rule.name, "kind": rule.kind, "state": state,
             "value": max(values) if values else None, "threshold": threshold_for(rule, state),
             "window": rule.window_text, "at": iso(cs[0].at), "details": details,
-            "text": text(rule, state, [c.summary for c in cs], repeat),
+            "text": text(rule, state, [slack_escape(c.summary) for c in cs], repeat),
         })
     return out
 
 
-def signature(secret: str, body: bytes) -> str:
-    """The ``X-Velvet-Signature`` header value: ``sha256=`` and the hex HMAC-SHA256 of the body."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+def slack_escape(s: str) -> str:
+    """Text from traffic (model names, error codes) made inert for Slack's ``text``: a ``<!channel>``
+    or ``<https://…|link>`` in a model name would otherwise ping everyone or show a link."""
+    return s.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def signature(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``X-Velvet-Signature`` value: ``v1=`` and the hex HMAC-SHA256 of ``"<timestamp>." + body``.
+
+    The timestamp (``X-Velvet-Timestamp``, Unix seconds) is signed too, so a receiver that refuses old
+    timestamps refuses a replayed message (the body alone was signed before ``v1``)."""
+    return "v1=" + hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
 
 
 def where(url: str) -> str:
@@ -225,7 +237,10 @@ class Notifier:
         """None when delivered, else (worth retrying, why)."""
         headers = {"Content-Type": "application/json", "User-Agent": f"velvet/{__version__}"}
         if self.notify.secret:
-            headers[SIGNATURE_HEADER] = signature(self.notify.secret, body)
+            # signed per attempt: a retry minutes later must still pass the receiver's time check
+            now = int(time.time())
+            headers[TIMESTAMP_HEADER] = str(now)
+            headers[SIGNATURE_HEADER] = signature(self.notify.secret, now, body)
         req = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(req, timeout=self.notify.timeout) as r:

@@ -68,7 +68,7 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
         flow_id=flow.id, method=req.method, host=requested_host, path=path, route=route,
         key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
         request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
-        request_fields=keep,
+        request_fields=keep, scheme=req.scheme, port=req.port,
     )
 
 

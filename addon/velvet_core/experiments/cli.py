@@ -27,7 +27,7 @@ from velvet_core.experiments.plan import (
     parse_set,
 )
 from velvet_core.experiments.select import Selection, SelectionError, parse_tag, select
-from velvet_core.humanize import Progress, duration, money, ms, pairs, table
+from velvet_core.humanize import Progress, duration, money, ms, pairs, printable, table
 from velvet_core.humanize import count as num
 from velvet_core.storage import sql
 from velvet_core.storage.database import open_db
@@ -41,7 +41,7 @@ REPLAY_KEYS = ("experiment", "batch_id", "lines", "estimated_cost_usd")
 
 
 def _note(text: str) -> None:
-    print(text, file=sys.stderr)
+    print(printable(text, multiline=True), file=sys.stderr)
 
 
 # -- registration ----------------------------------------------------------------------------------
@@ -274,7 +274,7 @@ def _show_plan(name: str, sel: Selection, overrides: Overrides, mode: str, plan:
            ("logged tokens", f"{num(plan.input_tokens)} in, {num(plan.output_tokens)} out"),
            ("estimated", f"{money(estimate)} at {'batch' if mode == 'batch' else 'synchronous'} prices{note}")])
     print("\nfirst request as it would be sent:")
-    print(orjson.dumps(plan.example, option=orjson.OPT_INDENT_2).decode())
+    print(printable(orjson.dumps(plan.example, option=orjson.OPT_INDENT_2).decode(), multiline=True))
 
 
 # -- compare ---------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import orjson
 
 from velvet_core.parsing.extract import api_error, tokens_from_usage
 from velvet_core.parsing.jsonl import Line
+from velvet_core.parsing.utf8 import loads_replaced, replaced_note
 from velvet_core.secret_names import redact_path
 
 
@@ -28,13 +29,12 @@ def _load(line: Line, problems: list[str]) -> Any:
     try:
         return orjson.loads(line.data)  # (it checks the UTF-8 too: decoding first cost every good line a copy)
     except orjson.JSONDecodeError as e:
-        try:
-            line.data.decode("utf-8")
-        except UnicodeDecodeError as u:
-            problems.append(f"not UTF-8 (byte {u.start})")
-        else:
+        obj, _, bad = loads_replaced(line.data)  # a few bad bytes must not cost the line its custom_id
+        if bad:
+            problems.append(replaced_note(bad))
+        if obj is None:
             problems.append(f"bad JSON: {e}")
-        return None
+        return obj
 
 
 def raw_json(line: Line, obj: Any) -> str:

@@ -24,6 +24,7 @@ from velvet_core.parsing.extract import (
     utc,
 )
 from velvet_core.parsing.sse import reassemble
+from velvet_core.parsing.utf8 import loads_replaced, replaced_note
 from velvet_core.storage.snapshot import CallSnapshot
 
 log = logging.getLogger("velvet")
@@ -62,20 +63,23 @@ class Body:
         if opaque or not data or ct.startswith(("multipart/", "audio/", "image/", "video/")) or ct in (
                 "application/octet-stream", "application/jsonl", "application/x-ndjson"):
             return
+        text: str | None = None
         try:
             self.json = orjson.loads(data)
         except orjson.JSONDecodeError:
-            if ct in ("application/json", "") or ct.endswith("+json"):
-                problems.append(f"{side} body is not JSON")
-            if len(data) <= limit:
-                try:
-                    self.text = data.decode("utf-8")
-                except UnicodeDecodeError:
-                    problems.append(f"{side} body is not UTF-8")
-            return
+            # bad bytes: kept replaced by U+FFFD (the answer is what a user wants to see), and parsed
+            self.json, text, bad = loads_replaced(data)
+            if bad:
+                problems.append(f"{side} body is {replaced_note(bad)}")
+            if self.json is None:
+                if ct in ("application/json", "") or ct.endswith("+json"):
+                    problems.append(f"{side} body is not JSON")
+                if len(data) <= limit:
+                    self.text = text
+                return
         self.is_json = True
         if len(data) <= limit:
-            self.text = data.decode("utf-8")  # orjson accepted it, so it is UTF-8
+            self.text = data.decode("utf-8") if text is None else text  # orjson accepted it: UTF-8
         else:
             problems.append(f"{side} body of {len(data)} bytes not stored (over velvet_body_limit)")
 
@@ -99,8 +103,8 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     rq = req.json if isinstance(req.json, dict) else {}
     rh = s.response_headers
     row: dict[str, Any] = {
-        "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
-        "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
+        "flow_id": s.flow_id, "method": s.method, "scheme": s.scheme, "host": s.host, "port": s.port,
+        "path": s.path, "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
         "deployment": route.deployment, "key_fingerprint": s.key_fingerprint,
         "tags": json_text(s.tags) if s.tags else None,
         "request_headers": json_text(s.request_headers),

@@ -108,8 +108,8 @@ def _log_problem(s: CallSnapshot, row: dict[str, Any]) -> None:
 def fallback(s: CallSnapshot, exc: BaseException) -> CallRow:
     """A bare row for a flow we failed to process, so it is never lost."""
     return CallRow({
-        "flow_id": s.flow_id, "method": s.method, "host": s.host, "path": s.path,
-        "endpoint": s.route.kind, "action": s.route.action, "status_code": s.status_code,
+        "flow_id": s.flow_id, "method": s.method, "scheme": s.scheme, "host": s.host, "port": s.port,
+        "path": s.path, "endpoint": s.route.kind, "action": s.route.action, "status_code": s.status_code,
         "started_at": utc(s.started_at), "key_fingerprint": s.key_fingerprint,
         "problem": f"velvet internal error: {type(exc).__name__}: {exc}",
     })

@@ -11,8 +11,9 @@ import orjson
 from peewee import Database
 
 from velvet_core import config, jsonout
-from velvet_core.humanize import count, duration, money, ms, pairs, table, when
+from velvet_core.humanize import count, duration, money, ms, pairs, printable, table, when
 from velvet_core.query import queries, rebuild
+from velvet_core.query.backup import cmd_backup
 from velvet_core.query.status import database_files
 from velvet_core.query.status import status as status_of
 from velvet_core.storage import readonly
@@ -104,13 +105,13 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
         return jsonout.dump(r)
     pairs(head)
     print("\n--- request ---")
-    print(jsonout.pretty(r["request"]))
+    print(printable(jsonout.pretty(r["request"]), multiline=True))
     print("\n--- response ---")
     if a.custom_id is None and r["stream"] and r["response_text"] is not None:
-        print(r["response_text"])
+        print(printable(r["response_text"], multiline=True))
         print("\n(streamed; reassembled from the SSE events)")
     else:
-        print(jsonout.pretty(r["response"]))
+        print(printable(jsonout.pretty(r["response"]), multiline=True))
 
 
 def cmd_calls(db: Database, a: argparse.Namespace) -> None:
@@ -168,6 +169,10 @@ def cmd_sql(db: Database, a: argparse.Namespace) -> None:
                  for r in rows])
 
 
+def _backup(url: str, a: argparse.Namespace) -> int:
+    return cmd_backup(url, a.file, a.json)
+
+
 def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
     r = rebuild.rebuild(db)
     if a.json:
@@ -178,7 +183,6 @@ def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
 
 def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
     """Also called without a database (``db_error`` says why): status must speak when the database does not."""
-    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error)
     s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error,
                   database_files(a.db or config.default_db_url()))
     if a.json:
@@ -193,9 +197,10 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
         if not s["proxies"]:
             print("(no proxy has written to this database yet)")
         if db_error:
-            print(f"database: {db_error}")
-        print(f"spool: {s['spool_dir']}: {len(s['spooled_files'])} spool files, {s['dead_letters']} dead letters "
-              f"({s['dead_letter_file']}), {len(s['quarantined'])} quarantined files")
+            print(f"database: {printable(db_error)}")
+        print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
+              f"{s['dead_letters']} dead letters ({s['dead_letter_file']}), "
+              f"{len(s['quarantined'])} quarantined files")
         for f in s["world_readable"]:
             print(f"readable by other users: {f['path']} (mode {f['mode']}; velvet leaves an existing file's "
                   f"mode alone: chmod go-rwx it)")
@@ -236,6 +241,9 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
                                                       f"{config.default_spool_dir()})")
     p.set_defaults(opens="tolerant")  # must speak when the database does not
+    p = command("backup", _backup, "copy a live SQLite database into a new FILE (online backup; mode 0600)")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(opens="none")  # reads the file itself (SQLite's backup API), not through peewee
     p = command("sql", cmd_sql, "run one read-only SQL statement (the database engine refuses any write)")
     p.add_argument("query")
     add_readonly_options(p)

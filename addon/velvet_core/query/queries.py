@@ -256,6 +256,15 @@ def calls_where(db: Database, model: str | None = None, status: str | None = Non
     return where, params
 
 
+def call_url(r: dict[str, Any]) -> str:
+    """A call's URL as it was sent: its scheme, and its port unless the scheme's own (rows from before
+    schema v12 have neither: https, as velvet assumed then)."""
+    scheme = r.get("scheme") or "https"
+    port = r.get("port")
+    shown = "" if port is None or port == {"https": 443, "http": 80}.get(scheme) else f":{port}"
+    return f"{scheme}://{r['host']}{shown}{r['path']}"
+
+
 def call(db: Database, ref: str) -> dict[str, Any]:
     """One call by its row id, flow id or ``x-request-id``, with the exact request and answer."""
     found = rows(db, "SELECT * FROM calls WHERE request_id = ? OR flow_id = ?", (ref, ref))
@@ -265,7 +274,7 @@ def call(db: Database, ref: str) -> dict[str, Any]:
         raise NotFound(f"no call with id or x-request-id {ref!r} in this database")
     r = found[0]
     out = _call(r)
-    out.update(method=r["method"], url=f"https://{r['host']}{r['path']}", flow_id=r["flow_id"],
+    out.update(method=r["method"], url=call_url(r), flow_id=r["flow_id"],
                key_fingerprint=r["key_fingerprint"], tags=json_value(r["tags"]), finish_reason=r["finish_reason"],
                error_message=r["error_message"], response_text=r["response_text"],
                request=json_value(r["request_body"]), response=json_value(r["response_body"]))

@@ -806,6 +806,12 @@ def _estimated_index(db: Database) -> None:
     db.execute_sql('CREATE INDEX "calls_usage_estimated" ON "calls" ("started_at") WHERE "usage_estimated"')
 
 
+def _call_origin(db: Database) -> None:
+    # the URL of a call as it was: a local or compatible server may be plain http on any port
+    db.execute_sql('ALTER TABLE "calls" ADD COLUMN "scheme" TEXT')
+    db.execute_sql('ALTER TABLE "calls" ADD COLUMN "port" INTEGER')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -828,6 +834,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "derived_counts", _derived_counts),
     Migration(10, "problem_indexes", _problem_indexes),
     Migration(11, "estimated_index", _estimated_index),
+    Migration(12, "call_origin", _call_origin),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -859,17 +866,19 @@ def migrate(db: Database) -> int:
         current = schema_version(db)
         if current > SCHEMA_VERSION:
             raise RuntimeError(f"database schema v{current} is newer than this velvet (v{SCHEMA_VERSION})")
-        if current == 0:
+        new = current == 0
+        if new:
             _run(db, BASELINE_SQLITE if isinstance(db, SqliteDatabase) else BASELINE_PG)
             _set_version(db, BASELINE_VERSION)
             current = BASELINE_VERSION
-            done.append(f"velvet: created database schema v{BASELINE_VERSION} (baseline)")
         for step in MIGRATIONS:
             if step.version > current:
                 step.apply(db)
                 _set_version(db, step.version)
                 current = step.version
                 done.append(f"velvet: migrated database schema to v{step.version} ({step.name})")
+        if new:  # a new database was not upgraded: one line, not the steps it is built with
+            done = [f"velvet: created database schema v{current}"]
     for message in done:
         log.info("%s", message)
     return current

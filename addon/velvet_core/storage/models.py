@@ -174,6 +174,8 @@ class Call(Base):
     request_body = JSONField(null=True)
     response_body = JSONField(null=True)
     usage_estimated = BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])  # tokens counted by velvet
+    scheme = TextField(null=True)  # as the call went upstream (migration 12; NULL before: https)
+    port = IntegerField(null=True)
 
     class Meta:
         table_name = "calls"

@@ -57,6 +57,8 @@ class CallSnapshot:
     # decoded into the dicts above by :func:`settle`, on the writer's side
     request_fields: Fields | None = None
     response_fields: Fields | None = None
+    scheme: str = "https"  # as the request went upstream (a local server may be plain http on any port)
+    port: int | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a plain tuple of the fields: a fraction of the dataclass default's time (journaled for every flow)
@@ -70,7 +72,8 @@ def _rebuild(values: tuple[Any, ...]) -> CallSnapshot:
     return CallSnapshot(*values)
 
 
-RECORD = 3  # the journal's frame: a tuple of plain values, this number first (2: without the raw header fields)
+RECORD = 4  # the journal's frame: a tuple of plain values, this number first (3: without scheme and port, 2: also
+# without the raw header fields)
 
 
 def to_record(s: CallSnapshot) -> tuple[Any, ...]:
@@ -84,7 +87,8 @@ def to_record(s: CallSnapshot) -> tuple[Any, ...]:
             s.key_fingerprint, s.tags, s.request_headers, s.request_body, s.request_encoding, s.started_at,
             s.request_end_at, s.status_code, s.response_headers, s.response_body, s.response_encoding,
             s.first_byte_at, s.ended_at, s.stream_chunks, s.stream_finished, s.error, s.notes,
-            _tap(s.request_tap), _tap(s.response_tap), s.client_body, s.request_fields, s.response_fields)
+            _tap(s.request_tap), _tap(s.response_tap), s.client_body, s.request_fields, s.response_fields,
+            s.scheme, s.port)
 
 
 def from_record(rec: Any) -> CallSnapshot | None:
@@ -92,8 +96,10 @@ def from_record(rec: Any) -> CallSnapshot | None:
     the raw header fields); None for anything else."""
     if isinstance(rec, CallSnapshot):
         return rec
-    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 1 and rec[0] == 2:
-        rec = (RECORD, *rec[1:], None, None)  # (written before the raw header fields)
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 3 and rec[0] == 2:
+        rec = (3, *rec[1:], None, None)  # (written before the raw header fields)
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 1 and rec[0] == 3:
+        rec = (RECORD, *rec[1:], "https", None)  # (written before scheme and port: https, as velvet assumed)
     if not (isinstance(rec, tuple) and len(rec) == len(_FIELDS) + 1 and rec[0] == RECORD):
         return None
     v = list(rec[1:])
