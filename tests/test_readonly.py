@@ -94,3 +94,22 @@ def test_replay_sql_goes_through_the_same_door(target, capsys, tmp_path):
                    "WITH x AS (DELETE FROM calls RETURNING 1) SELECT * FROM x"):
         code, _, err = run(capsys, "replay", "--db", url, "--sql", attack, "--model", "gpt-4o", "--dry-run")
         assert code != 0 and _count(owner) == before, (attack, err)
+
+
+def test_a_writable_connection_is_locked_for_the_statement_only(tmp_path):
+    """A command may hold a writable connection (replay records its experiment): user SQL on it is read-only,
+    and the connection writes again afterwards."""
+    from velvet_core.storage import readonly
+
+    url = f"sqlite:///{tmp_path / 'velvet.db'}"
+    _fill(url)
+    db = open_db(url)
+    with pytest.raises(readonly.ReadOnlyError, match="read-only"), readonly.statement(db, "DELETE FROM calls"):
+        pass
+    with pytest.raises(readonly.ReadOnlyError), readonly.statement(db, f"VACUUM INTO '{tmp_path / 'x.db'}'"):
+        pass
+    with readonly.statement(db, "SELECT count(*) FROM calls") as cur:
+        assert cur.fetchone()[0] == 3
+    db.execute_sql("DELETE FROM calls WHERE flow_id = 'f0'")
+    assert db.execute_sql("SELECT count(*) FROM calls").fetchone()[0] == 2 and not (tmp_path / "x.db").exists()
+    db.close()

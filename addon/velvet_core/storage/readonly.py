@@ -121,15 +121,18 @@ def statement(db: Database, sql: str, *, timeout: float = DEFAULT_TIMEOUT,
             cur.execute("ROLLBACK")
         return
     conn = db.connection()
-    if not isinstance(db, ReadOnlySqlite):
-        raise ReadOnlyError("not a read-only connection (open it with database.open_readonly)")
+    locked = isinstance(db, ReadOnlySqlite)
+    if not locked:  # a writable connection (a test's, a command's own): locked down for this statement only
+        attached = conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+        conn.execute("PRAGMA query_only = 1")
+        conn.set_authorizer(_authorize)
     deadline = time.monotonic() + timeout
     conn.set_progress_handler(lambda: int(time.monotonic() > deadline), 10_000)
     try:
         try:
             cur = conn.execute(sql)
         except sqlite3.DatabaseError as e:
-            if "not authorized" in str(e) or "prohibited" in str(e):
+            if any(w in str(e) for w in ("authoriz", "prohibited", "readonly", "attached databases")):
                 raise ReadOnlyError(f"refused: velvet runs read-only SQL ({e})") from None
             if "interrupted" in str(e):
                 raise ReadOnlyError(f"stopped after {timeout:g} s") from None
@@ -139,3 +142,7 @@ def statement(db: Database, sql: str, *, timeout: float = DEFAULT_TIMEOUT,
         yield cur
     finally:
         conn.set_progress_handler(None, 0)
+        if not locked:
+            conn.set_authorizer(None)
+            conn.execute("PRAGMA query_only = 0")
+            conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, attached)
