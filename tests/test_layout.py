@@ -11,7 +11,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "addon" / "velvet_core"
 
 # Leaf modules any layer may use (they import no other part of velvet_core but each other's constants).
-LEAVES = ("config", "humanize", "redact", "pids", "jsonout", "private", "secret_names")
+LEAVES = ("config", "humanize", "redact", "pids", "jsonout", "private", "secret_names", "clock")
 # The layers, bottom first: each may import only the layers before it (and the leaves). The data path is
 # capture (hooks) -> storage.snapshot -> writer -> processing -> storage (store); the commands read storage.
 LAYERS = ("parsing", "cost", "storage", "processing", "writer", "capture", "query", "alerts", "experiments",

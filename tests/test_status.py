@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import orjson
 from support.helpers import chat
+from support.helpers import run as cli
 from support.helpers import start_writer as run
-from support.rig import free_port
+from support.pg import fresh_pg_url
+from support.rig import Proxy, free_port, wait_for
 
 
 def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys):
@@ -46,3 +52,66 @@ async def test_velvet_status_command(tmp_path):
         assert v.status().startswith("velvet: writing; last write")
         v.done()
         assert v.status() == "velvet: not running"
+
+
+def test_timestamps_of_every_kind_compare(tmp_path):
+    """A status file says ``…Z``, a database row is naive, an API gives Unix seconds: one kind after reading."""
+    from velvet_core import clock
+
+    kinds = [clock.parse("2026-11-24T15:00:00Z"), clock.parse("2026-11-24T16:00:00+01:00"),
+             clock.parse("2026-11-24 15:00:00"), clock.parse(datetime(2026, 11, 24, 15, tzinfo=UTC)),
+             clock.from_epoch(datetime(2026, 11, 24, 15, tzinfo=UTC).timestamp())]
+    assert len(set(kinds)) == 1 and all(k.tzinfo is None for k in kinds)
+    assert clock.now() - kinds[0] > timedelta(0)
+
+
+def test_status_of_a_file_and_a_row_of_the_same_proxy(sqlite_url, tmp_path):
+    """The crash of 5 runs in 6: the proxy's status file (``…Z``) newer than its database row (naive)."""
+    from velvet_core.query.status import status
+    from velvet_core.storage.database import open_db
+
+    db = open_db(sqlite_url)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    db.execute_sql("INSERT INTO velvet_proxies (proxy, hostname, pid, started_at, updated_at, queue_depth, "
+                   "pending, spooled, dead_lettered, written) "
+                   "VALUES ('h:1:1', 'elsewhere', 1, ?, ?, 0, 0, 0, 0, 0)",
+                   (now - timedelta(minutes=1), now - timedelta(seconds=5)))
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "status-x.json").write_text(
+        f'{{"proxy": "h:1:1", "hostname": "elsewhere", "pid": 1, "updated_at": "{now:%Y-%m-%dT%H:%M:%S}Z"}}')
+    (p,) = status(db, spool)["proxies"]
+    assert p["running"] and p["source"] == "both"
+    db.close()
+
+
+def test_velvet_status_while_proxies_on_two_databases_run(standin, tmp_path, monkeypatch, capsys):
+    """Default spool folders (one per database): each `velvet status` lists its own proxy only, every time."""
+    monkeypatch.setenv("VELVET_HOME", str(tmp_path / "home"))
+    urls = [f"sqlite:///{tmp_path / 'a.db'}", fresh_pg_url()]
+    proxies = [Proxy(u, standin.url, tmp_path / f"p{i}", extra=["--set", "velvet_spool_dir="]).start()
+               for i, u in enumerate(urls)]
+    try:
+        for p in proxies:
+            p.client(monkeypatch).chat.completions.create(model="gpt-4o-mini",
+                                                          messages=[{"role": "user", "content": "hi"}])
+        def running(p: Proxy) -> list[str]:
+            code, out, err = cli(capsys, "status", "--db", p.db_url, "--json")
+            assert code == 0, err
+            got = orjson.loads(out)
+            assert Path(got["spool_dir"]).parent == tmp_path / "home" / "spool"
+            return [x["proxy"] for x in got["proxies"] if x["running"]]
+
+        for p in proxies:
+            wait_for(lambda p=p: running(p), 15, "the proxy's status")
+        seen = [set(), set()]
+        for _ in range(10):
+            for i, p in enumerate(proxies):
+                names = running(p)
+                assert len(names) == 1, names
+                seen[i].update(names)
+            time.sleep(0.3)
+        assert len(seen[0]) == len(seen[1]) == 1 and not seen[0] & seen[1]
+    finally:
+        for p in proxies:
+            p.stop()

@@ -187,7 +187,7 @@ class Velvet:
         return ctx.options.velvet_db or config.default_db_url()
 
     def spool_dir(self) -> Path:
-        return Path(ctx.options.velvet_spool_dir or config.default_spool_dir()).expanduser()
+        return Path(ctx.options.velvet_spool_dir or config.default_spool_dir(self.db_url())).expanduser()
 
     def _writer_mode(self) -> str:
         mode = ctx.options.velvet_writer
@@ -200,6 +200,8 @@ class Velvet:
     def _start_writer(self) -> None:
         url = self.db_url()
         opts = ctx.options
+        if not opts.velvet_spool_dir:
+            self._warn_legacy_spool()
         if self._writer_mode() == "process":
             self.writer = ChildWriter(url, spool_dir=self.spool_dir(), prices=opts.velvet_prices,
                                         body_limit=opts.velvet_body_limit, flush_timeout=opts.velvet_flush_timeout)
@@ -211,6 +213,18 @@ class Velvet:
         self.writer.start()
         log.info("velvet: logging %s into %s (%s)", ", ".join(sorted(self.hosts)), redact(url),
                  "writer process" if isinstance(self.writer, ChildWriter) else "writer thread")
+
+    @staticmethod
+    def _warn_legacy_spool() -> None:
+        """Before each database had its own spool folder, every proxy used the one above them: what a proxy of
+        that version left there (spooled rows, a journal) is named, never silently left behind."""
+        base = config.default_spool_dir()
+        left = [p.name for p in (base.iterdir() if base.is_dir() else ())
+                if p.name.startswith("spool-") or (p.name == "journal" and any(p.iterdir()))]
+        if left:
+            log.warning("velvet: %s holds %s from an older velvet (spool folders are now per database, below it); "
+                        "to write them, run once with --set velvet_spool_dir=%s", base, ", ".join(sorted(left)),
+                        base)
 
     def _stop_writer(self) -> None:
         if self.writer is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+from velvet_core.redact import redact
 
 ENV_DB = "VELVET_DB"
 DEFAULT_HOSTS = ("api.openai.com",)
@@ -24,5 +27,10 @@ def default_db_url() -> str:
     return os.environ.get(ENV_DB) or f"sqlite:///{data_dir() / 'velvet.db'}"
 
 
-def default_spool_dir() -> Path:
-    return data_dir() / "spool"
+def default_spool_dir(db_url: str | None = None) -> Path:
+    """``<data dir>/spool/<12 hex>``: a folder per database (by a hash of its URL without the password), so that
+    ``velvet status`` of one database never lists the proxies of another. Without a URL, the folder above them."""
+    base = data_dir() / "spool"
+    if db_url is None:
+        return base
+    return base / hashlib.sha256(redact(db_url).encode()).hexdigest()[:12]

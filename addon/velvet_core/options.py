@@ -101,7 +101,7 @@ OPTIONS: tuple[Option, ...] = (
            "Bodies larger than this many bytes (decoded) are not stored in calls.", parse=_not_negative),
     Option("velvet_spool_dir", str, "",
            "Where rows wait on disk while the database is unreachable. Default: "
-           f"{config.default_spool_dir()}."),
+           f"{config.default_spool_dir()}/<12 hex digits of the database URL's hash>: one folder per database."),
     Option("velvet_stream_threshold", int, config.STREAM_THRESHOLD,
            "Batch bodies (uploads, upload parts, file downloads) larger than this many bytes "
            "are streamed through velvet's parser instead of being buffered: no delay to the "

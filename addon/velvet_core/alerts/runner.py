@@ -13,10 +13,11 @@ import logging
 import os
 import socket
 import threading
-from datetime import UTC, datetime
+from datetime import datetime
 
 from peewee import Database
 
+from velvet_core import clock
 from velvet_core.alerts.evaluate import Reading, evaluate, unreachable
 from velvet_core.alerts.history import last_states, record
 from velvet_core.alerts.notify import Notifier, payloads
@@ -29,8 +30,7 @@ log = logging.getLogger(__name__)
 MAX_UNRECORDED = 1000
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+utcnow = clock.now
 
 
 def proxy_name() -> str:

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from velvet_core import clock
 from velvet_core.alerts.evaluate import Instance, Reading
 from velvet_core.alerts.rules import Rule
 
@@ -120,7 +121,7 @@ class Tracker:
 
     def load(self, rows: list[dict[str, Any]]) -> None:
         for r in rows:
-            dt = {k: datetime.fromisoformat(r[k]) if r.get(k) else None
+            dt = {k: clock.parse(r[k]) if r.get(k) else None
                   for k in ("notified_at", "warn_since", "fire_since")}
             self.tracks[(r["rule"], r["subject"])] = Track(r.get("state", "ok"), value=r.get("value"), **dt)
 

@@ -10,13 +10,14 @@ import re
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 from peewee import Database
 
+from velvet_core import clock
 from velvet_core.experiments import answers
 from velvet_core.storage.models import Comparison, use
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt
@@ -415,7 +416,7 @@ def compare(a: Side, b: Side, metrics: list[Metric],
 def record(db: Database, result: dict[str, Any], judge_batch_id: str | None = None) -> None:
     """Keep the summary (not the lines) for ``velvet report``."""
     with use(db):
-        Comparison.insert(a=result["a"], b=result["b"], created_at=datetime.now(UTC).replace(tzinfo=None),
+        Comparison.insert(a=result["a"], b=result["b"], created_at=clock.now(),
                           pairs=result["pairs"], unpaired=result["unpaired"], judge_batch_id=judge_batch_id,
                           metrics=orjson.dumps(result["metrics"]).decode()).execute()
 

@@ -11,12 +11,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TextIO
 
 import orjson
 from peewee import Database
 
+from velvet_core import clock
 from velvet_core.experiments.client import APIError, Client, Reply
 from velvet_core.experiments.plan import Plan, PlanLine
 from velvet_core.experiments.select import EXPERIMENT_TAG, LINE_TAG
@@ -27,7 +28,7 @@ TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 
 
 def now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+    return clock.now()
 
 
 # -- the record ------------------------------------------------------------------------------------

@@ -5,11 +5,12 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, overload
 
 import orjson
 
+from velvet_core import clock
 from velvet_core.secret_names import secret_name
 
 RATELIMIT_HEADERS = {
@@ -200,7 +201,7 @@ def utc(ts: float) -> datetime: ...
 def utc(ts: float | None) -> datetime | None: ...
 def utc(ts: float | None) -> datetime | None:
     """A Unix timestamp as naive UTC, as stored."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).replace(tzinfo=None)
+    return clock.from_epoch(ts)
 
 
 def ts(v: Any) -> datetime | None:
@@ -208,12 +209,12 @@ def ts(v: Any) -> datetime | None:
     if isinstance(v, bool) or v is None:
         return None
     if isinstance(v, int | float):
-        if not 0 <= v < 253402300800:  # before 1970 or after 9999: not a time the API meant
+        if not 0 <= v < clock.FAR:  # before 1970 or after 9999: not a time the API meant
             return None
-        return datetime.fromtimestamp(v, UTC).replace(tzinfo=None)
+        return clock.from_epoch(v)
     if isinstance(v, str):
         try:
-            return datetime.fromisoformat(v.replace("Z", "+00:00")).astimezone(UTC).replace(tzinfo=None)
+            return clock.parse(v)
         except ValueError:
             return None
     return None

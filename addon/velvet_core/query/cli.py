@@ -183,8 +183,9 @@ def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
 
 def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
     """Also called without a database (``db_error`` says why): status must speak when the database does not."""
-    s = status_of(db, Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(), db_error,
-                  database_files(a.db or config.default_db_url()))
+    url = a.db or config.default_db_url()
+    spool = Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(url)
+    s = status_of(db, spool, db_error, database_files(url))
     if a.json:
         jsonout.dump(s)
     else:
@@ -239,7 +240,7 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("status", cmd_status, "the health of each proxy writing here: last write, queue, spooled and "
                                       "dead-lettered operations, last error (exit 1 if one is failing)")
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
-                                                      f"{config.default_spool_dir()})")
+                                                      f"{config.default_spool_dir()}/<a folder per database>)")
     p.set_defaults(opens="tolerant")  # must speak when the database does not
     p = command("backup", _backup, "copy a live SQLite database into a new FILE (online backup; mode 0600)")
     p.add_argument("file", metavar="FILE")

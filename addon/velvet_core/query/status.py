@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
 from peewee import Database
 
-from velvet_core import config
+from velvet_core import clock, config
 from velvet_core.pids import alive
 from velvet_core.private import loose
 from velvet_core.storage.sql import iso, to_dt
@@ -48,7 +48,7 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None,
             found[row["proxy"]] = {**row, "source": "file" if old is None else "both"}
         else:
             old["source"] = "both"
-    now = datetime.now(UTC).replace(tzinfo=None)
+    now = clock.now()
     here = socket.gethostname()
     proxies = []
     for p in found.values():

@@ -6,12 +6,12 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 from peewee import Database
 
+from velvet_core import clock
 from velvet_core.private import write_private
 from velvet_core.report.data import collect
 from velvet_core.report.page import build
@@ -47,7 +47,7 @@ class Steps:
 
 
 def cmd_report(db: Database, a: argparse.Namespace) -> None:
-    until = datetime.now(UTC).replace(tzinfo=None)
+    until = clock.now()
     since = a.since or parse_since("7d", until)
     steps = Steps()
     data = collect(db, since, until, steps)

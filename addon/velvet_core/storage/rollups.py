@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from peewee import Database, IntegrityError, PostgresqlDatabase, SqliteDatabase
 
+from velvet_core import clock
 from velvet_core.storage import models
 from velvet_core.storage.bulk import COPY_FROM, chunks, insert_rows
 from velvet_core.storage.sql import adapt, ts
@@ -99,7 +100,7 @@ class Sums:
 
 def as_datetime(v: Any) -> datetime:
     """A stored or to-be-stored timestamp (datetime, or text on SQLite) as a naive datetime."""
-    return v if isinstance(v, datetime) else datetime.fromisoformat(str(v))
+    return clock.parse(v)  # type: ignore[return-value]
 
 
 def periods(started: Any) -> tuple[datetime, datetime]:

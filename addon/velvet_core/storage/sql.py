@@ -10,11 +10,13 @@ import argparse
 import math
 import re
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
 from peewee import Database, PostgresqlDatabase
+
+from velvet_core import clock
 
 
 def is_pg(db: Database) -> bool:
@@ -59,22 +61,18 @@ def ts(db: Database, dt: datetime) -> Any:
     zero), and compared as text: the parameter must be written the same way, or a row stored at a whole second
     sorts before a bound written with ``.000000`` (and one written to the second misses the fraction).
     """
-    if dt.tzinfo is not None:
-        dt = dt.astimezone(UTC).replace(tzinfo=None)
+    dt = clock.naive_utc(dt)
     return dt if is_pg(db) else dt.isoformat(" ")
 
 
 def to_dt(v: Any) -> datetime | None:
-    """A stored timestamp (datetime on PostgreSQL, text on SQLite) as naive UTC."""
-    if v is None or isinstance(v, datetime):
-        return v
-    return datetime.fromisoformat(str(v))
+    """A stored timestamp (datetime on PostgreSQL, text on SQLite, ``…Z`` in a status file) as naive UTC."""
+    return clock.parse(v)
 
 
 def iso(v: Any) -> str | None:
     """A stored timestamp as ISO 8601 UTC to the second (``2026-11-24T15:00:00Z``)."""
-    dt = to_dt(v)
-    return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return clock.iso_z(v)
 
 
 def to_int(v: Any) -> int | None:
@@ -112,7 +110,7 @@ _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
-    now = now or datetime.now(UTC).replace(tzinfo=None)
+    now = now or clock.now()
     t = text.strip().lower()
     if m := _REL.match(t):
         return now - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
@@ -123,7 +121,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
-    return dt.astimezone(UTC).replace(tzinfo=None) if dt.tzinfo else dt
+    return clock.naive_utc(dt)
 
 
 def since_arg(text: str) -> datetime:

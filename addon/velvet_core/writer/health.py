@@ -12,12 +12,13 @@ import logging
 import os
 import socket
 import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from velvet_core import clock
 from velvet_core.pids import alive as pid_alive
 from velvet_core.private import private_dir, write_private
 from velvet_core.redact import redact
@@ -26,8 +27,7 @@ from velvet_core.storage import models
 log = logging.getLogger("velvet")
 
 
-def _utc(t: float | None) -> datetime | None:
-    return None if t is None else datetime.fromtimestamp(t, UTC).replace(tzinfo=None)
+_utc = clock.from_epoch
 
 
 class Health:
@@ -127,9 +127,7 @@ def status_line(s: dict[str, Any]) -> str:
     def ago(t: datetime | str | None) -> str:
         if t is None:
             return "never"
-        if isinstance(t, str):  # (from a status file)
-            t = datetime.fromisoformat(t.rstrip("Z"))
-        return f"{(datetime.now(UTC).replace(tzinfo=None) - t).total_seconds():.0f} s ago"
+        return f"{(clock.now() - clock.parse(t)).total_seconds():.0f} s ago"  # type: ignore[operator]
 
     state = "writing" if s["failing_since"] is None else f"FAILING since {ago(s['failing_since'])}"
     text = (f"velvet: {state}; last write {ago(s['last_write_at'])}; {s['written']:,} written; queue "

@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from velvet_core import clock
 from velvet_core.parsing.classify import classify
 from velvet_core.pids import alive as pid_alive
 from velvet_core.storage.ops import CallRow
@@ -61,7 +61,7 @@ def incomplete_row(meta: dict[str, Any], size: int) -> dict[str, Any]:
         "flow_id": meta.get("flow_id"), "method": meta.get("method"), "host": meta.get("host"),
         "path": meta.get("path"), "endpoint": route.kind, "action": route.action, "object_id": route.object_id,
         "key_fingerprint": meta.get("key_fingerprint"), "complete": False,
-        "started_at": datetime.fromtimestamp(started, UTC).replace(tzinfo=None) if started else None,
+        "started_at": clock.from_epoch(started) if started else None,
         "problem": f"the proxy stopped before this flow ended: {size:,} bytes of its streamed "
                    f"{meta.get('side', 'request')} body had arrived",
     }
