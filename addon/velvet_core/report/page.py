@@ -144,7 +144,7 @@ def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) ->
     rows = data["spend_by_day"]
     days = sorted({r["day"] for r in rows})
     parts.append("<h2 id=spend>Spend per day</h2>")
-    if rows:
+    if any(r["live_usd"] or r["batch_usd"] for r in rows):
         parts.append("<h3>By model (live and batch)</h3>"
                      + _chart(charts.spend_by_model(days, rows), "spend by model"))
         parts.append("<h3>Live against batch, and what the batch discount saved</h3>"
