@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
+from peewee import PostgresqlDatabase
 from reportdb import fill
 from velvet_core.storage.database import open_db
 
@@ -33,15 +34,19 @@ def prepare(url: str, text: str, number: float, age_days: float = 0) -> None:
     fill(url, batches=3, calls=4, days=1, lines=2, seed=3, now=datetime.now(UTC).replace(tzinfo=None)
          - timedelta(days=age_days))
     db = open_db(url)
+    if isinstance(db, PostgresqlDatabase):  # what PostgreSQL can hold: no NUL in text, REAL up to 3.4e38
+        text, number = text.replace("\x00", "\ufffd"), min(number, 3e38)
     p = db.param
     tags = orjson.dumps({"team": text, text[:60] or "k": "v"}).decode()
-    with db.atomic():
-        db.execute_sql(f"UPDATE calls SET model = {p}, tags = {p}, cost_usd = {p}", (text, tags, number))
-        db.execute_sql(f"UPDATE batches SET model = {p}, metadata = {p}", (text, tags))
-        db.execute_sql(f"UPDATE batch_requests SET model = {p}", (text,))
-        db.execute_sql(f"UPDATE batch_results SET model = {p}, cost_usd = {p}, failed = {p}, error_code = {p}",
-                       (text, number, True, text[:200]))
-    db.close()
+    try:
+        with db.atomic():
+            db.execute_sql(f"UPDATE calls SET model = {p}, tags = {p}, cost_usd = {p}", (text, tags, number))
+            db.execute_sql(f"UPDATE batches SET model = {p}, metadata = {p}", (text, tags))
+            db.execute_sql(f"UPDATE batch_requests SET model = {p}", (text,))
+            db.execute_sql(f"UPDATE batch_results SET model = {p}, cost_usd = {p}, failed = {p}, "
+                           f"error_code = {p}", (text, number, True, text[:200]))
+    finally:
+        db.close()
 
 
 def run_report(url: str, out: Path, timeout: float = 90, memory_mb: int = MEMORY_MB) -> str:

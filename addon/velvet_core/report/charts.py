@@ -42,11 +42,16 @@ TOOLTIP_MAX = 300
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2066-\u2069\ufeff]")
 
 
+def clean(text: object) -> str:
+    """Text from traffic without control or direction characters (each becomes a space)."""
+    return _CONTROL.sub(" ", str(text))
+
+
 def label(text: object, limit: int = LABEL_MAX) -> str:
     """Any text from traffic made safe for the chart library: no control or direction characters, at most
     `limit` characters (cut with …). Every label, series name and tooltip goes through here; the tables keep the
     full text."""
-    s = _CONTROL.sub(" ", str(text)).strip() or "(none)"
+    s = clean(text).strip() or "(none)"
     return s if len(s) <= limit else s[:limit - 1] + "…"
 
 
@@ -102,14 +107,20 @@ def nice_ticks(top: float, integer: bool = False, count: int = 5) -> list[float]
     return [i * step for i in range(math.ceil(top / step - 1e-9) + 1)]
 
 
-def axis(c: Any, top: float, fmt: Callable[[float, int], str], integer: bool = False) -> None:
-    """Set the value axis from 0 to `top`: `fmt(v, decimals)` gets as many decimals as the tick step needs, so
-    that no two labels read the same and none is in scientific notation (pygal's own ticks for tiny ranges are)."""
+def scale(top: float, fmt: Callable[[float, int], str], integer: bool = False
+          ) -> tuple[list[float], Callable[[float], str]]:
+    """Ticks from 0 to `top` and their formatter: `fmt(v, decimals)` gets as many decimals as the tick step needs,
+    so that no two labels read the same and none is in scientific notation (pygal's own ticks for tiny ranges
+    are)."""
     ticks = nice_ticks(top, integer)
     step = ticks[1] - ticks[0]
     decimals = 0 if step >= 1 else -math.floor(math.log10(step))
-    c.y_labels = ticks
-    c.value_formatter = lambda v: fmt(v, decimals)
+    return ticks, lambda v: fmt(v, decimals)
+
+
+def axis(c: Any, top: float, fmt: Callable[[float, int], str], integer: bool = False) -> None:
+    """Set the chart's value axis by scale()."""
+    c.y_labels, c.value_formatter = scale(top, fmt, integer)
 
 
 def _top(values: list[Any]) -> float:

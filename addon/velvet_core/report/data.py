@@ -148,8 +148,10 @@ def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[
         f"ORDER BY {created}")), params))
     lines = list(stream_rows(db, _sql(db, (
         "SELECT x.batch_id, x.model, count(*) AS n, sum(CASE WHEN x.failed THEN 1 ELSE 0 END) AS failed, "
-        "sum(x.cost_usd) AS cost, sum(x.input_tokens) AS inp, sum(x.cached_tokens) AS cached, "
-        "sum(x.output_tokens) AS outp FROM batch_results x JOIN batches b ON b.id = x.batch_id "
+        # summed as double: PostgreSQL's REAL sum overflows at 3.4e38 (fuzzed costs crashed the report)
+        "sum(CAST(x.cost_usd AS DOUBLE PRECISION)) AS cost, sum(x.input_tokens) AS inp, "
+        "sum(x.cached_tokens) AS cached, sum(x.output_tokens) AS outp "
+        "FROM batch_results x JOIN batches b ON b.id = x.batch_id "
         f"WHERE {created} >= ? AND {created} < ? GROUP BY x.batch_id, x.model")), params))
     return batches, lines
 

@@ -4,7 +4,7 @@ hover tooltips. Nothing is fetched: it opens offline, from a mail attachment as 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from html import escape
+from html import escape as html_escape
 from typing import Any
 
 from velvet_core import __version__
@@ -41,6 +41,11 @@ el.addEventListener('mousemove',function(e){tip.textContent=(x?x.textContent+': 
 tip.style.display='block';tip.style.left=(e.clientX+12)+'px';tip.style.top=(e.clientY+12)+'px';});
 el.addEventListener('mouseleave',function(){tip.style.display='none';});});})();
 """
+
+
+def escape(text: str) -> str:
+    """HTML text of a value that may come from traffic: escaped, and without control characters."""
+    return html_escape(charts.clean(text))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
