@@ -21,7 +21,24 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the rig, the stand-in API
 import faultkit as fk
+import reportfuzz
 from standin import StandIn
+
+
+def report_fuzz(root: Path, urls: Callable[[], str], n: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """``velvet report`` on `n` seeded hostile databases per backend, each in a child held to 1 GB and 90 s:
+    cases run, hangs (time or memory limit reached) and crashes, all to be 0 but the first."""
+    found = {"cases": 0, "hangs": 0, "crashes": 0}
+    for backend in ("sqlite", "postgres"):
+        for i, (text, number, age) in enumerate(reportfuzz.cases(24, n)):
+            url = f"sqlite:///{root / f'report-{i}.db'}" if backend == "sqlite" else urls()
+            reportfuzz.prepare(url, text, number, age)
+            outcome = reportfuzz.run_report(url, root / f"report-{backend}-{i}.html")
+            found["cases"] += 1
+            if outcome != "ok":
+                found["hangs" if outcome == "hang" else "crashes"] += 1
+                say(f"faults:   report on {text[:40]!r}, {number}: {outcome}")
+    return found
 
 
 def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
@@ -128,6 +145,9 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
             out.update(shared_pg_lines_lost=sh.lines_lost + sh.results_lost,
                        shared_pg_proxies_seen=sh.proxies_seen)
 
+        say("faults: the report on hostile labels and numbers (hang and crash hunt)")
+        out["report_fuzz"] = report_fuzz(tmp("report-fuzz"), cluster.fresh_url, 12 if quick else 40, say)
+
         out["dead_lettered"] = fk.dead_letters(root)
         out["writer_processes_lingering"] = len(fk.LINGERED)
         out["tracebacks"] = sum(p.read_text(errors="replace").count("Traceback")
@@ -179,6 +199,10 @@ def table(r: dict[str, Any]) -> str:
                      f"{r['disk_full_dead_lettered']} dead-lettered"))
     if has("shared_pg_lines_lost"):
         rows.append(("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"))
+    if has("report_fuzz"):
+        rf = r["report_fuzz"]
+        rows.append(("report on hostile inputs",
+                     f"{rf['cases']} cases, {rf['hangs']} hangs, {rf['crashes']} crashes"))
     rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"
