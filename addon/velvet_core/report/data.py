@@ -19,6 +19,7 @@ from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
 from velvet_core.parsing.pricing import Pricer
 from velvet_core.query.queries import iso, percentile, stream_rows, to_dt
+from velvet_core.storage import batch_rule
 
 BAD = ("failed", "expired", "cancelled")
 ENDED = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at", "cancelled": "cancelled_at"}
@@ -140,8 +141,8 @@ def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[
     created = "COALESCE(b.created_at, b.first_seen_at)"
     params = (_param(db, since), _param(db, until))
     batches = list(stream_rows(db, _sql(db, (
-        "SELECT b.id, b.status, COALESCE(b.model, (SELECT min(r.model) FROM batch_requests r "
-        "WHERE r.batch_id = b.id)) AS model, b.created_at, b.first_seen_at, b.in_progress_at, b.finalizing_at, "
+        f"SELECT b.id, b.status, {batch_rule.model_sql('b')} AS model, b.created_at, b.first_seen_at, "
+        "b.in_progress_at, b.finalizing_at, "
         "b.completed_at, b.failed_at, b.expired_at, b.cancelled_at, b.turnaround_s, b.request_total, "
         "b.request_failed, b.input_tokens, b.cached_tokens, b.output_tokens, b.usage_cost_usd, "
         f"b.key_fingerprint, b.metadata FROM batches b WHERE {created} >= ? AND {created} < ? "
@@ -153,6 +154,9 @@ def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[
         "sum(x.cached_tokens) AS cached, sum(x.output_tokens) AS outp "
         "FROM batch_results x JOIN batches b ON b.id = x.batch_id "
         f"WHERE {created} >= ? AND {created} < ? GROUP BY x.batch_id, x.model")), params))
+    model = {b["id"]: b["model"] for b in batches}
+    for x in lines:  # a failed line names no model: it is its batch's (batch_rule)
+        x["model"] = x["model"] or model.get(x["batch_id"])
     return batches, lines
 
 
