@@ -3,6 +3,7 @@ charts of a young database (one call, one batch, fast batches, empty) asserted o
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 
@@ -152,3 +153,16 @@ def test_empty_database_report_is_plain(db_url, tmp_path):
     open_db(db_url).close()
     html = report_html(db_url, tmp_path / "r.html")
     assert not svgs(html) and "No live calls in this period." in html
+
+
+def test_legends_do_not_overlap():
+    """Long series names get fewer legend columns: each name ends before the next in its row begins."""
+    rows = [{"day": "2026-01-01", "model": f"model-{i}-" + "x" * n, "live_usd": i + 1.0, "batch_usd": 0.0}
+            for i, n in enumerate((2, 10, 25, 40, 60, 80, 100, 5))]
+    svg = charts.spend_by_model(["2026-01-01"], rows)
+    legend = r'class="legend[^"]*"><rect[^>]*/><text x="([\d.]+)" y="([\d.]+)">([^<]*)</text>'
+    items = [(float(x), float(y), t) for x, y, t in re.findall(legend, svg)]
+    assert len(items) == len(rows)
+    for (x1, y1, t1), (x2, y2, _) in itertools.pairwise(items):
+        if y1 == y2:
+            assert x2 - x1 >= 6.5 * len(t1) + 12, (t1, x1, x2)  # 12 px font: about 6.5 px a character

@@ -195,7 +195,7 @@ def turnaround(t: dict[str, Any]) -> str:
 def turnaround_histogram(t: dict[str, Any]) -> str:
     c = pygal.Bar(**_config(y_title="completed batches", x_title="turnaround (hours)", height=260,
                             show_legend=False))
-    c.x_labels = [f"{h['hours']}-{h['hours'] + 1}" if h["hours"] < 24 else "24+" for h in t["histogram"]]
+    c.x_labels = labels([f"{h['hours']}-{h['hours'] + 1}" if h["hours"] < 24 else "24+" for h in t["histogram"]])
     add(c, "batches", [h["batches"] for h in t["histogram"]], _count)
     axis(c, max((h["batches"] for h in t["histogram"]), default=0), lambda v, d: f"{v:,.0f}", integer=True)
     return render(c)
@@ -218,7 +218,7 @@ def spend_by_model(days: list[str], rows: list[dict[str, Any]]) -> str:
     keep = models[:7]
     c = pygal.StackedBar(**_config(y_title="USD", x_label_rotation=0,
                                    x_labels_major_every=_label_every(len(days)), show_minor_x_labels=False))
-    c.x_labels = days
+    c.x_labels = labels(days)
     cell: dict[tuple[str, str], float] = defaultdict(float)
     for r in rows:
         cell[r["day"], r["model"]] += r["live_usd"] + r["batch_usd"]
@@ -240,7 +240,7 @@ def live_vs_batch(days: list[str], rows: list[dict[str, Any]]) -> str:
         p[2] += max(0.0, r["batch_sync_usd"] - r["batch_usd"])
     c = pygal.Bar(**_config(y_title="USD", x_labels_major_every=_label_every(len(days)),
                             show_minor_x_labels=False))
-    c.x_labels = days
+    c.x_labels = labels(days)
     for i, name in enumerate(("live calls", "batches", "saved by the batch discount")):
         add(c, name, [per[d][i] or None for d in days], money, skip_zero=True)
     axis(c, max((max(per[d]) for d in days), default=0), _usd_axis)
@@ -266,7 +266,7 @@ def _line(points: list[dict[str, Any]], bucket: str, series: list[tuple[str, str
     cls = pygal.Bar if bar else pygal.Line
     c = cls(**_config(y_title=y_title, height=280, x_labels_major=major, show_minor_x_labels=len(points) <= 14,
                       stroke_style={"width": 2}, allow_interruptions=True, **kw))
-    c.x_labels = names
+    c.x_labels = labels(names)
     for key, name in series:
         add(c, name, [p[key] for p in points], fmt)
     axis(c, max((_top([p[key] for p in points]) for key, _ in series), default=0), scale, integer)
