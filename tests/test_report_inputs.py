@@ -117,6 +117,11 @@ def test_young_database_fast_batches(db_url, tmp_path):
     assert_readable(html)
     assert "no data" not in html
     assert "e-05" not in html and "e-06" not in html
+    timeline = html[html.index("id=timeline"):html.index("id=turnaround")]
+    bars = re.findall(r'<rect x="[\d.]+" y="[\d.]+" rx="0" ry="0" width="([\d.]+)" height="([\d.]+)"[^>]*'
+                      r'class="rect reactive tooltip-trigger"', timeline)
+    assert bars and all(float(w) >= 1 and float(h) >= 1 for w, h in bars)  # drawn wide enough to see
+    assert "0.00 h" in timeline  # the tooltip says the real duration
 
 
 def test_young_database_one_batch(db_url, tmp_path):

@@ -177,10 +177,19 @@ def timeline(t: dict[str, Any]) -> str:
         for k, v in parts.items():
             # a phase of a second is a value too (0.000 h): None would leave a fast batch out, and a period of
             # fast batches with a "no data" over the timeline
-            series[k].append(point(round(v, 3), r["id"]) if v is not None else None)
+            series[k].append(_phase(v, top, r["id"]) if v is not None else None)
     for name, values in series.items():
         add(c, name, values, _h)
     return render(c)
+
+
+def _phase(hours: float, top: float, batch_id: str) -> dict[str, Any] | None:
+    """A phase bar at least 1/250 of the axis wide, so that a batch done in a second still shows; its tooltip
+    says the real duration."""
+    p = point(max(hours, top / 250), batch_id)
+    if p is not None:
+        p["formatter"] = lambda _v, real=hours: _h(real)
+    return p
 
 
 def turnaround(t: dict[str, Any]) -> str:
