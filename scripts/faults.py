@@ -22,9 +22,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from support import attacks, privacy
+from support import attacks, privacy, reportfuzz
 from support import faultkit as fk
 from support.standin import StandIn
+
+
+def report_fuzz(root: Path, urls: Callable[[], str], n: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """``velvet report`` on `n` seeded hostile databases per backend, each in a child held to 1 GB and 90 s:
+    cases run, hangs (time or memory limit reached) and crashes, all to be 0 but the first."""
+    found = {"cases": 0, "hangs": 0, "crashes": 0}
+    for backend in ("sqlite", "postgres"):
+        for i, (text, number, age) in enumerate(reportfuzz.cases(24, n)):
+            url = f"sqlite:///{root / f'report-{i}.db'}" if backend == "sqlite" else urls()
+            reportfuzz.prepare(url, text, number, age)
+            outcome = reportfuzz.run_report(url, root / f"report-{backend}-{i}.html")
+            found["cases"] += 1
+            if outcome != "ok":
+                found["hangs" if outcome == "hang" else "crashes"] += 1
+                say(f"faults:   report on {text[:40]!r}, {number}: {outcome}")
+    return found
 
 
 def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
@@ -142,6 +158,8 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
             for k, v in fig.items():
                 security[k] = security.get(k, 0) + v
         out["security"] = security
+        say("faults: the report on hostile labels and numbers (hang and crash hunt)")
+        out["report_fuzz"] = report_fuzz(tmp("report-fuzz"), cluster.fresh_url, 12 if quick else 40, say)
 
         out["dead_lettered"] = fk.dead_letters(root)
         out["writer_processes_lingering"] = len(fk.LINGERED)
@@ -195,6 +213,10 @@ def table(r: dict[str, Any]) -> str:
     if has("shared_pg_lines_lost"):
         rows.append(("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"))
     rows += [(f"security: {k}", str(v)) for k, v in r.get("security", {}).items()]
+    if has("report_fuzz"):
+        rf = r["report_fuzz"]
+        rows.append(("report on hostile inputs",
+                     f"{rf['cases']} cases, {rf['hangs']} hangs, {rf['crashes']} crashes"))
     rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"

@@ -18,6 +18,7 @@ from peewee import Database
 from velvet_core.alerts.rules import Rule
 from velvet_core.humanize import duration, money
 from velvet_core.redact import redact
+from velvet_core.storage import batch_rule
 from velvet_core.storage.sql import iso, json_field, json_key, rows, to_dt, ts
 
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -88,7 +89,7 @@ def call_filters(db: Database, rule: Rule, params: list[Any]) -> str:
                     "tags")
 
 
-BATCH_MODEL = "COALESCE(b.model, (SELECT min(r.model) FROM batch_requests r WHERE r.batch_id = b.id))"
+BATCH_MODEL = batch_rule.model_sql("b")  # the one rule (storage/batch_rule.py), as every view
 
 
 def batch_filters(db: Database, rule: Rule, params: list[Any]) -> str:

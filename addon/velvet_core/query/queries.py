@@ -14,7 +14,7 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase
 
-from velvet_core.storage import rollups
+from velvet_core.storage import batch_rule, rollups
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
 
@@ -32,7 +32,9 @@ _TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "fail
 
 # -- batches ---------------------------------------------------------------------------------------
 
-_BATCH_SQL = "SELECT * FROM batch_summary b"  # batches.* plus lines, answered, failed, cost_usd
+# batches.* plus lines, answered, failed, cost_usd, and what batch_rule.figures reads
+_BATCH_SQL = (f"SELECT b.*, {batch_rule.columns_sql('b', 'bc')} FROM batch_summary b "
+              "LEFT JOIN batch_counts bc ON bc.batch_id = b.id")
 
 
 def _batch(r: dict[str, Any]) -> dict[str, Any]:
@@ -43,9 +45,9 @@ def _batch(r: dict[str, Any]) -> dict[str, Any]:
                              "failed": r.get("request_failed")}
     out["lines"], out["answered"], out["failed"] = int(r["lines"]), int(r["answered"]), int(r["failed"])
     out["turnaround_seconds"] = r.get("turnaround_s")
-    # the logged lines' cost when the output was downloaded, else the API's own usage figure
-    cost = r.get("cost_usd") if r.get("cost_usd") is not None else r.get("usage_cost_usd")
-    out["cost_usd"] = None if cost is None else round(float(cost), 10)
+    fig = batch_rule.figures(r)
+    out["model"] = fig["model"]
+    out["cost_usd"] = None if fig["cost_usd"] is None else round(float(fig["cost_usd"]), 10)
     return out
 
 
@@ -319,12 +321,14 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
                                                           "cost_usd": 0.0, "_turn": []})
     for r in stream_rows(db, f"SELECT * FROM ({_BATCH_SQL}{bw}) s", params):
         b = _batch(r)
-        g = bat[_group_value(by, {**r, "model": r["model"]}, "created_at" if r["created_at"] else "first_seen_at")]
+        fig = batch_rule.figures(r)
+        g = bat[_group_value(by, {**r, "model": fig["model"]},
+                             "created_at" if r["created_at"] else "first_seen_at")]
         g["batches"] += 1
         g["lines"] += b["lines"]
         g["failed_lines"] += b["failed"]
-        g["input_tokens"] += r["input_tokens"] or 0
-        g["output_tokens"] += r["output_tokens"] or 0
+        g["input_tokens"] += fig["input_tokens"] or 0
+        g["output_tokens"] += fig["output_tokens"] or 0
         g["cost_usd"] += b["cost_usd"] or 0.0
         if r["turnaround_s"] is not None and r["status"] == "completed":
             g["_turn"].append(r["turnaround_s"])

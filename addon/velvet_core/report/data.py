@@ -18,6 +18,7 @@ from velvet_core.alerts.history import listing
 from velvet_core.cost.prices import Pricer
 from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
+from velvet_core.storage import batch_rule
 from velvet_core.storage.sql import adapt, iso, percentile, stream_rows, to_dt, ts
 
 BAD = ("failed", "expired", "cancelled")
@@ -134,17 +135,22 @@ def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[
     created = "COALESCE(b.created_at, b.first_seen_at)"
     params = (ts(db, since), ts(db, until))
     batches = list(stream_rows(db, adapt(db, (
-        "SELECT b.id, b.status, COALESCE(b.model, (SELECT min(r.model) FROM batch_requests r "
-        "WHERE r.batch_id = b.id)) AS model, b.created_at, b.first_seen_at, b.in_progress_at, b.finalizing_at, "
+        f"SELECT b.id, b.status, {batch_rule.model_sql('b')} AS model, b.created_at, b.first_seen_at, "
+        "b.in_progress_at, b.finalizing_at, "
         "b.completed_at, b.failed_at, b.expired_at, b.cancelled_at, b.turnaround_s, b.request_total, "
         "b.request_failed, b.input_tokens, b.cached_tokens, b.output_tokens, b.usage_cost_usd, "
         f"b.key_fingerprint, b.metadata FROM batches b WHERE {created} >= ? AND {created} < ? "
         f"ORDER BY {created}")), params))
     lines = list(stream_rows(db, adapt(db, (
         "SELECT x.batch_id, x.model, count(*) AS n, sum(CASE WHEN x.failed THEN 1 ELSE 0 END) AS failed, "
-        "sum(x.cost_usd) AS cost, sum(x.input_tokens) AS inp, sum(x.cached_tokens) AS cached, "
-        "sum(x.output_tokens) AS outp FROM batch_results x JOIN batches b ON b.id = x.batch_id "
+        # summed as double: PostgreSQL's REAL sum overflows at 3.4e38 (fuzzed costs crashed the report)
+        "sum(CAST(x.cost_usd AS DOUBLE PRECISION)) AS cost, sum(x.input_tokens) AS inp, "
+        "sum(x.cached_tokens) AS cached, sum(x.output_tokens) AS outp "
+        "FROM batch_results x JOIN batches b ON b.id = x.batch_id "
         f"WHERE {created} >= ? AND {created} < ? GROUP BY x.batch_id, x.model")), params))
+    model = {b["id"]: b["model"] for b in batches}
+    for x in lines:  # a failed line names no model: it is its batch's (batch_rule)
+        x["model"] = x["model"] or model.get(x["batch_id"])
     return batches, lines
 
 

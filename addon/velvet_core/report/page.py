@@ -4,7 +4,7 @@ hover tooltips. Nothing is fetched: it opens offline, from a mail attachment as 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from html import escape
+from html import escape as html_escape
 from typing import Any
 
 from velvet_core import __version__
@@ -41,6 +41,11 @@ el.addEventListener('mousemove',function(e){tip.textContent=(x?x.textContent+': 
 tip.style.display='block';tip.style.left=(e.clientX+12)+'px';tip.style.top=(e.clientY+12)+'px';});
 el.addEventListener('mouseleave',function(){tip.style.display='none';});});})();
 """
+
+
+def escape(text: str) -> str:
+    """HTML text of a value that may come from traffic: escaped, and without control characters."""
+    return html_escape(charts.clean(text))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]], numeric: Sequence[int] = ()) -> str:
@@ -144,7 +149,7 @@ def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) ->
     rows = data["spend_by_day"]
     days = sorted({r["day"] for r in rows})
     parts.append("<h2 id=spend>Spend per day</h2>")
-    if rows:
+    if any(r["live_usd"] or r["batch_usd"] for r in rows):
         parts.append("<h3>By model (live and batch)</h3>"
                      + _chart(charts.spend_by_model(days, rows), "spend by model"))
         parts.append("<h3>Live against batch, and what the batch discount saved</h3>"
