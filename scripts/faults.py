@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from support import attacks, privacy, reportfuzz
+from support import attacks, planted, privacy, reportfuzz
 from support import faultkit as fk
 from support.standin import StandIn
 
@@ -157,6 +157,10 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
         for fig in each("readonly", lambda d, url: readonly_probe(d, url, cluster.base_url)):
             for k, v in fig.items():
                 security[k] = security.get(k, 0) + v
+        say("faults: pickles planted in the spool and journal folders, a real proxy started over them")
+        for fig in each("planted", lambda d, url: planted_probe(standin, d, url)):
+            for k, v in fig.items():
+                security[k] = security.get(k, 0) + v
         out["security"] = security
         say("faults: the report on hostile labels and numbers (hang and crash hunt)")
         out["report_fuzz"] = report_fuzz(tmp("report-fuzz"), cluster.fresh_url, 12 if quick else 40, say)
@@ -220,6 +224,26 @@ def table(r: dict[str, Any]) -> str:
     rows += [("dead-lettered", str(r["dead_lettered"])), ("tracebacks", str(r["tracebacks"]))]
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows) + f"\n\n{r['machine']}{' (quick)' if r['quick'] else ''}"
+
+
+def planted_probe(standin: StandIn, d: Path, url: str) -> dict[str, int]:
+    """A spool file and a journal segment velvet did not write, each running a command if unpickled; a real
+    mitmdump started over them serves a call: ``unpickled_foreign`` counts the commands that ran."""
+    from support.rig import Proxy
+
+    spool = d / "spool"
+    spool.mkdir(mode=0o700)
+    markers = planted.plant(spool, url, d)
+    p = Proxy(url, standin.url, d).start()
+    try:
+        env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+        env.update(p.env())
+        call = ("import openai; openai.OpenAI(api_key='sk-test', max_retries=0).chat.completions.create("
+                "model='gpt-4o-mini', messages=[{'role': 'user', 'content': 'x'}])")
+        subprocess.run([sys.executable, "-c", call], env=env, capture_output=True, timeout=60)
+    finally:
+        p.stop()
+    return {"unpickled_foreign": sum(m.exists() for m in markers), "foreign_files_planted": len(markers)}
 
 
 def readonly_probe(d: Path, url: str, pg_base: str) -> dict[str, int]:

@@ -284,9 +284,10 @@ def test_faults_script_quick_json():
     assert out["poison_values_tried"] == 2 * (len(fk.POISONS) + fk.POISONED_LINES)
     assert out["fuzz_requests"] > 0 and out["outage_s"] > 0
     sec = out["security"]  # what velvet promises (docs/security.md): each figure 0
-    assert {"sql_writes_blocked", "files_written_by_readonly", "secrets_found", "world_readable_files"} <= set(sec)
+    assert {"sql_writes_blocked", "files_written_by_readonly", "secrets_found", "world_readable_files",
+            "unpickled_foreign"} <= set(sec) and sec["foreign_files_planted"] == 4
     assert sec["sql_attacks_tried"] == 2 * len(attacks.ATTACKS) + len(attacks.SQLITE_ATTACKS) + len(
         attacks.PG_ATTACKS)
-    assert {k: v for k, v in sec.items() if k != "sql_attacks_tried" and v} == {}
+    assert {k: v for k, v in sec.items() if k not in ("sql_attacks_tried", "foreign_files_planted") and v} == {}
     assert out["report_fuzz"] == {"cases": 24, "hangs": 0, "crashes": 0}  # 12 hostile databases per backend
     orjson.dumps(out)  # plain JSON values only

@@ -25,6 +25,7 @@ from velvet_core.capture.tap import BodyTap
 from velvet_core.capture.usage import UsageStripper, ask_for_usage
 from velvet_core.options import BY_NAME, OPTIONS, OptionError
 from velvet_core.parsing.classify import classify
+from velvet_core.private import unsafe_dir
 from velvet_core.processing import markers
 from velvet_core.processing.processor import Processor
 from velvet_core.redact import redact
@@ -148,6 +149,12 @@ class Velvet:
             if keep := self._KEEP.get(name):
                 owner, _, attr = keep.rpartition(".")
                 setattr(getattr(self, owner) if owner else self, attr, value)
+        if updated & {"velvet_db", "velvet_spool_dir"}:
+            for folder in (self.spool_dir(), self.spool_dir() / "journal"):
+                if why := unsafe_dir(folder):  # someone else could have put a spool file or a journal there
+                    raise exceptions.OptionsError(
+                        f"velvet_spool_dir: {why}: velvet reads its spool and journal back from there, so "
+                        "it must be yours alone (chmod 700, or choose another with --set velvet_spool_dir=DIR)")
         restart = {"velvet_db", "velvet_spool_dir", "velvet_journal", "velvet_writer"}
         if isinstance(self.writer, ChildWriter):  # its own processor: started with these
             restart |= {"velvet_prices", "velvet_body_limit"}

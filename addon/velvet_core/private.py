@@ -85,3 +85,19 @@ def loose(paths: Iterable[Path]) -> list[dict[str, str]]:
         if mode & OTHERS and not p.is_symlink():
             out.append({"path": str(p), "mode": f"{mode:04o}"})
     return out
+
+
+def unsafe_dir(path: Path | str) -> str | None:
+    """Why velvet must not read what lies in folder ``path`` (None when it may, or when it does not exist): owned
+    by another user, or writable by the group or everyone, so that someone else could have put a file there."""
+    p = Path(path)
+    try:
+        st = p.stat()
+    except FileNotFoundError:
+        return None
+    if st.st_uid != os.geteuid():
+        return f"{p} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & 0o022:
+        who = "everyone" if st.st_mode & 0o002 else "its group"
+        return f"{p} is writable by {who} (mode {st.st_mode & 0o7777:04o})"
+    return None

@@ -202,6 +202,8 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
         print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
               f"{s['dead_letters']} dead letters ({s['dead_letter_file']}), "
               f"{len(s['quarantined'])} quarantined files")
+        if s["spool_unsafe"]:
+            print(f"spool folder unsafe: {printable(s['spool_unsafe'])} (proxies refuse it: chmod 700)")
         for f in s["world_readable"]:
             print(f"readable by other users: {f['path']} (mode {f['mode']}; velvet leaves an existing file's "
                   f"mode alone: chmod go-rwx it)")

@@ -17,7 +17,7 @@ from peewee import Database
 
 from velvet_core import clock, config
 from velvet_core.pids import alive
-from velvet_core.private import loose
+from velvet_core.private import loose, unsafe_dir
 from velvet_core.storage.sql import iso, to_dt
 from velvet_core.storage.urls import sqlite_path
 
@@ -72,6 +72,7 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None,
         "dead_letter_file": str(letters),
         "quarantined": sorted(str(p) for p in spool_dir.rglob("*.damaged-*")) if spool_dir.is_dir() else [],
         # made by their owner so (velvet creates its own 0600 and 0700, and leaves existing ones alone)
+        "spool_unsafe": unsafe_dir(spool_dir) or unsafe_dir(spool_dir / "journal"),
         "world_readable": loose([*files, spool_dir, *sorted(spool_dir.rglob("*"))]),
     }
 

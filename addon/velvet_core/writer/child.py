@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from velvet_core.config import BODY_LIMIT
+from velvet_core.private import unsafe_dir
 from velvet_core.redact import redact
 from velvet_core.storage.snapshot import CallSnapshot
 from velvet_core.writer.journal import Journal, hold, release
@@ -191,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
 
     _spread(a.parent)
     journal_dir = a.spool_dir / "journal"
+    if why := unsafe_dir(a.spool_dir) or unsafe_dir(journal_dir):  # (the addon refuses it first; never read it)
+        log.error("velvet: %s: the writer process will not read a spool or journal others could write", why)
+        return 2
     lock = hold(journal_dir, tag_of(url), a.parent)  # before reading any of it (see journal.hold)
     processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
     writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,

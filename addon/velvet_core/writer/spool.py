@@ -111,9 +111,28 @@ _MOVED = {"velvet_core.snapshot": "velvet_core.storage.snapshot",
           "velvet_core.classify": "velvet_core.parsing.classify"}
 
 
+# Everything a spool file or a journal frame may name: velvet's own types and the few of Python's they hold.
+_ALLOWED = frozenset({
+    ("datetime", "datetime"), ("datetime", "date"), ("datetime", "timedelta"), ("decimal", "Decimal"),
+    ("pathlib", "PosixPath"), ("pathlib", "Path"), ("pathlib._local", "PosixPath"), ("pathlib._local", "Path"),
+    ("velvet_core.parsing.classify", "Route"), ("velvet_core.storage.snapshot", "CallSnapshot"),
+    ("velvet_core.storage.snapshot", "TapInfo"), ("velvet_core.storage.snapshot", "_rebuild"),
+    ("velvet_core.writer.spool", "Unprocessed"),
+    *(("velvet_core.storage.ops", n) for n, c in vars(ops).items()
+      if isinstance(c, type) and c.__module__ == ops.__name__),
+})
+
+
 class Unpickler(pickle.Unpickler):
+    """Reads only what velvet wrote: plain values and the types of :data:`_ALLOWED`. Any other name (``os.system``,
+    another package's class) is refused before it is even imported, so a planted file runs nothing: it is
+    quarantined as damaged."""
+
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(_MOVED.get(module, module), name)
+        module = _MOVED.get(module, module)
+        if (module, name) not in _ALLOWED:
+            raise pickle.UnpicklingError(f"refused {module}.{name}: not one of velvet's own types")
+        return super().find_class(module, name)
 
 
 def upgrade(entry: Any) -> Entry | None:
