@@ -42,7 +42,7 @@ def start_proxy(workdir: Path, db_url: str, upstream: str, program: str = "mitmd
          "-s", str(ROOT / "addon" / "velvet.py"), "--set", f"velvet_db={db_url}",
          "--set", f"velvet_spool_dir={workdir / 'spool'}", "--set", "connection_strategy=lazy",
          "--map-remote", rf"|https://api\.openai\.com/|{upstream}/",
-         "-s", str(ROOT / "tests" / "standin" / "route.py"), "--set", f"standin_url={upstream}"],
+         "-s", str(ROOT / "tests" / "support" / "standin" / "route.py"), "--set", f"standin_url={upstream}"],
         stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

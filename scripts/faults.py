@@ -24,6 +24,7 @@ from typing import Any
 
 from support import attacks, planted, privacy, reportfuzz
 from support import faultkit as fk
+from support.pg import reader_url
 from support.standin import StandIn
 
 
@@ -261,7 +262,7 @@ def readonly_probe(d: Path, url: str, pg_base: str) -> dict[str, int]:
         return sorted(tuple(r) for r in db.execute_sql("SELECT flow_id, model, status_code FROM calls").fetchall())
 
     before = snapshot()
-    through = attacks.reader_url(pg_base, url) if url.startswith("postgresql") else url
+    through = reader_url(url, pg_base) if url.startswith("postgresql") else url
     velvet = Path(sys.executable).with_name("velvet")
     try:
         got = attacks.probe(through, d / "spot", lambda: snapshot() != before, lambda sql: subprocess.run(

@@ -15,7 +15,7 @@ import openai
 import orjson
 import pytest
 from support.helpers import js, run
-from support.pg import fresh_pg_url
+from support.pg import fresh_pg_url, reader_url
 from support.rig import Proxy
 from velvet_core import humanize
 from velvet_core.cli import main
@@ -229,12 +229,13 @@ def test_export(filled, capsys, tmp_path):
 
 
 def test_sql(filled, capsys):
-    got = js(capsys, "--db", filled.url, "sql", "SELECT count(*) AS n FROM batch_lines WHERE batch_id = "
+    url = reader_url(filled.url) if filled.url.startswith("postgresql") else filled.url  # (docs/security.md)
+    got = js(capsys, "--db", url, "sql", "SELECT count(*) AS n FROM batch_lines WHERE batch_id = "
              f"'{filled.ok.id}'")
     assert got == [{"n": 6}]
-    code, _, err = run(capsys, "sql", "DELETE FROM calls", "--db", filled.url)
+    code, _, err = run(capsys, "sql", "DELETE FROM calls", "--db", url)
     assert code == 1 and err.startswith("velvet: ")
-    assert js(capsys, "--db", filled.url, "sql", "SELECT count(*) AS n FROM calls") == [{"n": filled.calls}]
+    assert js(capsys, "--db", url, "sql", "SELECT count(*) AS n FROM calls") == [{"n": filled.calls}]
 
 
 def test_errors_are_one_line(filled, tmp_path):

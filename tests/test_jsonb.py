@@ -8,6 +8,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from support.pg import reader_url
 from support.rig import call_row
 from test_migrations import new_db, run_script  # noqa: F401 - new_db is a fixture
 from velvet_core.cli import main
@@ -167,8 +168,9 @@ def test_readme_json_queries(proxy, monkeypatch, capsys):
     queries_ = readme_queries("SQLite" if proxy.db_url.startswith("sqlite") else "PostgreSQL")
     assert len(queries_) >= 3
     results = []
+    url = reader_url(proxy.db_url) if proxy.db_url.startswith("postgresql") else proxy.db_url  # a read-only role
     for sql in queries_:
-        assert main(["--db", proxy.db_url, "sql", sql, "--json"]) == 0, sql
+        assert main(["--db", url, "sql", sql, "--json"]) == 0, sql
         results.append(orjson.loads(capsys.readouterr().out))
     clients = {r["client"] for r in results[0]}
     assert any(c.startswith("OpenAI/Python") for c in clients), results[0]

@@ -9,7 +9,7 @@ from datetime import datetime
 import pytest
 from support import attacks
 from support.helpers import run
-from support.pg import fresh_pg_url, pg_base_url
+from support.pg import fresh_pg_url, reader_url
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import CallRow
 from velvet_core.storage.store import Store
@@ -41,7 +41,7 @@ def target(request, tmp_path) -> tuple[str, str]:
         return url, url
     url = fresh_pg_url()
     _fill(url)
-    return attacks.reader_url(pg_base_url(), url), url
+    return reader_url(url), url
 
 
 def test_no_statement_writes_anything(target, tmp_path, capsys, request):

@@ -317,11 +317,14 @@ def test_file_and_sql_selections(env, capsys, tmp_path):
     assert code == 2 and "never logged" in err
 
     sql = f"SELECT id, request_body, input_tokens, output_tokens FROM calls WHERE request_id = '{env.live_ids[0]}'"
-    out = js(capsys, "--db", env.url, "replay", "--sql", sql, "--dry-run", "--model", "gpt-4o-mini")
+    # (the test server's role is a superuser; replay also writes its experiment, so no read-only role here)
+    out = js(capsys, "--db", env.url, "replay", "--sql", sql, "--dry-run", "--model", "gpt-4o-mini",
+             "--allow-powerful-role")
     assert out["lines"] == 1 and out["estimated_cost_usd"] > 0
     sql = (f"SELECT batch_id, custom_id, request_body, url FROM batch_lines WHERE batch_id = '{env.source.id}' "
            "AND custom_id IN ('req-1', 'req-2')")
-    out = js(capsys, "--db", env.url, "replay", "--sql", sql, "--mode", "live", "--name", "from-sql")
+    out = js(capsys, "--db", env.url, "replay", "--sql", sql, "--mode", "live", "--name", "from-sql",
+             "--allow-powerful-role")
     live_answers_logged(env.url, "from-sql", 2)
     c = js(capsys, "--db", env.url, "compare", env.source.id, "from-sql", "--metric", "exact_match")
     assert (c["pairs"], c["unpaired"]) == (2, 3) and c["metrics"]["exact_match"]["delta"] == 1.0
@@ -418,8 +421,8 @@ def test_finetune_export(env, capsys, tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["replay", "--batch", "batch_nope"], "--batch batch_nope: no such batch"),
-    (["replay", "--sql", "SELECT id FROM calls"], "request_body (or body) column"),
-    (["replay", "--sql", "SELECT nonsense FROM nowhere"], "--sql: "),
+    (["replay", "--sql", "SELECT id FROM calls", "--allow-powerful-role"], "request_body (or body) column"),
+    (["replay", "--sql", "SELECT nonsense FROM nowhere", "--allow-powerful-role"], "--sql: "),
     (["replay", "--file", "/nonexistent.jsonl"], "--file /nonexistent.jsonl"),
     (["replay", "--calls", "--set", "temperature"], "--set 'temperature': use key=value"),
     (["replay", "--calls", "--set", "messages.x=1"], "--set messages.x: messages is not an object"),

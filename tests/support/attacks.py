@@ -4,13 +4,9 @@ suite's ``security`` section run it through the real ``velvet sql``."""
 from __future__ import annotations
 
 import os
-import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
-
-import psycopg
 
 # statements that try to write, each alone (one statement per request is the first rule)
 ATTACKS = [
@@ -80,16 +76,3 @@ def probe(url: str, spot: Path, changed: Callable[[], bool], velvet_sql: Callabl
             out.written.append(attack)
     out.files = sorted(p.name for p in spot.iterdir())
     return out
-
-
-def reader_url(base_url: str, admin_url: str) -> str:
-    """A plain login role that may only read the test's schema (what docs/security.md tells users to make)."""
-    schema = urlsplit(admin_url).query.split("search_path%3D")[1].split("&")[0]
-    role = f"reader_{secrets.token_hex(4)}"
-    with psycopg.connect(base_url, autocommit=True) as conn:
-        conn.execute(f"CREATE ROLE {role} LOGIN")
-        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
-        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
-    parts = urlsplit(admin_url)
-    netloc = f"{role}@{parts.hostname}:{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))

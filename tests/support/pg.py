@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 import pytest
@@ -33,3 +33,16 @@ def fresh_pg_url() -> str:
         conn.execute(f"CREATE SCHEMA {schema}")
     sep = "&" if urlsplit(base).query else "?"
     return f"{base}{sep}options=-csearch_path%3D{schema}"
+
+
+def reader_url(admin_url: str, base_url: str | None = None) -> str:
+    """A plain login role that may only read the test's schema (what docs/security.md tells users to make)."""
+    schema = urlsplit(admin_url).query.split("search_path%3D")[1].split("&")[0]
+    role = f"reader_{secrets.token_hex(4)}"
+    with psycopg.connect(base_url or pg_base_url(), autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} LOGIN")
+        conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
+        conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+    parts = urlsplit(admin_url)
+    netloc = f"{role}@{parts.hostname}:{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
