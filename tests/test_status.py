@@ -23,7 +23,8 @@ def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys
     assert main(["--db", db_url, "status", "--spool-dir", str(spool), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert set(s) == {"proxies", "database_error", "spool_dir", "spooled_files", "dead_letters",
-                      "dead_letter_file", "quarantined", "world_readable"}
+                      "dead_letter_file", "quarantined", "world_readable", "spool_unsafe"}
+    assert s["spool_unsafe"] is None
     assert s["world_readable"] == []  # velvet made all of them (0600, 0700)
     (p,) = s["proxies"]
     assert p["proxy"] == w.health.proxy and p["source"] == "both" and p["written"] >= 4

@@ -32,9 +32,16 @@ _TIMES = ("created_at", "in_progress_at", "finalizing_at", "completed_at", "fail
 
 # -- batches ---------------------------------------------------------------------------------------
 
-# batches.* plus lines, answered, failed, cost_usd, and what batch_rule.figures reads
-_BATCH_SQL = (f"SELECT b.*, {batch_rule.columns_sql('b', 'bc')} FROM batch_summary b "
-              "LEFT JOIN batch_counts bc ON bc.batch_id = b.id")
+# the per-batch line counters; a database of an older velvet, read without migrating, has none: sum the lines
+_COUNTS_OF_LINES = ("(SELECT batch_id, sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens, "
+                    "sum(cost_usd) AS cost_usd FROM batch_results WHERE batch_id IS NOT NULL GROUP BY batch_id)")
+
+
+def _batch_sql(db: Database) -> str:
+    """batches.* plus lines, answered, failed, cost_usd, and what batch_rule.figures reads."""
+    counts = "batch_counts" if db.table_exists("batch_counts") else _COUNTS_OF_LINES
+    return (f"SELECT b.*, {batch_rule.columns_sql('b', 'bc')} FROM batch_summary b "
+            f"LEFT JOIN {counts} bc ON bc.batch_id = b.id")
 
 
 def _batch(r: dict[str, Any]) -> dict[str, Any]:
@@ -60,14 +67,14 @@ def batches(db: Database, status: str | None = None, since: datetime | None = No
     if since:
         where.append("COALESCE(b.created_at, b.first_seen_at) >= ?")
         params.append(ts(db, since))
-    sql = _BATCH_SQL + (" WHERE " + " AND ".join(where) if where else "")
+    sql = _batch_sql(db) + (" WHERE " + " AND ".join(where) if where else "")
     sql += " ORDER BY COALESCE(b.created_at, b.first_seen_at) DESC, b.id"
     return [_batch(r) for r in rows(db, sql, tuple(params))]
 
 
 def batch(db: Database, batch_id: str) -> dict[str, Any]:
     """One batch: its summary plus status history, durations, errors by code and cost by model."""
-    found = rows(db, _BATCH_SQL + " WHERE b.id = ?", (batch_id,))
+    found = rows(db, _batch_sql(db) + " WHERE b.id = ?", (batch_id,))
     if not found:
         raise NotFound(f"no batch {batch_id!r} in this database")
     r = found[0]
@@ -319,7 +326,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
     bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
                                                           "input_tokens": 0, "output_tokens": 0,
                                                           "cost_usd": 0.0, "_turn": []})
-    for r in stream_rows(db, f"SELECT * FROM ({_BATCH_SQL}{bw}) s", params):
+    for r in stream_rows(db, f"SELECT * FROM ({_batch_sql(db)}{bw}) s", params):
         b = _batch(r)
         fig = batch_rule.figures(r)
         g = bat[_group_value(by, {**r, "model": fig["model"]},
