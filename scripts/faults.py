@@ -1,7 +1,7 @@
 """The fault suite's figures: faults injected from outside into real mitmdump processes with velvet.
 
 Run through ``scripts/faults [--quick] [--json]``. Starts the stand-in API and a PostgreSQL cluster of
-its own, then runs each scenario of ``tests/faultkit.py`` (the same ones tests/test_faults.py asserts
+its own, then runs each scenario of ``tests/support/faultkit.py`` (the same ones tests/test_faults.py asserts
 on) and prints what survived what. Targets: every ``*_lost`` and ``*_missing`` is 0, ``tracebacks`` is 0, and
 every figure of the ``security`` section is 0.
 """

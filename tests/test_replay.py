@@ -2,7 +2,7 @@
 official SDK sent through a real mitmdump to the stand-in, the replays themselves sent through the same proxy
 (SQLite and PostgreSQL).
 
-Known answers (tests/standin/server.py): every answer is "Hello from the stand-in API." (5 tokens) unless
+Known answers (tests/support/standin/server.py): every answer is "Hello from the stand-in API." (5 tokens) unless
 ``max_tokens`` cuts it (finish reason ``length``) or ``response_format`` asks for JSON; a prompt of one user
 message "question number N" counts 4 input tokens; a batch takes three polls and 3 minutes of API time; the
 judge's score is the number of words of the answer it is shown.

@@ -15,17 +15,23 @@ Row = dict[str, Any]
 
 
 @dataclass(slots=True)
-class CallRow:
-    """A ``calls`` row: one HTTP call as the proxy saw it."""
-
+class _OneRow:
     row: Row
 
 
 @dataclass(slots=True)
-class FileSeen:
-    """A ``files`` row to insert or update (None values leave the stored ones)."""
+class _Rows:
+    rows: list[Row]
 
-    row: Row
+
+@dataclass(slots=True)
+class CallRow(_OneRow):
+    """A ``calls`` row: one HTTP call as the proxy saw it."""
+
+
+@dataclass(slots=True)
+class FileSeen(_OneRow):
+    """A ``files`` row to insert or update (None values leave the stored ones)."""
 
 
 @dataclass(slots=True)
@@ -39,10 +45,8 @@ class BatchSeen:
 
 
 @dataclass(slots=True)
-class UploadSeen:
+class UploadSeen(_OneRow):
     """An ``uploads`` row to insert or update."""
-
-    row: Row
 
 
 @dataclass(slots=True)
@@ -55,17 +59,13 @@ class UploadCompleted:
 
 
 @dataclass(slots=True)
-class RequestLines:
+class RequestLines(_Rows):
     """Up to 500 ``batch_requests`` rows (input lines) of one file or upload part."""
-
-    rows: list[Row]
 
 
 @dataclass(slots=True)
-class ResultLines:
+class ResultLines(_Rows):
     """Up to 500 ``batch_results`` rows (output or error lines) of one file."""
-
-    rows: list[Row]
 
 
 @dataclass(slots=True)

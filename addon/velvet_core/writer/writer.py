@@ -309,36 +309,36 @@ class Writer:
                 if isinstance(marker, FlowDone):
                     self._safe(marker)
 
-    def _write(self, ops: list[Op]) -> None:
-        """Write ``ops``; raises transient errors only: data errors are isolated here."""
+    def _applied(self, ops: list[Op]) -> Exception | None:
+        """Apply ``ops`` in one transaction: None once written, else the error (the callers decide)."""
         assert self.store is not None
-        if not ops:
-            return
         try:
             self.store.apply(ops)
+        except Exception as e:
+            return e
+        return None
+
+    def _write(self, ops: list[Op]) -> None:
+        """Write ``ops``; raises transient errors only: data errors are isolated here."""
+        if not ops:
+            return
+        if (e := self._applied(ops)) is None:
             self._attempts = 0
             return
-        except Exception as e:
-            if transient(e) or exhausted(e):
-                self._attempts += 1
-                if self._attempts < MAX_ATTEMPTS or exhausted(e) or not self._alive():
-                    raise
-            log.warning("velvet: the database refused a group of %d operations (%s); isolating the bad ones",
-                        len(ops), describe(e))
+        if transient(e) or exhausted(e):
+            self._attempts += 1
+            if self._attempts < MAX_ATTEMPTS or exhausted(e) or not self._alive():
+                raise e
+        log.warning("velvet: the database refused a group of %d operations (%s); isolating the bad ones",
+                    len(ops), describe(e))
         self._attempts = 0
         self._isolate(ops)
 
     def _isolate(self, ops: list[Op]) -> None:
         """Write every operation of ``ops`` that can be; the bad ones in a smaller form or as dead letters."""
-        assert self.store is not None
-        if not ops:
+        if not ops or (error := self._applied(ops)) is None:
             return
-        try:
-            self.store.apply(ops)
-            return
-        except Exception as e:
-            self._raise_unless_data(e)
-            error = e
+        self._raise_unless_data(error)
         if len(ops) > 1:
             mid = len(ops) // 2
             self._isolate(ops[:mid])
@@ -350,9 +350,7 @@ class Writer:
             self._isolate([type(op)(op.rows[:mid]), type(op)(op.rows[mid:])])
             return
         for smaller in reductions(op, error):
-            try:
-                self.store.apply([smaller])
-            except Exception as e:
+            if (e := self._applied([smaller])) is not None:
                 self._raise_unless_data(e)
                 continue
             log.warning("velvet: stored a %s in a smaller form: %s", type(op).__name__, describe(error))

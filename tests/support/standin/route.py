@@ -1,7 +1,7 @@
 """A mitmproxy script for tests, demos and benchmarks: send streamed requests to the stand-in API.
 
 ``--map-remote`` acts in the ``request`` hook, which mitmproxy runs only after a streamed request
-body has already gone upstream. Loaded after velvet (``-s addon/velvet.py -s tests/standin/route.py``),
+body has already gone upstream. Loaded after velvet (``-s addon/velvet.py -s tests/support/standin/route.py``),
 this rewrites the destination of streamed requests to ``standin_hosts`` in ``requestheaders`` instead.
 """
 

@@ -20,7 +20,7 @@ the last user message, clamped to the schema's ``minimum``/``maximum`` (how it "
 An API key ``sk-bad…`` gets a 401. Azure OpenAI paths are served too: ``/openai/deployments/{name}/…``
 (deployments in ``AZURE_DEPLOYMENTS``) and ``/openai/files``, ``/openai/batches`` with ``?api-version=``,
 or ``/openai/v1/…``, authenticated by the ``api-key`` header (a key ``bad…`` gets Azure's 401).
-Run standalone: ``python tests/standin/server.py --port 8600``.
+Run standalone: ``PYTHONPATH=tests python -m support.standin.server --port 8600``.
 """
 
 from __future__ import annotations
