@@ -131,14 +131,14 @@ def statement(db: Database, sql: str, *, timeout: float = DEFAULT_TIMEOUT,
     try:
         try:
             cur = conn.execute(sql)
+        except sqlite3.ProgrammingError as e:  # (more than one statement: nothing of it ran)
+            raise ReadOnlyError(f"refused: {e}") from None
         except sqlite3.DatabaseError as e:
             if any(w in str(e) for w in ("authoriz", "prohibited", "readonly", "attached databases")):
                 raise ReadOnlyError(f"refused: velvet runs read-only SQL ({e})") from None
             if "interrupted" in str(e):
                 raise ReadOnlyError(f"stopped after {timeout:g} s") from None
             raise
-        except sqlite3.ProgrammingError as e:
-            raise ReadOnlyError(str(e)) from None
         yield cur
     finally:
         conn.set_progress_handler(None, 0)
