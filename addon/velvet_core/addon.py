@@ -216,7 +216,8 @@ class Velvet:
             from velvet_core.writer.writer import Writer
 
             self.writer = Writer(url, self.processor.operations, spool_dir=self.spool_dir(),
-                                 setup=self.processor.warm, journaled=opts.velvet_journal)
+                                 setup=self.processor.warm, journaled=opts.velvet_journal,
+                                 pricer=lambda: self.processor.pricer)
         self.writer.start()
         log.info("velvet: logging %s into %s (%s)", ", ".join(sorted(self.hosts)), redact(url),
                  "writer process" if isinstance(self.writer, ChildWriter) else "writer thread")

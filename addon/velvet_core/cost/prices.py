@@ -7,8 +7,9 @@ Override file (TOML or JSON), prices in USD per million tokens::
     cached_input = 0.075   # optional, defaults to input
     output = 0.60
     batch_input = 0.075    # optional, defaults to 50 % of input (and so on)
+    image_input = 10.0     # optional: input image tokens (image edits), defaults to input
 
-An unknown model costs ``None``, never 0.
+An unknown model costs ``None``, never 0; a free one (moderations) costs 0, with or without usage.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 BATCH_DISCOUNT = Decimal("0.5")
 _M = Decimal(1_000_000)
+_M1 = 1_000_000  # tokens: a model whose million tokens cost nothing is free
 
 
 class PriceFileError(ValueError):
@@ -44,13 +46,20 @@ class Rate:
     input: Decimal
     output: Decimal
     cached_input: Decimal
+    image_input: Decimal | None = None  # None: as ``input``
 
     def cost(self, t: Tokens) -> Decimal:
         cached = min(t.cached or 0, t.input or 0)
+        image = min(t.image or 0, (t.input or 0) - cached)
+        image_rate = self.input if self.image_input is None else self.image_input
         return (
-            (Decimal((t.input or 0) - cached) * self.input + Decimal(cached) * self.cached_input
-             + Decimal(t.output or 0) * self.output) / _M
+            (Decimal((t.input or 0) - cached - image) * self.input + Decimal(cached) * self.cached_input
+             + Decimal(image) * image_rate + Decimal(t.output or 0) * self.output) / _M
         )
+
+    @property
+    def free(self) -> bool:
+        return not (self.input or self.output or self.cached_input or self.image_input)
 
 
 def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
@@ -69,12 +78,14 @@ def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
         try:
             inp, outp = Decimal(str(spec["input"])), Decimal(str(spec["output"]))
             cached = Decimal(str(spec.get("cached_input", spec["input"])))
+            image = Decimal(str(spec.get("image_input", spec["input"])))
 
             def b(key: str, base: Decimal, spec: dict = spec) -> Decimal:
                 return Decimal(str(spec[key])) if key in spec else base * BATCH_DISCOUNT
 
-            out[name] = (Rate(inp, outp, cached),
-                         Rate(b("batch_input", inp), b("batch_output", outp), b("batch_cached_input", cached)))
+            out[name] = (Rate(inp, outp, cached, image),
+                         Rate(b("batch_input", inp), b("batch_output", outp), b("batch_cached_input", cached),
+                              b("batch_image_input", image)))
         except (KeyError, TypeError, ArithmeticError) as e:
             raise PriceFileError(f"{p}: model {name!r} needs numeric 'input' and 'output' ({e})") from e
     return out
@@ -94,14 +105,20 @@ class Pricer:
 
     def cost(self, model: str | None, tokens: Tokens, *, batch: bool = False,
              service_tier: str | None = None) -> float | None:
-        """USD cost, or None when the model or the token counts are unknown."""
-        if not model or (tokens.input is None and tokens.output is None):
+        """USD cost, or None when the model, or the token counts of a model that is not free, are unknown."""
+        if not model:
             return None
-        if rate := self._override(model, batch):
+        rate = self._override(model, batch)
+        if tokens.input is None and tokens.output is None:  # (moderations report no usage: they are free)
+            if rate is not None:
+                return 0.0 if rate.free else None
+            with self._lock:
+                return 0.0 if _genai_cost(model, _M1, 0, _M1, batch, service_tier, 0) == 0 else None
+        if rate is not None:
             return float(rate.cost(tokens))
         with self._lock:
             return _genai_cost(model, tokens.input or 0, tokens.cached or 0, tokens.output or 0,
-                               batch, service_tier)
+                               batch, service_tier, tokens.image or 0)
 
     def line_cost(self, row: dict[str, Any]) -> float | None:
         """A batch result line's cost, at the batch rate, from its row (model and token columns)."""
@@ -119,10 +136,12 @@ class Pricer:
 
 @lru_cache(maxsize=65536)
 def _genai_cost(model: str, inp: int, cached: int, out: int, batch: bool,
-                tier: str | None) -> float | None:
+                tier: str | None, image: int = 0) -> float | None:
     import genai_prices
 
-    usage = genai_prices.Usage(input_tokens=inp, cache_read_tokens=min(cached, inp), output_tokens=out)
+    cached = min(cached, inp)
+    usage = genai_prices.Usage(input_tokens=inp, cache_read_tokens=cached, output_tokens=out,
+                               **({"input_image_tokens": min(image, inp - cached)} if image else {}))
     ctx = {"service_tier": tier} if tier and tier not in ("auto", "default") else None
     try:
         with warnings.catch_warnings():

@@ -35,6 +35,12 @@ _BATCH_BODIES: dict[tuple[str, str], Literal["request", "response"]] = {
     ("files", "upload"): "request", ("uploads", "part"): "request", ("files", "content"): "response"}
 
 
+# the endpoints the Batch API takes (CreateBatchRequest.endpoint), normalised: a line for another is kept whole,
+# with a problem that names it
+BATCH_ENDPOINTS = frozenset({"/responses", "/chat/completions", "/embeddings", "/completions", "/moderations",
+                             "/images/generations", "/images/edits", "/videos"})
+
+
 def normalise(path: str) -> tuple[str, str | None]:
     """`/v1/files?x=1` -> `/files`; Azure `/openai/deployments/d/chat/completions` -> `/chat/completions`."""
     p = path.split("?", 1)[0].split("#", 1)[0].rstrip("/") or "/"

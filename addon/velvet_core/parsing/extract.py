@@ -38,6 +38,7 @@ class Tokens:
     cached: int | None = None
     reasoning: int | None = None
     total: int | None = None
+    image: int | None = None  # of ``input``, the image tokens (image edits): priced apart, not a column
 
     def as_dict(self) -> dict[str, int | None]:
         return {
@@ -85,12 +86,13 @@ def tokens_from_usage(usage: Any) -> Tokens:
     """Normalise chat (prompt/completion), responses (input/output) and embeddings usage."""
     if not isinstance(usage, dict):
         return Tokens()
-    if "input_tokens" in usage or "output_tokens" in usage:  # responses, batch.usage
+    if "input_tokens" in usage or "output_tokens" in usage:  # responses, images, batch.usage
         t = Tokens(
             _int(usage.get("input_tokens")), _int(usage.get("output_tokens")),
             _sub(usage, "input_tokens_details", "cached_tokens"),
             _sub(usage, "output_tokens_details", "reasoning_tokens"),
             _int(usage.get("total_tokens")),
+            _sub(usage, "input_tokens_details", "image_tokens"),
         )
     else:  # chat completions, completions, embeddings
         t = Tokens(

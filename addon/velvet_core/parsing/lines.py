@@ -7,6 +7,7 @@ from typing import Any
 
 import orjson
 
+from velvet_core.parsing.classify import BATCH_ENDPOINTS, normalise
 from velvet_core.parsing.extract import api_error, tokens_from_usage
 from velvet_core.parsing.jsonl import Line
 from velvet_core.parsing.utf8 import loads_replaced, replaced_note
@@ -61,6 +62,8 @@ def request_row(line: Line) -> dict[str, Any]:
         row["url"] = redact_path(obj["url"])[0] if isinstance(obj.get("url"), str) else None
         if row["url"] is None:
             problems.append("missing url")
+        elif normalise(row["url"])[0] not in BATCH_ENDPOINTS:
+            problems.append(f"endpoint {row['url']} is not one velvet knows")
         body = obj.get("body")
         if isinstance(body, dict):
             row["body"] = orjson.dumps(body).decode()

@@ -6,10 +6,12 @@ import time
 from datetime import datetime
 from typing import Any, cast
 
+import orjson
 from peewee import fn
 
+from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import normalise
-from velvet_core.parsing.extract import utc
+from velvet_core.parsing.extract import Tokens, tokens_from_usage, utc
 from velvet_core.parsing.jsonl import Line
 from velvet_core.parsing.lines import request_row
 from velvet_core.storage import rollups
@@ -33,17 +35,17 @@ STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "fin
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
 
 
-def requests_done(file_id: str) -> None:
+def requests_done(file_id: str, pricer: Pricer | None = None) -> None:
     """The checks that need the whole input file: duplicates, its batch's endpoint, bad-line count."""
     mark_duplicates(file_id)
     for b in Batch.select().where(Batch.input_file_id == file_id):
-        link(b)
+        link(b, pricer)
     recount(file_id)
 
 
-def results_done(file_id: str) -> None:
+def results_done(file_id: str, pricer: Pricer | None = None) -> None:
     for b in Batch.select().where((Batch.output_file_id == file_id) | (Batch.error_file_id == file_id)):
-        link(b)
+        link(b, pricer)
 
 
 def upsert_file(row: dict[str, Any]) -> None:
@@ -92,7 +94,7 @@ def add_problem(message: str, marker: str, *where: Any) -> None:
      .execute())
 
 
-def upsert_batch(p: BatchSeen) -> None:
+def upsert_batch(p: BatchSeen, pricer: Pricer | None = None) -> None:
     row, observed = dict(p.row), p.observed_at
     clean_rows([row], problem=None, bounded=indexed(Batch))
     clean_rows(p.errors, problem=None, bounded=indexed(BatchError))
@@ -120,7 +122,7 @@ def upsert_batch(p: BatchSeen) -> None:
         BatchError.insert(batch_id=row["id"], **e).on_conflict_ignore().execute()
     b = Batch.get(Batch.id == row["id"])
     durations(b)
-    link(b)
+    link(b, pricer)
 
 
 def _secs(a: datetime | None, b: datetime | None) -> float | None:
@@ -135,10 +137,12 @@ def durations(b: Batch) -> None:
                  turnaround_s=_secs(b.created_at, end)).where(Batch.id == b.id).execute()
 
 
-def link(b: Batch) -> None:
+def link(b: Batch, pricer: Pricer | None = None) -> None:
     """Bind input lines, files and results to batch ``b`` and match results to requests by custom_id.
 
-    When that bound or matched any line, the batch's counters (``batch_counts``) are recomputed.
+    A matched answer that names no model (an image answer never does) takes its request's, and is priced
+    then (with ``pricer``). When that bound or matched any line, the batch's counters (``batch_counts``)
+    are recomputed.
     """
     now = utc(time.time())
     changed = 0
@@ -164,8 +168,36 @@ def link(b: Batch) -> None:
     # only answers that have a request to match: an unmatched one is neither rewritten nor counted as a change
     changed += BatchResult.update(request=first).where(BatchResult.batch_id == b.id, BatchResult.request.is_null(),
                                                        fn.EXISTS(first)).execute()
+    changed += price_unnamed(b.id, pricer or Pricer())
     if changed:
         rollups.recount_batch(b.id)
+
+
+def price_unnamed(batch_id: str, pricer: Pricer) -> int:
+    """Answers of batch ``batch_id`` matched to a request but naming no model (image answers): their request's
+    model, and their cost at the batch rate from it (the image tokens of the answer's usage priced apart)."""
+    query = (BatchResult.select(BatchResult.id, BatchResult.body, BatchResult.input_tokens,
+                                BatchResult.output_tokens, BatchResult.cached_tokens,
+                                BatchRequest.model.alias("req_model"))
+             .join(BatchRequest, on=(BatchResult.request == BatchRequest.id))
+             .where(BatchResult.batch_id == batch_id, BatchResult.model.is_null(),
+                    BatchRequest.model.is_null(False)))
+    rows = cast(list[dict[str, Any]], list(query.dicts()))  # (peewee's stubs type every row as the model)
+    for r in rows:
+        tokens = Tokens.of_row(r)
+        if tokens.input:  # the split of image and text input tokens, from the answer as stored
+            tokens.image = tokens_from_usage(_usage(r["body"])).image
+        cost = pricer.cost(r["req_model"], tokens, batch=True)
+        BatchResult.update(model=r["req_model"], cost_usd=cost).where(BatchResult.id == r["id"]).execute()
+    return len(rows)
+
+
+def _usage(body: str | None) -> Any:
+    try:
+        obj = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        return None
+    return obj.get("usage") if isinstance(obj, dict) else None
 
 
 def check_urls(b: Batch) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from peewee import Database, SqliteDatabase
 
+from velvet_core.cost.prices import Pricer
 from velvet_core.storage import batch_store, models, rollups
 from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import (
@@ -38,20 +39,24 @@ HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
     ResultLines: lambda ops: insert_rows(models.BatchResult, [r for op in ops for r in op.rows]),
     FileSeen: _each(lambda op: batch_store.upsert_file(op.row)),
-    BatchSeen: _each(batch_store.upsert_batch),
     UploadSeen: _each(lambda op: batch_store.upsert_upload(op.row)),
     UploadCompleted: _each(batch_store.complete_upload),
     PartSeen: _each(batch_store.part_seen),
-    InputDone: _each(lambda op: batch_store.requests_done(op.file_id)),
-    OutputDone: _each(lambda op: batch_store.results_done(op.file_id)),
+}
+# the operations that match answers to requests, and so price the answers that name no model (images)
+PRICED: dict[type, Callable[[Any, Pricer], None]] = {
+    BatchSeen: batch_store.upsert_batch,
+    InputDone: lambda op, pricer: batch_store.requests_done(op.file_id, pricer),
+    OutputDone: lambda op, pricer: batch_store.results_done(op.file_id, pricer),
 }
 
 
 class Store:
     """Writes operations in one transaction per group (writer thread only)."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, pricer: Callable[[], Pricer] | None = None) -> None:
         self.db = db
+        self.pricer = pricer or Pricer  # (called per group: the user's price file may change)
         # SQLite: take the write lock at BEGIN, so what a handler reads (which calls exist, rollup rows)
         # cannot change before it writes (and a second writer waits instead of failing mid-way)
         self._lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
@@ -62,8 +67,16 @@ class Store:
             group: list[Op] = []
             for op in ops:
                 if group and type(op) is not type(group[0]):
-                    HANDLERS[type(group[0])](group)
+                    self._handle(group)
                     group = []
                 group.append(op)
             if group:
-                HANDLERS[type(group[0])](group)
+                self._handle(group)
+
+    def _handle(self, group: list[Op]) -> None:
+        if priced := PRICED.get(type(group[0])):
+            pricer = self.pricer()
+            for op in group:
+                priced(op, pricer)
+        else:
+            HANDLERS[type(group[0])](group)

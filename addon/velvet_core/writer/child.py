@@ -94,7 +94,7 @@ class ChildWriter:
                 processor = Processor(Pricer(load_price_file(self.prices) if self.prices else None),
                                       self.body_limit)
                 self.fallback = Writer(self.url, processor.operations, spool_dir=self.spool_dir, journaled=False,
-                                       setup=processor.warm, serves=os.getpid())
+                                       setup=processor.warm, serves=os.getpid(), pricer=lambda: processor.pricer)
                 self.fallback.start()
             self.fallback.submit(snapshot)
         now = time.monotonic()
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     lock = hold(journal_dir, tag_of(url), a.parent)  # before reading any of it (see journal.hold)
     processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
     writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
-                    serves=a.parent, linger=LINGER)
+                    pricer=lambda: processor.pricer, serves=a.parent, linger=LINGER)
     writer.start()
     stopping = threading.Event()
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from velvet_core.cost.prices import Pricer
 from velvet_core.redact import redact
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import LINES, Op
@@ -93,8 +94,9 @@ class Writer:
     def __init__(self, url: str, operations: ToOperations, *, spool_dir: Path, queue_size: int = 10_000,
                  max_pending: int = 50_000, batch_size: int = 500, linger: float = 0.1,
                  setup: Callable[[], None] | None = None, journaled: bool = True, warn_after: float = 5.0,
-                 serves: int | None = None) -> None:
+                 serves: int | None = None, pricer: Callable[[], Pricer] | None = None) -> None:
         self.url = url
+        self.pricer = pricer  # (read when applied) prices answers matched to their requests (image lines)
         self.operations = operations
         self.setup = setup
         self.spool_dir = spool_dir
@@ -271,7 +273,7 @@ class Writer:
             self.health.failed(describe(e))
             log.debug("velvet: cannot open database %s: %s", redact(self.url), e)
             return
-        self.store = Store(db)
+        self.store = Store(db, self.pricer)
         if self.setup:
             self.setup()
             self.setup = None

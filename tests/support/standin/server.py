@@ -26,6 +26,7 @@ Run standalone: ``PYTHONPATH=tests python -m support.standin.server --port 8600`
 from __future__ import annotations
 
 import argparse
+import base64
 import gzip
 import itertools
 import secrets
@@ -164,6 +165,37 @@ def embeddings(body: dict[str, Any]) -> dict[str, Any]:
     n = count_tokens(inputs)
     return {"object": "list", "data": data, "model": body.get("model") or "text-embedding-3-small",
             "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
+def images(body: dict[str, Any], edit: bool = False) -> dict[str, Any]:
+    """An ImagesResponse (no ``model``, as the API answers): one small base64 image per ``n``, and the usage of
+    gpt-image-1 (an edit's input counts image tokens too)."""
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    text, image = count_tokens(body.get("prompt")) + 15, 10 if edit else 0
+    data = [{"b64_json": base64.b64encode(b"\x89PNG standin %d" % i).decode()} for i in range(n)]
+    return {"created": int(time.time()), "data": data,
+            "size": body.get("size") or "1024x1024", "quality": body.get("quality") or "low",
+            "output_format": "png",
+            "usage": {"input_tokens": text + image, "output_tokens": 272 * n,
+                      "total_tokens": text + image + 272 * n,
+                      "input_tokens_details": {"text_tokens": text, "image_tokens": image}}}
+
+
+def moderation(body: dict[str, Any]) -> dict[str, Any]:
+    """A CreateModerationResponse: no usage (the moderation models are free)."""
+    inputs = body.get("input")
+    inputs = inputs if isinstance(inputs, list) else [inputs]
+    return {"id": new_id("modr-"), "model": body.get("model") or "omni-moderation-latest",
+            "results": [{"flagged": False, "categories": {"violence": False},
+                         "category_scores": {"violence": 0.001}} for _ in inputs]}
+
+
+def video(body: dict[str, Any]) -> dict[str, Any]:
+    """A VideoResource job object, as ``POST /v1/videos`` answers it."""
+    return {"id": new_id("video_"), "object": "video", "model": body.get("model") or "sora-2", "status": "queued",
+            "progress": 0, "created_at": int(time.time()), "completed_at": None, "expires_at": None,
+            "prompt": body.get("prompt"), "seconds": str(body.get("seconds") or "4"),
+            "size": body.get("size") or "720x1280", "remixed_from_video_id": None, "error": None}
 
 
 def _snapshot(model: Any) -> str:
@@ -427,6 +459,15 @@ class Handler(BaseHTTPRequestHandler):
     def h_embeddings(self, path: str, body: dict[str, Any], raw: bytes) -> None:
         self.send(200, embeddings(body))
 
+    def h_images(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        self.send(200, images(body, edit=path.endswith("/edits")))
+
+    def h_moderations(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        self.send(200, moderation(body))
+
+    def h_videos(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        self.send(200, video(body))
+
 
 def _multipart(handler: Handler, raw: bytes) -> dict[str, bytes]:
     """Parse a multipart body with the stdlib (independent of velvet's own scanner)."""
@@ -472,6 +513,12 @@ def batch_answer(line: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], b
                                                 "invalid_request_error", "model_not_found", "model")}}, True
     if endpoint.endswith("/embeddings"):
         answer = embeddings(body)
+    elif endpoint.endswith("/images/generations") or endpoint.endswith("/images/edits"):
+        answer = images(body, edit=endpoint.endswith("/edits"))
+    elif endpoint.endswith("/moderations"):
+        answer = moderation(body)
+    elif endpoint.endswith("/videos"):
+        answer = video(body)
     elif endpoint.endswith("/responses"):
         answer = response_object(body)
     else:
@@ -666,6 +713,10 @@ class StandIn(ThreadingHTTPServer):
             ("POST", "/v1/responses"): Handler.h_responses,
             ("POST", "/v1/embeddings"): Handler.h_embeddings,
             ("POST", "/v1/completions"): Handler.h_completions,
+            ("POST", "/v1/images/generations"): Handler.h_images,
+            ("POST", "/v1/images/edits"): Handler.h_images,
+            ("POST", "/v1/moderations"): Handler.h_moderations,
+            ("POST", "/v1/videos"): Handler.h_videos,
         }
         api = self.batch_api = BatchAPI()
         self.routes.update({

@@ -1,0 +1,72 @@
+"""End to end, every endpoint the Batch API takes: a batch of each through a real mitmdump with the addon, on
+both backends, with a live call of the same request beside it (image lines cost half of it, moderation lines 0)."""
+
+from __future__ import annotations
+
+import io
+
+import orjson
+import pytest
+from support.helpers import jsonl
+from support.rig import call_row
+from test_e2e_batch import run_batch, wait_rows
+from velvet_core.cost.prices import Pricer
+from velvet_core.parsing.extract import tokens_from_usage
+from velvet_core.storage.models import BatchRequest, BatchResult
+
+IMAGE = {"model": "gpt-image-1", "prompt": "a red fox in the snow", "size": "1024x1024", "quality": "low"}
+
+
+def batch_of(proxy, monkeypatch, endpoint: str, body: dict, n: int = 3):
+    """The result rows of an ``n``-line batch of ``endpoint``, once matched to their requests (and priced)."""
+    client = proxy.client(monkeypatch)
+    lines = [{"custom_id": f"{endpoint}-{i}", "method": "POST", "url": endpoint, "body": body} for i in range(n)]
+    f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch")
+    b, _ = run_batch(client, f.id, endpoint=endpoint)
+    assert b.status == "completed"
+    client.files.content(b.output_file_id).read()
+    return client, wait_rows(proxy.db_url, BatchResult, n, BatchResult.batch_id == b.id,
+                             BatchResult.request.is_null(False), BatchResult.model.is_null(False),
+                             what=f"{endpoint} results")
+
+
+def test_image_generation_lines_cost_half_the_live_call(proxy, monkeypatch):
+    client, res = batch_of(proxy, monkeypatch, "/v1/images/generations", IMAGE)
+    live = client.images.with_raw_response.generate(**IMAGE)
+    call = call_row(proxy.db_url, live.headers["x-request-id"])
+    assert call.endpoint == "images" and call.input_tokens == res[0].input_tokens and call.cost_usd > 0
+    for r in res:
+        assert r.model == "gpt-image-1" and not r.failed and r.problem is None
+        assert r.output_tokens == 272 and r.cost_usd == pytest.approx(call.cost_usd / 2)
+
+
+def test_image_edit_lines_price_image_tokens_apart(proxy, monkeypatch):
+    body = {**IMAGE, "images": [{"image_url": "https://example.com/fox.png"}]}
+    _, res = batch_of(proxy, monkeypatch, "/v1/images/edits", body)
+    for r in res:
+        usage = orjson.loads(r.body)["usage"]
+        assert usage["input_tokens_details"]["image_tokens"] > 0
+        tokens = tokens_from_usage(usage)
+        text_only = tokens_from_usage({**usage, "input_tokens_details": {}})
+        live = Pricer().cost("gpt-image-1", tokens)
+        assert r.cost_usd == pytest.approx(live / 2)
+        # gpt-image-1's image input tokens cost more than its text ones: the split is priced, not ignored
+        assert r.cost_usd > Pricer().cost("gpt-image-1", text_only, batch=True)
+
+
+def test_moderation_lines_cost_zero(proxy, monkeypatch):
+    body = {"model": "omni-moderation-latest", "input": "is this fine?"}
+    client, res = batch_of(proxy, monkeypatch, "/v1/moderations", body)
+    live = client.moderations.with_raw_response.create(**body)
+    call = call_row(proxy.db_url, live.headers["x-request-id"])
+    assert call.endpoint == "moderations" and call.cost_usd == 0
+    assert all(r.model == "omni-moderation-latest" and r.cost_usd == 0 and r.input_tokens is None for r in res)
+
+
+def test_a_line_of_an_unknown_endpoint_is_kept_whole(proxy, monkeypatch):
+    client = proxy.client(monkeypatch)
+    line = {"custom_id": "future-1", "method": "POST", "url": "/v1/holograms", "body": {"model": "holo-1"}}
+    f = client.files.create(file=("in.jsonl", io.BytesIO(jsonl([line]))), purpose="batch")
+    req = wait_rows(proxy.db_url, BatchRequest, 1, BatchRequest.file_id == f.id, what="the request line")[0]
+    assert req.url == "/v1/holograms" and req.model == "holo-1" and orjson.loads(req.body) == line["body"]
+    assert "/v1/holograms" in req.problem
