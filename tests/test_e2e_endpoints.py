@@ -10,7 +10,7 @@ import pytest
 from support.helpers import jsonl
 from support.rig import call_row
 from test_e2e_batch import run_batch, wait_rows
-from velvet_core.cost.prices import Pricer
+from velvet_core.cost.prices import VIDEO_PRICES, Pricer
 from velvet_core.parsing.extract import tokens_from_usage
 from velvet_core.storage.models import BatchRequest, BatchResult
 
@@ -70,3 +70,19 @@ def test_a_line_of_an_unknown_endpoint_is_kept_whole(proxy, monkeypatch):
     req = wait_rows(proxy.db_url, BatchRequest, 1, BatchRequest.file_id == f.id, what="the request line")[0]
     assert req.url == "/v1/holograms" and req.model == "holo-1" and orjson.loads(req.body) == line["body"]
     assert "/v1/holograms" in req.problem
+
+
+def test_video_lines_cost_their_seconds_at_the_shipped_rate(proxy, monkeypatch):
+    body = {"model": "sora-2", "prompt": "a fox running", "seconds": "8", "size": "720x1280"}
+    client, res = batch_of(proxy, monkeypatch, "/v1/videos", body)
+    live = client.videos.with_raw_response.create(**body)
+    call = call_row(proxy.db_url, live.headers["x-request-id"])
+    rate = VIDEO_PRICES["sora-2"].by_size["720x1280"]
+    assert call.endpoint == "videos" and call.action == "create" and call.model == "sora-2"
+    assert call.cost_usd == pytest.approx(float(8 * rate))
+    for r in res:
+        job = orjson.loads(r.body)
+        assert (job["object"], job["seconds"], job["size"]) == ("video", "8", "720x1280")
+        assert r.model == "sora-2" and r.cost_usd == pytest.approx(call.cost_usd / 2)
+    polled = client.videos.with_raw_response.retrieve(live.parse().id)  # a poll is not billed again
+    assert call_row(proxy.db_url, polled.headers["x-request-id"]).cost_usd is None

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
-from velvet_core.cost.prices import PriceFileError, Pricer, load_price_file
-from velvet_core.parsing.extract import Tokens
+from velvet_core.cost.prices import VIDEO_PRICES, PriceFileError, Pricer, load_price_file
+from velvet_core.parsing.extract import Tokens, Video, tokens_from_usage, video_of
 
 
 def test_known_model_costs_something():
@@ -58,3 +60,70 @@ def test_bad_price_file(tmp_path, text):
         load_price_file(f)
     with pytest.raises(PriceFileError):
         load_price_file(tmp_path / "missing.toml")
+
+
+def test_a_free_model_costs_zero_even_without_usage():
+    p = Pricer()
+    for batch in (False, True):
+        assert p.cost("omni-moderation-latest", Tokens(), batch=batch) == 0
+        assert p.cost("omni-moderation-latest", Tokens(input=50), batch=batch) == 0
+    assert p.cost("a-model-nobody-knows", Tokens()) is None
+    assert p.cost("gpt-4o-mini", Tokens()) is None  # known but not free: no usage is no price
+
+
+def test_image_input_tokens_priced_apart():
+    p = Pricer()
+    usage = {"input_tokens": 1_000_000, "output_tokens": 0,
+             "input_tokens_details": {"text_tokens": 500_000, "image_tokens": 500_000}}
+    t = tokens_from_usage(usage)
+    assert t.image == 500_000
+    text_only = p.cost("gpt-image-1", Tokens(input=1_000_000, output=0))
+    split = p.cost("gpt-image-1", t)
+    assert split is not None and text_only is not None and split > text_only  # image input is dearer
+    assert p.cost("gpt-image-1", t, batch=True) == pytest.approx(split / 2)
+    # an image count bigger than the input is capped, not priced negative
+    assert p.cost("gpt-image-1", Tokens(input=10, output=0, image=10**9)) > 0
+
+
+def test_price_file_image_and_free_models(tmp_path):
+    f = tmp_path / "prices.toml"
+    f.write_text('[models."img"]\ninput = 1\noutput = 2\nimage_input = 10\n'
+                 '[models."free"]\ninput = 0\noutput = 0\n')
+    p = Pricer(load_price_file(f))
+    assert p.cost("img", Tokens(input=2_000_000, output=0, image=1_000_000)) == pytest.approx(11.0)
+    assert p.cost("img", Tokens(input=2_000_000, output=0, image=1_000_000), batch=True) == pytest.approx(5.5)
+    assert p.cost("free", Tokens()) == 0 and p.cost("img", Tokens()) is None
+
+
+def test_video_jobs_cost_seconds_at_their_size_rate(tmp_path):
+    p = Pricer()
+    job = {"object": "video", "model": "sora-2-pro", "seconds": "12", "size": "1792x1024"}
+    assert video_of(job) == Video(Decimal(12), "1792x1024")
+    rate = VIDEO_PRICES["sora-2-pro"].by_size["1792x1024"]
+    assert p.video_cost("sora-2-pro", video_of(job)) == pytest.approx(float(12 * rate))
+    assert p.video_cost("sora-2-pro-2025-10-06", video_of(job), batch=True) == pytest.approx(float(6 * rate))
+    assert p.video_cost("sora-2", video_of(job)) is None  # sora-2 has no such size: unknown, not 0
+    assert p.video_cost("gpt-4o", video_of(job)) is None
+    assert all(e.source.startswith("https://") and e.date for e in VIDEO_PRICES.values())
+    f = tmp_path / "prices.toml"
+    f.write_text('[models."sora-2"]\nper_second = { "720x1280" = 1.5 }\nbatch_per_second = { "720x1280" = 1 }\n')
+    mine = Pricer.from_file(f)
+    v = Video(Decimal(4), "720x1280")
+    assert mine.video_cost("sora-2", v) == pytest.approx(6.0) and mine.video_cost("sora-2", v, batch=True) == 4.0
+    shipped = VIDEO_PRICES["sora-2-pro"].by_size["720x1280"]
+    assert mine.video_cost("sora-2-pro", v) == pytest.approx(float(4 * shipped))  # the others stay
+
+
+@pytest.mark.parametrize("seconds", ["lots", -1, True, None, "NaN", "1e9", [4]])
+def test_a_video_with_bad_seconds_is_not_priced(seconds):
+    assert video_of({"object": "video", "seconds": seconds, "size": "720x1280"}) is None
+    assert Pricer().line_cost({"model": "sora-2", "body": '{"object": "video", "seconds": %s}' % (
+        '"lots"' if seconds == "lots" else "-1")}) is None
+
+
+@pytest.mark.parametrize("text", ['[models."v"]\nper_second = 3\n', '[models."v"]\nper_second = { "a" = "x" }\n'])
+def test_bad_per_second_tables(tmp_path, text):
+    f = tmp_path / "p.toml"
+    f.write_text(text)
+    with pytest.raises(PriceFileError):
+        Pricer.from_file(f)

@@ -47,10 +47,10 @@ def _hosts(value: Sequence[str], _: Option) -> frozenset[str]:
 
 
 def _pricer(value: str, _: Option) -> Any:
-    from velvet_core.cost.prices import PriceFileError, Pricer, load_price_file
+    from velvet_core.cost.prices import PriceFileError, Pricer
 
     try:
-        return Pricer(load_price_file(value) if value else None)
+        return Pricer.from_file(value)
     except PriceFileError as e:
         raise OptionError(str(e)) from None
 

@@ -9,6 +9,9 @@ Override file (TOML or JSON), prices in USD per million tokens::
     batch_input = 0.075    # optional, defaults to 50 % of input (and so on)
     image_input = 10.0     # optional: input image tokens (image edits), defaults to input
 
+    [models."sora-2"]      # a video model: USD per second of video, by size (batch_per_second: optional)
+    per_second = { "720x1280" = 0.10, "1280x720" = 0.10 }
+
 An unknown model costs ``None``, never 0; a free one (moderations) costs 0, with or without usage.
 """
 
@@ -26,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from velvet_core.parsing.extract import Tokens
+from velvet_core.parsing.extract import Tokens, Video, video_of
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,26 @@ _M1 = 1_000_000  # tokens: a model whose million tokens cost nothing is free
 
 class PriceFileError(ValueError):
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class PerSecond:
+    """A video model's USD per second of video, by size (as the API writes it, ``720x1280``)."""
+
+    by_size: dict[str, Decimal]
+    source: str
+    date: str
+
+
+# Video models genai-prices lacks (they bill per second of video, by resolution). Small on purpose: a price
+# file's entry of the same name replaces one (``per_second``); the batch rate is half, as for every model.
+VIDEO_PRICES: dict[str, PerSecond] = {
+    "sora-2": PerSecond({"720x1280": Decimal("0.10"), "1280x720": Decimal("0.10")},
+                        "https://platform.openai.com/docs/pricing", "2025-10-06"),
+    "sora-2-pro": PerSecond({"720x1280": Decimal("0.30"), "1280x720": Decimal("0.30"),
+                             "1024x1792": Decimal("0.50"), "1792x1024": Decimal("0.50")},
+                            "https://platform.openai.com/docs/pricing", "2025-10-06"),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +85,29 @@ class Rate:
         return not (self.input or self.output or self.cached_input or self.image_input)
 
 
+def _per_second(name: str, spec: Any, p: Path) -> tuple[PerSecond, PerSecond]:
+    def table(key: str) -> dict[str, Decimal]:
+        t = spec[key]
+        if not isinstance(t, dict) or not t:
+            raise PriceFileError(f"{p}: model {name!r}: {key!r} must be a table of sizes")
+        try:
+            return {str(k): Decimal(str(v)) for k, v in t.items() if not isinstance(v, bool)}
+        except ArithmeticError as e:
+            raise PriceFileError(f"{p}: model {name!r}: {key!r} needs numbers ({e})") from e
+
+    live = table("per_second")
+    batch = table("batch_per_second") if "batch_per_second" in spec else {k: v * BATCH_DISCOUNT
+                                                                          for k, v in live.items()}
+    return PerSecond(live, str(p), "price file"), PerSecond(batch, str(p), "price file")
+
+
 def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
-    """Parse an override file into ``{model: (sync rate, batch rate)}``."""
+    """Parse an override file into ``{model: (sync rate, batch rate)}`` (with its video models:
+    :meth:`Pricer.from_file`)."""
+    return _load(path)[0]
+
+
+def _load(path: str | Path) -> tuple[dict[str, tuple[Rate, Rate]], dict[str, tuple[PerSecond, PerSecond]]]:
     p = Path(path).expanduser()
     try:
         raw = p.read_bytes()
@@ -74,7 +118,11 @@ def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
     if not isinstance(models, dict):
         raise PriceFileError(f"{p}: expected a table of models")
     out: dict[str, tuple[Rate, Rate]] = {}
+    videos: dict[str, tuple[PerSecond, PerSecond]] = {}
     for name, spec in models.items():
+        if isinstance(spec, dict) and "per_second" in spec:
+            videos[name] = _per_second(name, spec, p)
+            continue
         try:
             inp, outp = Decimal(str(spec["input"])), Decimal(str(spec["output"]))
             cached = Decimal(str(spec.get("cached_input", spec["input"])))
@@ -88,15 +136,38 @@ def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
                               b("batch_image_input", image)))
         except (KeyError, TypeError, ArithmeticError) as e:
             raise PriceFileError(f"{p}: model {name!r} needs numeric 'input' and 'output' ({e})") from e
-    return out
+    return out, videos
 
 
 class Pricer:
     """Thread-safe cost calculator."""
 
-    def __init__(self, overrides: dict[str, tuple[Rate, Rate]] | None = None) -> None:
+    def __init__(self, overrides: dict[str, tuple[Rate, Rate]] | None = None,
+                 videos: dict[str, tuple[PerSecond, PerSecond]] | None = None) -> None:
         self.overrides = overrides or {}
+        half = {k: PerSecond({s: r * BATCH_DISCOUNT for s, r in v.by_size.items()}, v.source, v.date)
+                for k, v in VIDEO_PRICES.items()}
+        self.videos = {**{k: (v, half[k]) for k, v in VIDEO_PRICES.items()}, **(videos or {})}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str | Path | None) -> Pricer:
+        """A pricer with the user's price file (``velvet_prices``), if any."""
+        if not path:
+            return cls()
+        rates, videos = _load(path)
+        return cls(rates, videos)
+
+    def video_cost(self, model: str | None, video: Video | None, *, batch: bool = False) -> float | None:
+        """A video job's USD cost: its seconds at its model's rate for its size (None when either is unknown)."""
+        if not model or video is None:
+            return None
+        rates = _by_name(self.videos, model)
+        rate = None if rates is None or video.size is None else rates[1 if batch else 0].by_size.get(video.size)
+        return None if rate is None else float(video.seconds * rate)
+
+    def is_video(self, model: str | None) -> bool:
+        return bool(model) and _by_name(self.videos, model or "") is not None
 
     @staticmethod
     def warm() -> None:
@@ -121,17 +192,30 @@ class Pricer:
                                batch, service_tier, tokens.image or 0)
 
     def line_cost(self, row: dict[str, Any]) -> float | None:
-        """A batch result line's cost, at the batch rate, from its row (model and token columns)."""
-        return self.cost(row.get("model"), Tokens.of_row(row), batch=True)
+        """A batch result line's cost, at the batch rate, from its row (model and token columns; a video job's
+        seconds and size from its body)."""
+        model = row.get("model")
+        if self.is_video(model):
+            try:
+                body = orjson.loads(row["body"]) if row.get("body") else None
+            except orjson.JSONDecodeError:
+                body = None
+            return self.video_cost(model, video_of(body), batch=True)
+        return self.cost(model, Tokens.of_row(row), batch=True)
 
     def _override(self, model: str, batch: bool) -> Rate | None:
-        rates = self.overrides.get(model)
-        if rates is None:  # dated snapshot "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"
-            for name, r in self.overrides.items():
-                if model.startswith(name + "-"):
-                    rates = r
-                    break
+        rates = _by_name(self.overrides, model)
         return None if rates is None else rates[1 if batch else 0]
+
+
+def _by_name(table: dict[str, Any], model: str) -> Any:
+    found = table.get(model)
+    if found is None:  # dated snapshot "gpt-4o-mini-2024-07-18" -> "gpt-4o-mini"
+        for name, r in table.items():
+            if model.startswith(name + "-") and (found is None or len(name) > len(found[0])):
+                found = (name, r)
+        return None if found is None else found[1]
+    return found
 
 
 @lru_cache(maxsize=65536)

@@ -79,6 +79,12 @@ def _classify(method: str, path: str) -> Route:
         return r(head, "create" if n == 1 and method == "POST" else "other")
     if head in ("images", "audio"):
         return r(head, "create" if method == "POST" else "other")
+    if head == "videos":  # a job: created (and billed) once, then polled and its content downloaded
+        if n == 1:
+            return r("videos", "create" if method == "POST" else "list")
+        if n == 3 and parts[2] == "content" and method == "GET":
+            return r("videos", "content", parts[1])
+        return r("videos", "retrieve" if n == 2 and method == "GET" else "other", parts[1])
     if head == "files":
         if n == 1:
             return r("files", "upload" if method == "POST" else "list")

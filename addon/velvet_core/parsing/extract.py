@@ -6,6 +6,7 @@ import functools
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, overload
 
 import orjson
@@ -104,6 +105,31 @@ def tokens_from_usage(usage: Any) -> Tokens:
     if t.total is None and (t.input is not None or t.output is not None):
         t.total = (t.input or 0) + (t.output or 0)
     return t
+
+
+@dataclass(frozen=True, slots=True)
+class Video:
+    """What a video job bills by: its length and its resolution."""
+
+    seconds: Decimal
+    size: str | None
+
+
+def video_of(body: Any) -> Video | None:
+    """The seconds and size of a video job object (``POST /v1/videos``; ``seconds`` is a string in the spec)."""
+    if not isinstance(body, dict) or body.get("object") != "video":
+        return None
+    raw = body.get("seconds")
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        return None
+    try:
+        seconds = Decimal(str(raw))
+    except ArithmeticError:
+        return None
+    if not seconds.is_finite() or not 0 <= seconds < 86_400:  # a clip of more than a day is not one
+        return None
+    size = body.get("size")
+    return Video(seconds, size if isinstance(size, str) else None)
 
 
 def find_usage(body: Any) -> Any:

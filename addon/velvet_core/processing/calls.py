@@ -22,6 +22,7 @@ from velvet_core.parsing.extract import (
     to_int,
     tokens_from_usage,
     utc,
+    video_of,
 )
 from velvet_core.parsing.sse import reassemble
 from velvet_core.parsing.utf8 import loads_replaced, replaced_note
@@ -163,7 +164,11 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
             log.exception("velvet: could not count the tokens of flow %s", s.flow_id)
             problems.append(f"tokens not estimated: {type(e).__name__}: {e}")
     row.update(tokens.as_dict())
-    row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
+    if route.kind == "videos":  # a job is billed once, by its seconds: its creation carries the cost
+        ok = route.action == "create" and s.status_code is not None and s.status_code < 400
+        row["cost_usd"] = pricer.video_cost(model, video_of(resp_json)) if ok else None
+    else:
+        row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None
     return row, req, resp
 

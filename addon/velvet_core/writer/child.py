@@ -87,11 +87,11 @@ class ChildWriter:
         """Journal the flow (the child reads it from there). Never blocks on the child."""
         if self.journal.append(snapshot) is None:  # the journal is the hand-off: write this flow in-process
             if self.fallback is None:
-                from velvet_core.cost.prices import Pricer, load_price_file
+                from velvet_core.cost.prices import Pricer
                 from velvet_core.processing.processor import Processor
                 from velvet_core.writer.writer import Writer
 
-                processor = Processor(Pricer(load_price_file(self.prices) if self.prices else None),
+                processor = Processor(Pricer.from_file(self.prices),
                                       self.body_limit)
                 self.fallback = Writer(self.url, processor.operations, spool_dir=self.spool_dir, journaled=False,
                                        setup=processor.warm, serves=os.getpid(), pricer=lambda: processor.pricer)
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     url = os.environ[ENV_DB]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    from velvet_core.cost.prices import Pricer, load_price_file
+    from velvet_core.cost.prices import Pricer
     from velvet_core.processing.processor import Processor
     from velvet_core.writer.writer import QueuedFlow, Writer, spill_files
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("velvet: %s: the writer process will not read a spool or journal others could write", why)
         return 2
     lock = hold(journal_dir, tag_of(url), a.parent)  # before reading any of it (see journal.hold)
-    processor = Processor(Pricer(load_price_file(a.prices) if a.prices else None), a.body_limit)
+    processor = Processor(Pricer.from_file(a.prices), a.body_limit)
     writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
                     pricer=lambda: processor.pricer, serves=a.parent, linger=LINGER)
     writer.start()

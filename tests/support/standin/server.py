@@ -466,7 +466,17 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, moderation(body))
 
     def h_videos(self, path: str, body: dict[str, Any], raw: bytes) -> None:
-        self.send(200, video(body))
+        if self.headers.get("content-type", "").startswith("multipart/"):  # the SDK sends a form
+            body = {k: v.decode("utf-8", "replace") for k, v in _multipart(self, raw).items()}
+        job = video(body)
+        self.server.videos[job["id"]] = job
+        self.send(200, job)
+
+    def h_video_get(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        job = self.server.videos.get(path.rsplit("/", 1)[-1])
+        if job is None:
+            return self.send_error_json(404, "Video not found.", "invalid_request_error", None)
+        self.send(200, {**job, "status": "completed", "progress": 100, "completed_at": int(time.time())})
 
 
 def _multipart(handler: Handler, raw: bytes) -> dict[str, bytes]:
@@ -731,7 +741,9 @@ class StandIn(ThreadingHTTPServer):
             ("POST", "/v1/uploads/"): lambda h, *a: api.uploads_action(h, *a),
             ("POST", "/v1/batches/"): lambda h, *a: api.batches_cancel(h, *a),
             ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
+            ("GET", "/v1/videos/"): Handler.h_video_get,
         }
+        self.videos: dict[str, dict[str, Any]] = {}
         self.thread: threading.Thread | None = None
         self.canned: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
         self._rate_limited = 0
