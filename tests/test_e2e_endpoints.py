@@ -86,3 +86,11 @@ def test_video_lines_cost_their_seconds_at_the_shipped_rate(proxy, monkeypatch):
         assert r.model == "sora-2" and r.cost_usd == pytest.approx(call.cost_usd / 2)
     polled = client.videos.with_raw_response.retrieve(live.parse().id)  # a poll is not billed again
     assert call_row(proxy.db_url, polled.headers["x-request-id"]).cost_usd is None
+
+
+def test_a_video_line_with_bad_seconds_is_kept_unpriced(proxy, monkeypatch):
+    body = {"model": "sora-2", "prompt": "a fox", "seconds": "a while", "size": "720x1280"}
+    _, res = batch_of(proxy, monkeypatch, "/v1/videos", body, n=2)
+    for r in res:
+        assert orjson.loads(r.body)["seconds"] == "a while" and not r.failed
+        assert r.model == "sora-2" and r.cost_usd is None  # unknown, not 0
