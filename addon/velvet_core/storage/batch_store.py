@@ -174,13 +174,14 @@ def link(b: Batch, pricer: Pricer | None = None) -> None:
 
 
 def price_unnamed(batch_id: str, pricer: Pricer) -> int:
-    """Answers of batch ``batch_id`` matched to a request but naming no model (image answers): their request's
-    model, and their cost at the batch rate from it (the image tokens of the answer's usage priced apart)."""
+    """Answers of batch ``batch_id`` matched to a request but naming no model and not priced (image answers):
+    their request's model, and their cost at the batch rate from it (the image tokens of the answer's usage
+    priced apart). Returns how many it changed."""
     query = (BatchResult.select(BatchResult.id, BatchResult.body, BatchResult.input_tokens,
                                 BatchResult.output_tokens, BatchResult.cached_tokens,
                                 BatchRequest.model.alias("req_model"))
              .join(BatchRequest, on=(BatchResult.request == BatchRequest.id))
-             .where(BatchResult.batch_id == batch_id, BatchResult.model.is_null(),
+             .where(BatchResult.batch_id == batch_id, BatchResult.model.is_null(), BatchResult.cost_usd.is_null(),
                     BatchRequest.model.is_null(False)))
     rows = cast(list[dict[str, Any]], list(query.dicts()))  # (peewee's stubs type every row as the model)
     for r in rows:
