@@ -94,3 +94,14 @@ def test_a_video_line_with_bad_seconds_is_kept_unpriced(proxy, monkeypatch):
     for r in res:
         assert orjson.loads(r.body)["seconds"] == "a while" and not r.failed
         assert r.model == "sora-2" and r.cost_usd is None  # unknown, not 0
+
+
+def test_a_live_image_edit_sent_as_a_form_is_priced(proxy, monkeypatch):
+    client = proxy.client(monkeypatch)
+    live = client.images.with_raw_response.edit(model="gpt-image-1", prompt=IMAGE["prompt"],
+                                                 image=("fox.png", b"\x89PNG not really", "image/png"))
+    call = call_row(proxy.db_url, live.headers["x-request-id"])
+    usage = live.parse().usage
+    assert call.endpoint == "images" and call.model_requested == "gpt-image-1"
+    assert call.input_tokens == usage.input_tokens and call.cost_usd == pytest.approx(
+        Pricer().cost("gpt-image-1", tokens_from_usage(usage.model_dump())))

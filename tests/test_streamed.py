@@ -25,7 +25,7 @@ from velvet_core.processing.batch_files import (
     ContentIngest,
     PartIngest,
     UploadIngest,
-    form_purpose,
+    form_field,
     ingest_buffered,
     ingest_streamed,
     priced_result,
@@ -75,9 +75,9 @@ def test_streamed_upload_equals_buffered(cuts, bad):
     assert rows == want and ingest.lines == 12 and ingest.bad == len(bad)
     assert not ingest.problems
     ct = f"multipart/form-data; boundary={B}"
-    assert form_purpose(ct, None, lambda size: iter(pieces(body, cuts))) == "batch"
+    assert form_field(ct, None, lambda size: iter(pieces(body, cuts))) == "batch"
     after = multipart_body(B, [("file", "in.jsonl", data), ("purpose", None, b" batch\r\n")])  # curl's order
-    assert form_purpose(ct, None, lambda size: iter(pieces(after, cuts))) == "batch"
+    assert form_field(ct, None, lambda size: iter(pieces(after, cuts))) == "batch"
 
 
 @settings(max_examples=60, deadline=None)

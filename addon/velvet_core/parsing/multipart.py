@@ -6,9 +6,11 @@ whole body on each access; this one is fed chunks and emits events as it goes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+
+from velvet_core.parsing.decode import DecodeError, Decoder
 
 
 class MultipartError(ValueError):
@@ -147,3 +149,37 @@ def fields(data: bytes, boundary: str, *, keep: set[str] | None = None) -> dict[
             out[current].append(ev.data)
     scanner.finish()
     return {k: b"".join(v) for k, v in out.items()}
+
+
+Read = Callable[[int], Iterator[bytes]]  # a body in pieces of at most the given size
+PIECE = 1 << 20
+
+
+def form_field(content_type: str, encoding: str | None, read: Read, name: str = "purpose") -> str | None:
+    """A short text field of a multipart body (``None`` if absent, over 256 bytes or unreadable): an upload's
+    ``purpose``, an image edit's or a video's ``model``.
+
+    An upload's purpose is read before any line is kept, so that a file of another purpose never puts lines
+    into ``batch_requests``. Stops as soon as the field has been read; when a client sends it after the file
+    (``curl -F file=@… -F purpose=batch``), the body is scanned once more, without splitting lines.
+    """
+    boundary = boundary_of(content_type)
+    if boundary is None:
+        return None
+    scanner, part, value = MultipartScanner(boundary), None, b""
+    try:
+        decoder = Decoder(encoding)
+        size = PIECE if decoder.encoding == "identity" else PIECE // 64
+        for piece in read(size):
+            for ev in scanner.feed(decoder.feed(piece)):
+                if isinstance(ev, PartStart):
+                    part = ev.name
+                elif isinstance(ev, PartData) and part == name:
+                    value += ev.data
+                    if len(value) > 256:
+                        return None  # not a purpose (nor a model)
+                elif isinstance(ev, PartEnd) and part == name:
+                    return value.decode("utf-8", "replace").strip()
+    except (DecodeError, MultipartError):
+        return None
+    return None

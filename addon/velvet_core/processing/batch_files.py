@@ -11,7 +11,7 @@ incomplete.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -23,12 +23,15 @@ from velvet_core.parsing.extract import utc
 from velvet_core.parsing.jsonl import Line, LineSplitter
 from velvet_core.parsing.lines import looks_like_input, request_row, result_row
 from velvet_core.parsing.multipart import (
+    PIECE,
     MultipartError,
     MultipartScanner,
     PartData,
     PartEnd,
     PartStart,
+    Read,
     boundary_of,
+    form_field,
 )
 from velvet_core.processing.batches import file_row
 from velvet_core.storage.ops import FileSeen, InputDone, Op, OutputDone, PartSeen, RequestLines, ResultLines
@@ -37,7 +40,6 @@ from velvet_core.storage.snapshot import CallSnapshot, TapInfo
 log = logging.getLogger("velvet")
 
 ROWS_PER_OP = 500
-PIECE = 1 << 20
 
 
 class Ingest:
@@ -238,36 +240,6 @@ def _object(line: Line) -> Any:
         return None
 
 
-Read = Callable[[int], Iterator[bytes]]  # the body in pieces of at most the given size
-
-
-def form_purpose(content_type: str, encoding: str | None, read: Read) -> str | None:
-    """The ``purpose`` field of a multipart upload (``None`` if absent or unreadable).
-
-    Read before any line is kept, so that a file of another purpose never puts lines into
-    ``batch_requests``. Stops as soon as the field has been read; when a client sends it after the
-    file (``curl -F file=@… -F purpose=batch``), the body is scanned once more, without splitting lines.
-    """
-    boundary = boundary_of(content_type)
-    if boundary is None:
-        return None
-    scanner, part, value = MultipartScanner(boundary), None, b""
-    try:
-        decoder = Decoder(encoding)
-        size = PIECE if decoder.encoding == "identity" else PIECE // 64
-        for piece in read(size):
-            for ev in scanner.feed(decoder.feed(piece)):
-                if isinstance(ev, PartStart):
-                    part = ev.name
-                elif isinstance(ev, PartData) and part == "purpose":
-                    value += ev.data
-                    if len(value) > 256:
-                        return None  # not a purpose
-                elif isinstance(ev, PartEnd) and part == "purpose":
-                    return value.decode("utf-8", "replace").strip()
-    except (DecodeError, MultipartError):
-        return None
-    return None
 
 
 def _feed(ingest: Ingest, read: Read) -> Iterator[Op]:
@@ -372,7 +344,7 @@ def _ingest(s: CallSnapshot, resp: Any, pricer: Pricer, problems: list[str], rea
         return
     purpose = resp.get("purpose")
     if purpose is None:  # a server that does not echo it (some OpenAI-compatible ones): the form says
-        purpose = form_purpose(ct, enc, read)
+        purpose = form_field(ct, enc, read)
         if purpose is not None:
             row["purpose"] = purpose
     if purpose != "batch":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -24,6 +25,7 @@ from velvet_core.parsing.extract import (
     utc,
     video_of,
 )
+from velvet_core.parsing.multipart import form_field
 from velvet_core.parsing.sse import reassemble
 from velvet_core.parsing.utf8 import loads_replaced, replaced_note
 from velvet_core.storage.snapshot import CallSnapshot
@@ -116,7 +118,8 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         "request_id": rh.get("x-request-id"), "processing_ms": to_int(rh.get("openai-processing-ms")),
         "organization": rh.get("openai-organization") or s.request_headers.get("openai-organization"),
         "project": rh.get("openai-project") or s.request_headers.get("openai-project"),
-        "model_requested": rq.get("model") if isinstance(rq.get("model"), str) else route.deployment,
+        "model_requested": rq.get("model") if isinstance(rq.get("model"), str) else
+        _form_model(route.kind, req, s.request_headers.get("content-type", "")) or route.deployment,
         "stream": bool(rq.get("stream")) or s.stream_chunks is not None,
         "request_bytes": req.size, "request_body": req.stored,
         **ratelimits(rh),
@@ -171,6 +174,21 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
         row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None
     return row, req, resp
+
+
+def _form_model(kind: str, req: Body, content_type: str) -> str | None:
+    """The ``model`` field of a model call sent as a form (an image edit, a video with a reference, audio);
+    never a file upload's (a batch file of hundreds of MB is not scanned for it)."""
+    if kind not in ("images", "videos", "audio") or req.data is None \
+            or not content_type.lower().startswith("multipart/"):
+        return None
+    data = req.data
+
+    def read(size: int) -> Iterator[bytes]:
+        for i in range(0, len(data), size):
+            yield data[i:i + size]
+
+    return form_field(content_type, None, read, "model")
 
 
 def _fill_from_response(row: dict[str, Any], body: dict[str, Any]) -> None:
