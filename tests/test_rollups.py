@@ -212,3 +212,35 @@ def test_rebuild_needs_a_database(tmp_path, capsys):
     assert main(["rebuild", "--db", f"sqlite:///{tmp_path / 'missing.db'}"]) == 2
     assert "no database" in capsys.readouterr().err
     assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(["upload", "batch", "output"])), ids="-".join)
+def test_image_answers_priced_from_their_request_in_any_order(db_url, tmp_path, order):
+    """An image answer names no model: whichever of its request, its batch and its answer comes last, the
+    answer gets its request's model and the batch price of its usage, from the store's pricer (a price file's)."""
+    from velvet_core.cost.prices import Pricer
+
+    prices = tmp_path / "prices.toml"
+    prices.write_text('[models."gpt-image-1"]\ninput = 5\noutput = 40\nimage_input = 10\n')
+    db = open_db(db_url)
+    store = Store(db, lambda: Pricer.from_file(prices))
+    usage = {"input_tokens": 30, "output_tokens": 272,
+             "input_tokens_details": {"text_tokens": 20, "image_tokens": 10}}
+    body = orjson.dumps({"created": 1, "data": [{"b64_json": "iVBO"}], "usage": usage}).decode()
+    groups = {
+        "upload": [FileSeen({"id": "fi", "purpose": "batch", "updated_at": T0}),
+                   RequestLines([{"file_id": "fi", "line_no": 1, "custom_id": "c1", "method": "POST",
+                                  "url": "/v1/images/edits", "model": "gpt-image-1", "body": "{}"}]),
+                   InputDone("fi")],
+        "batch": [BatchSeen({"id": "b", "status": "completed", "endpoint": "/v1/images/edits",
+                             "input_file_id": "fi", "output_file_id": "fo", "created_at": T0}, T0, "retrieve")],
+        "output": [ResultLines([{"file_id": "fo", "line_no": 1, "custom_id": "c1", "status_code": 200,
+                                 "failed": False, "seen_at": T0, "body": body, "input_tokens": 30,
+                                 "output_tokens": 272, "total_tokens": 302}]), OutputDone("fo")],
+    }
+    for part in order:
+        store.apply(groups[part])
+    got = db.execute_sql("SELECT model, cost_usd FROM batch_results").fetchall()
+    want = round((20 * 5 + 10 * 10 + 272 * 40) / 2e6, 9)  # text, image and output tokens per million, at half
+    assert [(m, round(c, 9)) for m, c in got] == [("gpt-image-1", want)]
+    assert rows(db, "SELECT cost_usd FROM batch_summary") == [(want,)]
