@@ -105,3 +105,22 @@ def test_a_live_image_edit_sent_as_a_form_is_priced(proxy, monkeypatch):
     assert call.endpoint == "images" and call.model_requested == "gpt-image-1"
     assert call.input_tokens == usage.input_tokens and call.cost_usd == pytest.approx(
         Pricer().cost("gpt-image-1", tokens_from_usage(usage.model_dump())))
+
+
+@pytest.mark.parametrize(("endpoint", "body", "live"), [
+    ("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi there"}]},
+     lambda c, b: c.chat.completions.with_raw_response.create(**b)),
+    ("/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "say hi", "max_tokens": 5},
+     lambda c, b: c.completions.with_raw_response.create(**b)),
+    ("/v1/embeddings", {"model": "text-embedding-3-small", "input": "some words"},
+     lambda c, b: c.embeddings.with_raw_response.create(**b)),
+    ("/v1/responses", {"model": "gpt-4.1-mini", "input": "write a haiku"},
+     lambda c, b: c.responses.with_raw_response.create(**b)),
+], ids=["chat", "completions", "embeddings", "responses"])
+def test_token_endpoints_lines_cost_half_the_live_call(proxy, monkeypatch, endpoint, body, live):
+    client, res = batch_of(proxy, monkeypatch, endpoint, body)
+    call = call_row(proxy.db_url, live(client, body).headers["x-request-id"])
+    assert call.cost_usd > 0
+    for r in res:
+        assert (r.input_tokens, r.output_tokens) == (call.input_tokens, call.output_tokens)
+        assert r.cost_usd == pytest.approx(call.cost_usd / 2)

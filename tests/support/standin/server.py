@@ -529,6 +529,8 @@ def batch_answer(line: dict[str, Any], endpoint: str) -> tuple[dict[str, Any], b
         answer = moderation(body)
     elif endpoint.endswith("/videos"):
         answer = video(body)
+    elif endpoint.endswith("/completions") and not endpoint.endswith("/chat/completions"):
+        answer = text_completion(body)
     elif endpoint.endswith("/responses"):
         answer = response_object(body)
     else:
