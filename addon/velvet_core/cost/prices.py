@@ -53,6 +53,8 @@ class PerSecond:
 
 # Video models genai-prices lacks (they bill per second of video, by resolution). Small on purpose: a price
 # file's entry of the same name replaces one (``per_second``); the batch rate is half, as for every model.
+# The rates are OpenAI's as announced on the date given; they could not be checked against the page from where this
+# was written (no network): a team billed otherwise sets its own with velvet_prices.
 VIDEO_PRICES: dict[str, PerSecond] = {
     "sora-2": PerSecond({"720x1280": Decimal("0.10"), "1280x720": Decimal("0.10")},
                         "https://platform.openai.com/docs/pricing", "2025-10-06"),
