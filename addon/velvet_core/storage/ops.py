@@ -20,11 +20,6 @@ class _OneRow:
 
 
 @dataclass(slots=True)
-class _Rows:
-    rows: list[Row]
-
-
-@dataclass(slots=True)
 class CallRow(_OneRow):
     """A ``calls`` row: one HTTP call as the proxy saw it."""
 
@@ -32,6 +27,11 @@ class CallRow(_OneRow):
 @dataclass(slots=True)
 class FileSeen(_OneRow):
     """A ``files`` row to insert or update (None values leave the stored ones)."""
+
+
+@dataclass(slots=True)
+class UploadSeen(_OneRow):
+    """An ``uploads`` row to insert or update."""
 
 
 @dataclass(slots=True)
@@ -45,27 +45,12 @@ class BatchSeen:
 
 
 @dataclass(slots=True)
-class UploadSeen(_OneRow):
-    """An ``uploads`` row to insert or update."""
-
-
-@dataclass(slots=True)
 class UploadCompleted:
     """``POST /uploads/{id}/complete``: number the parts' lines in ``part_ids`` order, stitch the edges."""
 
     upload_id: str
     part_ids: list[str]
     file: Row | None
-
-
-@dataclass(slots=True)
-class RequestLines(_Rows):
-    """Up to 500 ``batch_requests`` rows (input lines) of one file or upload part."""
-
-
-@dataclass(slots=True)
-class ResultLines(_Rows):
-    """Up to 500 ``batch_results`` rows (output or error lines) of one file."""
 
 
 @dataclass(slots=True)
@@ -95,6 +80,20 @@ class OutputDone:
     file_id: str
     all_failed: bool = False
 
+
+@dataclass(slots=True)
+class _Rows:
+    rows: list[Row]
+
+
+@dataclass(slots=True)
+class RequestLines(_Rows):
+    """Up to 500 ``batch_requests`` rows (input lines) of one file or upload part."""
+
+
+@dataclass(slots=True)
+class ResultLines(_Rows):
+    """Up to 500 ``batch_results`` rows (output or error lines) of one file."""
 
 Op = CallRow | FileSeen | BatchSeen | UploadSeen | UploadCompleted | RequestLines | ResultLines | PartSeen \
     | InputDone | OutputDone
