@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +574,9 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
             n = 5_000 if quick else 20_000
             log(f"bench: the writer alone, {n:,} prepared live-call snapshots into PostgreSQL")
             out["pg_calls_per_s"] = round(pg_writer_rate(pg_url, n, tmp / "spool-pg"), 1)
+            with pg_schema(pg_base, keep=False) as small_pg:
+                log("bench: velvet commands end to end, median of 10 runs each, beside a bare python")
+                out.update(cli_ms({"sqlite": f"sqlite:///{tmp / 'small.db'}", "pg": small_pg}))
         base = baseline_ingest(data, tmp / "baseline.db")
         out["ingest_lines_per_s_ratio"] = round(ours / (lines / base), 3)
         out["ingest_baseline_s"] = round(base, 3)
@@ -614,6 +618,37 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
     return out
 
 
+def cli_ms(urls: dict[str, str], runs: int = 10) -> dict[str, float]:
+    """What a user waits for a command (start-up included): medians in ms of ``runs`` runs, each command's
+    figure beside a bare ``python -c pass`` of the same venv, alternated in the same loop."""
+    from velvet_core.storage.database import open_db
+    from velvet_core.storage.models import Call, use
+
+    velvet = str(Path(sys.executable).parent / "velvet")
+    for url in urls.values():  # a small database: the schema and a handful of calls
+        with use(open_db(url)) as db, db.atomic():
+            Call.insert_many([{"flow_id": f"bench-{i}", "started_at": datetime(2026, 12, 1 + i % 5, 10),
+                               "method": "POST", "host": "api.openai.com", "path": "/v1/chat/completions",
+                               "endpoint": "chat.completions", "action": "create", "model": "gpt-4o-mini",
+                               "status_code": 200} for i in range(20)]).execute()
+        db.close()
+    commands = {"bare_python": [sys.executable, "-c", "pass"], "version": [velvet, "--version"]}
+    for backend, url in urls.items():
+        for cmd in ("batches", "stats"):
+            commands[f"{cmd}_{backend}"] = [velvet, "--db", url, cmd, "--json"]
+    times: dict[str, list[float]] = {k: [] for k in commands}
+    for _ in range(runs):
+        for name, argv in commands.items():
+            t = time.perf_counter()
+            subprocess.run(argv, check=True, stdout=subprocess.DEVNULL)
+            times[name].append((time.perf_counter() - t) * 1000)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = {f"cli_ms_{k}": round(v, 1) for k, v in med.items()}
+    out.update({f"cli_ms_{k}_over_bare": round(v - med["bare_python"], 1) for k, v in med.items()
+                if k != "bare_python"})
+    return out
+
+
 def _mem_gb() -> float:
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemTotal:"):
@@ -641,6 +676,11 @@ def table(r: dict[str, Any]) -> str:
         ("ingest into PostgreSQL, s", "", r["ingest_s_pg"], f"upload {r['upload_s_velvet_pg']} s"),
         ("writer into PostgreSQL, calls/s", "", r["pg_calls_per_s"], "prepared snapshots, writer alone"),
         ("rows lost", "", r["rows_lost"], f"of {r['calls_made']:,} calls"),
+        ("velvet --version, ms over bare python", "", r["cli_ms_version_over_bare"],
+         f"bare python {r['cli_ms_bare_python']} ms (medians of 10)"),
+        ("velvet batches / stats --json, ms over bare", "",
+         f"{r['cli_ms_batches_sqlite_over_bare']} / {r['cli_ms_stats_sqlite_over_bare']}",
+         f"SQLite; PostgreSQL {r['cli_ms_batches_pg_over_bare']} / {r['cli_ms_stats_pg_over_bare']}"),
     ]
     w = max(len(x[0]) for x in rows)
     lines = [f"{'':<{w}}  {'plain':>10}  {'velvet':>10}", ""]

@@ -17,7 +17,7 @@ import pytest
 from support.helpers import js, run
 from support.pg import fresh_pg_url, reader_url
 from support.rig import Proxy
-from velvet_core import humanize
+from velvet_core import clock, humanize
 from velvet_core.cli import main
 from velvet_core.storage import sql
 from velvet_core.storage.database import open_db
@@ -265,11 +265,11 @@ def test_humanize():
     assert humanize.duration(45) == "45s" and humanize.duration(0.8) == "0.8s"
     assert humanize.duration(2 * 86400 + 3 * 3600) == "2d 3h"
     now = datetime(2026, 11, 24, 15, 0)
-    assert sql.parse_since("2h", now) == datetime(2026, 11, 24, 13, 0)
-    assert sql.parse_since("today", now) == datetime(2026, 11, 24)
-    assert sql.parse_since("2026-11-24T16:00+01:00", now) == datetime(2026, 11, 24, 15, 0)
+    assert clock.parse_since("2h", now) == datetime(2026, 11, 24, 13, 0)
+    assert clock.parse_since("today", now) == datetime(2026, 11, 24)
+    assert clock.parse_since("2026-11-24T16:00+01:00", now) == datetime(2026, 11, 24, 15, 0)
     with pytest.raises(ValueError):
-        sql.parse_since("soon", now)
+        clock.parse_since("soon", now)
     assert sql.percentile([5, 1, 3, 2, 4], 50) == 3 and sql.percentile([1, 2], 95) == 2
     assert sql.percentile([], 50) is None
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from velvet_core.clock import parse_since
 from velvet_core.storage.database import open_db
-from velvet_core.storage.sql import adapt, json_value, parse_since, rows, to_int, ts
+from velvet_core.storage.sql import adapt, json_value, rows, to_int, ts
 
 
 @pytest.mark.parametrize("micro", [0, 500_000])

@@ -7,7 +7,9 @@ of them always compare: a naive and an aware datetime never meet (``velvet statu
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import argparse
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any, overload
 
 FAR = 253402300800  # 10000-01-01 in Unix seconds: no time velvet keeps is later
@@ -43,3 +45,31 @@ def iso_z(v: Any) -> str | None:
     """ISO 8601 UTC to the second, ``2026-11-24T15:00:00Z`` (the ``--json`` form)."""
     dt = parse(v)
     return None if dt is None else dt.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_since(text: str, at: datetime | None = None) -> datetime:
+    """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
+    at = at or now()
+    t = text.strip().lower()
+    if m := _REL.match(t):
+        return at - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
+    if t in ("today", "yesterday"):
+        day = at.replace(hour=0, minute=0, second=0, microsecond=0)
+        return day - timedelta(days=1) if t == "yesterday" else day
+    try:
+        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
+    return naive_utc(dt)
+
+
+def since_arg(text: str) -> datetime:
+    """:func:`parse_since` as an argparse ``type``."""
+    try:
+        return parse_since(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

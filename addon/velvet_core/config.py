@@ -12,6 +12,8 @@ ENV_DB = "VELVET_DB"
 DEFAULT_HOSTS = ("api.openai.com",)
 BODY_LIMIT = 8 * 1024 * 1024  # velvet_body_limit's default
 STREAM_THRESHOLD = 4 * 1024 * 1024  # velvet_stream_threshold's default
+SQL_TIMEOUT = 10.0  # seconds a statement given by a user may run (velvet sql --timeout)
+STATS_GROUPS = ("model", "endpoint", "day", "key")  # velvet stats --by
 
 
 def data_dir() -> Path:

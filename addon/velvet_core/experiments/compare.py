@@ -19,17 +19,10 @@ from peewee import Database
 
 from velvet_core import clock
 from velvet_core.experiments import answers
+from velvet_core.experiments.metrics import DEFAULT_METRICS, METRICS
 from velvet_core.storage.models import Comparison, use
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt
 
-# per side: a value for each line of A and of B; pairwise: one value per pair (a and b stay null)
-SIDE_METRICS = ("cost_usd", "input_tokens", "output_tokens", "latency", "turnaround", "json_valid",
-                "finish_reason", "contains", "regex", "judge")
-PAIR_METRICS = ("exact_match", "json_fields", "similarity")
-METRICS = ("cost_usd", "input_tokens", "output_tokens", "latency", "turnaround", "exact_match", "contains",
-           "regex", "json_valid", "json_fields", "finish_reason", "similarity", "judge")
-DEFAULT_METRICS = ("cost_usd", "input_tokens", "output_tokens", "latency", "turnaround", "exact_match",
-                   "json_valid", "json_fields", "finish_reason", "similarity")
 _VALUED = ("contains", "regex", "judge")
 
 

@@ -22,24 +22,6 @@ from velvet_core.experiments.select import Selection, count, parse_tag, select
 from velvet_core.humanize import Progress
 from velvet_core.private import open_private
 from velvet_core.query import queries
-from velvet_core.storage.sql import since_arg
-
-FORMATS = ("jsonl", "csv", "finetune")
-
-
-def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    p = command("export", cmd_export, "stream live calls or batch lines as JSONL or CSV, or successful chat "
-                                      "answers as fine-tuning data", json=False)
-    what = p.add_mutually_exclusive_group()
-    what.add_argument("--batch", metavar="ID", help="this batch's lines (request and answer)")
-    what.add_argument("--lines", action="store_true", help="every batch line instead of live calls")
-    p.add_argument("--since", type=since_arg, metavar="WHEN")
-    p.add_argument("--format", choices=FORMATS, required=True)
-    p.add_argument("-o", "--output", metavar="FILE", help="write here instead of standard output")
-    p.add_argument("--model", help="finetune: only requests to this model")
-    p.add_argument("--endpoint", help="finetune: chat.completions or responses")
-    p.add_argument("--tag", action="append", metavar="KEY=VALUE",
-                   help="finetune: only calls with this velvet-metadata tag (repeatable)")
 
 
 def cmd_export(db: Database, a: argparse.Namespace) -> None:

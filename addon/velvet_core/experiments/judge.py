@@ -11,7 +11,6 @@ import orjson
 from velvet_core.experiments import replay
 from velvet_core.experiments.client import Client
 
-JUDGE_MODEL = "gpt-4o-mini"
 SYSTEM = ("You grade an AI assistant's answer to a request against a rubric. Give a score from 1 (does not "
           "meet the rubric at all) to 10 (fully meets it) and one short sentence of reason.")
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "grade", "strict": True, "schema": {

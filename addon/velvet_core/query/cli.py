@@ -1,266 +1,69 @@
-"""The reading commands of ``velvet``: batches, batch, lines, show, calls, stats, status, sql (and rebuild)."""
+"""The reading commands' arguments: batches, batch, lines, show, calls, stats, status, backup, sql, rebuild.
+
+Declarations only, so that ``velvet --help`` and each command's parsing import nothing heavy: what a command does
+is in :mod:`velvet_core.query.commands`, imported when it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
-import orjson
-from peewee import Database
+from velvet_core import config
+from velvet_core.clock import since_arg
 
-from velvet_core import config, jsonout
-from velvet_core.humanize import count, duration, money, ms, pairs, printable, table, when
-from velvet_core.query import queries, rebuild
-from velvet_core.query.backup import cmd_backup
-from velvet_core.query.status import database_files
-from velvet_core.query.status import status as status_of
-from velvet_core.storage import readonly
-from velvet_core.storage.sql import since_arg
+RUN = "velvet_core.query.commands:"
 
-# -- commands --------------------------------------------------------------------------------------
-
-def cmd_batches(db: Database, a: argparse.Namespace) -> None:
-    rows = queries.batches(db, status=a.status, since=a.since)
-    if a.json:
-        return jsonout.dump(rows)
-    table(["ID", "STATUS", "ENDPOINT", "MODEL", "CREATED", "LINES", "ANSWERED", "FAILED", "TURNAROUND", "COST"],
-          [[b["id"], b["status"], b["endpoint"] or "-", b["model"] or "-", when(b["created_at"]),
-            count(b["lines"]),
-            count(b["answered"]), count(b["failed"]), duration(b["turnaround_seconds"]), money(b["cost_usd"])]
-           for b in rows], right=(5, 6, 7, 8, 9))
-    if not rows:
-        print("(no batches)")
-
-
-def cmd_batch(db: Database, a: argparse.Namespace) -> None:
-    b = queries.batch(db, a.batch_id)
-    if a.json:
-        return jsonout.dump(b)
-    rc = b["request_counts"]
-    d = b["durations"]
-    pairs([("batch", b["id"]), ("status", b["status"]), ("endpoint", b["endpoint"]), ("model", b["model"]),
-           ("created", when(b["created_at"])), ("input file", b["input_file_id"]),
-           ("output file", b["output_file_id"]), ("error file", b["error_file_id"]),
-           ("API counts", f"{count(rc['completed'])} completed, {count(rc['failed'])} failed "
-                          f"of {count(rc['total'])}" if rc["total"] is not None else None),
-           ("logged lines", f"{count(b['lines'])} ({count(b['answered'])} answered, {count(b['failed'])} failed)"),
-           ("queued", duration(d["queue_seconds"])), ("processing", duration(d["processing_seconds"])),
-           ("finalizing", duration(d["finalize_seconds"])), ("turnaround", duration(d["turnaround_seconds"])),
-           ("cost", money(b["cost_usd"])), ("metadata", orjson.dumps(b["metadata"]).decode()
-                                              if b["metadata"] else None)])
-    print("\nStatus history")
-    table(["STATUS", "OBSERVED", "API TIME", "SEEN BY"],
-          [[e["status"], when(e["observed_at"]), when(e["api_at"]), e["source"]] for e in b["events"]])
-    if b["errors"]:
-        print("\nErrors")
-        table(["SOURCE", "CODE", "COUNT", "EXAMPLE"],
-              [[e["source"], e["code"] or "-", count(e["count"]), _example(e["example"])] for e in b["errors"]],
-              right=(2,))
-    if b["cost_by_model"]:
-        print("\nCost by model")
-        table(["MODEL", "LINES", "INPUT TOK", "OUTPUT TOK", "COST"],
-              [[m["model"] or "-", count(m["lines"]), count(m["input_tokens"]), count(m["output_tokens"]),
-                money(m["cost_usd"])] for m in b["cost_by_model"]], right=(1, 2, 3, 4))
-
-
-def _example(ex: dict[str, Any]) -> str:
-    where = f"line {ex['line']}" if ex.get("line") is not None else ""
-    if ex.get("custom_id"):
-        where = f"{where} {ex['custom_id']}".strip()
-    msg = (ex.get("message") or "").replace("\n", " ")
-    msg = msg if len(msg) <= 70 else msg[:67] + "..."
-    return f"{where}: {msg}" if where else msg
-
-
-def cmd_lines(db: Database, a: argparse.Namespace) -> None:
-    rows = queries.lines(db, a.batch_id, failed=a.failed, custom_id=a.custom_id)
-    if a.json:
-        return jsonout.dump(rows)
-    table(["LINE", "CUSTOM_ID", "STATUS", "ERROR", "MODEL", "IN", "OUT", "COST"],
-          [[count(r["line"]), r["custom_id"] or "-", r["status_code"] or "-",
-            r["error_code"] or (r["problem"] or "")[:40] or "-", r["model"] or "-", count(r["input_tokens"]),
-            count(r["output_tokens"]), money(r["cost_usd"])] for r in rows], right=(0, 5, 6, 7))
-    if not rows:
-        print("(no lines)")
-
-
-def cmd_show(db: Database, a: argparse.Namespace) -> None:
-    if a.custom_id is not None:
-        r = queries.batch_line(db, a.ref, a.custom_id)
-        head = [("batch", r["batch_id"]), ("custom_id", r["custom_id"]), ("line", r["line"]), ("url", r["url"]),
-                ("model", r["model"]), ("status", r["status_code"]), ("error", r["error_message"]),
-                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"),
-                ("cost", money(r["cost_usd"])), ("request id", r["request_id"]), ("problem", r["problem"])]
-    else:
-        r = queries.call(db, a.ref)
-        head = [("call", r["id"]), ("request id", r["request_id"]), ("started", when(r["started_at"])),
-                ("request", f"{r['method']} {r['url']}"), ("model", r["model"]), ("status", r["status_code"]),
-                ("latency", ms(r["latency_ms"])), ("ttft", ms(r["ttft_ms"]) if r["stream"] else None),
-                ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"
-                           + (" (estimated: the stream carried no usage)" if r["usage_estimated"] else "")),
-                ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
-    if a.json:
-        return jsonout.dump(r)
-    pairs(head)
-    print("\n--- request ---")
-    print(printable(jsonout.pretty(r["request"]), multiline=True))
-    print("\n--- response ---")
-    if a.custom_id is None and r["stream"] and r["response_text"] is not None:
-        print(printable(r["response_text"], multiline=True))
-        print("\n(streamed; reassembled from the SSE events)")
-    else:
-        print(printable(jsonout.pretty(r["response"]), multiline=True))
-
-
-def cmd_calls(db: Database, a: argparse.Namespace) -> None:
-    rows = queries.calls(db, model=a.model, status=a.status, since=a.since, endpoint=a.endpoint,
-                         limit=a.limit or None)
-    if a.json:
-        return jsonout.dump(rows)
-    table(["ID", "STARTED", "ENDPOINT", "MODEL", "STATUS", "LATENCY", "TTFT", "IN", "OUT", "COST"],
-          [[c["id"], when(c["started_at"]), c["endpoint"], c["model"] or "-",
-            c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
-            _est(c, count(c["input_tokens"])), _est(c, count(c["output_tokens"])), _est(c, money(c["cost_usd"]))]
-           for c in rows],
-          right=(0, 5, 6, 7, 8, 9))
-    if not rows:
-        print("(no calls)")
-    elif any(c["usage_estimated"] for c in rows):
-        print("~ estimated: the stream carried no usage, velvet counted the tokens")
-
-
-def _est(c: dict[str, Any], text: str) -> str:
-    """``~`` marks a figure velvet estimated (a stream without usage)."""
-    return f"~{text}" if c["usage_estimated"] and text != "-" else text
-
-
-def cmd_stats(db: Database, a: argparse.Namespace) -> None:
-    s = queries.stats(db, by=a.by, since=a.since)
-    if a.json:
-        return jsonout.dump(s)
-    by = a.by.upper()
-    print("Live calls")
-    table([by, "CALLS", "ERRORS", "IN TOK", "OUT TOK", "COST", "ESTIMATED", "P50", "P95", "TTFT P50"],
-          [[g[a.by], count(g["calls"]), f"{g['error_rate'] * 100:.1f}%", count(g["input_tokens"]),
-            count(g["output_tokens"]), money(g["cost_usd"]),
-            count(g["estimated_calls"]) if g["estimated_calls"] else "-", ms(g["latency_p50_ms"]),
-            ms(g["latency_p95_ms"]), ms(g["ttft_p50_ms"])] for g in s["calls"]],
-          right=tuple(range(1, 10)))
-    t = s["totals"]
-    if t["estimated_calls"]:
-        print(f"{count(t['estimated_calls'])} of {count(t['calls'])} calls have estimated tokens and cost: "
-              "streams without usage, counted by velvet (see velvet_stream_usage)")
-    print("\nBatches")
-    table([by, "BATCHES", "LINES", "FAILED", "IN TOK", "OUT TOK", "COST", "TURNAROUND P50", "P95"],
-          [[g[a.by], count(g["batches"]), count(g["lines"]), count(g["failed_lines"]), count(g["input_tokens"]),
-            count(g["output_tokens"]), money(g["cost_usd"]), duration(g["turnaround_p50_seconds"]),
-            duration(g["turnaround_p95_seconds"])] for g in s["batches"]], right=tuple(range(1, 9)))
-
-
-def cmd_sql(db: Database, a: argparse.Namespace) -> None:
-    with readonly.statement(db, a.query, timeout=a.timeout, allow_powerful_role=a.allow_powerful_role) as cur:
-        cols = [d[0] for d in cur.description or ()]
-        rows = [tuple(r) for r in cur.fetchall()] if cols else []
-    if a.json:
-        return jsonout.dump([dict(zip(cols, r, strict=True)) for r in rows])
-    table(cols, [[jsonout.default(v) if v is not None and not isinstance(v, int | float | str) else v for v in r]
-                 for r in rows])
-
-
-def _backup(url: str, a: argparse.Namespace) -> int:
-    return cmd_backup(url, a.file, a.json)
-
-
-def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
-    r = rebuild.rebuild(db)
-    if a.json:
-        return jsonout.dump(r)
-    print(f"rebuilt the counters of {r['batches']:,} batches and {r['rollup_rows']:,} rollup rows "
-          f"from {r['calls']:,} calls in {r['seconds']} s")
-
-
-def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
-    """Also called without a database (``db_error`` says why): status must speak when the database does not."""
-    url = a.db or config.default_db_url()
-    spool = Path(a.spool_dir).expanduser() if a.spool_dir else config.default_spool_dir(url)
-    s = status_of(db, spool, db_error, database_files(url))
-    if a.json:
-        jsonout.dump(s)
-    else:
-        table(["PROXY", "RUNNING", "LAST WRITE", "FAILING SINCE", "QUEUE", "PENDING", "SPOOLED", "DEAD", "WRITTEN",
-               "LAST ERROR"],
-              [[p["proxy"], "yes" if p["running"] else "no", when(p["last_write_at"]), when(p["failing_since"]),
-                count(p["queue_depth"] or 0), count(p["pending"] or 0), count(p["spooled"] or 0),
-                count(p["dead_lettered"] or 0), count(p["written"] or 0), (p["last_error"] or "")[:60]]
-               for p in s["proxies"]], right=(4, 5, 6, 7, 8))
-        if not s["proxies"]:
-            print("(no proxy has written to this database yet)")
-        if db_error:
-            print(f"database: {printable(db_error)}")
-        print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
-              f"{s['dead_letters']} dead letters ({s['dead_letter_file']}), "
-              f"{len(s['quarantined'])} quarantined files")
-        if s["spool_unsafe"]:
-            print(f"spool folder unsafe: {printable(s['spool_unsafe'])} (proxies refuse it: chmod 700)")
-        for f in s["world_readable"]:
-            print(f"readable by other users: {f['path']} (mode {f['mode']}; velvet leaves an existing file's "
-                  f"mode alone: chmod go-rwx it)")
-    failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
-    return 1 if failing or db_error else 0
-
-
-
-
-# -- registration ----------------------------------------------------------------------------------
 
 def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
-    """The reading commands, with the CLI's ``command(name, func, help)`` helper."""
-    p = command("batches", cmd_batches, "one row per batch, newest first")
+    """The reading commands, with the CLI's ``command(name, target, help)`` helper."""
+    p = command("batches", RUN + "cmd_batches", "one row per batch, newest first")
     p.add_argument("--status", help="only batches in this status (completed, failed, in_progress, ...)")
     p.add_argument("--since", type=since_arg, metavar="WHEN", help="only batches created since WHEN")
-    p = command("batch", cmd_batch, "one batch: status history, durations, errors by code, cost by model")
+    p = command("batch", RUN + "cmd_batch", "one batch: status history, durations, errors by code, cost by model")
     p.add_argument("batch_id")
-    p = command("lines", cmd_lines, "a batch's lines with status, error, tokens and cost")
+    p = command("lines", RUN + "cmd_lines", "a batch's lines with status, error, tokens and cost")
     p.add_argument("batch_id")
     p.add_argument("--failed", action="store_true", help="only failed or malformed lines")
     p.add_argument("--custom-id", help="only the line with this custom_id")
-    p = command("show", cmd_show, "the exact request and answer of a batch line (BATCH_ID CUSTOM_ID) "
-                                  "or of a live call (its id or x-request-id)")
+    p = command("show", RUN + "cmd_show", "the exact request and answer of a batch line (BATCH_ID CUSTOM_ID) "
+                                          "or of a live call (its id or x-request-id)")
     p.add_argument("ref", metavar="ID", help="a batch id (with CUSTOM_ID), or a call id / x-request-id")
     p.add_argument("custom_id", nargs="?", metavar="CUSTOM_ID")
-    p = command("calls", cmd_calls, "live calls, newest first")
+    p = command("calls", RUN + "cmd_calls", "live calls, newest first")
     p.add_argument("--model")
     p.add_argument("--status", help="a status code (429), a class (4xx) or 'error'")
     p.add_argument("--endpoint", help="chat.completions, responses, embeddings, files, batches, ...")
     p.add_argument("--since", type=since_arg, metavar="WHEN")
     p.add_argument("--limit", type=int, default=100, help="at most this many (0: all; default 100)")
-    p = command("stats", cmd_stats, "calls, tokens, cost, error rate, latency and batch turnaround")
-    p.add_argument("--by", choices=queries.GROUPS, default="model")
+    p = command("stats", RUN + "cmd_stats", "calls, tokens, cost, error rate, latency and batch turnaround")
+    p.add_argument("--by", choices=config.STATS_GROUPS, default="model")
     p.add_argument("--since", type=since_arg, metavar="WHEN")
-    p = command("status", cmd_status, "the health of each proxy writing here: last write, queue, spooled and "
-                                      "dead-lettered operations, last error (exit 1 if one is failing)")
+    p = command("status", RUN + "cmd_status", "the health of each proxy writing here: last write, queue, spooled "
+                                              "and dead-lettered operations, last error (exit 1 if one is "
+                                              "failing)")
     p.add_argument("--spool-dir", metavar="DIR", help=f"the proxies' spool directory (default "
                                                       f"{config.default_spool_dir()}/<a folder per database>)")
     p.set_defaults(opens="tolerant")  # must speak when the database does not
-    p = command("backup", _backup, "copy a live SQLite database into a new FILE (online backup; mode 0600)")
+    p = command("backup", RUN + "_backup", "copy a live SQLite database into a new FILE (online backup; "
+                                           "mode 0600)")
     p.add_argument("file", metavar="FILE")
     p.set_defaults(opens="none")  # reads the file itself (SQLite's backup API), not through peewee
-    p = command("sql", cmd_sql, "run one read-only SQL statement (the database engine refuses any write)")
+    p = command("sql", RUN + "cmd_sql", "run one read-only SQL statement (the database engine refuses any write)")
     p.add_argument("query")
     add_readonly_options(p)
 
 
 def add_readonly_options(p: argparse.ArgumentParser) -> None:
     """The options of a command that runs SQL it was given (see storage/readonly.py)."""
-    p.add_argument("--timeout", type=float, default=readonly.DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help=f"stop the statement after this long (default {readonly.DEFAULT_TIMEOUT:g})")
+    p.add_argument("--timeout", type=float, default=config.SQL_TIMEOUT, metavar="SECONDS",
+                   help=f"stop the statement after this long (default {config.SQL_TIMEOUT:g})")
     p.add_argument("--allow-powerful-role", action="store_true",
                    help="PostgreSQL: run even as a role that can do more than read (a superuser, or one that "
                         "reaches the server's files): only the read-only transaction stands then")
 
 
 def add_maintenance(command: Callable[..., argparse.ArgumentParser]) -> None:
-    p = command("rebuild", cmd_rebuild, "recompute the batch counters and call rollups from the rows (writes)")
+    p = command("rebuild", RUN + "cmd_rebuild", "recompute the batch counters and call rollups from the rows "
+                                                "(writes)")
     p.set_defaults(opens="writable")

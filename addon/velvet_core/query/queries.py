@@ -14,6 +14,7 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase
 
+from velvet_core import config
 from velvet_core.storage import batch_rule, rollups
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
@@ -292,7 +293,7 @@ def call(db: Database, ref: str) -> dict[str, Any]:
 
 # -- stats -----------------------------------------------------------------------------------------
 
-GROUPS = ("model", "endpoint", "day", "key")
+GROUPS = config.STATS_GROUPS
 
 
 def _group_value(by: str, r: dict[str, Any], when: str) -> str:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
-from peewee import Database, PostgresqlDatabase, SqliteDatabase
+from peewee import Database, PostgresqlDatabase, Psycopg3Adapter, SqliteDatabase
 
 from velvet_core.private import private_dir, touch_private
 from velvet_core.redact import redact
@@ -20,12 +21,47 @@ __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url"
            "schema_version", "sqlite_path"]
 
 
+class _Psycopg3(Psycopg3Adapter):
+    """peewee's psycopg 3 adapter, importing the driver itself: peewee may have been imported without it
+    (:mod:`velvet_core.storage.drivers`), and then its own adapter finds none."""
+
+    def __init__(self) -> None:
+        import psycopg
+        from psycopg.pq import TransactionStatus
+        from psycopg.types.json import Json, Jsonb
+
+        super().__init__()
+        self.psycopg, self.intrans = psycopg, TransactionStatus.INTRANS
+        self.json_type, self.jsonb_type = Json, Jsonb
+        self.txn_idle, self.txn_inerror = TransactionStatus.IDLE, TransactionStatus.INERROR
+        self.txn_unknown = TransactionStatus.UNKNOWN
+
+    def check_driver(self) -> None:
+        pass
+
+    def get_binary_type(self) -> Any:
+        return self.psycopg.Binary
+
+    def connect(self, db: Any, **params: Any) -> Any:
+        if db._encoding:
+            params.setdefault("client_encoding", db._encoding)
+        params.setdefault("conninfo" if db.database.startswith("postgresql://") else "dbname", db.database)
+        return self.psycopg.connect(**params)
+
+    def server_side_cursor(self, conn: Any) -> Any:
+        # in a transaction a named cursor streams and lives as long as it; outside one the server wants
+        # WITH HOLD (as peewee's own adapter does)
+        return conn.cursor(name=str(uuid.uuid4()), withhold=conn.pgconn.transaction_status != self.intrans)
+
+
 class PostgresDatabase(PostgresqlDatabase):
     """PostgreSQL through psycopg 3, with ``json``/``jsonb`` values read back as their JSON text.
 
     psycopg would parse them into dicts; as text they read alike on both backends (SQLite keeps JSON as
     text), so the models, the queries and ``velvet sql`` need no per-backend handling.
     """
+
+    psycopg2_adapter = psycopg3_adapter = _Psycopg3  # whichever peewee picks: psycopg 3, imported on use
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("prefer_psycopg3", True)  # stream_rows and the jsonb loader need psycopg 3

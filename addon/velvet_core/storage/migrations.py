@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
+import velvet_core
+
 log = logging.getLogger(__name__)
 
 # The two views as of schema v2, the same SQL on both backends.
@@ -838,6 +840,8 @@ MIGRATIONS: tuple[Migration, ...] = (
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
+if SCHEMA_VERSION != velvet_core.SCHEMA:
+    raise RuntimeError(f"velvet_core.SCHEMA says v{velvet_core.SCHEMA}, the last migration is v{SCHEMA_VERSION}")
 
 
 def schema_version(db: Database) -> int:

@@ -24,7 +24,9 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
-DEFAULT_TIMEOUT = 10.0  # seconds a user statement may run
+from velvet_core import config
+
+DEFAULT_TIMEOUT = config.SQL_TIMEOUT
 
 # Pragmas a read-only connection may run: those that only report (any argument names what to report on), and
 # settings it may read but never set (no value).

@@ -6,11 +6,9 @@ velvet's queries are written once for both backends, with ``?`` placeholders; st
 
 from __future__ import annotations
 
-import argparse
 import math
-import re
 from collections.abc import Iterator, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import orjson
@@ -102,34 +100,6 @@ def json_field(db: Database, column: str) -> str:
 def json_key(db: Database, key: str) -> str:
     """The parameter for :func:`json_field`: the key itself on PostgreSQL, a JSON path on SQLite."""
     return key if is_pg(db) else '$."' + key.replace('"', '\\"') + '"'
-
-
-_REL = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
-_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """``2h``, ``30m``, ``7d``, ``1w``, ``today``, ``yesterday`` or an ISO date/time (UTC unless offset)."""
-    now = now or clock.now()
-    t = text.strip().lower()
-    if m := _REL.match(t):
-        return now - timedelta(seconds=float(m[1]) * _UNITS[m[2].lower()])
-    if t in ("today", "yesterday"):
-        day = now.replace(hour=0, minute=0, second=0, microsecond=0)
-        return day - timedelta(days=1) if t == "yesterday" else day
-    try:
-        dt = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(f"--since {text!r}: use e.g. 2h, 7d, today or 2026-11-24T15:00") from None
-    return clock.naive_utc(dt)
-
-
-def since_arg(text: str) -> datetime:
-    """:func:`parse_since` as an argparse ``type``."""
-    try:
-        return parse_since(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def percentile(values: list[float], p: float) -> float | None:
