@@ -251,7 +251,26 @@ def measure(url: str, lines: int) -> dict[str, Any]:
         subprocess.run([str(VELVET), "--db", url, *args, "--json"], check=True, stdout=subprocess.DEVNULL)
         cli[name] = round((time.perf_counter() - t) * 1000, 1)
     out["velvet_cli_ms"] = cli  # one run of the real command each: Python start-up and imports included
+    out["report_s"], out["report_rss_mb"] = report_run(url)
     return out
+
+
+def report_run(url: str) -> tuple[float, float]:
+    """``velvet report --since 30d`` (the whole database) end to end: seconds (the better of two runs, the first
+    warms the page cache) and the process's peak RSS in MB."""
+    best, rss = float("inf"), 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(2):
+            t = time.perf_counter()
+            proc = subprocess.Popen([str(VELVET), "--db", url, "report", "--since", "30d", "-o", f"{tmp}/r.html"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            if proc.returncode:
+                raise RuntimeError(f"velvet report failed ({proc.returncode}) on {url}")
+            best = min(best, time.perf_counter() - t)
+            rss = max(rss, usage.ru_maxrss / 1024)  # (kB on Linux)
+    return round(best, 2), round(rss, 1)
 
 
 # -- PostgreSQL ------------------------------------------------------------------------------------

@@ -15,9 +15,11 @@ KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_rati
         "stream_ttft_ms_plain", "stream_ttft_ms_velvet", "upload_mb", "upload_lines", "upload_s_plain",
         "upload_s_velvet", "upload_rss_mb_plain", "upload_rss_mb_velvet", "ingest_s", "ingest_lines_per_s_ratio",
         "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost", "ingest_s_pg",
-        "pg_calls_per_s", "live_cpu_us_plain", "live_cpu_us_velvet", "live_cpu_ratio", "live_cpu_us_thread"}
+        "pg_calls_per_s", "live_cpu_us_plain", "live_cpu_us_velvet", "live_cpu_ratio", "live_cpu_us_thread",
+        "cli_ms_bare_python", "cli_ms_version", "cli_ms_batches_sqlite", "cli_ms_stats_sqlite",
+        "cli_ms_batches_pg", "cli_ms_stats_pg", "cli_ms_version_over_bare", "cli_ms_batches_sqlite_over_bare"}
 SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
-              "export_rows_per_s"}
+              "export_rows_per_s", "report_s", "report_rss_mb"}
 
 
 def test_bench_quick_json(tmp_path):

@@ -141,3 +141,36 @@ def test_report_renders_in_chromium(tmp_path, capsys):
     subprocess.run([*args, f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120, check=True)
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a picture, not a blank page
+
+
+@pytest.mark.parametrize("days", [7, 20])  # hourly points, daily points
+def test_report_from_rollups_matches_the_rows(db_url, days):
+    """At scale the report reads the rollups (whole hours and days) and the calls of the first partial hour:
+    the same counts, costs, keys and tags as reading every call, percentiles within the histograms' 2 %."""
+    from collections import defaultdict
+
+    from velvet_core.report import data
+
+    now = datetime.now(UTC).replace(tzinfo=None)
+    fill(db_url, batches=20, calls=4000, days=days + 1, seed=5, now=now)
+    until = now
+    since = until - timedelta(days=days, minutes=37)  # starts mid-hour
+    daily = days > 8
+    db = open_db(db_url)
+    got = []
+    for read in (data._calls, data._calls_from_rollups):
+        spend: dict = defaultdict(lambda: {"live_usd": 0.0, "batch_usd": 0.0, "batch_sync_usd": 0.0})
+        keys: dict = defaultdict(lambda: {"calls": 0, "live_usd": 0.0, "batch_usd": 0.0})
+        tags: dict = defaultdict(lambda: {"calls": 0, "batches": 0, "cost_usd": 0.0})
+        traffic, totals = read(db, since, until, daily, spend, keys, tags)
+        got.append((traffic["points"], totals, dict(spend), dict(keys), dict(tags)))
+    db.close()
+    (p1, t1, s1, k1, g1), (p2, t2, s2, k2, g2) = got
+    assert t1["calls"] > 1000 and t1 == pytest.approx(t2)
+    assert [(p["at"], p["calls"], p["errors"]) for p in p1] == [(p["at"], p["calls"], p["errors"]) for p in p2]
+    for a, b in zip(p1, p2, strict=True):
+        if a["errors"] == 0 and a["latency_p50_ms"] is not None:  # (the rows leave failed calls out)
+            assert b["latency_p50_ms"] == pytest.approx(a["latency_p50_ms"], rel=0.02)
+    for one, two in ((s1, s2), (k1, k2), (g1, g2)):
+        assert one and set(one) == set(two)
+        assert all(one[k] == pytest.approx(two[k]) for k in one), (one, two)

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from peewee import Database, SqliteDatabase
+from velvet_core.storage import rollups
 from velvet_core.storage.database import open_db
 
 MODELS = ("gpt-4o-mini-2024-07-18", "gpt-4.1-mini", "gpt-4o-2024-08-06", "text-embedding-3-small")
@@ -145,6 +146,7 @@ def fill(url: str, batches: int = 10_000, calls: int = 20_000, days: float = 7, 
         _insert(db, "batch_errors", err_rows)
         _insert(db, "calls", c_rows)
         _insert(db, "alerts", a_rows)
+    rollups.rebuild(db)  # the counters and rollups the store keeps as it writes
     db.close()
     return {"batches": len(b_rows), "batch_requests": len(req_rows), "batch_results": len(res_rows),
             "calls": len(c_rows), "alerts": len(a_rows)}

@@ -323,7 +323,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
     bw, params = "", ()  # type: tuple[str, tuple[Any, ...]]
     if since:
         bw, params = " WHERE COALESCE(created_at, first_seen_at) >= ?", (ts(db, since),)
-    out_live = _live_from_rollups(db, by, since) if _rollups_cover(db, since) else _live_from_calls(db, by, since)
+    out_live = _live_from_rollups(db, by, since) if rollups_cover(db, since) else _live_from_calls(db, by, since)
     bat: dict[str, dict[str, Any]] = defaultdict(lambda: {"batches": 0, "lines": 0, "failed_lines": 0,
                                                           "input_tokens": 0, "output_tokens": 0,
                                                           "cost_usd": 0.0, "_turn": []})
@@ -388,7 +388,7 @@ def _day(v: Any) -> datetime:
     return (to_dt(v) or datetime.min).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
-def _rollups_cover(db: Database, since: datetime | None) -> bool:
+def rollups_cover(db: Database, since: datetime | None) -> bool:
     """Whether to read the rollups: they exist and the window holds more than :data:`EXACT_CALLS` calls."""
     if not db.table_exists("call_rollups"):  # a database an older velvet still writes to, not migrated yet
         return False

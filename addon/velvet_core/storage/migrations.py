@@ -814,6 +814,15 @@ def _call_origin(db: Database) -> None:
     db.execute_sql('ALTER TABLE "calls" ADD COLUMN "port" INTEGER')
 
 
+def _report_indexes(db: Database) -> None:
+    # `velvet report` at scale reads the rollups and counters, and beside them only what they do not keep: the
+    # failed lines' error codes (a few percent of the lines) and the tags of tagged calls. Partial indexes let
+    # it read those rows alone (without them, every line and call of the period: 23.8 s at 10 M lines)
+    db.execute_sql('CREATE INDEX "batch_results_failed" ON "batch_results" ("batch_id", "error_code") '
+                   'WHERE "failed"')
+    db.execute_sql('CREATE INDEX "calls_tagged" ON "calls" ("started_at") WHERE ("tags" IS NOT NULL)')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -837,6 +846,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "problem_indexes", _problem_indexes),
     Migration(11, "estimated_index", _estimated_index),
     Migration(12, "call_origin", _call_origin),
+    Migration(13, "report_indexes", _report_indexes),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -183,6 +183,8 @@ class Call(Base):
 
 # the calls whose tokens velvet estimated (migration 11): `velvet stats` counts them beside the rollups
 Call.add_index(Call.started_at, name="calls_usage_estimated", where=Call.usage_estimated)
+# the tagged calls, for the report's top tags (migration 13)
+Call.add_index(Call.started_at, name="calls_tagged", where=Call.tags.is_null(False))
 
 
 class File(Base):
@@ -349,6 +351,11 @@ class BatchResult(Base):
     class Meta:
         table_name = "batch_results"
         indexes = ((("file_id", "line_no"), True), (("batch_id", "custom_id"), False))
+
+
+# the failed lines, for the report's error codes (migration 13)
+BatchResult.add_index(BatchResult.batch_id, BatchResult.error_code, name="batch_results_failed",
+                      where=BatchResult.failed)
 
 
 class Upload(Base):
