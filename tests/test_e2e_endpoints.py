@@ -8,7 +8,8 @@ import io
 import orjson
 import pytest
 from support.helpers import jsonl
-from support.rig import call_row
+from support.pg import fresh_pg_url
+from support.rig import Proxy, call_row
 from test_e2e_batch import run_batch, wait_rows
 from velvet_core.cost.prices import VIDEO_PRICES, Pricer
 from velvet_core.parsing.extract import tokens_from_usage
@@ -124,3 +125,24 @@ def test_token_endpoints_lines_cost_half_the_live_call(proxy, monkeypatch, endpo
     for r in res:
         assert (r.input_tokens, r.output_tokens) == (call.input_tokens, call.output_tokens)
         assert r.cost_usd == pytest.approx(call.cost_usd / 2)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def priced_proxy(request, standin, tmp_path_factory):
+    """A proxy with a price file that bills dall-e-3 per image (velvet_prices)."""
+    tmp = tmp_path_factory.mktemp(f"per-image-{request.param}")
+    prices = tmp / "prices.toml"
+    prices.write_text('[models."dall-e-3"]\nper_image = { "1024x1024" = 0.04, "hd/1024x1024" = 0.08 }\n')
+    url = f"sqlite:///{tmp / 'velvet.db'}" if request.param == "sqlite" else fresh_pg_url()
+    p = Proxy(url, standin.url, tmp, extra=["--set", f"velvet_prices={prices}"]).start()
+    yield p
+    p.stop()
+
+
+def test_images_billed_per_image_live_and_batch(priced_proxy, monkeypatch):
+    body = {"model": "dall-e-3", "prompt": "a lighthouse", "n": 2, "size": "1024x1024", "quality": "hd"}
+    client, res = batch_of(priced_proxy, monkeypatch, "/v1/images/generations", body, n=2)
+    live = client.images.with_raw_response.generate(**body)
+    call = call_row(priced_proxy.db_url, live.headers["x-request-id"])
+    assert call.cost_usd == pytest.approx(0.16)  # two hd images at $0.08
+    assert [r.cost_usd for r in res] == pytest.approx([0.08, 0.08])  # the batch rate: half

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+import orjson
 import pytest
 from velvet_core.cost.prices import VIDEO_PRICES, PriceFileError, Pricer, load_price_file
-from velvet_core.parsing.extract import Tokens, Video, tokens_from_usage, video_of
+from velvet_core.parsing.extract import Images, Tokens, Video, images_of, tokens_from_usage, video_of
 
 
 def test_known_model_costs_something():
@@ -121,7 +122,30 @@ def test_a_video_with_bad_seconds_is_not_priced(seconds):
         '"lots"' if seconds == "lots" else "-1")}) is None
 
 
-@pytest.mark.parametrize("text", ['[models."v"]\nper_second = 3\n', '[models."v"]\nper_second = { "a" = "x" }\n'])
+def test_models_billed_per_image_from_a_price_file(tmp_path):
+    f = tmp_path / "prices.toml"
+    f.write_text('[models."dall-e-3"]\nper_image = { "1024x1024" = 0.04, "hd/1024x1024" = 0.08, '
+                 '"1024x1792" = 0.08 }\n')
+    p = Pricer.from_file(f)
+    two_hd = {"created": 1, "data": [{"b64_json": "AA=="}, {"url": "https://x"}]}
+    assert images_of(two_hd, {"size": "1024x1024", "quality": "hd"}) == Images(2, "1024x1024", "hd")
+    assert p.image_cost("dall-e-3", images_of(two_hd, {"quality": "hd"})) == pytest.approx(0.16)
+    assert p.image_cost("dall-e-3", images_of(two_hd)) == pytest.approx(0.08)  # standard, the API's default size
+    tall_hd = images_of(two_hd, {"size": "1024x1792", "quality": "hd"})
+    assert p.image_cost("dall-e-3", tall_hd) == pytest.approx(0.16)  # no hd/ rate for the size: the size's
+    assert p.image_cost("dall-e-3", images_of({**two_hd, "size": "1024x1792"}), batch=True) == pytest.approx(0.08)
+    assert p.image_cost("dall-e-3", images_of(two_hd, {"size": "512x512"})) is None  # no rate: unknown, not 0
+    assert p.image_cost("gpt-image-1", images_of(two_hd)) is None and not p.is_per_image("gpt-image-1")
+    assert images_of({"data": "nope"}) is None and images_of([1]) is None
+    line = {"model": "dall-e-3", "body": orjson.dumps({**two_hd, "size": "1024x1024", "quality": "hd"}).decode()}
+    assert p.line_cost(line) == pytest.approx(0.08)  # batch: half
+    assert p.line_cost({"model": "dall-e-3", "body": "{not json"}) is None
+    # gpt-image-1 stays priced by its tokens
+    assert p.line_cost({"model": "gpt-image-1", "input_tokens": 20, "output_tokens": 272}) > 0
+
+
+@pytest.mark.parametrize("text", ['[models."v"]\nper_second = 3\n', '[models."v"]\nper_second = { "a" = "x" }\n',
+                                  '[models."i"]\nper_image = []\n', '[models."i"]\nper_image = { "a" = "x" }\n'])
 def test_bad_per_second_tables(tmp_path, text):
     f = tmp_path / "p.toml"
     f.write_text(text)

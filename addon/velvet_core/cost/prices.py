@@ -12,6 +12,9 @@ Override file (TOML or JSON), prices in USD per million tokens::
     [models."sora-2"]      # a video model: USD per second of video, by size (batch_per_second: optional)
     per_second = { "720x1280" = 0.10, "1280x720" = 0.10 }
 
+    [models."dall-e-3"]    # an image model billed per image, by size or quality/size (batch_per_image: optional)
+    per_image = { "1024x1024" = 0.04, "hd/1024x1024" = 0.08 }
+
 An unknown model costs ``None``, never 0; a free one (moderations) costs 0, with or without usage.
 """
 
@@ -29,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from velvet_core.parsing.extract import Tokens, Video, video_of
+from velvet_core.parsing.extract import Images, Tokens, Video, images_of, video_of
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,9 @@ class PriceFileError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
-class PerSecond:
-    """A video model's USD per second of video, by size (as the API writes it, ``720x1280``)."""
+class UnitRate:
+    """USD per unit (a second of video, an image) by size as the API writes it (``720x1280``); for images, a
+    ``QUALITY/SIZE`` key (``hd/1024x1024``) comes before the size alone."""
 
     by_size: dict[str, Decimal]
     source: str
@@ -55,10 +59,10 @@ class PerSecond:
 # file's entry of the same name replaces one (``per_second``); the batch rate is half, as for every model.
 # The rates are OpenAI's as announced on the date given; they could not be checked against the page from where this
 # was written (no network): a team billed otherwise sets its own with velvet_prices.
-VIDEO_PRICES: dict[str, PerSecond] = {
-    "sora-2": PerSecond({"720x1280": Decimal("0.10"), "1280x720": Decimal("0.10")},
+VIDEO_PRICES: dict[str, UnitRate] = {
+    "sora-2": UnitRate({"720x1280": Decimal("0.10"), "1280x720": Decimal("0.10")},
                         "https://platform.openai.com/docs/pricing", "2025-10-06"),
-    "sora-2-pro": PerSecond({"720x1280": Decimal("0.30"), "1280x720": Decimal("0.30"),
+    "sora-2-pro": UnitRate({"720x1280": Decimal("0.30"), "1280x720": Decimal("0.30"),
                              "1024x1792": Decimal("0.50"), "1792x1024": Decimal("0.50")},
                             "https://platform.openai.com/docs/pricing", "2025-10-06"),
 }
@@ -87,7 +91,7 @@ class Rate:
         return not (self.input or self.output or self.cached_input or self.image_input)
 
 
-def _per_second(name: str, spec: Any, p: Path) -> tuple[PerSecond, PerSecond]:
+def _per_unit(name: str, spec: Any, p: Path, unit: str) -> tuple[UnitRate, UnitRate]:
     def table(key: str) -> dict[str, Decimal]:
         t = spec[key]
         if not isinstance(t, dict) or not t:
@@ -97,10 +101,9 @@ def _per_second(name: str, spec: Any, p: Path) -> tuple[PerSecond, PerSecond]:
         except ArithmeticError as e:
             raise PriceFileError(f"{p}: model {name!r}: {key!r} needs numbers ({e})") from e
 
-    live = table("per_second")
-    batch = table("batch_per_second") if "batch_per_second" in spec else {k: v * BATCH_DISCOUNT
-                                                                          for k, v in live.items()}
-    return PerSecond(live, str(p), "price file"), PerSecond(batch, str(p), "price file")
+    live = table(unit)
+    batch = table(f"batch_{unit}") if f"batch_{unit}" in spec else {k: v * BATCH_DISCOUNT for k, v in live.items()}
+    return UnitRate(live, str(p), "price file"), UnitRate(batch, str(p), "price file")
 
 
 def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
@@ -109,7 +112,10 @@ def load_price_file(path: str | Path) -> dict[str, tuple[Rate, Rate]]:
     return _load(path)[0]
 
 
-def _load(path: str | Path) -> tuple[dict[str, tuple[Rate, Rate]], dict[str, tuple[PerSecond, PerSecond]]]:
+Units = dict[str, tuple[UnitRate, UnitRate]]  # model -> (live, batch)
+
+
+def _load(path: str | Path) -> tuple[dict[str, tuple[Rate, Rate]], Units, Units]:
     p = Path(path).expanduser()
     try:
         raw = p.read_bytes()
@@ -120,10 +126,14 @@ def _load(path: str | Path) -> tuple[dict[str, tuple[Rate, Rate]], dict[str, tup
     if not isinstance(models, dict):
         raise PriceFileError(f"{p}: expected a table of models")
     out: dict[str, tuple[Rate, Rate]] = {}
-    videos: dict[str, tuple[PerSecond, PerSecond]] = {}
+    videos: Units = {}
+    images: Units = {}
     for name, spec in models.items():
         if isinstance(spec, dict) and "per_second" in spec:
-            videos[name] = _per_second(name, spec, p)
+            videos[name] = _per_unit(name, spec, p, "per_second")
+            continue
+        if isinstance(spec, dict) and "per_image" in spec:
+            images[name] = _per_unit(name, spec, p, "per_image")
             continue
         try:
             inp, outp = Decimal(str(spec["input"])), Decimal(str(spec["output"]))
@@ -138,18 +148,19 @@ def _load(path: str | Path) -> tuple[dict[str, tuple[Rate, Rate]], dict[str, tup
                               b("batch_image_input", image)))
         except (KeyError, TypeError, ArithmeticError) as e:
             raise PriceFileError(f"{p}: model {name!r} needs numeric 'input' and 'output' ({e})") from e
-    return out, videos
+    return out, videos, images
 
 
 class Pricer:
     """Thread-safe cost calculator."""
 
     def __init__(self, overrides: dict[str, tuple[Rate, Rate]] | None = None,
-                 videos: dict[str, tuple[PerSecond, PerSecond]] | None = None) -> None:
+                 videos: Units | None = None, images: Units | None = None) -> None:
         self.overrides = overrides or {}
-        half = {k: PerSecond({s: r * BATCH_DISCOUNT for s, r in v.by_size.items()}, v.source, v.date)
+        half = {k: UnitRate({s: r * BATCH_DISCOUNT for s, r in v.by_size.items()}, v.source, v.date)
                 for k, v in VIDEO_PRICES.items()}
         self.videos = {**{k: (v, half[k]) for k, v in VIDEO_PRICES.items()}, **(videos or {})}
+        self.images = images or {}  # models billed per image come from a price file (gpt-image-1: by tokens)
         self._lock = threading.Lock()
 
     @classmethod
@@ -157,8 +168,8 @@ class Pricer:
         """A pricer with the user's price file (``velvet_prices``), if any."""
         if not path:
             return cls()
-        rates, videos = _load(path)
-        return cls(rates, videos)
+        rates, videos, images = _load(path)
+        return cls(rates, videos, images)
 
     def video_cost(self, model: str | None, video: Video | None, *, batch: bool = False) -> float | None:
         """A video job's USD cost: its seconds at its model's rate for its size (None when either is unknown)."""
@@ -167,6 +178,19 @@ class Pricer:
         rates = _by_name(self.videos, model)
         rate = None if rates is None or video.size is None else rates[1 if batch else 0].by_size.get(video.size)
         return None if rate is None else float(video.seconds * rate)
+
+    def image_cost(self, model: str | None, images: Images | None, *, batch: bool = False) -> float | None:
+        """An ImagesResponse's USD cost at its model's per-image rate for its quality and size (None when the
+        model has no per-image rate or the size none)."""
+        rates = _by_name(self.images, model) if model else None
+        if rates is None or images is None:
+            return None
+        by_size = rates[1 if batch else 0].by_size
+        rate = by_size.get(f"{images.quality}/{images.size}", by_size.get(images.size))
+        return None if rate is None else float(images.count * rate)
+
+    def is_per_image(self, model: str | None) -> bool:
+        return bool(model) and _by_name(self.images, model or "") is not None
 
     def is_video(self, model: str | None) -> bool:
         return bool(model) and _by_name(self.videos, model or "") is not None
@@ -197,13 +221,16 @@ class Pricer:
         """A batch result line's cost, at the batch rate, from its row (model and token columns; a video job's
         seconds and size from its body)."""
         model = row.get("model")
-        if self.is_video(model):
-            try:
-                body = orjson.loads(row["body"]) if row.get("body") else None
-            except orjson.JSONDecodeError:
-                body = None
+        video, per_image = self.is_video(model), self.is_per_image(model)
+        if not (video or per_image):
+            return self.cost(model, Tokens.of_row(row), batch=True)
+        try:
+            body = orjson.loads(row["body"]) if row.get("body") else None
+        except orjson.JSONDecodeError:
+            body = None
+        if video:
             return self.video_cost(model, video_of(body), batch=True)
-        return self.cost(model, Tokens.of_row(row), batch=True)
+        return self.image_cost(model, images_of(body), batch=True)
 
     def _override(self, model: str, batch: bool) -> Rate | None:
         rates = _by_name(self.overrides, model)

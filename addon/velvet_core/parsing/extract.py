@@ -115,6 +115,31 @@ class Video:
     size: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Images:
+    """The images an ImagesResponse holds, with their size and quality (as the API or the request gave them)."""
+
+    count: int
+    size: str
+    quality: str
+
+
+def images_of(body: Any, request: Any = None) -> Images | None:
+    """The images of an ImagesResponse (``data``), sized from the response, else the request, else the API's
+    default 1024x1024; None when it is not one."""
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        return None
+    asked = request if isinstance(request, dict) else {}
+
+    def pick(key: str, default: str) -> str:
+        for v in (body.get(key), asked.get(key)):
+            if isinstance(v, str) and v and v != "auto":
+                return v
+        return default
+
+    return Images(len(body["data"]), pick("size", "1024x1024"), pick("quality", "standard"))
+
+
 def video_of(body: Any) -> Video | None:
     """The seconds and size of a video job object (``POST /v1/videos``; ``seconds`` is a string in the spec)."""
     if not isinstance(body, dict) or body.get("object") != "video":

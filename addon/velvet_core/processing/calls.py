@@ -17,6 +17,7 @@ from velvet_core.parsing.extract import (
     api_error,
     bad_counts,
     find_usage,
+    images_of,
     json_text,
     ratelimits,
     safe_headers,
@@ -170,6 +171,9 @@ def parse_call(s: CallSnapshot, pricer: Pricer, body_limit: int) -> tuple[dict[s
     if route.kind == "videos":  # a job is billed once, by its seconds: its creation carries the cost
         ok = route.action == "create" and s.status_code is not None and s.status_code < 400
         row["cost_usd"] = pricer.video_cost(model, video_of(resp_json)) if ok else None
+    elif route.kind == "images" and pricer.is_per_image(model):  # a model billed per image (a price file's)
+        ok = s.status_code is not None and s.status_code < 400
+        row["cost_usd"] = pricer.image_cost(model, images_of(resp_json, rq)) if ok else None
     else:
         row["cost_usd"] = pricer.cost(model, tokens, service_tier=row.get("service_tier"))
     row["problem"] = "; ".join(problems) or None

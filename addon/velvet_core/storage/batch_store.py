@@ -6,12 +6,11 @@ import time
 from datetime import datetime
 from typing import Any, cast
 
-import orjson
 from peewee import fn
 
 from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.classify import normalise
-from velvet_core.parsing.extract import Tokens, tokens_from_usage, utc
+from velvet_core.parsing.extract import Tokens, images_of, tokens_from_usage, utc
 from velvet_core.parsing.jsonl import Line
 from velvet_core.parsing.lines import request_row
 from velvet_core.storage import rollups
@@ -27,6 +26,7 @@ from velvet_core.storage.models import (
     UploadPart,
 )
 from velvet_core.storage.ops import BatchSeen, PartSeen, UploadCompleted
+from velvet_core.storage.sql import json_value
 from velvet_core.storage.values import clean_rows, clean_text
 
 STATUS_TIME = {"validating": "created_at", "in_progress": "in_progress_at", "finalizing": "finalizing_at",
@@ -179,12 +179,18 @@ def price_unnamed(batch_id: str, pricer: Pricer) -> int:
     priced apart). Returns how many it changed."""
     query = (BatchResult.select(BatchResult.id, BatchResult.body, BatchResult.input_tokens,
                                 BatchResult.output_tokens, BatchResult.cached_tokens,
-                                BatchRequest.model.alias("req_model"))
+                                BatchRequest.model.alias("req_model"), BatchRequest.body.alias("req_body"))
              .join(BatchRequest, on=(BatchResult.request == BatchRequest.id))
              .where(BatchResult.batch_id == batch_id, BatchResult.model.is_null(), BatchResult.cost_usd.is_null(),
                     BatchRequest.model.is_null(False)))
     rows = cast(list[dict[str, Any]], list(query.dicts()))  # (peewee's stubs type every row as the model)
     for r in rows:
+        if pricer.is_per_image(r["req_model"]):  # billed per image: the count from the answer, size from both
+            request = json_value(r["req_body"])
+            cost = pricer.image_cost(r["req_model"], images_of(json_value(r["body"]), request.get("body")
+                                                               if isinstance(request, dict) else None), batch=True)
+            BatchResult.update(model=r["req_model"], cost_usd=cost).where(BatchResult.id == r["id"]).execute()
+            continue
         tokens = Tokens.of_row(r)
         if tokens.input:  # the split of image and text input tokens, from the answer as stored
             tokens.image = tokens_from_usage(_usage(r["body"])).image
@@ -194,10 +200,7 @@ def price_unnamed(batch_id: str, pricer: Pricer) -> int:
 
 
 def _usage(body: str | None) -> Any:
-    try:
-        obj = orjson.loads(body) if body else None
-    except orjson.JSONDecodeError:
-        return None
+    obj = json_value(body)
     return obj.get("usage") if isinstance(obj, dict) else None
 
 
