@@ -3,7 +3,9 @@ both backends, with a live call of the same request beside it (image lines cost 
 
 from __future__ import annotations
 
+import base64
 import io
+from datetime import timedelta
 
 import orjson
 import pytest
@@ -11,9 +13,12 @@ from support.helpers import jsonl
 from support.pg import fresh_pg_url
 from support.rig import Proxy, call_row
 from test_e2e_batch import run_batch, wait_rows
+from velvet_core import clock
 from velvet_core.cost.prices import VIDEO_PRICES, Pricer
 from velvet_core.parsing.extract import tokens_from_usage
+from velvet_core.storage.database import open_db
 from velvet_core.storage.models import BatchRequest, BatchResult
+from velvet_core.storage.sql import adapt
 
 IMAGE = {"model": "gpt-image-1", "prompt": "a red fox in the snow", "size": "1024x1024", "quality": "low"}
 
@@ -146,3 +151,84 @@ def test_images_billed_per_image_live_and_batch(priced_proxy, monkeypatch):
     call = call_row(priced_proxy.db_url, live.headers["x-request-id"])
     assert call.cost_usd == pytest.approx(0.16)  # two hd images at $0.08
     assert [r.cost_usd for r in res] == pytest.approx([0.08, 0.08])  # the batch rate: half
+
+
+@pytest.mark.parametrize("seconds", ["4", "240"])  # 160 kB, and 9.6 MB: over velvet_body_limit
+def test_a_downloaded_video_keeps_its_size_never_its_bytes(proxy, monkeypatch, seconds):
+    client = proxy.client(monkeypatch)
+    job = client.videos.create(model="sora-2", prompt="waves", seconds=seconds, size="720x1280")
+    got = client.videos.with_raw_response.download_content(job.id)
+    data = got.content
+    assert data.startswith(b"\x00\x00\x00\x18ftypmp42") and len(data) >= int(seconds) * 39_000
+    call = call_row(proxy.db_url, got.headers["x-request-id"])
+    assert (call.endpoint, call.action, call.object_id) == ("videos", "content", job.id)
+    assert call.status_code == 200 and call.response_bytes == len(data)
+    assert call.response_body is None and call.cost_usd is None  # the job's creation carried the cost
+
+
+def test_show_an_image_line_gives_each_image_its_size_and_digest(proxy, monkeypatch, capsys):
+    import hashlib
+
+    from velvet_core.cli import main
+
+    pixel = "data:image/png;base64," + base64.b64encode(b"\x89PNG edit source" + bytes(4000)).decode()
+    body = {**IMAGE, "images": [{"image_url": pixel}]}
+    _, res = batch_of(proxy, monkeypatch, "/v1/images/edits", body, n=1)
+    capsys.readouterr()
+    assert main(["show", "--db", proxy.db_url, res[0].batch_id, res[0].custom_id]) == 0
+    out = capsys.readouterr().out
+    image = base64.b64decode(orjson.loads(res[0].body)["data"][0]["b64_json"])
+    assert f"<image: {len(image):,} bytes, sha256 {hashlib.sha256(image).hexdigest()[:16]}>" in out
+    assert "<image/png: 4,016 bytes, sha256" in out  # the request's data URL too
+    assert "AAAAAAAAAAAAAAAA" not in out and len(out) < 4000  # a page of text, not the base64
+    assert main(["show", "--db", proxy.db_url, res[0].batch_id, res[0].custom_id, "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["response"]["data"][0]["b64_json"]  # --json: the answer whole
+
+
+def test_lines_batch_stats_report_and_alerts_count_every_endpoint(proxy, monkeypatch, capsys, tmp_path):
+    """Image, moderation and video lines are lines like any other: listed, counted, summed, alerted on."""
+    from velvet_core.cli import main
+
+    def cli(*argv: str) -> dict:
+        capsys.readouterr()
+        assert main([*argv, "--db", proxy.db_url, "--json"]) in (0, 3), capsys.readouterr().err
+        return orjson.loads(capsys.readouterr().out)
+
+    video = {"model": "sora-2", "prompt": "a fox running", "seconds": "8", "size": "720x1280"}
+    moderation = {"model": "omni-moderation-latest", "input": "is this fine?"}
+    runs = {e: batch_of(proxy, monkeypatch, e, b, n=2)[1] for e, b in (
+        ("/v1/images/generations", IMAGE), ("/v1/moderations", moderation), ("/v1/videos", video))}
+    for endpoint, res in runs.items():
+        batch_id = res[0].batch_id
+        lines = cli("lines", batch_id)
+        assert len(lines) == 2 and all(not x["failed"] for x in lines), endpoint
+        summary = cli("batch", batch_id)
+        cost = sum(r.cost_usd for r in res)
+        assert summary["cost_usd"] == pytest.approx(cost) and summary["answered"] == 2, endpoint
+        assert (cost == 0) == (endpoint == "/v1/moderations")  # free, not unknown
+    db = open_db(proxy.db_url)  # what every batch line of each model cost, to check the sums against
+    per_model = {m: c for m, c in db.execute_sql(
+        "SELECT model, sum(cost_usd) FROM batch_results WHERE model IN ('gpt-image-1', 'sora-2', "
+        "'omni-moderation-latest') GROUP BY model").fetchall()}
+    total = db.execute_sql("SELECT sum(cost_usd) FROM batch_results").fetchone()[0]
+    db.close()
+    stats = {g["model"]: g for g in cli("stats")["batches"]}
+    for model in ("gpt-image-1", "sora-2", "omni-moderation-latest"):
+        assert stats[model]["cost_usd"] == pytest.approx(per_model[model]) and stats[model]["lines"] >= 2
+    # the stand-in's clock runs ahead of ours (its batches "end" later than now): back, as if run earlier
+    db = open_db(proxy.db_url)
+    cols = ("created_at", "in_progress_at", "finalizing_at", "completed_at")
+    found = db.execute_sql(f"SELECT id, {', '.join(cols)} FROM batches").fetchall()
+    ahead = max(clock.parse(v) for row in found for v in row[1:] if v is not None) - clock.now()
+    for row in found:
+        moved = [None if v is None else clock.parse(v) - ahead - timedelta(minutes=5) for v in row[1:]]
+        db.execute_sql(adapt(db, f"UPDATE batches SET {', '.join(f'{c} = ?' for c in cols)} WHERE id = ?"),
+                       (*moved, row[0]))
+    db.close()
+    assert cli("report")["totals"]["batch_usd"] == pytest.approx(total)
+    rules = tmp_path / "rules.toml"
+    rules.write_text('[[rule]]\nname = "video spend"\nkind = "spend_usd"\nsource = "batch"\nmodel = "sora-2"\n'
+                     'threshold = 0.01\nwindow = "2h"\n')
+    check = cli("alerts", "check", "--rules", str(rules), "--dry-run", "--state", str(tmp_path / "s.json"))
+    (rule,) = check["rules"]
+    assert rule["state"] == "firing" and rule["value"] == pytest.approx(per_model["sora-2"])

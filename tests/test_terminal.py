@@ -64,3 +64,26 @@ def test_printable():
     assert printable("x\ty\nz") == "x\\x09y\\x0az"
     assert printable("x\ty\r\nz\x85\u202a", multiline=True) == "x\ty\nz\\x85\\u202a"
     assert printable("żółć 漢字 🙂") == "żółć 漢字 🙂"  # printable Unicode stays as it is
+
+
+def test_without_images_replaces_base64_images_only():
+    import base64
+    import hashlib
+
+    from velvet_core.humanize import without_images
+
+    png = b"\x89PNG" + bytes(1000)
+    b64 = base64.b64encode(png).decode()
+    digest = hashlib.sha256(png).hexdigest()[:16]
+    note = f"<image: {len(png):,} bytes, sha256 {digest}>"
+    value = {"data": [{"b64_json": b64, "revised_prompt": "x" * 500}, {"url": "https://example.com/a.png"}],
+             "output": [{"type": "image_generation_call", "result": b64}],
+             "input": [{"type": "input_image", "image_url": f"data:image/jpeg;base64,{b64}"}],
+             "short": {"b64_json": "AAAA"}, "text": "A" * 300, "bad": {"b64_json": "!" * 300}}
+    out = without_images(value)
+    assert out["data"][0] == {"b64_json": note, "revised_prompt": "x" * 500} and out["data"][1] == value["data"][1]
+    assert out["output"][0]["result"] == note
+    assert out["input"][0]["image_url"] == f"<image/jpeg: {len(png):,} bytes, sha256 {digest}>"
+    assert out["short"] == {"b64_json": "AAAA"} and out["text"] == "A" * 300  # short, or not an image's key
+    assert out["bad"] == {"b64_json": "!" * 300}  # not base64: shown as it is
+    assert without_images(None) is None and without_images([1, "x"]) == [1, "x"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -70,6 +73,37 @@ def printable(value: Any, multiline: bool = False) -> str:
     if multiline:
         return text.replace("\r\n", "\n").translate(_MULTILINE)
     return text.translate(_INLINE)
+
+
+_BASE64 = re.compile(r"[A-Za-z0-9+/=\s]+")
+_DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+);base64,(.*)", re.S)
+IMAGE_MIN = 256  # characters: shorter base64 is shown as it is
+
+
+def without_images(value: Any, key: str = "") -> Any:
+    """A parsed request or answer with each base64 image (``b64_json``, an image generation call's ``result``,
+    a ``data:…;base64,`` URL) replaced by its size and the start of its SHA-256: a page of text, not megabytes."""
+    if isinstance(value, dict):
+        out = {k: without_images(v, k) for k, v in value.items()}
+        if value.get("type") == "image_generation_call" and isinstance(value.get("result"), str):
+            out["result"] = _image_note(value["result"], "image")
+        return out
+    if isinstance(value, list):
+        return [without_images(v, key) for v in value]
+    if isinstance(value, str) and len(value) >= IMAGE_MIN:
+        if m := _DATA_URL.fullmatch(value):
+            return _image_note(m[2], m[1])
+        if key == "b64_json" and _BASE64.fullmatch(value):
+            return _image_note(value, "image")
+    return value
+
+
+def _image_note(b64: str, kind: str) -> str:
+    try:
+        data = base64.b64decode(b64, validate=False)
+    except ValueError:  # (binascii.Error) not base64 after all: its length only
+        return f"<{kind}: {len(b64):,} characters, not base64>"
+    return f"<{kind}: {len(data):,} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}>"
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = (),

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from velvet_core import config, jsonout
-from velvet_core.humanize import count, duration, money, ms, pairs, printable, table, when
+from velvet_core.humanize import count, duration, money, ms, pairs, printable, table, when, without_images
 from velvet_core.query import queries, rebuild
 from velvet_core.query.backup import cmd_backup
 from velvet_core.query.status import database_files
@@ -106,13 +106,13 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
         return jsonout.dump(r)
     pairs(head)
     print("\n--- request ---")
-    print(printable(jsonout.pretty(r["request"]), multiline=True))
+    print(printable(jsonout.pretty(without_images(r["request"])), multiline=True))
     print("\n--- response ---")
     if a.custom_id is None and r["stream"] and r["response_text"] is not None:
         print(printable(r["response_text"], multiline=True))
         print("\n(streamed; reassembled from the SSE events)")
     else:
-        print(printable(jsonout.pretty(r["response"]), multiline=True))
+        print(printable(jsonout.pretty(without_images(r["response"])), multiline=True))
 
 
 def cmd_calls(db: Database, a: argparse.Namespace) -> None:

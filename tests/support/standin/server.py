@@ -172,7 +172,7 @@ def images(body: dict[str, Any], edit: bool = False) -> dict[str, Any]:
     gpt-image-1 (an edit's input counts image tokens too)."""
     n = body.get("n") if isinstance(body.get("n"), int) else 1
     text, image = count_tokens(body.get("prompt")) + 15, 10 if edit else 0
-    data = [{"b64_json": base64.b64encode(b"\x89PNG standin %d" % i).decode()} for i in range(n)]
+    data = [{"b64_json": base64.b64encode(b"\x89PNG standin %d" % i + bytes(3000)).decode()} for i in range(n)]
     return {"created": int(time.time()), "data": data,
             "size": body.get("size") or "1024x1024", "quality": body.get("quality") or "low",
             "output_format": "png",
@@ -196,6 +196,12 @@ def video(body: dict[str, Any]) -> dict[str, Any]:
             "progress": 0, "created_at": int(time.time()), "completed_at": None, "expires_at": None,
             "prompt": body.get("prompt"), "seconds": str(body.get("seconds") or "4"),
             "size": body.get("size") or "720x1280", "remixed_from_video_id": None, "error": None}
+
+
+def video_bytes(job: dict[str, Any]) -> bytes:
+    """The content of a video job: an MP4 header, then 40,000 bytes per second of video."""
+    seconds = int(float(job.get("seconds") or 4))
+    return b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * (seconds * 40_000 // 256)
 
 
 def _snapshot(model: Any) -> str:
@@ -473,9 +479,13 @@ class Handler(BaseHTTPRequestHandler):
         self.send(200, job)
 
     def h_video_get(self, path: str, body: dict[str, Any], raw: bytes) -> None:
-        job = self.server.videos.get(path.rsplit("/", 1)[-1])
+        parts = path.removeprefix("/v1/videos/").split("/")
+        job = self.server.videos.get(parts[0])
         if job is None:
             return self.send_error_json(404, "Video not found.", "invalid_request_error", None)
+        if parts[1:] == ["content"]:  # an MP4 of 40 kB a second of video (the size is what a test checks)
+            self.send(200, video_bytes(job), content_type="video/mp4")
+            return
         self.send(200, {**job, "status": "completed", "progress": 100, "completed_at": int(time.time())})
 
 
