@@ -25,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     from velvet_core.experiments import cli as experiments_cli
     from velvet_core.query import cli as query_cli
     from velvet_core.report import cli as report_cli
+    from velvet_core.serve import cli as serve_cli
 
     ap = argparse.ArgumentParser(
         prog="velvet", description="Query the OpenAI traffic velvet captured.",
@@ -48,6 +49,7 @@ def parser() -> argparse.ArgumentParser:
     alerts_cli.add_commands(command)  # alerts, alerts check
     report_cli.add_commands(command)  # report
     query_cli.add_maintenance(command)  # rebuild
+    serve_cli.add_commands(command)  # proxy, addon-path
     return ap
 
 
@@ -58,7 +60,11 @@ def resolve(target: str) -> Callable[..., Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    ap = parser()
+    args, unknown = ap.parse_known_args(argv)
+    if unknown and not getattr(args, "passthrough", False):
+        ap.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passthrough_args = unknown  # (velvet proxy: what goes to mitmproxy)
     from velvet_core.storage.drivers import import_peewee
 
     import_peewee()  # before anything imports peewee: psycopg is imported by a PostgreSQL connection only
