@@ -539,3 +539,15 @@ def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
         v.injected.clear()
         tctx.configure(v, velvet_stream_usage="off")
         assert v.request is None
+
+
+@pytest.mark.parametrize("crlf", [False, True])
+def test_stripper_at_every_cut(crlf):
+    """Every place one chunk can end and the next begin (between the \\r and \\n of a line end, or between two
+    line ends of an event's end: a chunk ending "\\r\\n" must not end an event by itself)."""
+    text = "plain"
+    with_usage, without = b"".join(chat_events(True, text)), b"".join(chat_events(False, text))
+    if crlf:
+        with_usage, without = with_usage.replace(b"\n", b"\r\n"), without.replace(b"\n", b"\r\n")
+    for cut in range(len(with_usage) + 1):
+        assert strip_all(splits(with_usage, [cut])) == without, cut

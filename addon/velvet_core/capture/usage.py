@@ -55,7 +55,8 @@ def ask_for_usage(req: http.Request) -> bytes | None:
 
 
 # an event ends with an empty line; each line ends with \r\n, \n or \r
-_EVENT_END = re.compile(rb"(?:\r\n|\r|\n)(?:\r\n|\n|\r(?!\n))")
+# (a \r followed by \n is one line end, never two: a chunk ending between "\r\n" and "\r\n" ends no event)
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\n|\r(?!\n))")
 # the member include_usage adds to every other chunk (in JSON text a bare quote cannot be inside a string,
 # so this matches only a real "usage": null member)
 _USAGE_NULL = re.compile(rb'\s*,\s*"usage"\s*:\s*null(?=\s*[,}])|"usage"\s*:\s*null\s*,\s*')
