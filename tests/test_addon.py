@@ -122,6 +122,8 @@ async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
     ("velvet_hosts", ["api.openai.com,other.com"], "velvet_hosts"),
     ("velvet_prices", "/nonexistent/prices.toml", "velvet_prices"),
     ("velvet_body_limit", -1, "velvet_body_limit"),
+    ("velvet_retention", "rows=often", "velvet_retention"),
+    ("velvet_retention", "rows=1d,bodies=30d", "velvet_retention"),
 ])
 def test_bad_options(opt, value, msg):
     v = Velvet()

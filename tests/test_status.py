@@ -23,21 +23,26 @@ def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys
     assert main(["--db", db_url, "status", "--spool-dir", str(spool), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert set(s) == {"proxies", "database_error", "spool_dir", "spooled_files", "dead_letters",
-                      "dead_letter_file", "quarantined", "world_readable", "spool_unsafe"}
+                      "dead_letter_file", "quarantined", "world_readable", "spool_unsafe", "database"}
+    assert set(s["database"]) == {"size_bytes", "oldest_call_at", "oldest_batch_at", "retention",
+                                  "retention_last_run"}
+    d = s["database"]
+    assert d["size_bytes"] > 0 and d["oldest_call_at"] and d["retention"] is None
     assert s["spool_unsafe"] is None
     assert s["world_readable"] == []  # velvet made all of them (0600, 0700)
     (p,) = s["proxies"]
     assert p["proxy"] == w.health.proxy and p["source"] == "both" and p["written"] >= 4
     assert p["running"] is False and p["stopped_at"] and p["failing_since"] is None
     assert main(["--db", db_url, "status", "--spool-dir", str(spool)]) == 0
-    assert w.health.proxy in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert w.health.proxy in shown and "retention: off" in shown
 
     # the database gone: the spool's status file still speaks, and the exit code says something is wrong
     nowhere = f"postgresql://velvet:s3cret@127.0.0.1:{free_port()}/x?connect_timeout=1"
     assert main(["--db", nowhere, "status", "--spool-dir", str(spool), "--json"]) == 1
     out = capsys.readouterr()
     s = json.loads(out.out)
-    assert s["database_error"] and [p["source"] for p in s["proxies"]] == ["file"]
+    assert s["database_error"] and [p["source"] for p in s["proxies"]] == ["file"] and s["database"] is None
     assert "s3cret" not in out.out + out.err
 
 

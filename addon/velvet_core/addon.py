@@ -35,6 +35,7 @@ from velvet_core.writer.child import ChildWriter
 if TYPE_CHECKING:
     from velvet_core.alerts.rules import RuleSet
     from velvet_core.alerts.runner import AlertRunner
+    from velvet_core.storage.prune import Pruner, Retention
     from velvet_core.writer.writer import Writer
 
 # The database side (peewee, psycopg, the store) is imported only where it runs: with a writer process, the
@@ -108,6 +109,8 @@ class Velvet:
         self.alert_rules: RuleSet | None = None
         self.alerts: AlertRunner | None = None
         self.alert_interval = 30.0
+        self.retention: Retention | None = None
+        self.pruner: Pruner | None = None
         # the request hook exists only with velvet_stream_usage=inject: mitmproxy skips a hook that is None,
         # which saves every other flow a call
         self.request: Callable[[http.HTTPFlow], None] | None = None
@@ -134,7 +137,7 @@ class Velvet:
     _KEEP: ClassVar[dict[str, str]] = {
         "velvet_hosts": "hosts", "velvet_prices": "processor.pricer", "velvet_body_limit": "processor.body_limit",
         "velvet_stream_threshold": "stream_threshold", "velvet_alert_interval": "alert_interval",
-        "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage"}
+        "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage", "velvet_retention": "retention"}
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -166,6 +169,9 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_alerts", "velvet_alert_interval"}:
             self._stop_alerts()
             self._start_alerts()
+        if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
+            self._stop_pruner()
+            self._start_pruner()
 
     @property
     def stream_usage(self) -> str:
@@ -185,8 +191,11 @@ class Velvet:
             self._start_writer()
         if self.alerts is None:
             self._start_alerts()
+        if self.pruner is None:
+            self._start_pruner()
 
     def done(self) -> None:
+        self._stop_pruner()
         self._stop_alerts()
         self._stop_writer()
 
@@ -260,6 +269,21 @@ class Velvet:
 
             self.alerts = AlertRunner(self.db_url(), self.alert_rules, self.alert_interval)
             self.alerts.start()
+
+    def _start_pruner(self) -> None:
+        """velvet_retention: its own thread and connection, once an hour (and once at start)."""
+        if self.retention is not None and self.pruner is None:
+            from velvet_core.storage.database import open_db
+            from velvet_core.storage.prune import Pruner
+
+            url = self.db_url()
+            self.pruner = Pruner(lambda: open_db(url), self.retention)
+            self.pruner.start()
+
+    def _stop_pruner(self) -> None:
+        if self.pruner is not None:
+            p, self.pruner = self.pruner, None
+            p.stop()
 
     def _stop_alerts(self) -> None:
         if self.alerts is not None:

@@ -52,6 +52,16 @@ def count(v: int | float | None) -> str:
     return "-" if v is None else f"{v:,}"
 
 
+def size(n: int | None) -> str:
+    """Bytes for people: ``512 B``, ``3.4 MB``, ``12.0 GB`` (powers of 1000)."""
+    if n is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def when(iso: str | None) -> str:
     """An ISO timestamp as ``2026-11-24 15:04:05`` (UTC)."""
     return "-" if not iso else iso.replace("T", " ").rstrip("Z")

@@ -76,6 +76,15 @@ def _alert_rules(value: str, _: Option) -> Any:
         raise OptionError(str(e)) from None
 
 
+def _retention(value: str, _: Option) -> Any:
+    from velvet_core.storage.prune import Retention, RetentionError
+
+    try:
+        return Retention.parse(value) if value.strip() else None
+    except RetentionError as e:
+        raise OptionError(str(e).removeprefix("velvet_retention: ")) from None
+
+
 def _seconds(value: str, _: Option) -> float:
     try:
         v = float(value)
@@ -133,6 +142,11 @@ OPTIONS: tuple[Option, ...] = (
     # a str holding a number: mitmproxy's --set cannot parse float options
     Option("velvet_alert_interval", str, "30",
            "Seconds between two evaluations of the alert rules (decimals allowed).", parse=_seconds),
+    Option("velvet_retention", str, "",
+           "How long to keep what is logged, e.g. bodies=30d,rows=400d (h, d or w): request and answer bodies, "
+           "then whole rows, older than that are removed once an hour, in the background (a batch whole, by "
+           "when it ended; the rollups and counters stay, so stats and the report stay right). Off by default.",
+           parse=_retention),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

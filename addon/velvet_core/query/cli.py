@@ -67,3 +67,11 @@ def add_maintenance(command: Callable[..., argparse.ArgumentParser]) -> None:
     p = command("rebuild", RUN + "cmd_rebuild", "recompute the batch counters and call rollups from the rows "
                                                 "(writes)")
     p.set_defaults(opens="writable")
+    p = command("prune", RUN + "cmd_prune", "remove request and answer bodies, or whole rows, older than WHEN "
+                                            "(a batch whole, by when it ended; the rollups and counters stay)")
+    p.add_argument("--bodies-after", type=since_arg, metavar="WHEN",
+                   help="remove the bodies of calls started, and of batches ended, before WHEN (e.g. 30d)")
+    p.add_argument("--rows-after", type=since_arg, metavar="WHEN",
+                   help="remove calls started, and the lines, files and events of batches ended, before WHEN")
+    p.add_argument("--dry-run", action="store_true", help="count what would go; change nothing")
+    p.set_defaults(opens="writable")

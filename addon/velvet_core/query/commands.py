@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from velvet_core import config, jsonout
-from velvet_core.humanize import count, duration, money, ms, pairs, printable, table, when, without_images
+from velvet_core.humanize import count, duration, money, ms, pairs, printable, size, table, when, without_images
 from velvet_core.query import queries, rebuild
 from velvet_core.query.backup import cmd_backup
 from velvet_core.query.status import database_files
@@ -102,6 +102,8 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
                 ("tokens", f"{count(r['input_tokens'])} in, {count(r['output_tokens'])} out"
                            + (" (estimated: the stream carried no usage)" if r["usage_estimated"] else "")),
                 ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
+    if r["pruned_at"]:
+        head.append(("bodies", f"pruned {when(r['pruned_at'])} (velvet prune / velvet_retention)"))
     if a.json:
         return jsonout.dump(r)
     pairs(head)
@@ -174,6 +176,22 @@ def _backup(url: str, a: argparse.Namespace) -> int:
     return cmd_backup(url, a.file, a.json)
 
 
+def cmd_prune(db: Database, a: argparse.Namespace) -> None:
+    from velvet_core.storage.prune import prune
+
+    if a.bodies_after is None and a.rows_after is None:
+        raise ValueError("say what to prune: --bodies-after WHEN and/or --rows-after WHEN (e.g. 30d)")
+    done = prune(db, bodies_before=a.bodies_after, rows_before=a.rows_after, dry_run=a.dry_run).as_dict()
+    if a.json:
+        return jsonout.dump(done)
+    pairs([("calls removed", count(done["calls_pruned"])),
+           ("call bodies removed", count(done["call_bodies_pruned"])),
+           ("batches pruned", count(done["batches_pruned"])), ("batch lines removed", count(done["lines_pruned"])),
+           ("body bytes freed", count(done["bytes_freed"])), ("seconds", done["seconds"])])
+    if a.dry_run:
+        print("(dry run: nothing changed)")
+
+
 def cmd_rebuild(db: Database, a: argparse.Namespace) -> None:
     r = rebuild.rebuild(db)
     if a.json:
@@ -200,6 +218,11 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
             print("(no proxy has written to this database yet)")
         if db_error:
             print(f"database: {printable(db_error)}")
+        if d := s["database"]:
+            last = d["retention_last_run"]
+            print(f"database: {size(d['size_bytes'])}, oldest call {when(d['oldest_call_at'])}, oldest batch "
+                  f"{when(d['oldest_batch_at'])}; retention: {printable(d['retention'] or 'off')}"
+                  + (f" (last run {when(last.get('at'))})" if isinstance(last, dict) else ""))
         print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
               f"{s['dead_letters']} dead letters ({s['dead_letter_file']}), "
               f"{len(s['quarantined'])} quarantined files")

@@ -14,7 +14,7 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase
 
-from velvet_core import config
+from velvet_core import clock, config
 from velvet_core.storage import batch_rule, rollups
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
@@ -207,8 +207,11 @@ def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
     if found is None:
         raise NotFound(f"no line with custom_id {custom_id!r} in batch {batch_id!r}")
     r = found
+    pruned = rows(db, "SELECT pruned, pruned_at FROM batches WHERE id = ?", (batch_id,)) \
+        if any(c.name == "pruned" for c in db.get_columns("batches")) else []
     return {"batch_id": batch_id, **_line(r), "url": r["url"], "request_id": r["request_id"],
-            "request": json_value(r["request_body"]), "response": json_value(r["response_body"])}
+            "request": json_value(r["request_body"]), "response": json_value(r["response_body"]),
+            "pruned_at": iso(pruned[0]["pruned_at"]) if pruned and pruned[0]["pruned"] else None}
 
 
 # -- live calls ------------------------------------------------------------------------------------
@@ -287,7 +290,8 @@ def call(db: Database, ref: str) -> dict[str, Any]:
     out.update(method=r["method"], url=call_url(r), flow_id=r["flow_id"],
                key_fingerprint=r["key_fingerprint"], tags=json_value(r["tags"]), finish_reason=r["finish_reason"],
                error_message=r["error_message"], response_text=r["response_text"],
-               request=json_value(r["request_body"]), response=json_value(r["response_body"]))
+               request=json_value(r["request_body"]), response=json_value(r["response_body"]),
+               pruned_at=iso(r.get("pruned_at")))
     return out
 
 
@@ -389,9 +393,13 @@ def _day(v: Any) -> datetime:
 
 
 def rollups_cover(db: Database, since: datetime | None) -> bool:
-    """Whether to read the rollups: they exist and the window holds more than :data:`EXACT_CALLS` calls."""
+    """Whether to read the rollups: they exist, and the window holds more than :data:`EXACT_CALLS` calls or
+    calls pruned (``velvet prune``: only the rollups still count them)."""
     if not db.table_exists("call_rollups"):  # a database an older velvet still writes to, not migrated yet
         return False
+    pruned = rows(db, "SELECT value FROM velvet_meta WHERE key = ?", (rollups.PRUNED_BEFORE,))
+    if pruned and (since is None or since < clock.parse(pruned[0]["value"])):  # type: ignore[operator]
+        return True
     sql, params = "SELECT COALESCE(sum(calls), 0) AS n FROM call_rollups WHERE hours = 24", ()  # type: tuple[str, tuple]
     if since is not None:
         sql, params = sql + " AND period >= ?", (ts(db, _day(since)),)

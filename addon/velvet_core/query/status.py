@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from peewee import Database
+from peewee import Database, PostgresqlDatabase
 
 from velvet_core import clock, config
 from velvet_core.pids import alive
 from velvet_core.private import loose, unsafe_dir
-from velvet_core.storage.sql import iso, to_dt
+from velvet_core.storage.sql import iso, rows, to_dt
 from velvet_core.storage.urls import sqlite_path
 
 KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
@@ -74,7 +74,26 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None,
         # made by their owner so (velvet creates its own 0600 and 0700, and leaves existing ones alone)
         "spool_unsafe": unsafe_dir(spool_dir) or unsafe_dir(spool_dir / "journal"),
         "world_readable": loose([*files, spool_dir, *sorted(spool_dir.rglob("*"))]),
+        "database": database_facts(db, files) if db is not None else None,
     }
+
+
+def database_facts(db: Database, files: Sequence[Path] = ()) -> dict[str, Any]:
+    """The database's size, its oldest rows, and the retention in force (as the proxy that applies it
+    recorded it in ``velvet_meta``, with its last run)."""
+    if isinstance(db, PostgresqlDatabase):
+        size = int(rows(db, "SELECT pg_database_size(current_database()) AS n")[0]["n"])
+    else:
+        size = sum(f.stat().st_size for f in files if f.is_file())
+    oldest_call = rows(db, "SELECT min(started_at) AS t FROM calls")[0]["t"] if db.table_exists("calls") else None
+    oldest_batch = rows(db, "SELECT min(COALESCE(created_at, first_seen_at)) AS t FROM batches")[0]["t"] \
+        if db.table_exists("batches") else None
+    meta = {r["key"]: r["value"] for r in rows(db, "SELECT key, value FROM velvet_meta WHERE key IN "
+                                                   "('retention', 'retention_last_run')")} \
+        if db.table_exists("velvet_meta") else {}
+    last = meta.get("retention_last_run")
+    return {"size_bytes": size, "oldest_call_at": iso(oldest_call), "oldest_batch_at": iso(oldest_batch),
+            "retention": meta.get("retention"), "retention_last_run": orjson.loads(last) if last else None}
 
 
 def database_files(url: str) -> list[Path]:

@@ -96,7 +96,9 @@ def connect(url: str, *, readonly: bool = False) -> Database:
         if not readonly:
             private_dir(Path(path).parent)
             touch_private(path)  # 0600 before SQLite creates it: its -wal and -shm take the file's mode
-        pragmas = {"page_size": PAGE_SIZE, "busy_timeout": 15000, "journal_mode": "wal", "synchronous": "normal",
+        # auto_vacuum applies to a file created now (before its first table): pruning returns pages to the disk
+        pragmas = {"page_size": PAGE_SIZE, "auto_vacuum": "incremental", "busy_timeout": 15000,
+                   "journal_mode": "wal", "synchronous": "normal",
                    "foreign_keys": 1, "wal_autocheckpoint": WAL_CHECKPOINT_PAGES}
         if readonly:
             from velvet_core.storage.readonly import ReadOnlySqlite

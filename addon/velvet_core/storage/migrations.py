@@ -823,6 +823,17 @@ def _report_indexes(db: Database) -> None:
     db.execute_sql('CREATE INDEX "calls_tagged" ON "calls" ("started_at") WHERE ("tags" IS NOT NULL)')
 
 
+def _retention(db: Database) -> None:
+    # velvet prune / velvet_retention: when a call's bodies went, and how far a batch was pruned ('bodies' or
+    # 'rows') and when, so that `velvet show` says so instead of showing nothing
+    ts = "TIMESTAMP" if isinstance(db, PostgresqlDatabase) else "DATETIME"
+    db.execute_sql(f'ALTER TABLE "calls" ADD COLUMN "pruned_at" {ts}')
+    db.execute_sql('ALTER TABLE "batches" ADD COLUMN "pruned" TEXT')
+    db.execute_sql(f'ALTER TABLE "batches" ADD COLUMN "pruned_at" {ts}')
+    db.execute_sql("DROP VIEW batch_summary")  # (PostgreSQL fixed b.* when the view was made: made again)
+    db.execute_sql(VIEW_SUMMARY_V5)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -847,6 +858,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(11, "estimated_index", _estimated_index),
     Migration(12, "call_origin", _call_origin),
     Migration(13, "report_indexes", _report_indexes),
+    Migration(14, "retention", _retention),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -176,6 +176,7 @@ class Call(Base):
     usage_estimated = BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])  # tokens counted by velvet
     scheme = TextField(null=True)  # as the call went upstream (migration 12; NULL before: https)
     port = IntegerField(null=True)
+    pruned_at = DateTimeField(null=True)  # its bodies were removed then (velvet prune, velvet_retention)
 
     class Meta:
         table_name = "calls"
@@ -253,6 +254,8 @@ class Batch(Base):
     key_fingerprint = TextField(null=True)
     first_seen_at = DateTimeField()
     last_seen_at = DateTimeField()
+    pruned = TextField(null=True)  # 'bodies' (its lines' bodies removed) or 'rows' (its lines, files, events)
+    pruned_at = DateTimeField(null=True)
 
     class Meta:
         table_name = "batches"

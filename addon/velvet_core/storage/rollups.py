@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
@@ -259,7 +259,9 @@ LEFT JOIN (SELECT "batch_id", count(*) AS n,
              sum(CASE WHEN "request_row_id" IS NOT NULL AND NOT "failed" THEN 1 ELSE 0 END) AS answered,
              sum(CASE WHEN "request_row_id" IS NOT NULL AND "failed" THEN 1 ELSE 0 END) AS failed,
              sum("input_tokens") AS inp, sum("output_tokens") AS outp, sum("cost_usd") AS cost
-           FROM "batch_results" WHERE "batch_id" IS NOT NULL GROUP BY "batch_id") x ON x."batch_id" = b."id\""""
+           FROM "batch_results" WHERE "batch_id" IS NOT NULL GROUP BY "batch_id") x ON x."batch_id" = b."id"
+WHERE b."pruned" IS NULL OR b."pruned" <> 'rows'"""
+PRUNED_BEFORE = "calls_pruned_before"  # velvet_meta: calls started before this were removed (velvet prune)
 
 
 # -- rebuild ---------------------------------------------------------------------------------------
@@ -276,28 +278,47 @@ def rebuild(db: Database, progress: Callable[[int], None] | None = None) -> dict
     with db.atomic(**lock):
         if pg:
             db.execute_sql('LOCK TABLE "batch_counts", "call_rollups" IN EXCLUSIVE MODE')
-        db.execute_sql('DELETE FROM "batch_counts"')
+        # a batch whose lines were pruned keeps its counters: its rows cannot give them again
+        db.execute_sql('DELETE FROM "batch_counts" WHERE "batch_id" NOT IN (SELECT "id" FROM "batches" '
+                       "WHERE \"pruned\" = 'rows')")
         db.execute_sql(_ALL_COUNTS)
         batches = db.execute_sql('SELECT count(*) FROM "batch_counts"').fetchone()[0]
-        db.execute_sql('DELETE FROM "call_rollups"')
+        # periods whose calls were pruned (whole or in part) keep their rollups; the later ones are recomputed
+        hour, day = _kept_until(db)
+        db.execute_sql(adapt(db, 'DELETE FROM "call_rollups" WHERE ("hours" = 1 AND "period" >= ?) OR '
+                                 '("hours" = 24 AND "period" >= ?)'), (ts(db, hour), ts(db, day)))
         acc: dict[Key, Sums] = {}
         calls = 0
-        sql = f'SELECT {", ".join(f'"{c}"' for c in CALL_COLUMNS)} FROM "calls"'
+        sql = adapt(db, f'SELECT {", ".join(f'"{c}"' for c in CALL_COLUMNS)} FROM "calls" WHERE "started_at" >= ?')
         if pg:
             cur = db.connection().cursor(name="velvet_rebuild")
             cur.itersize = 5000
-            cur.execute(sql)
+            cur.execute(sql, (hour,))
         else:
-            cur = db.execute_sql(sql)
+            cur = db.execute_sql(sql, (ts(db, hour),))
         while rows := cur.fetchmany(5000):
             accumulate(rows, acc)
             calls += len(rows)
             if progress:
                 progress(len(rows))
         cur.close()
-        insert_sums(db, acc)
+        insert_sums(db, {k: s for k, s in acc.items() if k[0] == HOUR or k[1] >= day})
     return {"batches": int(batches), "calls": calls, "rollup_rows": len(acc),
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _kept_until(db: Database) -> tuple[datetime, datetime]:
+    """The first whole hour and day after the calls pruned (``velvet_meta``'s ``calls_pruned_before``)."""
+    found = db.execute_sql(adapt(db, 'SELECT "value" FROM "velvet_meta" WHERE "key" = ?'), (PRUNED_BEFORE,))
+    row = found.fetchone()
+    if row is None:
+        return datetime.min, datetime.min
+    cut = as_datetime(row[0])
+    hour = cut.replace(minute=0, second=0, microsecond=0)
+    hour += timedelta(hours=1) if hour < cut else timedelta()
+    day = hour.replace(hour=0)
+    day += timedelta(days=1) if day < hour else timedelta()
+    return hour, day
 
 
 def insert_sums(db: Database, acc: dict[Key, Sums]) -> None:
