@@ -148,6 +148,13 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
             out.update(shared_pg_lines_lost=sh.lines_lost + sh.results_lost,
                        shared_pg_proxies_seen=sh.proxies_seen)
 
+        say("faults: velvet prune of old rows while a proxy writes new calls to the same database")
+        pr = each("prune", lambda d, url: fk.prune_under_traffic(standin, d, url, old=2000 if quick else 20_000))
+        out.update(prune_calls=sum(x.calls for x in pr), prune_calls_lost=sum(x.calls - x.stored for x in pr),
+                   prune_old_rows_left=sum(x.old_left for x in pr),
+                   prune_rows_per_s=min(x.pruned_rows_per_s for x in pr),
+                   prune_max_writer_delay_ms=max(x.longest_prune_transaction_ms for x in pr))
+
         # what velvet promises about secrets and files: each probe returns figures, merged here (all must be 0)
         security: dict[str, Any] = {}
         say("faults: secrets planted in URL queries and headers, files and modes under umask 022")
@@ -217,6 +224,10 @@ def table(r: dict[str, Any]) -> str:
                      f"{r['disk_full_dead_lettered']} dead-lettered"))
     if has("shared_pg_lines_lost"):
         rows.append(("two proxies, one PostgreSQL", f"{r['shared_pg_lines_lost']} lines lost"))
+    if has("prune_calls"):
+        rows.append(("velvet prune under traffic", f"{r['prune_calls_lost']}/{r['prune_calls']} new calls lost, "
+                     f"{r['prune_old_rows_left']} old rows left, {r['prune_rows_per_s']:,.0f} rows/s, the "
+                     f"writer waited at most {r['prune_max_writer_delay_ms']} ms"))
     rows += [(f"security: {k}", str(v)) for k, v in r.get("security", {}).items()]
     if has("report_fuzz"):
         rf = r["report_fuzz"]

@@ -28,10 +28,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 from velvet_core.storage import models
 from velvet_core.storage.models import BatchRequest, BatchResult, Call, File
 
@@ -1036,3 +1038,72 @@ def shared_pg(standin: StandIn, tmp: Path, url: str, lines: int = 200) -> Shared
         stop_proxy(b)
     res.tracebacks = tracebacks(a, b)
     return res
+
+
+@dataclass
+class PruneUnderTraffic:
+    calls: int = 0  # made through the proxy while pruning ran
+    stored: int = 0
+    old_rows: int = 0  # seeded before: older than the cutoff
+    old_left: int = 0
+    pruned_rows_per_s: float = 0.0
+    longest_prune_transaction_ms: float = 0.0
+    tracebacks: int = 0
+
+
+def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000, pace: float = 0.02,
+                        extra_seconds: float = 1.0) -> PruneUnderTraffic:
+    """``velvet prune --rows-after`` of ``old`` seeded calls (with bodies) while a client makes calls through a
+    running proxy on the same database: every new call stored, every old row gone."""
+    from velvet_core import clock
+    from velvet_core.storage.database import open_db
+    from velvet_core.storage.prune import prune
+
+    result = PruneUnderTraffic(old_rows=old)
+    then = clock.now() - timedelta(days=3)
+    db = open_db(url)
+    body = orjson.dumps({"messages": [{"role": "user", "content": "y" * 1500}]}).decode()
+    with models.use(db), db.atomic():
+        for start in range(0, old, 1000):
+            models.Call.insert_many([{"flow_id": f"old-{i}", "started_at": then + timedelta(seconds=i),
+                                      "method": "POST", "host": "api.openai.com", "path": "/v1/chat/completions",
+                                      "endpoint": "chat.completions", "action": "create", "request_body": body,
+                                      "response_body": body} for i in range(start, min(old, start + 1000))]
+                                    ).execute()
+    db.close()
+    proxy = start_proxy(url, standin, tmp)
+    made: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with sdk(proxy) as c:
+            while not stop.is_set():
+                t = time.monotonic()
+                try:
+                    made.append(chat(c)[1])
+                except openai.APIError:
+                    made.append("")
+                time.sleep(max(0.0, pace - (time.monotonic() - t)))
+
+    try:
+        worker = threading.Thread(target=client, daemon=True)
+        worker.start()
+        time.sleep(0.5)
+        db = open_db(url)
+        try:
+            done = prune(db, rows_before=clock.now() - timedelta(days=1))
+        finally:
+            db.close()
+        time.sleep(extra_seconds)
+        stop.set()
+        worker.join(30)
+        ids = [i for i in made if i]
+        result.calls, result.stored = len(made), len(stored_ids(url, ids, timeout=60))
+        result.old_left = count_rows(url, models.Call, models.Call.flow_id.startswith("old-"))
+        result.pruned_rows_per_s = round(done.calls_pruned / max(done.seconds, 1e-9), 1)
+        result.longest_prune_transaction_ms = round(done.longest_transaction_ms, 1)
+    finally:
+        stop.set()
+        stop_proxy(proxy)
+    result.tracebacks = tracebacks(proxy)
+    return result

@@ -31,7 +31,7 @@ from velvet_core.storage.sql import adapt, is_pg, rows, ts
 
 log = logging.getLogger(__name__)
 
-CHUNK = 2000  # rows per transaction
+CHUNK = 1000  # rows per transaction
 ENDED = "COALESCE(completed_at, failed_at, expired_at, cancelled_at)"
 _SPAN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(h|d|w)\s*$")
 
@@ -107,7 +107,7 @@ def prune(db: Database, *, bodies_before: datetime | None = None, rows_before: d
         job.loose_lines(bodies_before, delete=False)
     if not dry_run and isinstance(db, SqliteDatabase) and db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] == 2:
         while not stop() and db.execute_sql("PRAGMA freelist_count").fetchone()[0]:
-            job.timed(lambda: db.execute_sql("PRAGMA incremental_vacuum(2000)").fetchall())
+            job.timed(lambda: db.execute_sql("PRAGMA incremental_vacuum(1000)").fetchall())
     out.seconds = time.perf_counter() - t0
     return out
 
