@@ -705,6 +705,11 @@ def main() -> int:
     ap.add_argument("--pg", metavar="URL",
                     help="PostgreSQL to use (default $VELVET_TEST_PG, else a throwaway one)")
     ap.add_argument("--keep", action="store_true", help="keep the databases built (and a run's logs and files)")
+    ap.add_argument("--bodies", choices=("none", "small", "real"), default="small",
+                    help="with --scale: request and answer bodies: none, small (100-300 bytes, the default) or "
+                         "real (a 1.5 kB prompt, an 800-byte answer)")
+    ap.add_argument("--backend", choices=("both", "sqlite", "pg"), default="both",
+                    help="with --scale: which backends to build and time (default both)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -718,7 +723,7 @@ def main() -> int:
         # --quick: small enough for the test suite, big enough that stats reads the rollups (> EXACT_CALLS)
         lines = a.lines or (60_000 if a.quick else 10_000_000)
         calls = a.calls if a.calls is not None else 25_000 if a.quick and not a.lines else lines // 10
-        r = run_scale(lines, calls, a.pg, a.keep, log)
+        r = run_scale(lines, calls, a.pg, a.keep, log, a.bodies, a.backend)
         print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k:<28} {v}" for k, v in r.items()))
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:

@@ -52,6 +52,31 @@ MODELS = [("gpt-4o-mini", "gpt-4o-mini-2024-07-18", "chat.completions", "/v1/cha
 KEYS = ["3f9a1c2b4d5e", "a1b2c3d4e5f6", "0badc0ffee00", "77e1d2c3b4a5"]
 USAGE = {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
 RUNS = 5  # each query: the median of this many runs
+# --bodies: none (metadata only), small (the default: about 100-300 bytes each), or real (a system prompt and a
+# question of about 1.5 kB, an answer of about 800 bytes: what a chat app sends)
+SYSTEM = ("You are a support assistant for an online shop. Answer in two or three sentences, politely, citing "
+          "the order number when the customer gives one. Never promise refunds; point to the returns page "
+          "instead. ") * 4
+ANSWER = ("Thank you for reaching out. I have looked at your order and it shipped yesterday; the tracking link in "
+          "your confirmation e-mail shows its progress. If it has not arrived by Friday, reply here and we will "
+          "look into it with the carrier. ") * 3
+
+
+def request_body(model: str, text: str, bodies: str) -> str | None:
+    if bodies == "none":
+        return None
+    messages = [{"role": "user", "content": text}]
+    if bodies == "real":
+        messages.insert(0, {"role": "system", "content": SYSTEM})
+    return dumps({"model": model, "max_tokens": 64, "messages": messages})
+
+
+def answer_body(obj: dict[str, Any], bodies: str) -> str | None:
+    if bodies == "none":
+        return None
+    if bodies == "real":
+        obj = {**obj, "choices": [{**obj["choices"][0], "message": {"role": "assistant", "content": ANSWER}}]}
+    return dumps(obj)
 
 
 def dumps(v: Any) -> str:
@@ -60,15 +85,16 @@ def dumps(v: Any) -> str:
 
 # -- building --------------------------------------------------------------------------------------
 
-def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iterator[list[Op]]:
+def batch_ops(rng: random.Random, n: int, lines: int, created: datetime, bodies: str = "small"
+              ) -> Iterator[list[Op]]:
     """The operations for one batch, in the order a client makes them: upload, create, polls, downloads."""
     bid, fin, fout, ferr = f"batch_{n:08d}", f"file-in{n:08d}", f"file-out{n:08d}", f"file-err{n:08d}"
     model, snapshot = ("gpt-4o-mini", "gpt-4o-mini-2024-07-18") if n % 3 else ("gpt-4o", "gpt-4o-2024-08-06")
     seen = created - timedelta(minutes=1)
     rows = [{"file_id": fin, "line_no": i, "custom_id": f"req-{i}", "method": "POST",
              "url": "/v1/chat/completions", "model": model, "problem": None,
-             "body": dumps({"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": (
-                 f"Classify review {i} of batch {n}: the product arrived on time and works as described.")}]})}
+             "body": request_body(model, f"Classify review {i} of batch {n}: the product arrived on time and "
+                                         "works as described.", bodies)}
             for i in range(1, lines + 1)]
     yield [FileSeen({"id": fin, "purpose": "batch", "filename": f"reviews-{n}.jsonl", "bytes": lines * 200,
                      "created_at": seen, "status": "processed", "first_seen_at": seen, "updated_at": seen}),
@@ -107,10 +133,11 @@ def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iter
             ok.append({**row, "file_id": fout, "line_no": no_ok, "status_code": 200, "failed": False,
                        "model": snapshot, "input_tokens": 40, "output_tokens": 12, "total_tokens": 52,
                        "cost_usd": 40 * 0.075e-6 + 12 * 0.3e-6,
-                       "body": dumps({"id": f"chatcmpl-{n}-{i}", "object": "chat.completion", "model": snapshot,
-                                      "choices": [{"index": 0, "finish_reason": "stop", "message": {
-                                          "role": "assistant", "content": "positive"}}],
-                                      "usage": USAGE})})
+                       "body": answer_body({"id": f"chatcmpl-{n}-{i}", "object": "chat.completion",
+                                            "model": snapshot, "choices": [{"index": 0, "finish_reason": "stop",
+                                                                            "message": {"role": "assistant",
+                                                                                        "content": "positive"}}],
+                                            "usage": USAGE}, bodies)})
     for fid, res in ((fout, ok), (ferr, bad)):
         yield [*(ResultLines(res[i:i + 500]) for i in range(0, len(res), 500)),
                FileSeen({"id": fid, "role": "output" if fid == fout else "error", "content_seen": True,
@@ -118,7 +145,8 @@ def batch_ops(rng: random.Random, n: int, lines: int, created: datetime) -> Iter
                          "updated_at": got}), OutputDone(fid)]
 
 
-def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime) -> list[dict[str, Any]]:
+def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime, bodies: str = "small"
+              ) -> list[dict[str, Any]]:
     """Calls ``start`` to ``start + n`` of ``total``, evenly over the last :data:`DAYS` days, in time order."""
     rows = []
     first, gap = now - timedelta(days=DAYS), DAYS * 86400 / max(total, 1)
@@ -150,14 +178,14 @@ def call_rows(rng: random.Random, start: int, n: int, total: int, now: datetime)
             "response_headers": dumps({"content-type": "application/json",
                                        "openai-processing-ms": str(int(lat * 0.8))}),
             "request_bytes": 180, "response_bytes": 420,
-            "request_body": dumps({"model": asked, "messages": [{"role": "user", "content": f"Question {i}"}]}),
-            "response_body": dumps({"id": f"chatcmpl-{i}", "object": "chat.completion", "model": model,
-                                    "choices": [{"index": 0, "finish_reason": "stop",
-                                                 "message": {"role": "assistant", "content": "An answer."}}]})})
+            "request_body": request_body(asked, f"Question {i}", bodies),
+            "response_body": answer_body({"id": f"chatcmpl-{i}", "object": "chat.completion", "model": model,
+                                          "choices": [{"index": 0, "finish_reason": "stop", "message": {
+                                              "role": "assistant", "content": "An answer."}}]}, bodies)})
     return rows
 
 
-def build(url: str, lines: int, calls: int, log: Callable[[str], None]) -> float:
+def build(url: str, lines: int, calls: int, log: Callable[[str], None], bodies: str = "small") -> float:
     """Fill the (empty) database at ``url``; the seconds it took."""
     rng = random.Random(14)
     now = datetime.now(UTC).replace(tzinfo=None)
@@ -168,7 +196,7 @@ def build(url: str, lines: int, calls: int, log: Callable[[str], None]) -> float
     step = timedelta(seconds=DAYS * 86400 / batches)
     for n in range(batches):
         size = PER_BATCH if n < batches - 1 else lines - PER_BATCH * (batches - 1)
-        for ops in batch_ops(rng, n, size, now - timedelta(days=DAYS) + n * step):
+        for ops in batch_ops(rng, n, size, now - timedelta(days=DAYS) + n * step, bodies):
             store.apply(ops)
         if n % 50 == 49:
             log(f"scale: {(n + 1) * PER_BATCH:,} lines, {time.perf_counter() - t0:.0f} s")
@@ -176,7 +204,7 @@ def build(url: str, lines: int, calls: int, log: Callable[[str], None]) -> float
     done = 0
     while done < calls:
         k = min(5000, calls - done)
-        store.apply([CallRow(r) for r in call_rows(rng, done, k, calls, now)])
+        store.apply([CallRow(r) for r in call_rows(rng, done, k, calls, now, bodies)])
         done += k
         if done % 200_000 == 0:
             log(f"scale: {done:,} calls, {time.perf_counter() - t1:.0f} s")
@@ -309,12 +337,22 @@ def pg_schema(base: str, keep: bool) -> Iterator[str]:
                 conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
-def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None]) -> dict[str, Any]:
-    out: dict[str, Any] = {"scale_lines": lines, "scale_calls": calls}
+def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None],
+              bodies: str = "small", backends: str = "both") -> dict[str, Any]:
+    out: dict[str, Any] = {"scale_lines": lines, "scale_calls": calls, "scale_bodies": bodies}
+    if backends in ("both", "sqlite"):
+        out.update(_sqlite(lines, calls, keep, log, bodies))
+    if backends in ("both", "pg"):
+        out.update(_postgres(lines, calls, pg, keep, log, bodies))
+    return out
+
+
+def _sqlite(lines: int, calls: int, keep: bool, log: Callable[[str], None], bodies: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     tmp = Path(tempfile.mkdtemp(prefix="velvet-scale-"))
     url = f"sqlite:///{tmp / 'velvet.db'}"
     log(f"scale: building {lines:,} batch lines and {calls:,} calls in SQLite ({tmp})")
-    out["build_s"] = round(build(url, lines, calls, log), 1)
+    out["build_s"] = round(build(url, lines, calls, log, bodies), 1)
     out["db_mb"] = round((tmp / "velvet.db").stat().st_size / 1e6, 1)
     log("scale: timing the queries on SQLite")
     out.update(measure(url, lines))
@@ -324,9 +362,15 @@ def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[
         for p in tmp.iterdir():
             p.unlink()
         tmp.rmdir()
+    return out
+
+
+def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None], bodies: str
+              ) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     with postgres(pg, log) as base, pg_schema(base, keep) as pg_url:
         log(f"scale: building {lines:,} batch lines and {calls:,} calls in PostgreSQL")
-        out["build_s_pg"] = round(build(pg_url, lines, calls, log), 1)
+        out["build_s_pg"] = round(build(pg_url, lines, calls, log, bodies), 1)
         import psycopg
 
         schema = pg_url.rsplit("%3D", 1)[1]
@@ -334,6 +378,10 @@ def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[
             for table in ("calls", "batches", "batch_requests", "batch_results", "files", "batch_counts",
                           "call_rollups", "batch_events"):
                 conn.execute(f'VACUUM ANALYZE {schema}."{table}"')
+            size = conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
+                                "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
+                                (schema,)).fetchone()
+            out["db_mb_pg"] = round(int(size[0] or 0) / 1e6, 1) if size else None
         log("scale: timing the queries on PostgreSQL")
         out.update({f"{k}_pg": v for k, v in measure(pg_url, lines).items()})
         if keep:
