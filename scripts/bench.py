@@ -391,7 +391,7 @@ def pg_count_calls(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-def pg_writer_rate(url: str, n: int, spool: Path) -> float:
+def pg_writer_rate(url: str, n: int, spool: Path, count: bool = True, ready: Any = None) -> float:
     """Live calls per second the writer stores into PostgreSQL, fed prepared snapshots straight away.
 
     The snapshots are what the addon's hooks hand over for a non-streamed chat call (as the tests build
@@ -418,7 +418,7 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
                               "openai-processing-ms": "20", "x-ratelimit-remaining-requests": "9999"},
             response_body=CHAT, response_encoding=None)
 
-    before = pg_count_calls(url)
+    before = pg_count_calls(url) if count else 0
     processor = Processor()
     writer = Writer(url, processor.operations, spool_dir=spool, queue_size=n + 10, setup=processor.warm)
     writer.start()
@@ -427,14 +427,38 @@ def pg_writer_rate(url: str, n: int, spool: Path) -> float:
     while writer.written < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     snaps = [snap(i) for i in range(n)]
+    if ready is not None:  # (several writers at once: they start together)
+        ready.wait()
     t = time.perf_counter()
     for s in snaps:
         writer.submit(s)
     assert writer.stop(timeout=600), "the writer spooled calls: the rate would be wrong"
     elapsed = time.perf_counter() - t
-    stored = pg_count_calls(url) - before
-    assert stored == n + 1, f"{stored} calls stored of {n + 1}"
+    if count:
+        stored = pg_count_calls(url) - before
+        assert stored == n + 1, f"{stored} calls stored of {n + 1}"
     return n / elapsed
+
+
+def pg_writers_rate(url: str, writers: int, n: int, spool: Path) -> float:
+    """Calls per second ``writers`` proxies' writers store together into one PostgreSQL (each in its own
+    process, fed ``n`` prepared snapshots, started together): the sum of their rates."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    ready, results = ctx.Barrier(writers), ctx.Queue()
+    procs = [ctx.Process(target=_one_writer, args=(url, n, spool / f"w{i}", ready, results))
+             for i in range(writers)]
+    for p in procs:
+        p.start()
+    rates = [results.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join(60)
+    return sum(rates)
+
+
+def _one_writer(url: str, n: int, spool: Path, ready: Any, results: Any) -> None:
+    results.put(pg_writer_rate(url, n, spool, count=False, ready=ready))
 
 
 # -- the run ---------------------------------------------------------------------------------------
@@ -574,6 +598,11 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
             n = 5_000 if quick else 20_000
             log(f"bench: the writer alone, {n:,} prepared live-call snapshots into PostgreSQL")
             out["pg_calls_per_s"] = round(pg_writer_rate(pg_url, n, tmp / "spool-pg"), 1)
+            for k in (2, 4):  # several proxies on one PostgreSQL: the sum of their writers' rates
+                log(f"bench: {k} writers at once, {n:,} snapshots each, into one PostgreSQL")
+                with pg_schema(pg_base, keep=False) as shared:
+                    rate = pg_writers_rate(shared, k, n, tmp / f"spool-{k}")
+                out[f"pg_calls_per_s_{k}_writers"] = round(rate, 1)
             with pg_schema(pg_base, keep=False) as small_pg:
                 log("bench: velvet commands end to end, median of 10 runs each, beside a bare python")
                 out.update(cli_ms({"sqlite": f"sqlite:///{tmp / 'small.db'}", "pg": small_pg}))
