@@ -1,0 +1,83 @@
+"""``velvet cache what-if``: repeats and savings computed from stored calls, on both backends."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from support.helpers import calls, chat, js, run, start_writer
+
+NOW = time.time()
+
+
+def at(snap, seconds_ago, *, fp="fp", body=None, status=200):
+    snap.started_at = NOW - seconds_ago
+    snap.ended_at = snap.started_at + 0.25
+    snap.key_fingerprint = fp
+    if body is not None:
+        snap.request_body = body
+    if status != 200:
+        snap.status_code = status
+        snap.response_body = b'{"error":{"message":"boom","type":"server_error"}}'
+    return snap
+
+
+SAME = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi 1"}]}'
+SPACED = b'{ "messages": [ {"content": "hi 1", "role": "user"} ], "temperature": 1, "model": "gpt-4o-mini" }'
+
+
+def test_what_if_counts_repeats_within_the_ttl(db_url, tmp_path, capsys):
+    snaps = [
+        at(chat(1), 3000),                     # entry
+        at(chat(2), 2900, body=SPACED),        # repeat: key order, spacing, a default
+        at(chat(3), 2800, body=SAME, fp="other"),  # another API key: its own entry
+        at(chat(4), 2700, body=SAME + b" "),   # repeat (trailing space: JSON whitespace)
+        at(chat(5), 2600),                     # another prompt ("hi 5"): its own entry
+        at(chat(6), 2500, body=SAME.replace(b"}]", b'}],"max_tokens":5')),  # another max_tokens: entry
+        at(chat(7), 2400, body=b'{"model":"gpt-4o-mini","mess'),  # not JSON: never a repeat
+    ]
+    start_writer(db_url, tmp_path / "spool", snaps)
+    cost = calls(db_url)["flow-1"].cost_usd
+    assert cost and cost > 0
+    r = js(capsys, "--db", db_url, "cache", "what-if", "--since", "2h")
+    assert (r["calls"], r["repeats"]) == (7, 2)
+    assert r["saved_usd"] == pytest.approx(2 * cost)
+    assert r["saved_seconds"] == pytest.approx(0.5, abs=0.01)
+    assert r["by_model"] == [{"model": "gpt-4o-mini-2024-07-18", "endpoint": "chat.completions", "calls": 7,
+                              "repeats": 2, "saved_usd": pytest.approx(2 * cost)}]
+    assert set(r) >= {"since", "calls", "repeats", "saved_usd", "saved_seconds", "by_model"}
+    # scope global: another key's identical call is a repeat too
+    assert js(capsys, "--db", db_url, "cache", "what-if", "--since", "2h", "--scope", "global")["repeats"] == 3
+    # --since after the first call: the repeats have no earlier entry in the window
+    assert js(capsys, "--db", db_url, "cache", "what-if", "--since", "2950s")["repeats"] == 1
+    code, out, _ = run(capsys, "--db", db_url, "cache", "what-if", "--since", "2h")
+    assert code == 0 and "2 repeats" in out and "chat.completions" in out
+
+
+def test_what_if_ttl_errors_and_streams(db_url, tmp_path, capsys):
+    snaps = [
+        at(chat(1), 7000, status=500),  # an error: never an entry
+        at(chat(2), 6900, body=SAME),   # entry (the error before it stored nothing)
+        at(chat(3), 6800, body=SAME),   # repeat
+        at(chat(4), 3000, body=SAME),   # past a 1h TTL: a miss, a new entry
+        at(chat(5), 2900, body=SAME.replace(b"}]", b'}],"stream":true,"stream_options":{"include_usage":true}')),
+    ]
+    start_writer(db_url, tmp_path / "spool", snaps)
+    r = js(capsys, "--db", db_url, "cache", "what-if", "--since", "3h", "--ttl", "1h")
+    assert (r["calls"], r["repeats"]) == (5, 2)  # the stream fields are not in the key
+    assert js(capsys, "--db", db_url, "cache", "what-if", "--since", "3h", "--ttl", "7d")["repeats"] == 3
+
+
+@pytest.mark.parametrize("ttl", ["0", "-5", "366d", "soon"])
+def test_what_if_refuses_a_bad_ttl(sqlite_url, tmp_path, capsys, ttl):
+    start_writer(sqlite_url, tmp_path / "spool", [chat(1)])
+    code, _, err = run(capsys, "--db", sqlite_url, "cache", "what-if", "--ttl", ttl)
+    assert code == 2 and repr(ttl) in err
+
+
+def test_what_if_on_an_empty_window(db_url, tmp_path, capsys):
+    start_writer(db_url, tmp_path / "spool", [at(chat(1), 9000)])
+    r = js(capsys, "--db", db_url, "cache", "what-if", "--since", "1h")
+    assert (r["calls"], r["repeats"], r["saved_usd"], r["by_model"]) == (0, 0, 0, [])
+    assert orjson.dumps(r)
