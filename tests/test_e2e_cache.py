@@ -44,8 +44,9 @@ def stored(proxy: Proxy, n: int) -> list[dict[str, Any]]:
 
 
 def settled(proxy: Proxy, answer: httpx.Response) -> None:
-    """Wait until ``answer`` is in a cache entry."""
+    """Wait until ``answer`` is in a cache entry, and in the proxy's index (which reads new ones every 0.25 s)."""
     wait_for(lambda: any(e["body"] == answer.text for e in entries(proxy)), what="the answer's entry")
+    time.sleep(0.6)
 
 
 def hit_rows(proxy: Proxy, n: int) -> list[dict[str, Any]]:
@@ -78,6 +79,7 @@ def test_miss_then_hit_same_bytes_and_logged(cproxy):
         first = post(c, prompt("a", max_tokens=5), ON)
         assert first.status_code == 200 and first.headers["x-velvet-cache"] == "MISS"
         (e,) = stored(cproxy, 1)
+        time.sleep(0.6)  # (the proxy's index reads new entries every 0.25 s)
         assert e["hits"] == 0 and e["endpoint"] == "chat.completions"
         # keys in another order, other spacing, a default-valued parameter, stream: false: the same request
         spaced = b'{ "max_tokens": 5, "temperature": 1, "stream": false,\n "messages": [{"content": ' \
@@ -168,6 +170,7 @@ def test_stream_from_a_plain_answer_and_back(cproxy, monkeypatch):
         model="gpt-4o-mini", messages=msgs2, stream=True, extra_headers=ON) if ch.choices)
     wait_for(lambda: any(e["stream"] and "cache test g" not in e["body"] and s2 in e["body"]
                          for e in entries(cproxy)), what="the stream's entry")
+    time.sleep(0.6)
     again = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=msgs2,
                                                               extra_headers=ON)
     assert again.headers["x-velvet-cache"] == "HIT" and again.parse().choices[0].message.content == s2
@@ -186,3 +189,141 @@ def test_a_bad_cache_option_is_one_line_at_start(tmp_path, standin, option):
     assert [line for line in p.output().splitlines() if line.startswith(f"{name}:") or f"] {name}:" in line
             or f"Error: {name}:" in line or f"OptionsError: {name}:" in line], p.output()
     p.log.close()
+
+
+def _proxy(standin, tmp, url, *opts: str) -> Proxy:
+    return Proxy(url, standin.url, tmp, extra=[a for o in opts for a in ("--set", o)]).start()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_url(request, tmp_path):
+    from support.pg import fresh_pg_url
+
+    return f"sqlite:///{tmp_path / 'velvet.db'}" if request.param == "sqlite" else fresh_pg_url()
+
+
+def test_ttl_expiry_bucket_rotation_off_and_a_corrupt_entry(standin, tmp_path, any_url, capsys):
+    from support.helpers import js, run
+
+    p = _proxy(standin, tmp_path / "a", any_url, "velvet_cache=on", "velvet_cache_bucket=2")
+    try:
+        with http(p) as c:
+            # TTL: an entry of 1 second is gone after it
+            first = post(c, prompt("ttl"), {"velvet-cache-ttl": "1"})
+            settled(p, first)
+            time.sleep(1.2)
+            assert post(c, prompt("ttl"), {"velvet-cache-ttl": "1"}).headers["x-velvet-cache"] == "MISS"
+            # bucket 2: two misses fill it, then the two answers in turn
+            a = post(c, prompt("bucket"))
+            settled(p, a)
+            b = post(c, prompt("bucket"))
+            assert b.headers["x-velvet-cache"] == "MISS" and b.content != a.content
+            settled(p, b)
+            served = [post(c, prompt("bucket")) for _ in range(4)]
+            assert all(r.headers["x-velvet-cache"] == "HIT" for r in served)
+            assert [r.content for r in served] == [a.content, b.content, a.content, b.content]
+            # velvet_cache=on: off bypasses, no header is needed
+            assert "x-velvet-cache" not in post(c, prompt("bucket"), {"velvet-cache": "off"}).headers
+            # a corrupt entry is a miss (logged once), never a broken answer (bucket 2: both answers stored first)
+            z = [post(c, prompt("corrupt"))]
+            settled(p, z[0])
+            z.append(post(c, prompt("corrupt")))
+            settled(p, z[1])
+            with bound(p.db_url):
+                for r in z:
+                    models.db.obj.execute_sql(
+                        "UPDATE cache_entries SET body = '{not json' WHERE body = "
+                        + ("%s" if "postgres" in any_url else "?"), (r.text,))
+            for _ in range(2):
+                again = post(c, prompt("corrupt"))
+                assert again.status_code == 200 and again.headers["x-velvet-cache"] == "MISS"
+                assert orjson.loads(again.content)["choices"]
+        s = js(capsys, "--db", p.db_url, "cache", "stats")
+        assert s["hits"] == 4 and s["entries"] >= 6 and s["saved_usd"] > 0 and s["size_bytes"] > 0
+        (g,) = s["by_model"]
+        assert g["hits"] == 4 and 0 < g["hit_rate"] < 1
+        t = js(capsys, "--db", p.db_url, "stats")["totals"]
+        assert t["cache_hits"] == 4 and t["saved_usd"] == pytest.approx(s["saved_usd"])
+        code, out, _ = run(capsys, "--db", p.db_url, "cache", "clear", "--key", "nobody")
+        assert code == 0 and out.startswith("0 cache entries")
+        code, out, _ = run(capsys, "--db", p.db_url, "cache", "clear")
+        assert code == 0 and f"{s['entries']} cache entries removed" in out
+        with http(p) as c:
+            assert post(c, prompt("bucket")).headers["x-velvet-cache"] == "MISS"
+    finally:
+        p.stop()
+    out = p.output()
+    assert out.count("is corrupt") == 2 and "Traceback" not in out  # once per entry
+
+
+def test_cache_off_ignores_the_header(standin, tmp_path, any_url):
+    p = _proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
+    try:
+        with http(p) as c:
+            first = post(c, prompt("off"), ON)
+            time.sleep(1.5)
+            second = post(c, prompt("off"), ON)
+        assert first.status_code == second.status_code == 200
+        assert "x-velvet-cache" not in first.headers and second.content != first.content
+        assert entries(p) == []
+        def heads() -> list[str] | None:
+            with bound(p.db_url):
+                r = [r["request_headers"] for r in rows(models.db.obj, "SELECT request_headers FROM calls")]
+            return r if len(r) == 2 else None
+        assert not any("velvet-cache" in h for h in wait_for(heads, what="2 calls"))
+    finally:
+        p.stop()
+
+
+def test_two_proxies_on_one_postgresql_share_an_entry(standin, tmp_path):
+    from support.pg import fresh_pg_url
+
+    url = fresh_pg_url()
+    p1 = _proxy(standin, tmp_path / "p1", url, "velvet_cache=on")
+    p2 = _proxy(standin, tmp_path / "p2", url, "velvet_cache=on")
+    try:
+        with http(p1) as c:
+            first = post(c, prompt("shared"))
+        assert first.headers["x-velvet-cache"] == "MISS"
+        settled(p1, first)
+        with http(p2) as c:
+            second = post(c, prompt("shared"))
+        assert second.headers["x-velvet-cache"] == "HIT" and second.content == first.content
+    finally:
+        p1.stop()
+        p2.stop()
+
+
+def test_what_if_matches_what_the_cache_then_does(standin, tmp_path, any_url, capsys):
+    from support.helpers import js
+
+    # the same traffic twice: first with the cache off (what-if reads it), then with it on
+    traffic = [("w1", {}), ("w1", {}), ("w2", {}), ("w1", {"max_tokens": 3}), ("w2", {}), ("w1", {}),
+               ("w3", {"x-standin-scenario": "500"}), ("w3", {})]
+    off = _proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
+    try:
+        with http(off) as c:
+            for tag, extra in traffic:
+                body = prompt(tag, **{k: v for k, v in extra.items() if not k.startswith("x-")})
+                post(c, body, {k: v for k, v in extra.items() if k.startswith("x-")})
+                time.sleep(1.8)  # (the cache stores an answer about a second after it)
+    finally:
+        off.stop()
+    predicted = js(capsys, "--db", any_url, "cache", "what-if", "--since", "1h")
+    from support.pg import fresh_pg_url
+
+    url2 = f"sqlite:///{tmp_path / 'on.db'}" if any_url.startswith("sqlite") else fresh_pg_url()
+    on = _proxy(standin, tmp_path / "on", url2, "velvet_cache=on")
+    hits = 0
+    try:
+        with http(on) as c:
+            for tag, extra in traffic:
+                body = prompt(tag, **{k: v for k, v in extra.items() if not k.startswith("x-")})
+                r = post(c, body, {k: v for k, v in extra.items() if k.startswith("x-")})
+                hits += r.headers.get("x-velvet-cache") == "HIT"
+                time.sleep(1.8)
+    finally:
+        on.stop()
+    assert predicted["repeats"] == hits == 3
+    actual = js(capsys, "--db", url2, "stats")["totals"]
+    assert actual["cache_hits"] == 3 and actual["saved_usd"] == pytest.approx(predicted["saved_usd"])

@@ -19,6 +19,7 @@ from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from velvet_core import config
 from velvet_core.cache.key import CACHEABLE_KINDS, parse_ttl, scope_value
+from velvet_core.cache.lookup import BIG_BODY
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
 from velvet_core.capture.take import META_KEY, StreamRecorder, begin, finish
@@ -36,7 +37,7 @@ from velvet_core.writer.child import ChildWriter
 if TYPE_CHECKING:
     from velvet_core.alerts.rules import RuleSet
     from velvet_core.alerts.runner import AlertRunner
-    from velvet_core.cache.lookup import Lookup
+    from velvet_core.cache.lookup import Found, Lookup
     from velvet_core.storage.prune import Pruner, Retention
     from velvet_core.writer.writer import Writer
 
@@ -381,55 +382,82 @@ class Velvet:
         snap = self.snapshots.get(flow.id)
         if snap is None:
             return None
-        asked = snap.cache.get("header", "") if snap.cache else ""
-        if ((self.cache_mode == "on" and asked != "off") or asked in ("on", "refresh")) \
-                and snap.route.action == "create" and snap.route.kind in CACHEABLE_KINDS:
-            return self._look_up(flow, snap, asked == "refresh")
-        if snap.cache is not None:
-            snap.cache = None  # (the headers' values, taken by begin(): nothing for the writer)
+        try:
+            asked = snap.cache.get("header", "") if snap.cache else ""
+            if ((self.cache_mode == "on" and asked != "off") or asked in ("on", "refresh")) \
+                    and snap.route.action == "create" and snap.route.kind in CACHEABLE_KINDS:
+                return self._look_up(flow, snap, asked == "refresh")
+            if snap.cache is not None:
+                snap.cache = None  # (the headers' values, taken by begin(): nothing for the writer)
+        except Exception:
+            log.exception("velvet: request failed for %s %s (flow %s); the flow continues",
+                          flow.request.method, redact(flow.request.pretty_url), flow.id)
         if self.inject_usage:
             self._ask_for_usage(flow)
         return None
 
-    async def _look_up(self, flow: http.HTTPFlow, snap: CallSnapshot, refresh: bool) -> None:
+    def _look_up(self, flow: http.HTTPFlow, snap: CallSnapshot, refresh: bool) -> Any:
+        """Decide on the event loop what it can (not cacheable, refresh, a key the index does not hold: a miss);
+        a coroutine for the rest (a hit to read from the database, a big body to hash)."""
         req = flow.request
         asked = snap.cache or {}
         snap.cache = None
-        try:
-            body = req.raw_content
-            if body is not None and len(body) <= self.processor.body_limit \
-                    and req.headers.get("content-encoding", "identity").strip().lower() in ("", "identity"):
-                ttl = self.cache_ttl
-                if "ttl" in asked:
-                    try:
-                        ttl = parse_ttl(asked["ttl"])
-                    except ValueError:
-                        log.info("velvet: velvet-cache-ttl %r is not a TTL; using velvet_cache_ttl", asked["ttl"])
-                if self.lookup is None:
-                    from velvet_core.cache.lookup import Lookup
+        body = req.raw_content
+        if body is None or len(body) > self.processor.body_limit \
+                or req.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            return self._ask_for_usage(flow) if self.inject_usage else None
+        if self.lookup is None:
+            from velvet_core.cache.lookup import Lookup
 
-                    self.lookup = Lookup(self.db_url())
-                found = await self.lookup.find(
-                    snap.route.kind, body, scope=scope_value(self.cache_scope, snap.key_fingerprint,
-                                                             req.headers.get("openai-project")),
-                    method=req.method, host=snap.host, path=snap.path, seed=asked.get("seed", ""),
-                    bucket=self.cache_bucket, refresh=refresh)
-                if flow.id not in self.snapshots:  # (the client went away meanwhile)
-                    return
-                if (content := found.content) is not None:
-                    flow.response = http.Response.make(200, content, {
-                        "content-type": found.content_type, "x-velvet-cache": "HIT", "age": str(found.age)})
-                    snap.cache = found.info
-                    if found.content_type.startswith("text/event-stream"):
-                        snap.stream_chunks, snap.stream_finished = [(time.time(), content)], True
-                    return
-                if found.key is not None:
-                    snap.cache = {"key": found.key, "ttl": ttl, "bucket": self.cache_bucket}
-        except Exception:
-            log.exception("velvet: cache look-up failed for %s %s (flow %s); the flow continues",
-                          req.method, redact(req.pretty_url), flow.id)
+            self.lookup = Lookup(self.db_url())
+        ttl = self.cache_ttl
+        if "ttl" in asked:
+            try:
+                ttl = parse_ttl(asked["ttl"])
+            except ValueError:
+                log.info("velvet: velvet-cache-ttl %r is not a TTL; using velvet_cache_ttl", asked["ttl"])
+        args = (snap.route.kind, body, scope_value(self.cache_scope, snap.key_fingerprint,
+                                                   req.headers.get("openai-project")),
+                req.method, snap.host, snap.path, asked.get("seed", ""))
+        if len(body) > BIG_BODY:
+            return self._look_up_later(flow, snap, None, args, refresh, ttl)
+        found = self.lookup.key_for(*args)
+        if found.key is not None and not refresh and self.lookup.known(found.key):
+            return self._look_up_later(flow, snap, found, args, refresh, ttl)
+        self._cache_miss(flow, snap, found, ttl)
+        return None
+
+    def _cache_miss(self, flow: http.HTTPFlow, snap: CallSnapshot, found: Found, ttl: float) -> None:
+        if found.key is not None:
+            snap.cache = {"key": found.key, "ttl": ttl, "bucket": self.cache_bucket}
         if self.inject_usage:
             self._ask_for_usage(flow)
+
+    async def _look_up_later(self, flow: http.HTTPFlow, snap: CallSnapshot, found: Found | None,
+                             args: tuple[Any, ...], refresh: bool, ttl: float) -> None:
+        lookup = self.lookup
+        assert lookup is not None
+        try:
+            if found is None:  # (a big body: hashed off the loop)
+                found = await lookup.key_off_loop(*args)
+                if found.key is None or refresh or not lookup.known(found.key):
+                    return self._cache_miss(flow, snap, found, ttl)
+            got = await lookup.fetch(snap.route.kind, found, self.cache_bucket)
+            if flow.id not in self.snapshots:  # (the client went away meanwhile)
+                return None
+            if (content := got.content) is not None:
+                flow.response = http.Response.make(200, content, {
+                    "content-type": got.content_type, "x-velvet-cache": "HIT", "age": str(got.age)})
+                snap.cache = got.info
+                if got.content_type.startswith("text/event-stream"):
+                    snap.stream_chunks, snap.stream_finished = [(time.time(), content)], True
+                return None
+        except Exception:
+            log.exception("velvet: cache look-up failed for %s %s (flow %s); the flow continues",
+                          flow.request.method, redact(flow.request.pretty_url), flow.id)
+            if found is None:
+                return None
+        return self._cache_miss(flow, snap, found, ttl)
 
     @guarded
     def _ask_for_usage(self, flow: http.HTTPFlow) -> None:
@@ -452,7 +480,8 @@ class Velvet:
         if (cached := self.snapshots[flow.id].cache) is not None:
             if "hit" in cached:
                 return  # answered from the cache: the whole body is there
-            flow.response.headers["x-velvet-cache"] = "MISS"
+            if "key" in cached:
+                flow.response.headers["x-velvet-cache"] = "MISS"
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
             strip = None
             if flow.id in self.injected:

@@ -1,10 +1,15 @@
-"""The proxy's cache look-up, off mitmproxy's event loop.
+"""The proxy's cache look-up: an in-memory index of the live keys, and the database read off the event loop.
 
-The hook awaits :meth:`Lookup.find` (an ``async`` request hook: the flow waits, the loop serves the others); the
-key is computed and the database read in a small thread pool with its own connections (peewee and the driver are
-imported there, at the first look-up). A hit comes back as the bytes to send: the stored answer, or a stream
-rebuilt from it. Entries are written by the writer (a miss's answer, once it is logged), so proxies sharing a
-PostgreSQL database share them, and a restart keeps them.
+Most requests a cache sees are misses. The proxy keeps the keys of the live entries in memory (a 64-bit prefix
+of each and when it expires), loaded and followed by a thread of its own (new entries every 0.25 s, everything
+again every 30 s, which also drops cleared and expired ones), so a miss is decided on the event loop from the key
+alone: no thread, no database. A key the index holds is read from the database in a small thread pool (the hook
+is a coroutine mitmproxy awaits: the loop serves other flows meanwhile). The key of a body over 64 KiB is
+computed in the pool too. peewee and the driver are imported in those threads, at the first look-up.
+
+Entries are written by the writer (a miss's answer, once it is logged), so proxies sharing a PostgreSQL database
+share them, and a restart keeps them; an entry becomes visible to a proxy's index within a quarter of a second
+after it is written.
 """
 
 from __future__ import annotations
@@ -13,9 +18,10 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -26,6 +32,10 @@ from velvet_core.cache.replay import STREAMABLE, as_stream
 from velvet_core.redact import redact
 
 log = logging.getLogger("velvet")
+
+BIG_BODY = 64 * 1024  # bodies over this are parsed and hashed in the pool, not on the event loop
+POLL = 0.25  # seconds between two reads of the new entries
+FULL = 30.0  # seconds between two reloads of every live key
 
 
 @dataclass(slots=True)
@@ -39,10 +49,13 @@ class Found:
     age: int = 0
     info: dict[str, Any] | None = None  # a hit: what the snapshot carries to the writer (storage/snapshot.py)
     why: str = ""
+    stream: bool = False
+    usage: bool = False
 
 
-def Miss(key: str | None, why: str = "") -> Found:
-    return Found(key, why=why)
+def _epoch(v: Any) -> float:
+    dt = v if isinstance(v, datetime) else clock.parse(v)
+    return dt.replace(tzinfo=UTC).timestamp() if dt else 0.0
 
 
 class Lookup:
@@ -51,60 +64,91 @@ class Lookup:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="velvet-cache")
         self._db: Any = None
         self._open = threading.Lock()
+        self.keys: dict[int, float] = {}  # 64-bit key prefix -> when its newest entry expires (epoch seconds)
+        self.loaded = threading.Event()
+        self._last_id = 0
+        self._stop = threading.Event()
         self.turns: dict[str, int] = {}  # key -> answers served (the bucket's turn), bounded
         self.bad: set[int] = set()  # corrupt entries already logged
         self.failing = False
+        self._index = threading.Thread(target=self._follow, name="velvet-cache-index", daemon=True)
+        self._index.start()
 
-    async def find(self, kind: str, body: bytes, *, scope: str, method: str, host: str, path: str, seed: str,
-                   bucket: int, refresh: bool) -> Found:
-        return await asyncio.get_running_loop().run_in_executor(
-            self.pool, self.find_now, kind, body, scope, method, host, path, seed, bucket, refresh)
+    # -- the key, on the event loop (or in the pool for a big body) ------------------------------------------
 
-    def find_now(self, kind: str, body: bytes, scope: str, method: str, host: str, path: str, seed: str,
-                 bucket: int, refresh: bool) -> Found:
+    @staticmethod
+    def key_for(kind: str, body: bytes, scope: str, method: str, host: str, path: str, seed: str) -> Found:
+        """The request's key (``key`` None and ``why`` for a request the cache leaves alone)."""
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError:
-            return Miss(None, "the body is not JSON")
+            return Found(None, why="the body is not JSON")
         try:
             key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed)
         except NotCacheable as e:
-            return Miss(None, str(e))
+            return Found(None, why=str(e))
         stream = is_stream(req)
         if stream and kind not in STREAMABLE:
-            return Miss(None, f"a {kind} stream is not rebuilt from the cache")
-        if refresh:
-            return Miss(key)
+            return Found(None, why=f"a {kind} stream is not rebuilt from the cache")
+        return Found(key, stream=stream, usage=stream and wants_usage(req))
+
+    async def key_off_loop(self, kind: str, body: bytes, scope: str, method: str, host: str, path: str,
+                           seed: str) -> Found:
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pool, self.key_for, kind, body, scope, method, host, path, seed)
+
+    def known(self, key: str) -> bool:
+        """Whether the index holds a live entry of ``key`` (if not, the request is a miss: no database read); until
+        the index is loaded, every key may be (the database says)."""
+        if not self.loaded.is_set():
+            return True
+        expires = self.keys.get(int(key[:16], 16))
+        return expires is not None and expires > time.time()
+
+    # -- the hit, in the pool ----------------------------------------------------------------------------------
+
+    async def fetch(self, kind: str, asked: Found, bucket: int) -> Found:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self.fetch_now, kind, asked, bucket)
+
+    def fetch_now(self, kind: str, asked: Found, bucket: int) -> Found:
+        key = asked.key
+        assert key is not None
         try:
             entries = self._entries(key, bucket)
         except Exception as e:  # the database down or not yet migrated: a miss, logged once per outage
-            if not self.failing:
-                self.failing = True
-                log.warning("velvet: cache look-up failed (answering from the API): %s",
-                            redact(str(e).splitlines()[0] if str(e) else type(e).__name__))
-            return Miss(key)
+            self._failed(e)
+            return Found(key)
         self.failing = False
         if len(entries) < bucket:
-            return Miss(key)  # the bucket still fills
+            return Found(key)  # the bucket still fills
         turn = self.turns.get(key, 0)
         if len(self.turns) > 100_000:
             self.turns.clear()
         self.turns[key] = turn + 1
         for entry in entries[turn % len(entries):] + entries[:turn % len(entries)]:
-            hit = self._serve(entry, kind, stream, wants_usage(req))
+            hit = self._serve(entry, kind, asked.stream, asked.usage)
             if hit is not None:
                 return hit
-        return Miss(key)
+        return Found(key)
 
-    def _entries(self, key: str, bucket: int) -> list[dict[str, Any]]:
+    def _database(self) -> Any:
         with self._open:
             if self._db is None:
                 from velvet_core.storage.database import open_db
 
                 self._db = open_db(self.url)
+            return self._db
+
+    def _failed(self, e: Exception) -> None:
+        if not self.failing:
+            self.failing = True
+            log.warning("velvet: cache look-up failed (answering from the API): %s",
+                        redact(str(e).splitlines()[0] if str(e) else type(e).__name__))
+
+    def _entries(self, key: str, bucket: int) -> list[dict[str, Any]]:
         from velvet_core.storage.cache_store import live_entries
 
-        return live_entries(self._db, key, clock.now(), bucket)
+        return live_entries(self._database(), key, clock.now(), bucket)
 
     def _serve(self, e: dict[str, Any], kind: str, stream: bool, usage: bool) -> Found | None:
         """The answer of entry ``e``; None (and one log line per entry) when it is corrupt."""
@@ -120,9 +164,7 @@ class Lookup:
                 content, ctype = orjson.dumps(answer), "application/json"
             else:
                 content, ctype = raw, str(e["content_type"] or "application/json")
-            created = e["created_at"]
-            created = created if isinstance(created, datetime) else clock.parse(created)
-            age = max(0, int((clock.now() - created).total_seconds())) if created else 0
+            age = max(0, int(time.time() - _epoch(e["created_at"])))
         except Exception as exc:
             if e.get("id") not in self.bad:
                 self.bad.add(int(e.get("id") or 0))
@@ -133,7 +175,39 @@ class Lookup:
             "hit": e["id"], "flow_id": e["flow_id"], "cost_usd": e["cost_usd"],
             "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"], "model": e["model"]})
 
+    # -- the index, in its thread ------------------------------------------------------------------------------
+
+    def _follow(self) -> None:
+        from velvet_core.storage.sql import rows, ts
+
+        full_at = 0.0
+        while not self._stop.is_set():
+            try:
+                db = self._database()
+                now = time.time()
+                if now - full_at >= FULL:
+                    keys: dict[int, float] = {}
+                    last = 0
+                    for r in rows(db, "SELECT id, key, expires_at FROM cache_entries WHERE expires_at > ?",
+                                  (ts(db, clock.now()),)):
+                        k = int(r["key"][:16], 16)
+                        keys[k] = max(keys.get(k, 0.0), _epoch(r["expires_at"]))
+                        last = max(last, int(r["id"]))
+                    self.keys, self._last_id, full_at = keys, max(last, self._last_id), now
+                else:  # (entries committed out of id order by two writers: a margin, and the reload)
+                    for r in rows(db, "SELECT id, key, expires_at FROM cache_entries WHERE id > ? ORDER BY id",
+                                  (self._last_id - 100,)):
+                        k = int(r["key"][:16], 16)
+                        self.keys[k] = max(self.keys.get(k, 0.0), _epoch(r["expires_at"]))
+                        self._last_id = max(self._last_id, int(r["id"]))
+                self.failing = False
+                self.loaded.set()
+            except Exception as e:
+                self._failed(e)
+            self._stop.wait(POLL)
+
     def close(self) -> None:
+        self._stop.set()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._db is not None:
             with contextlib.suppress(Exception):
