@@ -81,3 +81,21 @@ def test_what_if_on_an_empty_window(db_url, tmp_path, capsys):
     r = js(capsys, "--db", db_url, "cache", "what-if", "--since", "1h")
     assert (r["calls"], r["repeats"], r["saved_usd"], r["by_model"]) == (0, 0, 0, [])
     assert orjson.dumps(r)
+
+
+def test_the_writer_stores_an_entry_and_prune_removes_it_with_the_bodies(db_url, tmp_path, capsys):
+    """A miss's answer becomes an entry (written after its call row); an entry is a copy of an answer, so
+    ``velvet prune --bodies-after`` removes the entries stored before the cutoff too."""
+    old = at(chat(1), 10 * 86400)
+    old.cache = {"key": "a" * 64, "ttl": 30 * 86400.0, "bucket": 1}
+    new = at(chat(2), 60)
+    new.cache = {"key": "b" * 64, "ttl": 3600.0, "bucket": 1}
+    bad = at(chat(3), 50, status=500)
+    bad.cache = {"key": "c" * 64, "ttl": 3600.0, "bucket": 1}
+    start_writer(db_url, tmp_path / "spool", [old, new, bad])
+    s = js(capsys, "--db", db_url, "cache", "stats")
+    assert (s["entries"], s["live_entries"]) == (2, 2)  # the error stored nothing
+    code, out, err = run(capsys, "--db", db_url, "prune", "--bodies-after", "5d", "--json")
+    assert code == 0, err
+    assert orjson.loads(out)["cache_entries_pruned"] == 1
+    assert js(capsys, "--db", db_url, "cache", "stats")["entries"] == 1

@@ -9,8 +9,9 @@ from typing import Any
 from peewee import Database
 
 from velvet_core.storage import models
+from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import CacheHit, CacheStore
-from velvet_core.storage.sql import adapt, rows, ts
+from velvet_core.storage.sql import adapt, rows, to_dt, ts
 
 
 def _db() -> Database:
@@ -21,19 +22,29 @@ def _db() -> Database:
 
 def add_entries(ops: list[CacheStore]) -> None:
     """Each entry, unless its key already holds ``bucket`` live entries (two proxies, or two misses in flight,
-    may both have asked the API: the bucket stays as large as asked) or its flow already has one (a replay)."""
+    may both have asked the API: the bucket stays as large as asked) or its flow already has one (a replay).
+    One read for the group's keys and one ``executemany``: the writer stores an entry for every miss."""
     db = _db()
+    if not ops:
+        return
+    keys = sorted({op.row["key"] for op in ops})
+    oldest = min(op.row["created_at"] for op in ops)
+    held: dict[str, list[tuple[str, Any]]] = {}
+    for part in range(0, len(keys), 500):
+        chunk = keys[part:part + 500]
+        for r in rows(db, f"SELECT key, flow_id, expires_at FROM cache_entries WHERE key IN "
+                          f"({', '.join('?' for _ in chunk)}) AND expires_at > ?", (*chunk, ts(db, oldest))):
+            held.setdefault(r["key"], []).append((r["flow_id"], to_dt(r["expires_at"])))
+    new: list[dict[str, Any]] = []
     for op in ops:
         r = op.row
-        live = rows(db, "SELECT COUNT(*) AS n, SUM(CASE WHEN flow_id = ? THEN 1 ELSE 0 END) AS mine "
-                        "FROM cache_entries WHERE key = ? AND expires_at > ?",
-                    (r["flow_id"], r["key"], ts(db, r["created_at"])))[0]
-        if live["n"] >= op.bucket or live["mine"]:
+        mine = held.setdefault(r["key"], [])
+        live = [f for f, exp in mine if exp is None or exp > r["created_at"]]
+        if len(live) >= op.bucket or r["flow_id"] in live:
             continue
-        cols = list(r)
-        db.execute_sql(adapt(db, f"INSERT INTO cache_entries ({', '.join(cols)}) VALUES "
-                                 f"({', '.join('?' for _ in cols)})"),
-                       tuple(ts(db, v) if isinstance(v, datetime) else v for v in r.values()))
+        mine.append((r["flow_id"], r["expires_at"]))
+        new.append(r)
+    insert_rows(models.CacheEntry, new)
 
 
 def count_hits(ops: list[CacheHit]) -> None:
