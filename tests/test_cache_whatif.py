@@ -11,6 +11,13 @@ from support.helpers import calls, chat, js, run, start_writer
 NOW = time.time()
 
 
+@pytest.fixture(autouse=True)
+def _now():
+    """The calls' times are relative to each test's start (``--since 2950s`` is relative to the CLI's now)."""
+    global NOW
+    NOW = time.time()
+
+
 def at(snap, seconds_ago, *, fp="fp", body=None, status=200):
     snap.started_at = NOW - seconds_ago
     snap.ended_at = snap.started_at + 0.25

@@ -191,7 +191,7 @@ def test_a_bad_cache_option_is_one_line_at_start(tmp_path, standin, option):
     p.log.close()
 
 
-def _proxy(standin, tmp, url, *opts: str) -> Proxy:
+def start_proxy(standin, tmp, url, *opts: str) -> Proxy:
     return Proxy(url, standin.url, tmp, extra=[a for o in opts for a in ("--set", o)]).start()
 
 
@@ -205,7 +205,7 @@ def any_url(request, tmp_path):
 def test_ttl_expiry_bucket_rotation_off_and_a_corrupt_entry(standin, tmp_path, any_url, capsys):
     from support.helpers import js, run
 
-    p = _proxy(standin, tmp_path / "a", any_url, "velvet_cache=on", "velvet_cache_bucket=2")
+    p = start_proxy(standin, tmp_path / "a", any_url, "velvet_cache=on", "velvet_cache_bucket=2")
     try:
         with http(p) as c:
             # TTL: an entry of 1 second is gone after it
@@ -257,7 +257,7 @@ def test_ttl_expiry_bucket_rotation_off_and_a_corrupt_entry(standin, tmp_path, a
 
 
 def test_cache_off_ignores_the_header(standin, tmp_path, any_url):
-    p = _proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
+    p = start_proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
     try:
         with http(p) as c:
             first = post(c, prompt("off"), ON)
@@ -279,8 +279,8 @@ def test_two_proxies_on_one_postgresql_share_an_entry(standin, tmp_path):
     from support.pg import fresh_pg_url
 
     url = fresh_pg_url()
-    p1 = _proxy(standin, tmp_path / "p1", url, "velvet_cache=on")
-    p2 = _proxy(standin, tmp_path / "p2", url, "velvet_cache=on")
+    p1 = start_proxy(standin, tmp_path / "p1", url, "velvet_cache=on")
+    p2 = start_proxy(standin, tmp_path / "p2", url, "velvet_cache=on")
     try:
         with http(p1) as c:
             first = post(c, prompt("shared"))
@@ -300,7 +300,7 @@ def test_what_if_matches_what_the_cache_then_does(standin, tmp_path, any_url, ca
     # the same traffic twice: first with the cache off (what-if reads it), then with it on
     traffic = [("w1", {}), ("w1", {}), ("w2", {}), ("w1", {"max_tokens": 3}), ("w2", {}), ("w1", {}),
                ("w3", {"x-standin-scenario": "500"}), ("w3", {})]
-    off = _proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
+    off = start_proxy(standin, tmp_path / "off", any_url, "velvet_cache=off")
     try:
         with http(off) as c:
             for tag, extra in traffic:
@@ -313,7 +313,7 @@ def test_what_if_matches_what_the_cache_then_does(standin, tmp_path, any_url, ca
     from support.pg import fresh_pg_url
 
     url2 = f"sqlite:///{tmp_path / 'on.db'}" if any_url.startswith("sqlite") else fresh_pg_url()
-    on = _proxy(standin, tmp_path / "on", url2, "velvet_cache=on")
+    on = start_proxy(standin, tmp_path / "on", url2, "velvet_cache=on")
     hits = 0
     try:
         with http(on) as c:
