@@ -106,3 +106,30 @@ def test_the_writer_stores_an_entry_and_prune_removes_it_with_the_bodies(db_url,
     assert code == 0, err
     assert orjson.loads(out)["cache_entries_pruned"] == 1
     assert js(capsys, "--db", db_url, "cache", "stats")["entries"] == 1
+
+
+def test_a_hit_is_logged_counted_and_reported(db_url, tmp_path, capsys):
+    """A call the proxy answered from an entry: cache_hit, cost 0, saved_usd and tokens of the original, the
+    entry's hits counted; velvet stats, velvet cache stats and the report say so."""
+    first = at(chat(1), 120)
+    first.cache = {"key": "a" * 64, "ttl": 3600.0, "bucket": 1}
+    start_writer(db_url, tmp_path / "spool", [first])
+    orig = calls(db_url)["flow-1"]
+    hit = at(chat(2), 60)
+    hit.cache = {"hit": 1, "flow_id": "flow-1", "cost_usd": orig.cost_usd, "input_tokens": 11,
+                 "output_tokens": 22, "model": orig.model}
+    start_writer(db_url, tmp_path / "spool2", [hit])
+    row = calls(db_url)["flow-2"]
+    assert row.cache_hit and row.cost_usd == 0 and row.saved_usd == pytest.approx(orig.cost_usd)
+    assert (row.input_tokens, row.output_tokens, row.total_tokens) == (11, 22, 33)
+    s = js(capsys, "--db", db_url, "cache", "stats")
+    assert s["hits"] == 1 and s["by_model"][0]["hit_rate"] == 0.5
+    t = js(capsys, "--db", db_url, "stats")["totals"]
+    assert t["cache_hits"] == 1 and t["saved_usd"] == pytest.approx(orig.cost_usd)
+    code, out, _ = run(capsys, "--db", db_url, "stats")
+    assert "1 calls answered by velvet's cache" in out
+    r = js(capsys, "--db", db_url, "report", "--since", "1d")
+    assert [(d["hits"], d["saved_usd"]) for d in r["cache_by_day"]] == [(1, pytest.approx(orig.cost_usd))]
+    code, out, _ = run(capsys, "--db", db_url, "report", "--since", "1d", "-o", str(tmp_path / "r.html"))
+    html = (tmp_path / "r.html").read_text()
+    assert code == 0 and "Answered by velvet's cache" in html and "<td class=n>1</td>" in html

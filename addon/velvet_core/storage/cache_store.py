@@ -123,3 +123,19 @@ def clear(db: Database, older_than: datetime | None, model: str | None, key: str
     sql = "DELETE FROM cache_entries" + (" WHERE " + " AND ".join(where) if where else "")
     with db.atomic():
         return int(db.execute_sql(adapt(db, sql), tuple(params)).rowcount)
+
+
+def hits_by_day(db: Database, since: datetime, until: datetime) -> list[dict[str, Any]]:
+    """Calls the cache answered, and the USD they saved, per UTC day of [since, until)."""
+    if not has_cache(db):
+        return []
+    days: dict[str, dict[str, Any]] = {}
+    for r in rows(db, "SELECT started_at, saved_usd FROM calls WHERE cache_hit AND started_at >= ? "
+                      "AND started_at < ?", (ts(db, since), ts(db, until))):
+        started = to_dt(r["started_at"])
+        if started is None:
+            continue
+        d = days.setdefault(started.date().isoformat(), {"hits": 0, "saved_usd": 0.0})
+        d["hits"] += 1
+        d["saved_usd"] += float(r["saved_usd"] or 0.0)
+    return [{"day": k, "hits": v["hits"], "saved_usd": round(v["saved_usd"], 10)} for k, v in sorted(days.items())]
