@@ -262,8 +262,10 @@ async def read_response(reader: asyncio.StreamReader) -> None:
             return
 
 
-async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int) -> tuple[float, list[float]]:
-    """Many small non-streamed chat calls over keep-alive TLS tunnels: (requests/s, latencies in ms)."""
+async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int,
+               unique: str = "") -> tuple[float, list[float]]:
+    """Many small non-streamed chat calls over keep-alive TLS tunnels: (requests/s, latencies in ms). With
+    ``unique``, every request's body differs (a ``user`` field of ``unique`` and a number: a cache miss each)."""
     conns = [await tunnel(port, ctx) for _ in range(concurrency)]
     lat: list[float] = []
     left = [total]
@@ -273,7 +275,8 @@ async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int) -> 
         while left[0] > 0:
             left[0] -= 1
             t = time.perf_counter()
-            writer.write(req)
+            writer.write(request(REQ_BODY[:-1] + b',"user":"%s-%d"}' % (unique.encode(), left[0])) if unique
+                         else req)
             await read_response(reader)
             lat.append((time.perf_counter() - t) * 1000)
 
@@ -463,6 +466,46 @@ def _one_writer(url: str, n: int, spool: Path, ready: Any, results: Any) -> None
 
 # -- the run ---------------------------------------------------------------------------------------
 
+def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
+                conc: int, log: Any) -> dict[str, Any]:
+    """The response cache: live throughput with velvet_cache=off and with velvet_cache=on where every call is a
+    miss (a different body each: a look-up off the event loop, then an entry stored), each against plain mitmdump
+    in the same round; then the latency of a hit through the proxy."""
+    off, off_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheoff.db'}", "cacheoff",
+                             ("--set", "velvet_cache=off"))
+    on, on_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheon.db'}", "cacheon",
+                           ("--set", "velvet_cache=on"))
+    try:
+        ports = {"plain": plain_port, "off": off_port, "miss": on_port}
+        log(f"bench: response cache, {rounds} x {per_round:,} calls per proxy, every call a miss, alternated")
+        for port in ports.values():
+            asyncio.run(live(port, ctx, 200, conc, unique="warm"))
+        res: dict[str, list[float]] = {name: [] for name in ports}
+        names = list(ports)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                res[name].append(asyncio.run(live(ports[name], ctx, per_round, conc, unique=f"r{r}"))[0])
+        ratio = lambda name: statistics.median(  # noqa: E731
+            v / p for p, v in zip(res["plain"], res[name], strict=True))
+        asyncio.run(live(on_port, ctx, 1, 1))  # the answer to repeat, stored by the writer within a second or so
+        time.sleep(2.5)
+        _, hits = asyncio.run(live(on_port, ctx, 400, 1))
+        _, plain_lat = asyncio.run(live(plain_port, ctx, 400, 1))
+        return {"cache_off_rps_ratio": round(ratio("off"), 3), "cache_on_miss_rps_ratio": round(ratio("miss"), 3),
+                "cache_hit_p50_ms": round(statistics.median(hits), 3),
+                "plain_p50_ms_one_client": round(statistics.median(plain_lat), 3),
+                "cache_hits_logged": hits_logged(tmp / "cacheon.db")}
+    finally:
+        off.stop()
+        on.stop()
+
+
+def hits_logged(db: Path) -> int:
+    time.sleep(1.5)
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        return int(c.execute("SELECT COUNT(*) FROM calls WHERE cache_hit").fetchone()[0])
+
+
 def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         rounds: int | None = None, keep: bool = False) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="velvet-bench-"))
@@ -544,6 +587,7 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         out.update(stream_ttft_ms_plain=round(statistics.median(tt_p), 2),
                    stream_ttft_ms_plain_streaming=round(statistics.median(tt_s), 2),
                    stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
+        out.update(cache_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
         plain.stop()
         velvet.stop()
         thread.stop()

@@ -124,6 +124,13 @@ async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
     ("velvet_body_limit", -1, "velvet_body_limit"),
     ("velvet_retention", "rows=often", "velvet_retention"),
     ("velvet_retention", "rows=1d,bodies=30d", "velvet_retention"),
+    ("velvet_cache", "sometimes", "velvet_cache"),
+    ("velvet_cache_ttl", "0", "velvet_cache_ttl: '0': must be more than 0 seconds"),
+    ("velvet_cache_ttl", "-5", "velvet_cache_ttl"),
+    ("velvet_cache_ttl", "400d", "velvet_cache_ttl: '400d': at most 365 days"),
+    ("velvet_cache_scope", "team", "velvet_cache_scope"),
+    ("velvet_cache_bucket", 21, "velvet_cache_bucket: must be from 1 to 20, got 21"),
+    ("velvet_cache_bucket", 0, "velvet_cache_bucket"),
 ])
 def test_bad_options(opt, value, msg):
     v = Velvet()

@@ -100,17 +100,20 @@ def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
         request_tap=TapInfo(tmp_path / "req.spill", 10, True, None), response_tap=TapInfo(None, 0, False, "cut"),
         client_body=b"{}", tags={"team": "a"}, route=classify("GET", "/openai/deployments/d/files/file-1/content"),
         request_fields=[(b"Content-Type", b"application/json")], response_fields=((b"X-Request-Id", b"req_1"),),
-        scheme="http", port=18101)
+        scheme="http", port=18101, cache={"key": "k", "ttl": 60.0, "bucket": 1})
     assert all(getattr(full, f.name) not in (None, False) for f in dataclasses.fields(full))  # every field set
     frame = pickle.dumps(to_record(full), protocol=pickle.HIGHEST_PROTOCOL)
     assert not [op for op, *_ in pickletools.genops(frame) if "GLOBAL" in op.name or "REDUCE" in op.name]
     assert from_record(pickle.loads(frame)) == full
     assert from_record(("something", "else")) is None
-    before = (2, *to_record(full)[1:-4])  # a frame of the format before the raw header fields (RECORD 2)
+    before = (2, *to_record(full)[1:-5])  # a frame of the format before the raw header fields (RECORD 2)
     assert from_record(pickle.loads(pickle.dumps(before))) == dataclasses.replace(
-        full, request_fields=None, response_fields=None, scheme="https", port=None)
-    before = (3, *to_record(full)[1:-2])  # before scheme and port (RECORD 3)
-    assert from_record(pickle.loads(pickle.dumps(before))) == dataclasses.replace(full, scheme="https", port=None)
+        full, request_fields=None, response_fields=None, scheme="https", port=None, cache=None)
+    before = (3, *to_record(full)[1:-3])  # before scheme and port (RECORD 3)
+    assert from_record(pickle.loads(pickle.dumps(before))) == dataclasses.replace(
+        full, scheme="https", port=None, cache=None)
+    before = (4, *to_record(full)[1:-1])  # before the cache's part (RECORD 4)
+    assert from_record(pickle.loads(pickle.dumps(before))) == dataclasses.replace(full, cache=None)
 
     j = Journal(tmp_path / "j", "tag")
     j.append(full)

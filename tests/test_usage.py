@@ -482,7 +482,7 @@ def test_stats_counts_estimates_apart(sqlite_url):
     s = queries.stats(db)
     assert {g["model"]: g["estimated_calls"] for g in s["calls"]} == {"gpt-4.1": 1, "gpt-4o-mini": 1}
     assert s["totals"] == {"calls": 3, "errors": 0, "input_tokens": 16, "output_tokens": 0, "estimated_calls": 2,
-                           "cost_usd": 0.0}
+                           "cost_usd": 0.0, "cache_hits": 0, "saved_usd": 0.0}
     db.close()
 
 
@@ -502,7 +502,8 @@ def test_stats_on_a_database_the_proxy_has_not_migrated(tmp_path):
     ro = database.open_readonly(url)
     try:
         assert queries.stats(ro)["totals"] == {"calls": 1, "errors": 0, "input_tokens": 4, "output_tokens": 0,
-                                               "estimated_calls": 0, "cost_usd": 0.0}
+                                               "estimated_calls": 0, "cost_usd": 0.0, "cache_hits": 0,
+                                               "saved_usd": 0.0}
     finally:
         ro.close()
 
@@ -519,7 +520,8 @@ def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
 
     v = Velvet()
     with taddons.context(v) as tctx:
-        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"))
+        # (velvet_cache off: the cache's request hook is the other reason for one)
+        tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool"), velvet_cache="off")
         with pytest.raises(exceptions.OptionsError):
             tctx.configure(v, velvet_stream_usage="always")
         body = orjson.dumps(BODY)
@@ -539,6 +541,15 @@ def test_inject_hook_picks_its_requests(path, changed, sqlite_url, tmp_path):
         v.injected.clear()
         tctx.configure(v, velvet_stream_usage="off")
         assert v.request is None
+        # the cache's hook (velvet_cache=header, the default) still asks for usage for a flow it leaves alone
+        tctx.configure(v, velvet_stream_usage="inject", velvet_cache="header")
+        f = tflow.tflow(req=tutils.treq(host="api.openai.com", port=443, scheme=b"https", method=b"POST",
+                                        path=path.encode(), content=body,
+                                        headers=mhttp.Headers(host="api.openai.com",
+                                                              **{"content-type": "application/json"})))
+        v.requestheaders(f)
+        assert v.request(f) is None
+        assert (f.id in v.injected) is changed and (f.request.content != body) is changed
 
 
 @pytest.mark.parametrize("crlf", [False, True])

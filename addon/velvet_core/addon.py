@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from mitmproxy import command, contentviews, ctx, exceptions, http
 
 from velvet_core import config
+from velvet_core.cache.key import CACHEABLE_KINDS, parse_ttl, scope_value
+from velvet_core.cache.lookup import BIG_BODY
 from velvet_core.capture.contentview import BatchJsonlContentview
 from velvet_core.capture.notes import FlowNotes
 from velvet_core.capture.take import META_KEY, StreamRecorder, begin, finish
@@ -35,6 +37,7 @@ from velvet_core.writer.child import ChildWriter
 if TYPE_CHECKING:
     from velvet_core.alerts.rules import RuleSet
     from velvet_core.alerts.runner import AlertRunner
+    from velvet_core.cache.lookup import Found, Lookup
     from velvet_core.storage.prune import Pruner, Retention
     from velvet_core.writer.writer import Writer
 
@@ -111,9 +114,15 @@ class Velvet:
         self.alert_interval = 30.0
         self.retention: Retention | None = None
         self.pruner: Pruner | None = None
-        # the request hook exists only with velvet_stream_usage=inject: mitmproxy skips a hook that is None,
-        # which saves every other flow a call
-        self.request: Callable[[http.HTTPFlow], None] | None = None
+        # the response cache (velvet_cache): its look-up (threads of its own, made at the first one)
+        self.cache_mode = "header"
+        self.cache_ttl = 7 * 86400.0
+        self.cache_scope = "key"
+        self.cache_bucket = 1
+        self.lookup: Lookup | None = None
+        # the request hook exists only with velvet_stream_usage=inject or the cache on: mitmproxy skips a hook
+        # that is None, which saves every other flow a call
+        self.request: Callable[[http.HTTPFlow], Any] | None = None
 
     @property
     def comments(self) -> bool:
@@ -137,7 +146,9 @@ class Velvet:
     _KEEP: ClassVar[dict[str, str]] = {
         "velvet_hosts": "hosts", "velvet_prices": "processor.pricer", "velvet_body_limit": "processor.body_limit",
         "velvet_stream_threshold": "stream_threshold", "velvet_alert_interval": "alert_interval",
-        "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage", "velvet_retention": "retention"}
+        "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage", "velvet_retention": "retention",
+        "velvet_cache": "cache_mode", "velvet_cache_ttl": "cache_ttl", "velvet_cache_scope": "cache_scope",
+        "velvet_cache_bucket": "cache_bucket"}
 
     def configure(self, updated: set[str]) -> None:
         opts = ctx.options
@@ -172,6 +183,10 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
             self._stop_pruner()
             self._start_pruner()
+        if updated & {"velvet_db", "velvet_cache"} and self.lookup is not None:
+            self.lookup.close()
+            self.lookup = None
+        self._hook_request()
 
     @property
     def stream_usage(self) -> str:
@@ -180,8 +195,13 @@ class Velvet:
     @stream_usage.setter
     def stream_usage(self, value: str) -> None:
         self.inject_usage = value == "inject"
-        # the request hook exists only with inject: mitmproxy skips a hook that is None
-        self.request = self._ask_for_usage if self.inject_usage else None
+
+    def _hook_request(self) -> None:
+        """The request hook exists only when it has work (mitmproxy skips a hook that is None)."""
+        if self.cache_mode != "off":
+            self.request = self._request
+        else:
+            self.request = self._ask_for_usage if self.inject_usage else None
 
     def running(self) -> None:
         self.notes.loop = ctx.master.event_loop
@@ -195,6 +215,9 @@ class Velvet:
             self._start_pruner()
 
     def done(self) -> None:
+        if self.lookup is not None:
+            self.lookup.close()
+            self.lookup = None
         self._stop_pruner()
         self._stop_alerts()
         self._stop_writer()
@@ -353,6 +376,89 @@ class Velvet:
         if route.batch_body == "request":
             self._tap(flow, flow.request, "request")
 
+    def _request(self, flow: http.HTTPFlow) -> Any:
+        """The ``request`` hook with the cache on: a look-up (a coroutine mitmproxy awaits, so the loop serves
+        other flows meanwhile) for a request the cache applies to; else what velvet_stream_usage asks."""
+        snap = self.snapshots.get(flow.id)
+        if snap is None:
+            return None
+        try:
+            asked = snap.cache.get("header", "") if snap.cache else ""
+            if ((self.cache_mode == "on" and asked != "off") or asked in ("on", "refresh")) \
+                    and snap.route.action == "create" and snap.route.kind in CACHEABLE_KINDS:
+                return self._look_up(flow, snap, asked == "refresh")
+            if snap.cache is not None:
+                snap.cache = None  # (the headers' values, taken by begin(): nothing for the writer)
+        except Exception:
+            log.exception("velvet: request failed for %s %s (flow %s); the flow continues",
+                          flow.request.method, redact(flow.request.pretty_url), flow.id)
+        if self.inject_usage:
+            self._ask_for_usage(flow)
+        return None
+
+    def _look_up(self, flow: http.HTTPFlow, snap: CallSnapshot, refresh: bool) -> Any:
+        """Decide on the event loop what it can (not cacheable, refresh, a key the index does not hold: a miss);
+        a coroutine for the rest (a hit to read from the database, a big body to hash)."""
+        req = flow.request
+        asked = snap.cache or {}
+        snap.cache = None
+        body = req.raw_content
+        if body is None or len(body) > self.processor.body_limit \
+                or req.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
+            return self._ask_for_usage(flow) if self.inject_usage else None
+        if self.lookup is None:
+            from velvet_core.cache.lookup import Lookup
+
+            self.lookup = Lookup(self.db_url())
+        ttl = self.cache_ttl
+        if "ttl" in asked:
+            try:
+                ttl = parse_ttl(asked["ttl"])
+            except ValueError:
+                log.info("velvet: velvet-cache-ttl %r is not a TTL; using velvet_cache_ttl", asked["ttl"])
+        args = (snap.route.kind, body, scope_value(self.cache_scope, snap.key_fingerprint,
+                                                   req.headers.get("openai-project")),
+                req.method, snap.host, snap.path, asked.get("seed", ""))
+        if len(body) > BIG_BODY:
+            return self._look_up_later(flow, snap, None, args, refresh, ttl)
+        found = self.lookup.key_for(*args)
+        if found.key is not None and not refresh and self.lookup.known(found.key):
+            return self._look_up_later(flow, snap, found, args, refresh, ttl)
+        self._cache_miss(flow, snap, found, ttl)
+        return None
+
+    def _cache_miss(self, flow: http.HTTPFlow, snap: CallSnapshot, found: Found, ttl: float) -> None:
+        if found.key is not None:
+            snap.cache = {"key": found.key, "ttl": ttl, "bucket": self.cache_bucket}
+        if self.inject_usage:
+            self._ask_for_usage(flow)
+
+    async def _look_up_later(self, flow: http.HTTPFlow, snap: CallSnapshot, found: Found | None,
+                             args: tuple[Any, ...], refresh: bool, ttl: float) -> None:
+        lookup = self.lookup
+        assert lookup is not None
+        try:
+            if found is None:  # (a big body: hashed off the loop)
+                found = await lookup.key_off_loop(*args)
+                if found.key is None or refresh or not lookup.known(found.key):
+                    return self._cache_miss(flow, snap, found, ttl)
+            got = await lookup.fetch(snap.route.kind, found, self.cache_bucket)
+            if flow.id not in self.snapshots:  # (the client went away meanwhile)
+                return None
+            if (content := got.content) is not None:
+                flow.response = http.Response.make(200, content, {
+                    "content-type": got.content_type, "x-velvet-cache": "HIT", "age": str(got.age)})
+                snap.cache = got.info
+                if got.content_type.startswith("text/event-stream"):
+                    snap.stream_chunks, snap.stream_finished = [(time.time(), content)], True
+                return None
+        except Exception:
+            log.exception("velvet: cache look-up failed for %s %s (flow %s); the flow continues",
+                          flow.request.method, redact(flow.request.pretty_url), flow.id)
+            if found is None:
+                return None
+        return self._cache_miss(flow, snap, found, ttl)
+
     @guarded
     def _ask_for_usage(self, flow: http.HTTPFlow) -> None:
         """The ``request`` hook when velvet_stream_usage=inject: ask upstream for the usage of a stream."""
@@ -371,6 +477,11 @@ class Velvet:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id not in self.snapshots or flow.response is None:
             return
+        if (cached := self.snapshots[flow.id].cache) is not None:
+            if "hit" in cached:
+                return  # answered from the cache: the whole body is there
+            if "key" in cached:
+                flow.response.headers["x-velvet-cache"] = "MISS"
         if "text/event-stream" in flow.response.headers.get("content-type", ""):
             strip = None
             if flow.id in self.injected:

@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     building the parser imports no command's code (``velvet --help`` and ``--version`` start fast).
     """
     from velvet_core.alerts import cli as alerts_cli
+    from velvet_core.cache import cli as cache_cli
     from velvet_core.experiments import cli as experiments_cli
     from velvet_core.query import cli as query_cli
     from velvet_core.report import cli as report_cli
@@ -50,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     report_cli.add_commands(command)  # report
     query_cli.add_maintenance(command)  # rebuild
     serve_cli.add_commands(command)  # proxy, addon-path
+    cache_cli.add_commands(command)  # cache what-if, stats, clear
     return ap
 
 

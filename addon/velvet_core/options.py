@@ -95,6 +95,21 @@ def _seconds(value: str, _: Option) -> float:
     return v
 
 
+def _ttl(value: str, _: Option) -> float:
+    from velvet_core.cache.key import parse_ttl
+
+    try:
+        return parse_ttl(value)
+    except ValueError as e:
+        raise OptionError(str(e)) from None
+
+
+def _bucket(value: int, _: Option) -> int:
+    if not 1 <= value <= 20:
+        raise OptionError(f"must be from 1 to 20, got {value}")
+    return value
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("velvet_db", str, "",
            "Database URL: sqlite:///relative.db, sqlite:////absolute.db or "
@@ -147,6 +162,21 @@ OPTIONS: tuple[Option, ...] = (
            "then whole rows, older than that are removed once an hour, in the background (a batch whole, by "
            "when it ended; the rollups and counters stay, so stats and the report stay right). Off by default.",
            parse=_retention),
+    Option("velvet_cache", str, "header",
+           "The response cache (exact match): 'off'; 'header' (only requests carrying velvet-cache: on or "
+           "refresh); 'on' (every cacheable request: POST to chat completions, completions, embeddings, "
+           "moderations, and responses with store: false). Per request, velvet-cache: on, off (bypass) or refresh "
+           "(ask the API, store the new answer); velvet-cache-ttl: SECONDS; velvet-cache-seed: TEXT (a separate "
+           "namespace). velvet removes these headers before the request leaves.",
+           choices=("off", "header", "on"), parse=_choice),
+    Option("velvet_cache_ttl", str, "7d",
+           "How long a cache entry is served: seconds, or e.g. 30m, 2h, 7d (at most 365d).", parse=_ttl),
+    Option("velvet_cache_scope", str, "key",
+           "Who shares cache entries: 'key' (each API key apart), 'project' (the openai-project header), or "
+           "'global' (everyone through this database).", choices=("key", "project", "global"), parse=_choice),
+    Option("velvet_cache_bucket", int, 1,
+           "Up to this many different answers stored per request (1 to 20), served in turn once all are "
+           "stored.", parse=_bucket),
 )
 
 BY_NAME = {o.name: o for o in OPTIONS}

@@ -48,6 +48,7 @@ def secret_name(name: str) -> bool:
 PLAIN: set[bytes] = set()
 _SECRET: set[bytes] = set()
 _TAG = b"velvet-metadata-"  # (never plain: the capture takes them out of the request)
+_CACHE = b"velvet-cache"  # (nor the cache's headers: the same)
 
 
 def secret_header(name: bytes) -> bool:
@@ -60,7 +61,7 @@ def secret_header(name: bytes) -> bool:
     if len(PLAIN) + len(_SECRET) < 4096:  # (names a client makes up cannot grow them without end)
         if secret:
             _SECRET.add(name)
-        elif not name.lower().startswith(_TAG):
+        elif not name.lower().startswith((_TAG, _CACHE)):
             PLAIN.add(name)
     return secret
 

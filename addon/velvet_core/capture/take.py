@@ -23,6 +23,24 @@ META_KEY = "velvet"
 
 _TAG = TAG_PREFIX.encode()
 _SECRET = frozenset(h.encode() for h in SECRET_HEADERS)
+CACHE_PREFIX = "velvet-cache"
+_CACHE = CACHE_PREFIX.encode()
+# velvet-cache (on, off, refresh), velvet-cache-ttl, velvet-cache-seed: what the snapshot keeps of each
+_CACHE_HEADERS = {"velvet-cache": "header", "velvet-cache-ttl": "ttl", "velvet-cache-seed": "seed"}
+
+
+def pop_cache_headers(headers: http.Headers) -> dict[str, str]:
+    """Remove the ``velvet-cache*`` headers (they never go upstream) and return the cache's requests:
+    ``header`` (on, off, refresh; lower case), ``ttl``, ``seed``."""
+    out: dict[str, str] = {}
+    for name in list(headers.keys()):
+        low = name.lower()
+        if low.startswith(CACHE_PREFIX):
+            if field := _CACHE_HEADERS.get(low):
+                value = ", ".join(headers.get_all(name)).strip()
+                out[field] = value.lower() if field == "header" else value
+            del headers[name]
+    return out
 
 
 def pop_tags(headers: http.Headers) -> dict[str, str]:
@@ -47,7 +65,7 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
     req = flow.request
     keep: list[tuple[bytes, bytes]] = []
     secret: dict[str, str] | None = None
-    tagged = False
+    tagged = cached = False
     for f in req.headers.fields:
         name = f[0].lower()
         if name in PLAIN:
@@ -58,6 +76,8 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
             secret[key] = f"{secret[key]}, {value}" if key in secret else value
         elif name.startswith(_TAG):
             tagged = True
+        elif name.startswith(_CACHE):
+            cached = True
         else:
             keep.append(f)
     # a key in the query (?api-key=, ?key=) is taken out here, before the journal: no later stage holds it
@@ -69,6 +89,7 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
         key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
         request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
         request_fields=keep, scheme=req.scheme, port=req.port,
+        cache=pop_cache_headers(req.headers) if cached else None,
     )
 
 

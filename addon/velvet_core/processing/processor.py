@@ -15,7 +15,7 @@ from typing import Any
 from velvet_core.config import BODY_LIMIT
 from velvet_core.cost.prices import Pricer
 from velvet_core.parsing.extract import utc
-from velvet_core.processing import batches, comments
+from velvet_core.processing import batches, cache, comments
 from velvet_core.processing.batch_files import ingest_buffered, ingest_streamed
 from velvet_core.processing.calls import Body, parse_call
 from velvet_core.processing.markers import marker
@@ -62,9 +62,13 @@ class Processor:
         elif s.route.kind in ("files", "uploads", "batches"):
             summary = list(batches.prepare(s, req, resp, pricer))
             yield from summary
+        cached: list[Op] = []
+        if s.cache:  # the response cache: a hit's row and count, or a miss's new entry (after its call row)
+            cached = [*cache.mark_hit(s, row), *cache.entry(s, row, resp, self.body_limit)]
         _log_problem(s, row)
         self._describe(s, row, summary)
         yield CallRow(row)
+        yield from cached
 
     def _batch_body(self, s: CallSnapshot, row: dict[str, Any], req: Body, resp: Body | None,
                     pricer: Pricer) -> Iterator[Op]:

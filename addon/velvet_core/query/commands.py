@@ -152,6 +152,8 @@ def cmd_stats(db: Database, a: argparse.Namespace) -> None:
             ms(g["latency_p95_ms"]), ms(g["ttft_p50_ms"])] for g in s["calls"]],
           right=tuple(range(1, 10)))
     t = s["totals"]
+    if t.get("cache_hits"):
+        print(f"{count(t['cache_hits'])} calls answered by velvet's cache, saving {money(t['saved_usd'])}")
     if t["estimated_calls"]:
         print(f"{count(t['estimated_calls'])} of {count(t['calls'])} calls have estimated tokens and cost: "
               "streams without usage, counted by velvet (see velvet_stream_usage)")

@@ -15,7 +15,7 @@ from typing import Any
 from peewee import Database, PostgresqlDatabase
 
 from velvet_core import clock, config
-from velvet_core.storage import batch_rule, rollups
+from velvet_core.storage import batch_rule, cache_store, rollups
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
 
 
@@ -353,6 +353,7 @@ def stats(db: Database, by: str = "model", since: datetime | None = None) -> dic
     totals = {k: sum(g[k] for g in out_live) for k in ("calls", "errors", "input_tokens", "output_tokens",
                                                          "estimated_calls")}
     totals["cost_usd"] = round(sum(g["cost_usd"] for g in out_live), 10)
+    totals["cache_hits"], totals["saved_usd"] = cache_store.hit_totals(db, since)
     return {"by": by, "since": iso(since), "calls": out_live, "batches": out_batch, "totals": totals}
 
 

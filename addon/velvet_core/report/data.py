@@ -19,7 +19,7 @@ from velvet_core.cost.prices import Pricer
 from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
 from velvet_core.query import queries
-from velvet_core.storage import batch_rule, rollups
+from velvet_core.storage import batch_rule, cache_store, rollups
 from velvet_core.storage.sql import adapt, iso, percentile, stream_rows, to_dt, ts
 
 BAD = ("failed", "expired", "cancelled")
@@ -61,6 +61,7 @@ def collect(db: Database, since: datetime, until: datetime,
     days = sorted({d for d, _ in spend})
     out["spend_by_day"] = [{"day": d, "model": m, **{k: round(v, 10) for k, v in spend[(d, m)].items()}}
                            for d in days for m in sorted(m for dd, m in spend if dd == d)]
+    out["cache_by_day"] = cache_store.hits_by_day(db, since, until)  # calls the response cache answered
     top_tags: list[dict[str, Any]] = [{"tag": t, **v, "cost_usd": round(v["cost_usd"], 10)}
                                       for t, v in tags.items()]
     out["top_tags"] = sorted(top_tags, key=lambda r: -r["cost_usd"])[:TOP]

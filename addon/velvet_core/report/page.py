@@ -159,6 +159,10 @@ def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) ->
                      "in this period.</p>")
     else:
         parts.append(_empty("No spend recorded in this period."))
+    if cache := data.get("cache_by_day"):
+        parts.append("<h3>Answered by velvet's cache</h3>" + _table(
+            ["day", "hits", "saved"], [[c["day"], f"{c['hits']:,}", money(c["saved_usd"])] for c in cache],
+            numeric=(1, 2)))
 
     step("drawing traffic")
     pts = data["traffic"]["points"]

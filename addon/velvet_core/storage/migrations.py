@@ -834,6 +834,39 @@ def _retention(db: Database) -> None:
     db.execute_sql(VIEW_SUMMARY_V5)
 
 
+def _cache(db: Database) -> None:
+    # the response cache (issue 23): its entries, and on calls whether the proxy answered from one and what
+    # that saved. An entry keeps the answer's exact bytes (``body``): the calls row's response_body is jsonb on
+    # PostgreSQL, which rewrites key order and spacing, and a hit must give the client the same bytes.
+    sqlite = isinstance(db, SqliteDatabase)
+    ts = "DATETIME" if sqlite else "TIMESTAMP"
+    boolean = "INTEGER" if sqlite else "BOOLEAN"  # (peewee's BooleanField on each)
+    db.execute_sql(f'ALTER TABLE "calls" ADD COLUMN "cache_hit" {boolean} DEFAULT FALSE NOT NULL')
+    db.execute_sql('ALTER TABLE "calls" ADD COLUMN "saved_usd" REAL')
+    db.execute_sql(f"""CREATE TABLE "cache_entries" (
+        "id" {"INTEGER NOT NULL PRIMARY KEY" if sqlite else "SERIAL NOT NULL PRIMARY KEY"},
+        "key" TEXT NOT NULL,
+        "flow_id" TEXT NOT NULL,
+        "created_at" {ts} NOT NULL,
+        "expires_at" {ts} NOT NULL,
+        "hits" INTEGER NOT NULL,
+        "last_hit_at" {ts},
+        "endpoint" TEXT NOT NULL,
+        "model" TEXT,
+        "key_fingerprint" TEXT,
+        "content_type" TEXT NOT NULL,
+        "body" TEXT NOT NULL,
+        "size" BIGINT NOT NULL,
+        "stream" {boolean} NOT NULL,
+        "input_tokens" BIGINT,
+        "output_tokens" BIGINT,
+        "cost_usd" REAL
+    )""")
+    db.execute_sql('CREATE INDEX "cache_entries_key" ON "cache_entries" ("key")')
+    db.execute_sql('CREATE INDEX "cache_entries_expires_at" ON "cache_entries" ("expires_at")')
+    db.execute_sql('CREATE INDEX "calls_cache_hit" ON "calls" ("started_at") WHERE "cache_hit"')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -859,6 +892,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(12, "call_origin", _call_origin),
     Migration(13, "report_indexes", _report_indexes),
     Migration(14, "retention", _retention),
+    Migration(15, "cache", _cache),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

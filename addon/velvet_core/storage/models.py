@@ -177,6 +177,8 @@ class Call(Base):
     scheme = TextField(null=True)  # as the call went upstream (migration 12; NULL before: https)
     port = IntegerField(null=True)
     pruned_at = DateTimeField(null=True)  # its bodies were removed then (velvet prune, velvet_retention)
+    cache_hit = BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])  # answered by the proxy's cache
+    saved_usd = FloatField(null=True)  # a hit: the cost of the answer it gave again
 
     class Meta:
         table_name = "calls"
@@ -186,6 +188,8 @@ class Call(Base):
 Call.add_index(Call.started_at, name="calls_usage_estimated", where=Call.usage_estimated)
 # the tagged calls, for the report's top tags (migration 13)
 Call.add_index(Call.started_at, name="calls_tagged", where=Call.tags.is_null(False))
+# the calls the cache answered, for velvet cache stats and velvet stats (migration 15)
+Call.add_index(Call.started_at, name="calls_cache_hit", where=Call.cache_hit)
 
 
 class File(Base):
@@ -492,6 +496,31 @@ class Alert(Base):
         indexes = ((("rule", "subject"), False),)
 
 
+class CacheEntry(Base):
+    """A response cache entry: a request's canonical key and the answer it is served (migration 15)."""
+
+    id = AutoField()
+    key = TextField(index=True)
+    flow_id = TextField()  # the call whose answer this is (calls.flow_id)
+    created_at = DateTimeField()
+    expires_at = DateTimeField(index=True)
+    hits = IntegerField()
+    last_hit_at = DateTimeField(null=True)
+    endpoint = TextField()
+    model = TextField(null=True)
+    key_fingerprint = TextField(null=True)
+    content_type = TextField()
+    body = TextField()  # the answer's exact bytes (calls.response_body is jsonb on PostgreSQL: rewritten)
+    size = BigIntegerField()
+    stream = BooleanField()  # the original was a stream (body: the answer reassembled)
+    input_tokens = BigIntegerField(null=True)
+    output_tokens = BigIntegerField(null=True)
+    cost_usd = FloatField(null=True)
+
+    class Meta:
+        table_name = "cache_entries"
+
+
 class BatchCount(Base):
     """Counters of a batch's logged lines, kept by the store in the transaction that links them.
 
@@ -538,5 +567,5 @@ class CallRollup(Base):
         indexes = ((("hours", "period", "model", "endpoint", "key_fingerprint"), True),)
 
 
-MODELS = [Meta, Call, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload, UploadPart,
-          ProxyStatus, Experiment, ExperimentLine, Comparison, Alert, BatchCount, CallRollup]
+MODELS = [Meta, Call, CacheEntry, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload,
+          UploadPart, ProxyStatus, Experiment, ExperimentLine, Comparison, Alert, BatchCount, CallRollup]

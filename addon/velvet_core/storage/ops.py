@@ -95,7 +95,26 @@ class RequestLines(_Rows):
 class ResultLines(_Rows):
     """Up to 500 ``batch_results`` rows (output or error lines) of one file."""
 
+
+
+@dataclass(slots=True)
+class CacheStore:
+    """A response cache entry to add (if its key holds fewer than ``bucket`` live entries): ``row`` is the
+    ``cache_entries`` row."""
+
+    row: Row
+    bucket: int
+
+
+@dataclass(slots=True)
+class CacheHit:
+    """The proxy answered a call from cache entry ``entry_id`` at ``at``."""
+
+    entry_id: int
+    at: datetime
+
+
 Op = CallRow | FileSeen | BatchSeen | UploadSeen | UploadCompleted | RequestLines | ResultLines | PartSeen \
-    | InputDone | OutputDone
+    | InputDone | OutputDone | CacheStore | CacheHit
 LINES = (RequestLines, ResultLines)
 """Batch-file lines, 500 per operation: written as they come so a big body stays bounded in memory."""

@@ -80,13 +80,15 @@ class Pruned:
     batches_pruned: int = 0
     lines_pruned: int = 0
     bytes_freed: int = 0  # the size of the bodies removed (with their rows, or alone)
+    cache_entries_pruned: int = 0  # response cache entries (each a copy of an answer)
     seconds: float = 0.0
     longest_transaction_ms: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {"calls_pruned": self.calls_pruned, "call_bodies_pruned": self.call_bodies_pruned,
                 "batches_pruned": self.batches_pruned, "lines_pruned": self.lines_pruned,
-                "bytes_freed": self.bytes_freed, "seconds": round(self.seconds, 3)}
+                "bytes_freed": self.bytes_freed, "cache_entries_pruned": self.cache_entries_pruned,
+                "seconds": round(self.seconds, 3)}
 
 
 def prune(db: Database, *, bodies_before: datetime | None = None, rows_before: datetime | None = None,
@@ -100,7 +102,9 @@ def prune(db: Database, *, bodies_before: datetime | None = None, rows_before: d
         for batch_id in job.ended_batches(rows_before, "rows"):
             job.batch_rows(batch_id)
         job.loose_lines(rows_before, delete=True)
+        job.cache_entries(rows_before)
     if bodies_before is not None:
+        job.cache_entries(bodies_before)
         job.call_bodies(bodies_before)
         for batch_id in job.ended_batches(bodies_before, "bodies"):
             job.batch_bodies(batch_id)
@@ -192,6 +196,15 @@ class _Job:
         self.out.call_bodies_pruned += self.chunks(select, params, lambda ids: self.run(
             "UPDATE calls SET request_body = NULL, response_body = NULL, response_text = NULL, pruned_at = ? "
             f"WHERE id IN ({self.marks(ids)})", (now, *ids)))
+
+    def cache_entries(self, before: datetime) -> None:
+        """The response cache's entries stored before the cutoff: each holds a copy of an answer (a body)."""
+        select, params = "SELECT id FROM cache_entries WHERE created_at < ?", (ts(self.db, before),)
+        self.sizes("cache_entries", ("body",), select, params)
+        self.out.cache_entries_pruned += self.chunks(
+            select, params,
+            lambda ids: self.run(f"DELETE FROM cache_entries WHERE id IN ({self.marks(ids)})",
+                                 ids))
 
     # -- batches ------------------------------------------------------------------------------------
 

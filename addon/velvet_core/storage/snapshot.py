@@ -59,6 +59,9 @@ class CallSnapshot:
     response_fields: Fields | None = None
     scheme: str = "https"  # as the request went upstream (a local server may be plain http on any port)
     port: int | None = None
+    # the response cache's part: {"key", "ttl", "bucket", "scope"} for a miss whose answer is to be stored,
+    # {"hit": entry id, "flow_id", "cost_usd", "input_tokens", "output_tokens", "model"} for a hit
+    cache: dict[str, Any] | None = None
 
     def __reduce__(self) -> tuple[Any, ...]:
         # a plain tuple of the fields: a fraction of the dataclass default's time (journaled for every flow)
@@ -72,8 +75,8 @@ def _rebuild(values: tuple[Any, ...]) -> CallSnapshot:
     return CallSnapshot(*values)
 
 
-RECORD = 4  # the journal's frame: a tuple of plain values, this number first (3: without scheme and port, 2: also
-# without the raw header fields)
+RECORD = 5  # the journal's frame: a tuple of plain values, this number first (4: without the cache's part, 3: also
+# without scheme and port, 2: also without the raw header fields)
 
 
 def to_record(s: CallSnapshot) -> tuple[Any, ...]:
@@ -88,7 +91,7 @@ def to_record(s: CallSnapshot) -> tuple[Any, ...]:
             s.request_end_at, s.status_code, s.response_headers, s.response_body, s.response_encoding,
             s.first_byte_at, s.ended_at, s.stream_chunks, s.stream_finished, s.error, s.notes,
             _tap(s.request_tap), _tap(s.response_tap), s.client_body, s.request_fields, s.response_fields,
-            s.scheme, s.port)
+            s.scheme, s.port, s.cache)
 
 
 def from_record(rec: Any) -> CallSnapshot | None:
@@ -96,10 +99,12 @@ def from_record(rec: Any) -> CallSnapshot | None:
     the raw header fields); None for anything else."""
     if isinstance(rec, CallSnapshot):
         return rec
-    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 3 and rec[0] == 2:
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 4 and rec[0] == 2:
         rec = (3, *rec[1:], None, None)  # (written before the raw header fields)
-    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 1 and rec[0] == 3:
-        rec = (RECORD, *rec[1:], "https", None)  # (written before scheme and port: https, as velvet assumed)
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) - 2 and rec[0] == 3:
+        rec = (4, *rec[1:], "https", None)  # (written before scheme and port: https, as velvet assumed)
+    if isinstance(rec, tuple) and len(rec) == len(_FIELDS) and rec[0] == 4:
+        rec = (RECORD, *rec[1:], None)  # (written before the cache)
     if not (isinstance(rec, tuple) and len(rec) == len(_FIELDS) + 1 and rec[0] == RECORD):
         return None
     v = list(rec[1:])

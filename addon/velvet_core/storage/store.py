@@ -8,10 +8,12 @@ from typing import Any
 from peewee import Database, SqliteDatabase
 
 from velvet_core.cost.prices import Pricer
-from velvet_core.storage import batch_store, models, rollups
+from velvet_core.storage import batch_store, cache_store, models, rollups
 from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import (
     BatchSeen,
+    CacheHit,
+    CacheStore,
     CallRow,
     FileSeen,
     InputDone,
@@ -42,6 +44,8 @@ HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     UploadSeen: _each(lambda op: batch_store.upsert_upload(op.row)),
     UploadCompleted: _each(batch_store.complete_upload),
     PartSeen: _each(batch_store.part_seen),
+    CacheStore: cache_store.add_entries,
+    CacheHit: cache_store.count_hits,
 }
 # the operations that match answers to requests, and so price the answers that name no model (images)
 PRICED: dict[type, Callable[[Any, Pricer], None]] = {

@@ -1,0 +1,152 @@
+"""The cache's canonical key (velvet_core.cache.key): what makes two requests the same, and what never does."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+from velvet_core.cache.key import (
+    CACHEABLE_KINDS,
+    DEFAULTS,
+    NotCacheable,
+    canonical,
+    request_key,
+    scope_value,
+    side_effects,
+)
+
+BASE = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}
+
+
+def key(body, kind="chat.completions", scope="key:abc", method="POST", host="api.openai.com",
+        path="/v1/chat/completions", seed=""):
+    return request_key(kind, body, scope=scope, method=method, host=host, path=path, seed=seed)
+
+
+def test_key_order_and_whitespace_do_not_matter():
+    a = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5}'
+    b = b'{ "max_tokens" : 5,\n  "messages": [ {"content": "hi", "role": "user"} ],\t"model": "gpt-4o-mini" }'
+    assert key(a) == key(b) == key(BASE)
+
+
+def test_whitespace_inside_strings_matters():
+    assert key({**BASE, "messages": [{"role": "user", "content": "hi "}]}) != key(BASE)
+
+
+def test_number_spelling_does_not_matter_but_value_does():
+    assert key({**BASE, "max_tokens": 5.0}) == key(BASE)
+    spelled = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],"max_tokens":5e0}'
+    assert key(spelled) == key(BASE)
+    assert key({**BASE, "max_tokens": 6}) != key(BASE)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", 1), ("temperature", 1.0), ("top_p", 1), ("n", 1), ("presence_penalty", 0),
+    ("frequency_penalty", 0.0), ("logprobs", False), ("parallel_tool_calls", True), ("store", False)])
+def test_documented_defaults_are_the_same_as_absent(field, value):
+    assert key({**BASE, field: value}) == key(BASE)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", 0), ("temperature", 0.7), ("top_p", 0.9), ("n", 2), ("presence_penalty", 0.5),
+    ("logprobs", True), ("parallel_tool_calls", False), ("temperature", True), ("n", True), ("temperature", "1"),
+    ("temperature", None)])
+def test_other_values_of_defaulted_fields_are_in(field, value):
+    assert key({**BASE, field: value}) != key(BASE)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("max_tokens", 6), ("max_completion_tokens", 5), ("response_format", {"type": "json_object"}),
+    ("top_k", 40), ("seed", 1), ("tools", []), ("user", "u1"), ("reasoning_effort", "low"),
+    ("a_parameter_from_next_year", {"x": 1}), ("metadata", {"a": "b"})])
+def test_every_other_field_is_in_whatever_its_name(field, value):
+    assert key({**BASE, field: value}) != key(BASE)
+
+
+def test_removing_a_field_is_a_different_request():
+    assert key({k: v for k, v in BASE.items() if k != "max_tokens"}) != key(BASE)
+
+
+def test_stream_fields_are_left_out():
+    assert key({**BASE, "stream": True}) == key(BASE)
+    assert key({**BASE, "stream": True, "stream_options": {"include_usage": True}}) == key(BASE)
+    assert key({**BASE, "stream": False}) == key(BASE)
+
+
+def test_defaults_only_at_the_top_level():
+    nested = {**BASE, "messages": [{"role": "user", "content": "hi", "n": 1}]}
+    assert key(nested) != key(BASE)
+
+
+def test_scope_separates_keys_and_projects():
+    assert key(BASE, scope=scope_value("key", "aaa", None)) != key(BASE, scope=scope_value("key", "bbb", None))
+    assert key(BASE, scope=scope_value("key", "aaa", "p")) == key(BASE, scope=scope_value("key", "aaa", "q"))
+    assert key(BASE, scope=scope_value("project", "a", "p")) == key(BASE, scope=scope_value("project", "b", "p"))
+    assert key(BASE, scope=scope_value("project", "a", "p")) != key(BASE, scope=scope_value("project", "a", "q"))
+    assert key(BASE, scope=scope_value("global", "a", "p")) == key(BASE, scope=scope_value("global", "b", "q"))
+    # a key's fingerprint never collides with a project of the same name
+    assert scope_value("key", "x", None) != scope_value("project", None, "x")
+    with pytest.raises(ValueError, match="unknown cache scope"):
+        scope_value("team", "a", None)
+
+
+def test_seed_method_host_and_path_are_in():
+    k = key(BASE)
+    assert key(BASE, seed="s1") != k != key(BASE, seed="s2") != key(BASE, seed="s1")
+    assert key(BASE, host="example.openai.azure.com") != k
+    assert key(BASE, path="/v1/chat/completions?api-version=2024-10-21") != k
+    assert key(BASE, host="API.OPENAI.COM") == k
+
+
+def test_parts_cannot_run_into_each_other():
+    assert key(BASE, seed="ab", path="/v1/x") != key(BASE, seed="b", path="/v1/xa")
+
+
+@pytest.mark.parametrize("kind", sorted(CACHEABLE_KINDS))
+def test_every_cacheable_kind_has_a_defaults_table(kind):
+    assert kind in DEFAULTS
+
+
+def test_not_cacheable():
+    with pytest.raises(NotCacheable, match="not JSON"):
+        key(b"model=gpt")
+    with pytest.raises(NotCacheable, match="not a JSON object"):
+        key(b"[1, 2]")
+    with pytest.raises(NotCacheable):
+        key(BASE, kind="files")
+    with pytest.raises(NotCacheable):
+        key(BASE, method="GET")
+    with pytest.raises(NotCacheable, match="store"):
+        key({**BASE, "store": True})
+
+
+def test_responses_only_with_store_false_and_no_background_or_conversation():
+    body = {"model": "gpt-4o-mini", "input": "hi"}
+    assert side_effects("responses", body)
+    assert side_effects("responses", {**body, "store": True})
+    assert side_effects("responses", {**body, "store": False}) is None
+    assert side_effects("responses", {**body, "store": False, "background": True})
+    assert side_effects("responses", {**body, "store": False, "conversation": "conv_1"})
+    k = key({**body, "store": False}, kind="responses", path="/v1/responses")
+    assert k == key({**body, "store": False, "temperature": 1, "stream": True}, kind="responses",
+                    path="/v1/responses")
+
+
+def test_embeddings_default_encoding_format():
+    body = {"model": "text-embedding-3-small", "input": "hi"}
+    p = "/v1/embeddings"
+    plain = key(body, kind="embeddings", path=p)
+    assert plain == key({**body, "encoding_format": "float"}, kind="embeddings", path=p)
+    assert plain != key({**body, "encoding_format": "base64"}, kind="embeddings", path=p)
+
+
+def test_canonical_is_sorted_compact_json():
+    c = canonical("chat.completions", {"b": 1, "a": [1.0, {"d": 2, "c": 3}], "temperature": 1, "stream": True})
+    assert c == b'{"a":[1,{"c":3,"d":2}],"b":1}'
+    assert orjson.loads(c) == {"a": [1, {"c": 3, "d": 2}], "b": 1}
+
+
+def test_unicode_is_kept_exactly():
+    assert key({**BASE, "messages": [{"role": "user", "content": "é"}]}) != key(
+        {**BASE, "messages": [{"role": "user", "content": "e\u0301"}]})
+    raw = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"\\u00e9"}],"max_tokens":5}'
+    assert key(raw) == key({**BASE, "messages": [{"role": "user", "content": "é"}]})
