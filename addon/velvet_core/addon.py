@@ -213,6 +213,23 @@ class Velvet:
             self._start_alerts()
         if self.pruner is None:
             self._start_pruner()
+        if self.cache_mode == "on" and self.lookup is None:
+            self._start_lookup()
+
+    def _start_lookup(self) -> None:
+        """With velvet_cache=on, the look-up is made at start, before any flow: its database modules (peewee, the
+        driver, the models) are imported now, on this thread, and then everything alive is moved out of the
+        garbage collector's reach (``gc.freeze``). The design keeps those modules out of mitmproxy's process
+        otherwise; here every full collection, which pauses all flows in flight, would walk them too: a cache
+        that only missed cost 7 % of the proxy's throughput (bench, quick runs of 8 rounds: cache_on_miss_rps_ratio
+        0.922-0.931 in six runs without the freeze, 0.937-0.952 in four with it)."""
+        import gc
+
+        from velvet_core.cache.lookup import Lookup
+        from velvet_core.storage import database, sql  # noqa: F401  (what the look-up's threads use)
+
+        self.lookup = Lookup(self.db_url())
+        gc.freeze()
 
     def done(self) -> None:
         if self.lookup is not None:
