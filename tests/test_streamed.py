@@ -425,3 +425,35 @@ def test_small_compressed_download_goes_back_into_the_flow(tmp_path):
         lines = {f: models.BatchResult.select().where(models.BatchResult.file_id == f).count()
                  for f in ("file-s", "file-b")}
     assert lines == {"file-s": 20, "file-b": 1500}
+
+
+@pytest.mark.parametrize("value", [True, 7, {"a": 1}, ["gpt-4o"], None])
+def test_stream_values_that_are_not_text_are_not_kept_as_text(db_url, tmp_path, value):
+    """A stream whose model, service tier or finish reason is not a JSON string (hypothesis sent "model": true):
+    the call is stored whole with those left empty, on both backends (PostgreSQL refused the rollup's
+    comparison of a text column with a boolean, and the row went to the dead letters)."""
+    import time
+
+    import orjson
+    from support.helpers import calls, snapshot, start_writer
+    from velvet_core.parsing.sse import reassemble
+
+    meta = {"id": "c1", "object": "chat.completion.chunk", "model": value, "service_tier": value}
+    events = [{**meta, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+              {**meta, "choices": [{"index": 0, "delta": {}, "finish_reason": value}]}]
+    sse = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    res = reassemble(sse, "chat.completions")
+    assert res.text == "hi" and res.model is None and res.service_tier is None and res.finish_reason is None
+    done = {"type": "response.completed", "response": {"id": "r1", "model": value, "status": value,
+                                                        "service_tier": value, "output": []}}
+    res = reassemble(b"event: response.completed\ndata: " + orjson.dumps(done) + b"\n\n", "responses")
+    assert res.model is None and res.finish_reason is None and res.service_tier is None
+    now = time.time()
+    s = snapshot(flow_id="odd", request_headers={"content-type": "application/json"}, started_at=now,
+                 request_body=b'{"model":"gpt-4o-mini","stream":true,"messages":[]}', ended_at=now + 0.01,
+                 status_code=200, response_headers={"content-type": "text/event-stream"}, response_body=sse,
+                 stream_chunks=[(now, sse)])
+    w = start_writer(db_url, tmp_path / "spool", [s])
+    assert w.health.dead_lettered == 0
+    row = calls(db_url)["odd"]
+    assert row.model is None and row.model_requested == "gpt-4o-mini" and row.response_text == "hi"

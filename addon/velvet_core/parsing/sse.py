@@ -96,6 +96,12 @@ class StreamResult:
     problems: list[str] = field(default_factory=list)
 
 
+def _text(v: Any) -> str | None:
+    """A value the result types as text: a JSON string, else nothing (a fuzzed "model": true must not reach a
+    text column, where PostgreSQL refuses to compare it, nor the pricer)."""
+    return v if isinstance(v, str) else None
+
+
 def reassemble(data: bytes, kind: str) -> StreamResult:
     """Rebuild a stream from its decoded SSE bytes: ``kind`` is ``responses``, ``completions`` (the
     legacy endpoint, whose chunks carry ``choices[].text``) or anything else for chat.completions."""
@@ -189,9 +195,9 @@ def _chat(events: list[Event], res: StreamResult) -> None:
         out_choices.append({"index": idx, "message": msg, "finish_reason": c["finish_reason"]})
     if out_choices:
         res.text = out_choices[0]["message"]["content"] or ""
-        res.finish_reason = out_choices[0]["finish_reason"]
-    res.model = meta.get("model")
-    res.service_tier = meta.get("service_tier")
+        res.finish_reason = _text(out_choices[0]["finish_reason"])
+    res.model = _text(meta.get("model"))
+    res.service_tier = _text(meta.get("service_tier"))
     res.body = {"object": "chat.completion", **meta, "choices": out_choices, "usage": res.usage}
 
 
@@ -219,8 +225,8 @@ def _completions(events: list[Event], res: StreamResult) -> None:
             "logprobs": choices[i]["logprobs"]} for i in sorted(choices)]
     if out:
         res.text = out[0]["text"]
-        res.finish_reason = out[0]["finish_reason"]
-    res.model = meta.get("model")
+        res.finish_reason = _text(out[0]["finish_reason"])
+    res.model = _text(meta.get("model"))
     res.body = {"object": "text_completion", **meta, "choices": out, "usage": res.usage}
 
 
@@ -248,10 +254,10 @@ def _responses(events: list[Event], res: StreamResult) -> None:
             res.complete = True
     res.text = "".join(text)
     if final:
-        res.model = final.get("model")
-        res.service_tier = final.get("service_tier")
+        res.model = _text(final.get("model"))
+        res.service_tier = _text(final.get("service_tier"))
         res.usage = final.get("usage") if isinstance(final.get("usage"), dict) else None
-        res.finish_reason = final.get("status")
+        res.finish_reason = _text(final.get("status"))
         if isinstance(final.get("error"), dict) and res.error is None:
             res.error = final["error"]
         body = dict(final)

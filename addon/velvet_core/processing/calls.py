@@ -202,7 +202,8 @@ def _fill_from_response(row: dict[str, Any], body: dict[str, Any]) -> None:
         row["service_tier"] = str(body["service_tier"])
     choices = body.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
-        row["finish_reason"] = choices[0].get("finish_reason")
+        reason = choices[0].get("finish_reason")
+        row["finish_reason"] = reason if isinstance(reason, str) else None
     elif body.get("object") == "response":
         row["finish_reason"] = body.get("status")
 
