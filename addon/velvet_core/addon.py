@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from velvet_core.alerts.rules import RuleSet
     from velvet_core.alerts.runner import AlertRunner
     from velvet_core.cache.lookup import Found, Lookup
+    from velvet_core.evals.rules import EvalSet
+    from velvet_core.evals.worker import EvalProcess
     from velvet_core.storage.prune import Pruner, Retention
     from velvet_core.writer.writer import Writer
 
@@ -112,6 +114,9 @@ class Velvet:
         self.alert_rules: RuleSet | None = None
         self.alerts: AlertRunner | None = None
         self.alert_interval = 30.0
+        self.eval_rules: EvalSet | None = None
+        self.eval_interval = 60.0
+        self.evals: EvalProcess | None = None
         self.retention: Retention | None = None
         self.pruner: Pruner | None = None
         # the response cache (velvet_cache): its look-up (threads of its own, made at the first one)
@@ -147,6 +152,7 @@ class Velvet:
         "velvet_hosts": "hosts", "velvet_prices": "processor.pricer", "velvet_body_limit": "processor.body_limit",
         "velvet_stream_threshold": "stream_threshold", "velvet_alert_interval": "alert_interval",
         "velvet_alerts": "alert_rules", "velvet_stream_usage": "stream_usage", "velvet_retention": "retention",
+        "velvet_evals": "eval_rules", "velvet_eval_interval": "eval_interval",
         "velvet_cache": "cache_mode", "velvet_cache_ttl": "cache_ttl", "velvet_cache_scope": "cache_scope",
         "velvet_cache_bucket": "cache_bucket"}
 
@@ -180,6 +186,10 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_alerts", "velvet_alert_interval"}:
             self._stop_alerts()
             self._start_alerts()
+        if self.writer is not None and updated & {"velvet_db", "velvet_evals", "velvet_eval_interval",
+                                                  "velvet_eval_key_env", "velvet_prices"}:
+            self._stop_evals()
+            self._start_evals()
         if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
             self._stop_pruner()
             self._start_pruner()
@@ -213,6 +223,8 @@ class Velvet:
             self._start_alerts()
         if self.pruner is None:
             self._start_pruner()
+        if self.evals is None:
+            self._start_evals()
         if self.cache_mode == "on" and self.lookup is None:
             self._start_lookup()
 
@@ -235,6 +247,7 @@ class Velvet:
         if self.lookup is not None:
             self.lookup.close()
             self.lookup = None
+        self._stop_evals()
         self._stop_pruner()
         self._stop_alerts()
         self._stop_writer()
@@ -319,6 +332,22 @@ class Velvet:
             url = self.db_url()
             self.pruner = Pruner(lambda: open_db(url), self.retention)
             self.pruner.start()
+
+    def _start_evals(self) -> None:
+        """velvet_evals: checks and judges in a process of their own (:mod:`velvet_core.evals.worker`)."""
+        if self.eval_rules is not None and self.evals is None:
+            from velvet_core.evals.worker import EvalProcess, route_args
+
+            opts = ctx.options
+            self.evals = EvalProcess(self.db_url(), [
+                "--rules", self.eval_rules.path, "--interval", str(self.eval_interval),
+                "--key-env", opts.velvet_eval_key_env, "--prices", opts.velvet_prices, *route_args(opts)])
+            self.evals.start()
+
+    def _stop_evals(self) -> None:
+        if self.evals is not None:
+            e, self.evals = self.evals, None
+            e.stop()
 
     def _stop_pruner(self) -> None:
         if self.pruner is not None:

@@ -23,6 +23,7 @@ def parser() -> argparse.ArgumentParser:
     """
     from velvet_core.alerts import cli as alerts_cli
     from velvet_core.cache import cli as cache_cli
+    from velvet_core.evals import cli as evals_cli
     from velvet_core.experiments import cli as experiments_cli
     from velvet_core.query import cli as query_cli
     from velvet_core.report import cli as report_cli
@@ -52,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     query_cli.add_maintenance(command)  # rebuild
     serve_cli.add_commands(command)  # proxy, addon-path
     cache_cli.add_commands(command)  # cache what-if, stats, clear
+    evals_cli.add_commands(command)  # evals, evals run
     return ap
 
 

@@ -76,6 +76,15 @@ def _alert_rules(value: str, _: Option) -> Any:
         raise OptionError(str(e)) from None
 
 
+def _evals(value: str, _: Option) -> Any:
+    from velvet_core.evals.rules import EvalsError, load_evals
+
+    try:
+        return load_evals(value) if value else None
+    except EvalsError as e:
+        raise OptionError(str(e)) from None
+
+
 def _retention(value: str, _: Option) -> Any:
     from velvet_core.storage.prune import Retention, RetentionError
 
@@ -157,6 +166,15 @@ OPTIONS: tuple[Option, ...] = (
     # a str holding a number: mitmproxy's --set cannot parse float options
     Option("velvet_alert_interval", str, "30",
            "Seconds between two evaluations of the alert rules (decimals allowed).", parse=_seconds),
+    Option("velvet_evals", str, "",
+           "A TOML file of [[eval]] tables (it may be the velvet_alerts file): checks (JSON, JSON Schema, regex, "
+           "contains, length, finished, tool arguments) and LLM judges scored on live answers and batch result "
+           "lines, in a background process; results in the scores table and velvet evals.", parse=_evals),
+    Option("velvet_eval_interval", str, "60",
+           "Seconds between two submissions of gathered judge work as a Batch API job (sooner at 10,000 "
+           "answers), and between two polls of the open judge batches.", parse=_seconds),
+    Option("velvet_eval_key_env", str, "OPENAI_API_KEY",
+           "The environment variable that holds the API key judges use (read when needed, never stored)."),
     Option("velvet_retention", str, "",
            "How long to keep what is logged, e.g. bodies=30d,rows=400d (h, d or w): request and answer bodies, "
            "then whole rows, older than that are removed once an hour, in the background (a batch whole, by "

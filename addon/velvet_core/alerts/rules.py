@@ -117,7 +117,7 @@ def load_rules(path: str | Path) -> RuleSet:
 
 
 def parse_rules(data: dict[str, Any], where: str = "rules") -> RuleSet:
-    if extra := sorted(set(data) - {"rule", "notify"}):
+    if extra := sorted(set(data) - {"rule", "notify", "eval"}):  # ([[eval]]: answer checks, velvet_evals)
         raise RulesError(f"{where}: unknown table or key {extra[0]!r} (use [[rule]] and [notify])")
     raw_rules = data.get("rule")
     if not isinstance(raw_rules, list) or not raw_rules:

@@ -22,7 +22,7 @@ import httpx2
 import orjson
 
 from velvet_core import __version__
-from velvet_core.parsing.extract import key_fingerprint
+from velvet_core.parsing.extract import TAG_PREFIX, key_fingerprint
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 RETRY_STATUSES = frozenset({408, 409, 429, 500, 502, 503, 504})
@@ -77,7 +77,10 @@ def backoff(attempt: int, headers: httpx2.Headers | None = None) -> float:
 
 class Client:
     def __init__(self, api_key: str, base_url: str | None = None, max_retries: int = 5,
-                 timeout: float = 600.0, sleep: Callable[[float], None] = time.sleep) -> None:
+                 timeout: float = 600.0, sleep: Callable[[float], None] = time.sleep, *,
+                 proxy: str | None = None, ca_file: str | None = None, tags: dict[str, str] | None = None) -> None:
+        """``proxy`` and ``ca_file`` (a proxy and the CA it signs with) take the place of the environment's;
+        ``tags`` go on every request as ``velvet-metadata-*`` headers (a velvet proxy tags the calls with them)."""
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.max_retries = max_retries
         self.sleep = sleep
@@ -87,8 +90,15 @@ class Client:
             headers["OpenAI-Organization"] = org
         if project := os.environ.get("OPENAI_PROJECT_ID"):
             headers["OpenAI-Project"] = project
+        headers.update({TAG_PREFIX + k: v for k, v in (tags or {}).items()})
+        kw: dict[str, Any] = {}
+        if proxy:
+            import ssl
+
+            kw["proxy"] = proxy
+            kw["verify"] = ssl.create_default_context(cafile=ca_file) if ca_file else True
         self.http = httpx2.Client(headers=headers, timeout=httpx2.Timeout(timeout, connect=5.0),
-                                  follow_redirects=True, trust_env=True)
+                                  follow_redirects=True, trust_env=not proxy, **kw)
 
     @classmethod
     def from_env(cls, **kw: Any) -> Client:

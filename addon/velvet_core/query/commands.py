@@ -36,7 +36,10 @@ def cmd_batches(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_batch(db: Database, a: argparse.Namespace) -> None:
+    from velvet_core.evals.summary import for_batch
+
     b = queries.batch(db, a.batch_id)
+    b["evals"] = for_batch(db, b["id"])
     if a.json:
         return jsonout.dump(b)
     rc = b["request_counts"]
@@ -64,6 +67,12 @@ def cmd_batch(db: Database, a: argparse.Namespace) -> None:
         table(["MODEL", "LINES", "INPUT TOK", "OUTPUT TOK", "COST"],
               [[m["model"] or "-", count(m["lines"]), count(m["input_tokens"]), count(m["output_tokens"]),
                 money(m["cost_usd"])] for m in b["cost_by_model"]], right=(1, 2, 3, 4))
+    if b["evals"]:
+        print("\nEvals (its lines)")
+        table(["EVAL", "PASSED", "FAILED", "PENDING", "SKIPPED", "PASS RATE"],
+              [[printable(e["name"]), count(e["passed"]), count(e["failed"]), count(e["pending"]),
+                count(e["skipped"]), "-" if e["pass_rate"] is None else f"{e['pass_rate'] * 100:.1f}%"]
+               for e in b["evals"]], right=(1, 2, 3, 4, 5))
 
 
 def _example(ex: dict[str, Any]) -> str:
@@ -88,6 +97,8 @@ def cmd_lines(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_show(db: Database, a: argparse.Namespace) -> None:
+    from velvet_core.evals.summary import for_answer
+
     if a.custom_id is not None:
         r = queries.batch_line(db, a.ref, a.custom_id)
         head = [("batch", r["batch_id"]), ("custom_id", r["custom_id"]), ("line", r["line"]), ("url", r["url"]),
@@ -104,9 +115,17 @@ def cmd_show(db: Database, a: argparse.Namespace) -> None:
                 ("cost", money(r["cost_usd"])), ("error", r["error_message"]), ("problem", r["problem"])]
     if r["pruned_at"]:
         head.append(("bodies", f"pruned {when(r['pruned_at'])} (velvet prune / velvet_retention)"))
+    r["scores"] = (for_answer(db, batch_id=r["batch_id"], custom_id=r["custom_id"]) if a.custom_id is not None
+                   else for_answer(db, call_id=r["id"]))
     if a.json:
         return jsonout.dump(r)
     pairs(head)
+    if r["scores"]:
+        print("\n--- scores ---")
+        table(["EVAL", "CHECK", "STATUS", "SCORE", "REASON"],
+              [[printable(s["eval"]), s["check"], s["status"] if s["passed"] is None else
+                ("passed" if s["passed"] else "failed"), "-" if s["score"] is None else f"{s['score']:g}",
+                printable(s["reason"] or "")] for s in r["scores"]])
     print("\n--- request ---")
     print(printable(jsonout.pretty(without_images(r["request"])), multiline=True))
     print("\n--- response ---")

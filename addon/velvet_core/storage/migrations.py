@@ -867,6 +867,43 @@ def _cache(db: Database) -> None:
     db.execute_sql('CREATE INDEX "calls_cache_hit" ON "calls" ("started_at") WHERE "cache_hit"')
 
 
+def _scores(db: Database) -> None:
+    # answer checks and judges (velvet_evals, issue 20): one row per eval and answer (a call's flow id, or a
+    # batch line's batch/custom_id), from the moment it is chosen (pending) to its score
+    sqlite = isinstance(db, SqliteDatabase)
+    ts = "DATETIME" if sqlite else "TIMESTAMP"
+    boolean = "INTEGER" if sqlite else "BOOLEAN"
+    db.execute_sql(f"""CREATE TABLE "scores" (
+        "id" {"INTEGER NOT NULL PRIMARY KEY" if sqlite else "SERIAL NOT NULL PRIMARY KEY"},
+        "eval" TEXT NOT NULL,
+        "check" TEXT NOT NULL,
+        "source" TEXT NOT NULL,
+        "subject" TEXT NOT NULL,
+        "call_id" BIGINT,
+        "result_id" BIGINT,
+        "batch_id" TEXT,
+        "custom_id" TEXT,
+        "answered_at" {ts},
+        "status" TEXT NOT NULL,
+        "score" REAL,
+        "passed" {boolean},
+        "reason" TEXT,
+        "created_at" {ts} NOT NULL,
+        "judged_at" {ts},
+        "attempts" INTEGER NOT NULL DEFAULT 0,
+        "judge_call" TEXT,
+        "judge_batch_id" TEXT,
+        "judge_custom_id" TEXT,
+        "cost_usd" REAL
+    )""")
+    db.execute_sql('CREATE UNIQUE INDEX "scores_eval_subject" ON "scores" ("eval", "subject")')
+    db.execute_sql('CREATE INDEX "scores_eval_judged_at" ON "scores" ("eval", "judged_at")')
+    db.execute_sql('CREATE INDEX "scores_call_id" ON "scores" ("call_id")')
+    db.execute_sql('CREATE INDEX "scores_batch_id_custom_id" ON "scores" ("batch_id", "custom_id")')
+    db.execute_sql("""CREATE INDEX "scores_waiting" ON "scores" ("eval", "id")
+        WHERE "status" IN ('pending', 'sent')""")
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -893,6 +930,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(13, "report_indexes", _report_indexes),
     Migration(14, "retention", _retention),
     Migration(15, "cache", _cache),
+    Migration(16, "scores", _scores),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

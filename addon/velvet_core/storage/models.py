@@ -521,6 +521,40 @@ class CacheEntry(Base):
         table_name = "cache_entries"
 
 
+class Score(Base):
+    """An answer's score by one eval (velvet_evals, migration 16): a call or a batch result line, from the moment
+    it was chosen (``pending``; ``sent`` to a judge) to ``scored``, ``error`` or ``skipped``."""
+
+    id = AutoField()
+    eval = TextField()
+    check = TextField()
+    source = TextField()  # live | batch
+    subject = TextField()  # the call's flow_id, or batch_id/custom_id: unique per eval
+    call_id = BigIntegerField(null=True, index=True)
+    result_id = BigIntegerField(null=True)
+    batch_id = TextField(null=True)
+    custom_id = TextField(null=True)
+    answered_at = DateTimeField(null=True)
+    status = TextField()  # pending | sent | scored | error | skipped
+    score = FloatField(null=True)
+    passed = BooleanField(null=True)
+    reason = TextField(null=True)
+    created_at = DateTimeField()
+    judged_at = DateTimeField(null=True)
+    attempts = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    judge_call = TextField(null=True)  # a live judge's call: its request id (calls.request_id)
+    judge_batch_id = TextField(null=True)
+    judge_custom_id = TextField(null=True)
+    cost_usd = FloatField(null=True)
+
+    class Meta:
+        table_name = "scores"
+        indexes = ((("eval", "subject"), True), (("eval", "judged_at"), False), (("batch_id", "custom_id"), False))
+
+
+Score.add_index(Score.eval, Score.id, name="scores_waiting", where=Score.status.in_(["pending", "sent"]))
+
+
 class BatchCount(Base):
     """Counters of a batch's logged lines, kept by the store in the transaction that links them.
 
@@ -568,4 +602,4 @@ class CallRollup(Base):
 
 
 MODELS = [Meta, Call, CacheEntry, File, Batch, BatchEvent, BatchError, BatchRequest, BatchResult, Upload,
-          UploadPart, ProxyStatus, Experiment, ExperimentLine, Comparison, Alert, BatchCount, CallRollup]
+          UploadPart, ProxyStatus, Experiment, ExperimentLine, Comparison, Alert, BatchCount, CallRollup, Score]

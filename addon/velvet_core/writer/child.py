@@ -43,7 +43,7 @@ POLL = 0.05  # seconds between looks at the journal
 # the journal on disk. Against +10, in two paired runs of the benchmark's live phase: throughput ratio 0.985 /
 # 0.999 against 0.934 / 0.959, p95 latency 35.7 / 34.6 ms against 39.0 / 36.6 ms (plain mitmdump 35.0 / 35.9);
 # a machine this noisy needs more runs to be sure (BENCHMARKS.md at c8ffec3, "Nice 19"). Where it can, it also runs
-# in the idle scheduling class (:func:`_spread`).
+# in the idle scheduling class (:func:`give_way`).
 NICE = 19
 # how long the writer lets flows gather before a transaction (a thread writer: 0.1 s). Bigger transactions cost
 # less per call: in a paired live run the child's CPU per call was 160 us at 0.1 s, 120 at 0.4 and 100 at 1.0 s,
@@ -135,7 +135,7 @@ class ChildWriter:
         return {**s, "mode": "process"}
 
 
-def _spread(parent: int) -> None:
+def give_way(parent: int) -> None:
     """Run on the cores the proxy is not pinned to, if there are any (it was started with its affinity), and
     give way: the writer is background work, the proxy and the clients on the machine come first (it catches
     up from the journal when they are idle)."""
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     from velvet_core.processing.processor import Processor
     from velvet_core.writer.writer import QueuedFlow, Writer, spill_files
 
-    _spread(a.parent)
+    give_way(a.parent)
     journal_dir = a.spool_dir / "journal"
     if why := unsafe_dir(a.spool_dir) or unsafe_dir(journal_dir):  # (the addon refuses it first; never read it)
         log.error("velvet: %s: the writer process will not read a spool or journal others could write", why)

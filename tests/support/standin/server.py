@@ -14,7 +14,8 @@ Answers are deterministic: ``ANSWER``, cut to ``max_tokens`` / ``max_completion_
 ``max_output_tokens`` words (finish reason ``length``, or an ``incomplete`` response); with
 ``response_format`` ``json_object`` the JSON ``{"answer": ANSWER}``, with a ``json_schema`` an instance
 of the schema in which every integer is the number of words between ``<answer>`` and ``</answer>`` in
-the last user message, clamped to the schema's ``minimum``/``maximum`` (how it "grades" an answer).
+the last user message, clamped to the schema's ``minimum``/``maximum`` (how it "grades" an answer), and
+every number a tenth of it, at most 1 (how it "judges" one).
 ``StandIn.rate_limit(n)`` makes the next ``n`` model calls get a 429 with a short ``retry-after-ms``.
 
 An API key ``sk-bad…`` gets a 401. Azure OpenAI paths are served too: ``/openai/deployments/{name}/…``
@@ -83,6 +84,8 @@ def _instance(schema: Any, prompt: str) -> Any:
     if t in ("integer", "number"):
         start, end = prompt.find("<answer>"), prompt.find("</answer>")
         words = len(prompt[start + 8:end].split()) if 0 <= start < end else 0
+        if t == "number":  # a score from 0 to 1: a tenth of the words, at most 1
+            return max(schema.get("minimum", 0), min(schema.get("maximum", 1), words / 10))
         return max(schema.get("minimum", 0), min(schema.get("maximum", words), words))
     if t == "boolean":
         return True
