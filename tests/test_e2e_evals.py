@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import openai
+import orjson
 import pytest
 from support.helpers import js, jsonl, run
 from support.pg import fresh_pg_url
@@ -79,6 +80,28 @@ judge_model = "gpt-4.1-mini"
 via = "live"
 max_usd_per_day = 0.0000001
 tags = {{case = "budget"}}
+
+[[eval]]
+name = "alerting json"
+check = "json_valid"
+tags = {{case = "alerting"}}
+
+[[rule]]
+name = "json failing"
+kind = "eval_fail_rate"
+eval = "alerting json"
+threshold = 0.5
+window = "4s"
+min_calls = 2
+
+[[rule]]
+name = "json score low"
+kind = "eval_score"
+eval = "alerting json"
+threshold = 0.5
+warning = 0.8
+window = "4s"
+min_calls = 2
 """
 
 
@@ -127,6 +150,7 @@ def rig(request, tmp_path_factory):
     try:
         proxy = Proxy(url, standin.url, tmp, extra=[
             "--set", f"velvet_evals={rules}", "--set", "velvet_eval_interval=0.5",
+            "--set", f"velvet_alerts={rules}", "--set", "velvet_alert_interval=0.5",
             "--set", "velvet_eval_key_env=VELVET_TEST_JUDGE_KEY"]).start()
     finally:
         del os.environ["VELVET_TEST_JUDGE_KEY"]
@@ -288,6 +312,30 @@ def test_backfill_dry_run_and_rerun(rig, monkeypatch, capsys, tmp_path):
     code, _, err = run(capsys, "--db", rig.url, "evals", "run", "--rules", str(rules), "--since", "1h",
                        "--name", "nope")
     assert code == 2 and "no eval named 'nope'" in err
+
+
+def test_eval_alerts_fire_and_resolve(rig, monkeypatch):
+    client = rig.client(monkeypatch, "alerting")
+    for _ in range(2):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+
+    def states(rule: str) -> list[str]:
+        return [r["state"] for r in rig.q("SELECT state FROM alerts WHERE rule = ? ORDER BY id", (rule,))]
+
+    wait_for(lambda: "firing" in states("json failing") and "firing" in states("json score low"),
+             what="both eval alerts firing")
+    (fired,) = rig.q("SELECT value, text, details FROM alerts WHERE rule = 'json failing' AND state = 'firing'")
+    details = orjson.loads(fired["details"])
+    assert fired["value"] == 1.0 and details["eval"] == "alerting json" and details["judged"] >= 2
+    assert len(details["worst"]) >= 2 and all(w["reason"].startswith("not JSON") for w in details["worst"])
+    assert "100.0% of answers failed" in fired["text"]
+    (low,) = rig.q("SELECT value, text FROM alerts WHERE rule = 'json score low' AND state = 'firing'")
+    assert low["value"] == 0.0 and "mean score 0.00" in low["text"] and "< 0.50" in low["text"]
+    deadline = time.monotonic() + 40  # good answers bring both back
+    while not ("resolved" in states("json failing") and "resolved" in states("json score low")):
+        assert time.monotonic() < deadline, (states("json failing"), states("json score low"))
+        client.chat.completions.create(model="gpt-4o-mini", messages=MSG, response_format={"type": "json_object"})
+        time.sleep(0.3)
 
 
 def test_bad_rules_stop_mitmdump_at_start(tmp_path, standin):

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 from peewee import Database
 
-from velvet_core.alerts.rules import Rule
+from velvet_core.alerts.rules import BELOW_KINDS, Rule
 from velvet_core.humanize import duration, money
 from velvet_core.redact import redact
 from velvet_core.storage import batch_rule
@@ -99,9 +99,13 @@ def batch_filters(db: Database, rule: Rule, params: list[Any]) -> str:
 
 
 def level_of(rule: Rule, value: float | None) -> str:
-    """firing above ``threshold``, warning above ``warning``, else ok."""
+    """firing above ``threshold``, warning above ``warning``, else ok (below, for the kinds that fire below)."""
     if value is None or rule.threshold is None:
         return "ok"
+    if rule.kind in BELOW_KINDS:
+        if value < rule.threshold:
+            return "firing"
+        return "warning" if rule.warning is not None and value < rule.warning else "ok"
     if value > rule.threshold:
         return "firing"
     if rule.warning is not None and value > rule.warning:
@@ -117,8 +121,10 @@ def fmt_value(rule: Rule, v: float | None) -> str:
     """A rule's value (or threshold) for people."""
     if v is None:
         return "-"
-    if rule.kind in ("error_rate", "batch_failed"):
+    if rule.kind in ("error_rate", "batch_failed", "eval_fail_rate"):
         return pct(v)
+    if rule.kind == "eval_score":
+        return f"{v:.2f}"
     if rule.kind in ("latency_p95_ms", "ttft_p95_ms"):
         return f"{v:,.0f} ms"
     if rule.kind == "spend_usd":
@@ -344,6 +350,39 @@ def _batch_unread(db: Database, rule: Rule, now: datetime) -> Reading:
     return Reading(out)
 
 
+def _eval(db: Database, rule: Rule, now: datetime) -> Reading:
+    """eval_fail_rate (failed share of the answers judged in the window) and eval_score (their mean score)."""
+    from velvet_core.evals.summary import WORST, example_id, has_scores
+
+    if not has_scores(db):
+        return Reading(None, "no scores table yet")
+    params: list[Any] = [ts(db, now - timedelta(seconds=rule.window))]
+    where = "status = 'scored' AND judged_at >= ?"
+    if rule.eval is not None:
+        where += " AND eval = ?"
+        params.append(rule.eval)
+    (r,) = rows(db, "SELECT count(*) AS n, sum(CASE WHEN NOT passed THEN 1 ELSE 0 END) AS f, avg(score) AS mean "
+                    f"FROM scores WHERE {where} AND passed IS NOT NULL", params)
+    n = int(r["n"])
+    who = f"eval {rule.eval!r}" if rule.eval else "every eval"
+    if n < rule.min_calls:
+        return Reading(None, f"{n} answers judged by {who} in {rule.window_text}, fewer than min_calls "
+                             f"{rule.min_calls}")
+    worst = rows(db, f"SELECT eval, source, call_id, batch_id, custom_id, score, reason FROM scores WHERE {where} "
+                     f"AND passed IS NOT NULL AND NOT passed ORDER BY score, id LIMIT {WORST}", params)
+    failed = int(r["f"] or 0)
+    mean = float(r["mean"]) if r["mean"] is not None else None
+    details = {"eval": rule.eval, "judged": n, "failed": failed, "mean_score": mean,
+               "worst": [{"eval": w["eval"], "id": example_id(w), "score": w["score"], "reason": w["reason"]}
+                         for w in worst]}
+    if rule.kind == "eval_score":
+        return Reading([Instance("", mean, level_of(rule, mean),
+                                 f"{who}: mean score {fmt_value(rule, mean)} over {n:,} answers", details)])
+    value = failed / n
+    return Reading([Instance("", value, level_of(rule, value),
+                             f"{who}: {pct(value)} of answers failed ({failed:,} of {n:,})", details)])
+
+
 def _velvet_stalled(db: Database, rule: Rule, now: datetime) -> Reading:
     if not db.table_exists("velvet_proxies"):
         return Reading(None, "this database has no velvet_proxies table (schema too old)")
@@ -383,5 +422,5 @@ def unreachable(rule: Rule, who: str, since: datetime, now: datetime, error: str
 _KINDS = {
     "error_rate": _error_rate, "latency_p95_ms": _latency, "ttft_p95_ms": _latency, "spend_usd": _spend_usd,
     "spend_spike": _spend_spike, "batch_overdue": _batch_overdue, "batch_failed": _batch_failed,
-    "batch_unread": _batch_unread, "velvet_stalled": _velvet_stalled,
+    "batch_unread": _batch_unread, "velvet_stalled": _velvet_stalled, "eval_fail_rate": _eval, "eval_score": _eval,
 }

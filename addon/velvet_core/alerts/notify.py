@@ -27,7 +27,7 @@ import orjson
 
 from velvet_core import __version__
 from velvet_core.alerts.evaluate import fmt_value
-from velvet_core.alerts.rules import BATCH_KINDS, Notify, Rule
+from velvet_core.alerts.rules import BATCH_KINDS, BELOW_KINDS, Notify, Rule
 from velvet_core.alerts.state import Change
 from velvet_core.storage.sql import iso
 
@@ -38,8 +38,9 @@ TIMESTAMP_HEADER = "X-Velvet-Timestamp"
 MAX_QUEUED = 1000
 MAX_LISTED = 50  # subjects detailed in one message (the text names 5)
 _COMPARED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike", "batch_overdue",
-             "batch_unread")
-_WINDOWED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike")
+             "batch_unread", "eval_fail_rate", "eval_score")
+_WINDOWED = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike", "eval_fail_rate",
+             "eval_score")
 
 
 # -- messages --------------------------------------------------------------------------------------
@@ -64,7 +65,8 @@ def text(rule: Rule, state: str, summaries: Sequence[str], repeat: bool = False)
         body += f"; and {len(summaries) - 5} more"
     limit = threshold_for(rule, state)
     if state != "resolved" and rule.kind in _COMPARED and limit is not None and not body.startswith("no data"):
-        body += f" > {'warning ' if state == 'warning' else ''}{fmt_value(rule, limit)}"
+        sign = "<" if rule.kind in BELOW_KINDS else ">"
+        body += f" {sign} {'warning ' if state == 'warning' else ''}{fmt_value(rule, limit)}"
     if rule.kind in _WINDOWED and not body.startswith("no data"):
         body += f" over {rule.window_text}"
     return f"velvet {head} · {rule.name}: {body}"

@@ -23,7 +23,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 KINDS = ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "spend_spike", "batch_overdue",
-         "batch_failed", "batch_unread", "velvet_stalled")
+         "batch_failed", "batch_unread", "velvet_stalled", "eval_fail_rate", "eval_score")
+BELOW_KINDS = ("eval_score",)  # these fire below their threshold (and warn below warning, which is above it)
 BATCH_KINDS = ("batch_overdue", "batch_failed", "batch_unread")
 NO_DATA = ("ok", "keep", "alert")
 SOURCES = ("live", "batch", "both")
@@ -41,10 +42,12 @@ _KEYS: dict[str, set[str]] = {
     "batch_failed": _FILTERS | {"threshold", "warning"},
     "batch_unread": _FILTERS | {"hours", "warning"},
     "velvet_stalled": set(),
+    "eval_fail_rate": {"eval", "threshold", "warning", "min_calls"},
+    "eval_score": {"eval", "threshold", "warning", "min_calls"},
 }
 _DEFAULT_WINDOW = {"error_rate": "5m", "latency_p95_ms": "5m", "ttft_p95_ms": "5m", "spend_usd": "1d",
                    "spend_spike": "1h", "batch_overdue": "7d", "batch_failed": "1d", "batch_unread": "7d",
-                   "velvet_stalled": "2m"}
+                   "velvet_stalled": "2m", "eval_fail_rate": "1h", "eval_score": "1h"}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -84,6 +87,7 @@ class Rule:
     baseline: float = 7 * 86400  # spend_spike: the trailing period averaged
     min_usd: float = 0.0
     finalizing_hours: float = 2.0
+    eval: str | None = None  # eval_fail_rate / eval_score: the [[eval]] it reads (None: every eval)
 
 
 @dataclass(frozen=True)
@@ -209,6 +213,12 @@ def _rule(raw: Any, index: int, where: str) -> Rule:
         raise c.fail("tags", f'must be a table of strings, e.g. tags = {{team = "search"}}, got {tags!r}')
     kw["tags"] = tuple(sorted((str(k), str(v)) for k, v in tags.items()))
 
+    if kind in ("eval_fail_rate", "eval_score"):
+        kw["threshold"] = c.number("threshold", high=1.0)
+        ev = raw.get("eval")
+        if ev is not None and (not isinstance(ev, str) or not ev):
+            raise c.fail("eval", f"must be the name of an [[eval]], got {ev!r}")
+        kw["eval"] = ev
     if kind == "error_rate":
         kw["threshold"] = c.number("threshold", high=1.0)
         kw["status"] = _status(c)
@@ -226,7 +236,8 @@ def _rule(raw: Any, index: int, where: str) -> Rule:
         kw["threshold"] = c.number("hours", 1.0, low=0.0, strict=True)
     elif kind == "batch_failed":
         kw["threshold"] = c.number("threshold", None, high=1.0)
-    if kind in ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd") and kw["threshold"] is None:
+    if kind in ("error_rate", "latency_p95_ms", "ttft_p95_ms", "spend_usd", "eval_fail_rate",
+                "eval_score") and kw["threshold"] is None:
         raise c.fail("threshold", f"is required for kind {kind} (the value it fires above)")
     if kind in ("spend_usd", "spend_spike"):
         kw["source"] = c.choice("source", SOURCES, "both")
@@ -241,7 +252,11 @@ def _rule(raw: Any, index: int, where: str) -> Rule:
         if kw["threshold"] is None:
             raise c.fail("warning", f"needs {limit_key} (warning is a lower level than {limit_key})")
         kw["warning"] = c.number("warning", high=None)
-        if kw["warning"] >= kw["threshold"]:
+        if kind in BELOW_KINDS:
+            if kw["warning"] <= kw["threshold"]:
+                raise c.fail("warning", f"must be above threshold ({kw['threshold']:g}) for kind {kind}, which "
+                                        f"fires below it, got {kw['warning']:g}")
+        elif kw["warning"] >= kw["threshold"]:
             raise c.fail("warning", f"must be below {limit_key} ({kw['threshold']:g}), got {kw['warning']:g}")
     return Rule(**kw)
 

@@ -566,6 +566,7 @@ class BatchAPI:
         self.batches: dict[str, dict[str, Any]] = {}
         self.lock = threading.Lock()
         self.clock = int(time.time())  # fake API time: starts now, advances 60 s per step
+        self.paused = False  # True: no batch moves on (a test holds one open)
 
     def tick(self) -> int:
         self.clock += 60
@@ -580,6 +581,8 @@ class BatchAPI:
         return f
 
     def advance(self, b: dict[str, Any]) -> None:
+        if self.paused:
+            return
         mode = (b.get("metadata") or {}).get("standin")
         st = b["status"]
         if st == "validating":
