@@ -200,6 +200,15 @@ def test_checks_score_live_answers(rig, monkeypatch, capsys):
     assert sorted(e["worst"]) == sorted([str(ids["plain"]), str(ids["cut"])])
     code, out, _ = run(capsys, "--db", rig.url, "evals", "--since", "1h")
     assert code == 0 and "json answers" in out and "33.3%" in out
+    # the report's answer-quality section: per eval, and per day
+    report = js(capsys, "--db", rig.url, "report", "--since", "1h")
+    mine = next(x for x in report["evals"] if x["name"] == "json answers")
+    assert (mine["judged"], mine["passed"]) == (3, 1)
+    assert any(d["eval"] == "json answers" and d["pass_rate"] == pytest.approx(1 / 3)
+               for d in report["evals_by_day"])
+    code, _, _ = run(capsys, "--db", rig.url, "report", "--since", "1h", "-o", str(rig.tmp / "r.html"))
+    page = (rig.tmp / "r.html").read_text()
+    assert code == 0 and "Answer quality" in page and "json answers" in page and "33.3%" in page
     # velvet show lists the answer's scores
     shown = js(capsys, "--db", rig.url, "show", str(ids["cut"]))
     assert {s["eval"]: s["passed"] for s in shown["scores"]} == {

@@ -205,6 +205,20 @@ def test_batch_replayed_on_another_model_then_compared(env, capsys, standin):
     assert lines["req-1"]["metrics"]["output_tokens"] == {"a": 5, "b": 3, "delta": -2}
     assert lines["req-1"]["metrics"]["finish_reason"] == {"a": "stop", "b": "length", "delta": True}
 
+    # an [[eval]] of a rules file as a metric: its check's mean score on each side
+    rules = env.proxy.tmp / "evals.toml"
+    rules.write_text('[[eval]]\nname = "not cut"\ncheck = "finished"\n\n'
+                     '[[eval]]\nname = "short"\ncheck = "max_chars"\nchars = 20\n\n'
+                     '[[eval]]\nname = "j"\ncheck = "judge"\njudge_model = "m"\nprompt = "{output}"\n')
+    e = js(capsys, "--db", url, "compare", "cheaper", "--rules", str(rules), "--metric", "eval=not cut",
+           "--metric", "eval=short")["metrics"]
+    assert e["eval:not cut"] == {"a": 1.0, "b": 0.0, "delta": -1.0}  # 4 answered lines stop, 5 cut at 3 tokens
+    assert e["eval:short"] == {"a": 0.0, "b": 1.0, "delta": 1.0}
+    for bad, why in ((["--metric", "eval=j"], "a judge"), (["--metric", "eval=nope"], "no eval named 'nope'"),
+                     (["--metric", "eval"], "eval=NAME")):
+        code, _, err = run(capsys, "--db", url, "compare", "cheaper", "--rules", str(rules), *bad)
+        assert code == 2 and why in err, err
+
     code, text, _ = run(capsys, "--db", url, "compare", src.id, "cheaper")
     assert code == 0 and "exact_match" in text and "finish_reason" in text and "req-4" in text
     assert "stop 4" in text and "length +5" in text

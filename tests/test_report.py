@@ -84,8 +84,8 @@ def test_report_sections_and_figures(db_url, tmp_path, capsys):
     assert main(["report", "--db", db_url, "--json"]) == 0
     data = orjson.loads(capsys.readouterr().out)
     assert set(data) == {"since", "until", "bucket", "traffic", "totals", "timeline", "turnaround",
-                         "batch_failures", "spend_by_day", "cache_by_day", "top_tags", "top_keys", "alerts",
-                         "comparisons"}
+                         "batch_failures", "spend_by_day", "cache_by_day", "evals", "evals_by_day", "top_tags",
+                         "top_keys", "alerts", "comparisons"}
     assert data["totals"]["calls"] == n_calls and data["totals"]["batches"] == written["batches"]
     assert data["bucket"] == "hour" and len(data["traffic"]["points"]) in (168, 169)
     assert data["totals"]["batch_saved_usd"] > 0 and len(data["alerts"]) == written["alerts"]

@@ -62,7 +62,11 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     p.add_argument("b", metavar="B", nargs="?", help="a batch id or an experiment name")
     p.add_argument("--metric", action="append", metavar="NAME[=VALUE]",
                    help=f"repeatable: {', '.join(METRICS)} (contains=TEXT, regex=PATTERN, judge=RUBRIC or "
-                        f"judge=@FILE); default {', '.join(DEFAULT_METRICS)}")
+                        f"judge=@FILE), eval=NAME (an [[eval]] of --rules: its check's mean score); default "
+                        f"{', '.join(DEFAULT_METRICS)}")
+    p.add_argument("--rules", metavar="FILE",
+                   help="the rules file whose [[eval]] tables --metric eval=NAME names (default $VELVET_EVALS, "
+                        "else evals.toml in the data dir)")
     p.add_argument("--judge-model", default=JUDGE_MODEL, metavar="M",
                    help=f"the grading model (default {JUDGE_MODEL})")
     p.add_argument("--poll-interval", type=float, default=30.0, metavar="SECONDS",

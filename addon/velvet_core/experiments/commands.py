@@ -222,6 +222,10 @@ def _show_plan(name: str, sel: Selection, overrides: Overrides, mode: str, plan:
 
 def cmd_compare(db: Database, a: argparse.Namespace) -> None:
     metrics = cmp.parse_metrics(a.metric)
+    if any(m.name.startswith("eval:") for m in metrics):
+        from velvet_core.evals.cli import default_rules
+
+        metrics = cmp.attach_evals(metrics, a.rules or default_rules())
     judged = next((m for m in metrics if m.name == "judge"), None)
     prompts = judged is not None  # the judge is shown the requests
     if a.b is None:

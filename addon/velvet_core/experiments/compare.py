@@ -9,7 +9,7 @@ import math
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ class CompareError(ValueError):
 @dataclass(frozen=True)
 class Metric:
     name: str
-    value: str | None = None  # contains' text, regex's pattern, judge's rubric
+    value: str | None = None  # contains' text, regex's pattern, judge's rubric, an eval's name
+    rule: Any = None  # eval=NAME: the [[eval]] (velvet_evals) whose check scores each line
 
 
 def parse_metrics(texts: Iterable[str] | None) -> list[Metric]:
@@ -46,6 +47,13 @@ def parse_metrics(texts: Iterable[str] | None) -> list[Metric]:
         names = [n.strip() for n in head.split(",")]
         for i, name in enumerate(names):
             sep, value = (given, rest) if i == len(names) - 1 else ("", "")
+            if name == "eval":  # eval=NAME: a model-free [[eval]] of the rules file (see attach_evals)
+                if not (sep and value):
+                    raise CompareError("--metric eval needs a value: eval=NAME (an [[eval]] of --rules)")
+                if f"eval:{value}" in out:
+                    raise CompareError(f"--metric eval={value} given twice")
+                out[f"eval:{value}"] = Metric(f"eval:{value}", value)
+                continue
             if name not in METRICS:
                 raise CompareError(f"unknown metric {name!r}: use {', '.join(METRICS)}")
             if name in out:
@@ -318,7 +326,40 @@ def side_value(m: Metric, x: Answer, scores: dict[str, float | None] | None = No
         return None if x.said.text is None else re.search(m.value or "", x.said.text) is not None
     if m.name == "judge":
         return (scores or {}).get(judge_key(x))
+    if m.rule is not None:
+        return eval_score(m.rule, x)
     return None
+
+
+def attach_evals(metrics: list[Metric], rules_file: str | Path) -> list[Metric]:
+    """The metrics, each ``eval=NAME`` with its rule from the rules file (a model-free check: a judge scores
+    through ``velvet evals run``, or ``--metric judge``)."""
+    if not any(m.name.startswith("eval:") for m in metrics):
+        return metrics
+    from velvet_core.evals.rules import EvalsError, load_evals
+
+    try:
+        rules = load_evals(rules_file)
+        out = [replace(m, rule=rules.named(m.value or "")) if m.name.startswith("eval:") else m for m in metrics]
+    except EvalsError as e:
+        raise CompareError(str(e)) from None
+    if judged := next((m for m in out if m.rule is not None and m.rule.check == "judge"), None):
+        raise CompareError(f"--metric eval={judged.value}: a judge; use --metric judge=RUBRIC to compare with a "
+                           "judge, or velvet evals run to score the lines")
+    return out
+
+
+def eval_score(rule: Any, x: Answer) -> float | None:
+    """A model-free eval's score of one line (None when it does not apply: a failed line, not text)."""
+    from velvet_core.evals import checks
+    from velvet_core.evals.answer import Answer as Scored
+
+    a = Scored(x.id, "batch", None, "chat.completions", None, None, None,
+               streamed_text=x.said.text if x.said.text is not None else None,
+               streamed_finish=x.said.finish_reason if isinstance(x.said.finish_reason, str) else None)
+    if x.said.text is None and x.said.finish_reason is None:
+        return None
+    return checks.run(rule, a).score
 
 
 def judge_key(x: Answer) -> str:
@@ -376,7 +417,7 @@ def summary(m: Metric, lines: list[dict[str, Any]], a: Side, b: Side) -> dict[st
         sa, sb = (percentile([v for v in col(k) if v is not None], 50) for k in ("a", "b"))
     elif m.name in ("json_valid", "contains", "regex"):
         sa, sb = _share(col("a")), _share(col("b"))
-    elif m.name == "judge":
+    elif m.name == "judge" or m.name.startswith("eval:"):
         sa, sb = _mean(col("a")), _mean(col("b"))
     elif m.name == "finish_reason":
         ca, cb = Counter(v for v in col("a") if v), Counter(v for v in col("b") if v)

@@ -62,6 +62,11 @@ def collect(db: Database, since: datetime, until: datetime,
     out["spend_by_day"] = [{"day": d, "model": m, **{k: round(v, 10) for k, v in spend[(d, m)].items()}}
                            for d in days for m in sorted(m for dd, m in spend if dd == d)]
     out["cache_by_day"] = cache_store.hits_by_day(db, since, until)  # calls the response cache answered
+    step("reading answer quality")
+    from velvet_core.evals import summary as evals_summary
+
+    out["evals"] = evals_summary.summary(db, since, until, previous=False)  # velvet_evals' scores
+    out["evals_by_day"] = evals_summary.by_day(db, since, until)
     top_tags: list[dict[str, Any]] = [{"tag": t, **v, "cost_usd": round(v["cost_usd"], 10)}
                                       for t, v in tags.items()]
     out["top_tags"] = sorted(top_tags, key=lambda r: -r["cost_usd"])[:TOP]

@@ -194,6 +194,25 @@ def build(data: dict[str, Any], step: Callable[[str], None] = lambda _: None) ->
                               money(k["batch_usd"]), money(k["cost_usd"])] for k in data["top_keys"]],
                             numeric=(1, 2, 3, 4)))
 
+    parts.append("<h2 id=quality>Answer quality</h2>")
+    if data.get("evals"):
+        parts.append(_table(["eval", "check", "judged", "passed", "failed", "pending", "pass rate", "mean score",
+                             "judge cost", "worst examples (call id, or batch custom_id)"],
+                            [[e["name"], e["check"], f"{e['judged']:,}", f"{e['passed']:,}", f"{e['failed']:,}",
+                              f"{e['pending']:,}", _pct(e["pass_rate"]),
+                              "-" if e["mean_score"] is None else f"{e['mean_score']:.2f}", money(e["cost_usd"]),
+                              ", ".join(e["worst"]) or "-"] for e in data["evals"]],
+                            numeric=(2, 3, 4, 5, 6, 7, 8)))
+        days = sorted({d["day"] for d in data.get("evals_by_day") or []})
+        names = sorted({d["eval"] for d in data.get("evals_by_day") or []})
+        rate = {(d["eval"], d["day"]): d["pass_rate"] for d in data.get("evals_by_day") or []}
+        if days:
+            parts.append("<h3>Pass rate per day</h3>" + _table(
+                ["eval", *days], [[n, *(_pct(rate.get((n, d))) for d in days)] for n in names],
+                numeric=tuple(range(1, len(days) + 1))))
+    else:
+        parts.append(_empty("No answers scored in this period (velvet_evals, velvet evals run)."))
+
     parts.append("<h2 id=alerts>Alerts</h2>")
     if data["alerts"]:
         parts.append(_table(["at (UTC)", "state", "rule", "message"],
