@@ -500,6 +500,67 @@ def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
         on.stop()
 
 
+EVAL_RULES = """
+[[eval]]
+name = "json"
+check = "json_valid"
+
+[[eval]]
+name = "mentions"
+check = "contains"
+text = "hello"
+ignore_case = true
+
+[[eval]]
+name = "short"
+check = "max_chars"
+chars = 2000
+"""
+
+
+def evals_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
+                conc: int, log: Any) -> dict[str, Any]:
+    """velvet_evals with three model-free checks at sample 1: live throughput against plain mitmdump in the same
+    round (the eval process scores every answer meanwhile); then the same checks run over the stored calls as a
+    backfill would (``Evaluator.take``), answers per second on SQLite."""
+    rules = tmp / "evals.toml"
+    rules.write_text(EVAL_RULES)
+    db = tmp / "evals.db"
+    ev, ev_port = mitmdump(tmp, up_port, f"sqlite:///{db}", "evals", ("--set", f"velvet_evals={rules}"))
+    try:
+        log(f"bench: velvet_evals (3 checks, every answer), {rounds} x {per_round:,} calls, alternated")
+        asyncio.run(live(ev_port, ctx, 200, conc))
+        res: dict[str, list[float]] = {"plain": [], "evals": []}
+        ports = {"plain": plain_port, "evals": ev_port}
+        names = list(ports)
+        for r in range(rounds):
+            for name in names[r % 2:] + names[:r % 2]:
+                res[name].append(asyncio.run(live(ports[name], ctx, per_round, conc))[0])
+        ratio = statistics.median(v / p for p, v in zip(res["plain"], res["evals"], strict=True))
+    finally:
+        ev.stop()
+    from datetime import datetime
+
+    from velvet_core.evals.engine import Evaluator
+    from velvet_core.evals.rules import load_evals
+    from velvet_core.storage.database import open_db
+
+    again = tmp / "backfill.toml"  # new names: nothing scored yet
+    again.write_text(EVAL_RULES.replace('name = "', 'name = "backfill '))
+    conn = open_db(f"sqlite:///{db}")
+    try:
+        n = int(conn.execute_sql("SELECT COUNT(*) FROM calls").fetchone()[0])
+        started = time.perf_counter()
+        Evaluator(conn, load_evals(again)).take(since=datetime(2000, 1, 1))
+        elapsed = time.perf_counter() - started
+        scored = int(conn.execute_sql("SELECT COUNT(*) FROM scores WHERE eval LIKE 'backfill %'").fetchone()[0])
+        live_scored = int(conn.execute_sql("SELECT COUNT(*) FROM scores WHERE eval = 'json'").fetchone()[0])
+    finally:
+        conn.close()
+    return {"evals_live_rps_ratio": round(ratio, 3), "evals_live_scored": live_scored,
+            "evals_backfill_answers": n, "evals_backfill_per_s": round(scored / 3 / elapsed, 1)}
+
+
 def hits_logged(db: Path) -> int:
     time.sleep(1.5)
     with contextlib.closing(sqlite3.connect(db)) as c:
@@ -588,6 +649,7 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
                    stream_ttft_ms_plain_streaming=round(statistics.median(tt_s), 2),
                    stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
         out.update(cache_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
+        out.update(evals_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
         plain.stop()
         velvet.stop()
         thread.stop()

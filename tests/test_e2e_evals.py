@@ -263,6 +263,18 @@ def test_live_judge_through_the_proxy(rig, monkeypatch):
     assert rig.q("SELECT COUNT(*) AS n FROM scores WHERE call_id = ?", (jc["id"],))[0]["n"] == 0
 
 
+def test_a_rate_limited_judge_is_delayed_not_failed(rig, monkeypatch):
+    client = rig.client(monkeypatch, "judge-live")
+    r = client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG, max_tokens=4)
+    rig.standin.rate_limit(1)  # the next model call, the judge's, gets a 429
+    call = rig.call_id(r.headers["x-request-id"])
+    got = wait_for(lambda: (x := rig.q("SELECT * FROM scores WHERE call_id = ? AND status = 'scored'", (call,)))
+                   and x[0], timeout=30, what="the judge's score after the 429")
+    assert got["attempts"] == 1 and got["score"] == 0.4 and not got["passed"]  # "Hello from the stand-in"
+    wait_for(lambda: any(json_value(x["tags"]) == {"velvet-eval": "helpful (live judge)"}
+                         for x in rig.q("SELECT tags FROM calls WHERE status_code = 429")), what="the judge's 429")
+
+
 def test_batch_judge_through_the_proxy(rig, monkeypatch, capsys):
     client = rig.client(monkeypatch, "judge-batch")
     calls = [client.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=MSG,

@@ -41,6 +41,7 @@ class Answer:
     custom_id: str | None = None
     tags: dict[str, str] = field(default_factory=dict)
     _said: answers.Said | None = None
+    _text: Any = ...  # the text, once worked out (Ellipsis: not yet)
 
     @property
     def is_text_endpoint(self) -> bool:
@@ -55,13 +56,13 @@ class Answer:
 
     @property
     def text(self) -> str | None:
-        if not self.is_text_endpoint:
-            return None
-        calls = self.tool_calls
-        text = self.said.text
-        if calls and text is not None and text.startswith("[{"):  # (answers.read gives tool calls as text)
-            return None
-        return text
+        """The answer's text; None for tool calls only, or an answer that is not text."""
+        if self._text is ...:
+            text = self.said.text if self.is_text_endpoint else None
+            if text is not None and text.startswith("[{") and self.tool_calls:  # (read gives tool calls as text)
+                text = None
+            self._text = text
+        return self._text
 
     @property
     def finish_reason(self) -> str | None:

@@ -92,33 +92,51 @@ class Evaluator:
         """Score the answers each eval has not seen. The proxy's process goes on from each eval's mark (an eval new
         to this database starts with the answers after it); a backfill (``since``) reads that window whole."""
         out: dict[str, Counts] = {}
+        backfill = since is not None
+        # evals with the same filters read their answers once (each answer is parsed once for all of them)
+        groups: dict[tuple[Any, ...], list[Eval]] = {}
         for rule in self.evals.evals:
-            if names is not None and rule.name not in names:
-                continue
-            counts = out.setdefault(rule.name, Counts())
-            for source in rule.sources:
-                backfill = since is not None
-                after = 0 if backfill else store.mark(self.db, rule, source)
-                if after is None:  # first start with this eval: answers from now on (older ones: velvet evals run)
+            if names is None or rule.name in names:
+                out[rule.name] = Counts()
+                for source in rule.sources:
+                    groups.setdefault((source, rule.models, rule.endpoints, rule.keys, rule.tags), []).append(rule)
+        for (source, *_), rules in groups.items():
+            marks: dict[str, int] = {}
+            for rule in rules:
+                m = 0 if backfill else store.mark(self.db, rule, source)
+                if m is None:  # first start with this eval: answers from now on (older ones: velvet evals run)
                     store.set_mark(self.db, rule, source, store.newest_id(self.db, source))
-                    continue
-                while True:
-                    got = store.answers(self.db, rule, source, after, limit, since, until)
-                    if not got:
-                        break
-                    records = [self._score(rule, a, counts) for a in got
-                               if not store.is_judge_traffic(a) and store.sampled(a.subject, rule.sample)]
-                    with self.db.atomic():
-                        store.insert(self.db, records)
-                        after = max(a.call_id or a.result_id or 0 for a in got)
-                        if not backfill:
+                else:
+                    marks[rule.name] = m
+            active = [r for r in rules if r.name in marks]
+            if not active:
+                continue
+            after = min(marks.values())
+            while True:
+                got = store.answers(self.db, active[0], source, after, limit, since, until)
+                if not got:
+                    break
+                stamp = ts(self.db, self.now())
+                records = []
+                for a in got:
+                    if store.is_judge_traffic(a):
+                        continue
+                    point, ident = store.sample_point(a.subject), a.call_id or a.result_id or 0
+                    for rule in active:
+                        if point < rule.sample and ident > marks[rule.name]:
+                            records.append(self._score(rule, a, out[rule.name], stamp))
+                after = max(a.call_id or a.result_id or 0 for a in got)
+                with self.db.atomic():
+                    store.insert(self.db, records)
+                    if not backfill:
+                        for rule in active:
                             store.set_mark(self.db, rule, source, after)
-                    if len(got) < limit:
-                        break
+                            marks[rule.name] = after
+                if len(got) < limit:
+                    break
         return out
 
-    def _score(self, rule: Eval, a: Answer, counts: Counts) -> dict[str, Any]:
-        now = self.now()
+    def _score(self, rule: Eval, a: Answer, counts: Counts, stamp: Any) -> tuple[Any, ...]:
         if rule.check == "judge":
             if a.failed:
                 o = checks.skipped("the call failed: no answer to judge")
@@ -126,11 +144,11 @@ class Evaluator:
                 o = checks.skipped("the answer is not text")
             else:
                 counts.add("pending", None)
-                return store.pending_row(rule, a, now)
+                return store.pending_row(rule, a, stamp)
         else:
             o = checks.run(rule, a)
         counts.add(o.status, o.passed)
-        return store.outcome_row(rule, a, o, now)
+        return store.outcome_row(rule, a, o, stamp)
 
     # -- judges ------------------------------------------------------------------------------------------
 

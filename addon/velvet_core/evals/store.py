@@ -4,7 +4,6 @@ each eval got to (``velvet_meta``), and the money a judge spent today."""
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -24,12 +23,16 @@ LINE_COLUMNS = ("r.id, r.batch_id, r.custom_id, r.seen_at, r.model, r.status_cod
                 "q.body AS req_body, q.url AS req_url, q.model AS req_model, b.metadata")
 
 
-def sampled(subject: str, share: float) -> bool:
-    """Whether an answer is in an eval's sample: a hash of its id, so every run picks the same answers."""
-    if share >= 1:
-        return True
+def sample_point(subject: str) -> float:
+    """Where an answer falls in [0, 1): a hash of its id. An eval of share ``s`` takes the answers below ``s``, so
+    every run picks the same ones, and a larger share keeps a smaller one's picks."""
     h = int.from_bytes(hashlib.blake2b(subject.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "big")
-    return h / 2**64 < share
+    return h / 2**64
+
+
+def sampled(subject: str, share: float) -> bool:
+    """Whether an answer is in an eval's sample."""
+    return share >= 1 or sample_point(subject) < share
 
 
 def is_judge_traffic(a: Answer) -> bool:
@@ -88,45 +91,37 @@ def answers(db: Database, rule: Eval, source: str, after: int, limit: int,
 
 # -- scores ------------------------------------------------------------------------------------------------
 
-def _base(rule: Eval, a: Answer, now: datetime) -> dict[str, Any]:
-    return {"eval": rule.name, "check": rule.check, "source": a.source, "subject": a.subject, "call_id": a.call_id,
-            "result_id": a.result_id, "batch_id": a.batch_id, "custom_id": a.custom_id, "answered_at": a.at,
-            "created_at": now}
-
-
+# a new score row, in this order; ``answered_at`` as read from the answer's row, the times as :func:`ts` gives them
 COLUMNS = ("eval", "check", "source", "subject", "call_id", "result_id", "batch_id", "custom_id", "answered_at",
            "status", "score", "passed", "reason", "created_at", "judged_at")
-_TIMES = frozenset({"answered_at", "created_at", "judged_at", "sent_at"})
+_TIMES = frozenset({"answered_at", "created_at", "judged_at"})
 
 
 def _value(db: Database, column: str, v: Any) -> Any:
     return ts(db, v) if column in _TIMES and isinstance(v, datetime) else v
 
 
-def insert(db: Database, records: Iterable[dict[str, Any]]) -> int:
-    """Insert score rows; an answer an eval already has is left as it is. Returns how many were new."""
-    todo = [tuple(_value(db, c, r[c]) for c in COLUMNS) for r in records]
-    if not todo:
+def insert(db: Database, records: list[tuple[Any, ...]]) -> int:
+    """Insert score rows (:func:`outcome_row`, :func:`pending_row`); an answer an eval already has is left as it
+    is. Returns how many were new."""
+    if not records:
         return 0
     sql = adapt(db, f'INSERT INTO scores ({", ".join(f"{chr(34)}{c}{chr(34)}" for c in COLUMNS)}) '
                     f'VALUES ({", ".join("?" * len(COLUMNS))}) ON CONFLICT ("eval", "subject") DO NOTHING')
-    n = 0
     with db.atomic():
         cur = db.cursor()
-        for row in todo:
-            cur.execute(sql, row)
-            n += max(cur.rowcount, 0)
-    return n
+        cur.executemany(sql, records)
+        return max(cur.rowcount, 0)
 
 
-def outcome_row(rule: Eval, a: Answer, o: Outcome, now: datetime) -> dict[str, Any]:
-    return {**_base(rule, a, now), "status": o.status, "score": o.score, "passed": o.passed,
-            "reason": o.reason, "judged_at": now}
+def outcome_row(rule: Eval, a: Answer, o: Outcome, stamp: Any) -> tuple[Any, ...]:
+    return (rule.name, rule.check, a.source, a.subject, a.call_id, a.result_id, a.batch_id, a.custom_id, a.at,
+            o.status, o.score, o.passed, o.reason, stamp, stamp)
 
 
-def pending_row(rule: Eval, a: Answer, now: datetime) -> dict[str, Any]:
-    return {**_base(rule, a, now), "status": "pending", "score": None, "passed": None, "reason": None,
-            "judged_at": None}
+def pending_row(rule: Eval, a: Answer, stamp: Any) -> tuple[Any, ...]:
+    return (rule.name, rule.check, a.source, a.subject, a.call_id, a.result_id, a.batch_id, a.custom_id, a.at,
+            "pending", None, None, None, stamp, None)
 
 
 def waiting(db: Database, rule: Eval, status: str, limit: int) -> list[dict[str, Any]]:
