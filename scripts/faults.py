@@ -77,7 +77,7 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
                       seconds=outage_s, pace=0.15)
         out.update(outage_s=o.outage_s, outage_calls=o.during, served_during_outage=o.served_during,
                    served_p99_ms_during_outage=o.p99_ms_during, outage_calls_total=o.calls,
-                   stored_after_outage=o.stored, outage_warned=o.warned)
+                   stored_after_outage=o.stored, outage_warned=o.warned, scored_after_outage=o.scored)
         if not quick:
             say(f"faults: SQLite write-locked by another process for {outage_s:.0f} s under traffic")
             d = tmp("outage-sqlite")
@@ -198,7 +198,7 @@ def table(r: dict[str, Any]) -> str:
     rows = [(f"PostgreSQL down {r['outage_s']:.0f} s",
              f"{r['served_during_outage']}/{r['outage_calls']} calls served "
              f"(p99 {r['served_p99_ms_during_outage']} ms), {r['stored_after_outage']}/{r['outage_calls_total']} "
-             "stored after")]
+             f"stored after, {r.get('scored_after_outage', '-')} scored by an eval")]
     if has("sqlite_locked_s"):
         rows.append((f"SQLite locked {r['sqlite_locked_s']:.0f} s", f"{r['sqlite_locked_served']}/"
                      f"{r['sqlite_locked_calls']} served, {r['sqlite_locked_calls_lost']} lost"))

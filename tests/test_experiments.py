@@ -11,9 +11,9 @@ import httpx2
 import orjson
 import pytest
 from support.rig import API_KEY, free_port
+from velvet_core.api.client import APIError, Client, backoff, retry_after
 from velvet_core.cost.prices import Pricer
-from velvet_core.experiments import answers, finetune, judge
-from velvet_core.experiments.client import APIError, Client, backoff, retry_after
+from velvet_core.experiments import finetune, judge
 from velvet_core.experiments.compare import (
     Answer,
     CompareError,
@@ -27,6 +27,7 @@ from velvet_core.experiments.compare import (
 )
 from velvet_core.experiments.plan import Overrides, PlanError, build, parse_set
 from velvet_core.experiments.select import Logged, Selection, SelectionError, parse_tag, select
+from velvet_core.parsing import answers
 from velvet_core.parsing.extract import Tokens
 from velvet_core.storage.database import connect, open_db
 

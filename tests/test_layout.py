@@ -14,8 +14,8 @@ PKG = Path(__file__).resolve().parent.parent / "addon" / "velvet_core"
 LEAVES = ("config", "humanize", "redact", "pids", "jsonout", "private", "secret_names", "clock")
 # The layers, bottom first: each may import only the layers before it (and the leaves). The data path is
 # capture (hooks) -> storage.snapshot -> writer -> processing -> storage (store); the commands read storage.
-LAYERS = ("parsing", "cost", "storage", "processing", "writer", "capture", "query", "alerts", "experiments",
-          "report", "cache", "options", "addon", "serve", "script", "cli")
+LAYERS = ("parsing", "cost", "api", "storage", "processing", "writer", "capture", "query", "alerts", "evals",
+          "experiments", "report", "cache", "options", "addon", "serve", "script", "cli")
 
 
 def velvet_imports(path: Path) -> set[str]:

@@ -96,6 +96,13 @@ def stored_ids(url: str, ids: list[str], timeout: float = 30) -> dict[str, Call]
     return settle(lambda: calls_by_request_id(url, ids), lambda got: set(got) >= want, timeout) or {}
 
 
+def scored_calls(url: str, call_ids: set[int]) -> set[int]:
+    """Which of ``call_ids`` have a score (any eval)."""
+    with bound(url):
+        db = models.Call._meta.database
+        return {r[0] for r in db.execute_sql("SELECT call_id FROM scores").fetchall() if r[0] in call_ids}
+
+
 def count_rows(url: str, model: type[models.Base], *where: Any) -> int:
     with bound(url):
         q = model.select()
@@ -341,6 +348,7 @@ class Outage:
     stored: int = 0
     p99_ms_during: float | None = None
     missing: list[str] = field(default_factory=list)
+    scored: int = 0  # stored calls scored by the eval (velvet_evals: json_valid on every answer)
     warned: bool = False  # the log said at WARN level that writes were failing
     recovered: bool = False  # and that they recovered
     tracebacks: int = 0
@@ -348,8 +356,11 @@ class Outage:
 
 def outage(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: Callable[[], None],
            seconds: float, pace: float = 0.05) -> Outage:
-    """Calls every ``pace`` s from a client thread; the database is taken ``down`` for ``seconds``, then ``up``."""
-    proxy = start_proxy(url, standin, tmp)
+    """Calls every ``pace`` s from a client thread; the database is taken ``down`` for ``seconds``, then ``up``.
+    An eval (json_valid) scores every answer meanwhile: its scores are counted once the database is back."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / "evals.toml").write_text('[[eval]]\nname = "outage"\ncheck = "json_valid"\n')
+    proxy = start_proxy(url, standin, tmp, extra=["--set", f"velvet_evals={tmp / 'evals.toml'}"])
     result = Outage(outage_s=seconds)
     made: list[tuple[float, float, int, str]] = []  # start, latency ms, status, request id
     stop = threading.Event()
@@ -387,6 +398,8 @@ def outage(standin: StandIn, tmp: Path, url: str, down: Callable[[], None], up: 
         result.p99_ms_during = round(lat[min(len(lat) - 1, int(len(lat) * 0.99))], 1) if lat else None
         result.stored = len(got)
         result.missing = [i for i in ids if i not in got]
+        want = {c.id for c in got.values()}
+        result.scored = len(settle(lambda: scored_calls(url, want), lambda s: s >= want, 60) or set())
     finally:
         stop.set()
         up_quietly(up)

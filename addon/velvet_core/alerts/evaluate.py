@@ -352,7 +352,7 @@ def _batch_unread(db: Database, rule: Rule, now: datetime) -> Reading:
 
 def _eval(db: Database, rule: Rule, now: datetime) -> Reading:
     """eval_fail_rate (failed share of the answers judged in the window) and eval_score (their mean score)."""
-    from velvet_core.evals.summary import WORST, example_id, has_scores
+    from velvet_core.storage.scores import WORST, example_id, has_scores
 
     if not has_scores(db):
         return Reading(None, "no scores table yet")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from velvet_core.experiments import answers
+from velvet_core.parsing import answers
 from velvet_core.storage.sql import json_value
 
 TEXT_ENDPOINTS = frozenset({"chat.completions", "completions", "responses"})

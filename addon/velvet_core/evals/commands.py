@@ -35,7 +35,7 @@ def _print(evals: list[dict[str, Any]]) -> None:
 
 
 def cmd_evals(db: Database, a: argparse.Namespace) -> None:
-    from velvet_core.evals.summary import summary
+    from velvet_core.storage.scores import summary
 
     got = summary(db, a.since, clock.now())
     if a.json:
@@ -47,8 +47,8 @@ def cmd_run(url: str, a: argparse.Namespace) -> int:
     from velvet_core.cost.prices import Pricer
     from velvet_core.evals.engine import Evaluator, Route
     from velvet_core.evals.rules import EvalsError, load_evals
-    from velvet_core.evals.summary import summary
     from velvet_core.storage.database import open_db, open_readonly
+    from velvet_core.storage.scores import summary
 
     try:
         rules = load_evals(a.rules or default_rules())

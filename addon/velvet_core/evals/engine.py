@@ -159,7 +159,7 @@ class Evaluator:
         """The judge's API client (tagged with the eval's name), or None without a key."""
         if rule.name in self._clients:
             return self._clients[rule.name]
-        from velvet_core.experiments.client import Client
+        from velvet_core.api.client import Client
 
         key = os.environ.get(self.key_env)
         if not key:
@@ -254,7 +254,7 @@ class Evaluator:
                             (f"delayed: {why}", *row_ids))
 
     def _live(self, rule: Eval, c: Any) -> None:
-        from velvet_core.experiments.client import APIError
+        from velvet_core.api.client import APIError
 
         for row, body, _ in self._work(rule, store.waiting(self.db, rule, "pending", LIVE_PER_STEP), False):
             try:

@@ -14,10 +14,10 @@ import orjson
 from peewee import Database
 
 from velvet_core import config, jsonout
+from velvet_core.api.client import APIError, Client
 from velvet_core.experiments import compare as cmp
 from velvet_core.experiments import judge, replay
 from velvet_core.experiments.cli import LIVE_DEFAULT_MAX
-from velvet_core.experiments.client import APIError, Client
 from velvet_core.experiments.plan import (
     BATCH_MAX_BYTES,
     BATCH_MAX_LINES,

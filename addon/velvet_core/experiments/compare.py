@@ -18,8 +18,8 @@ import orjson
 from peewee import Database
 
 from velvet_core import clock
-from velvet_core.experiments import answers
 from velvet_core.experiments.metrics import DEFAULT_METRICS, METRICS
+from velvet_core.parsing import answers
 from velvet_core.storage.models import Comparison, use
 from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt
 

@@ -8,8 +8,8 @@ from typing import Any, TextIO
 
 import orjson
 
+from velvet_core.api.client import Client
 from velvet_core.experiments import replay
-from velvet_core.experiments.client import Client
 
 SYSTEM = ("You grade an AI assistant's answer to a request against a rubric. Give a score from 1 (does not "
           "meet the rubric at all) to 10 (fully meets it) and one short sentence of reason.")

@@ -18,7 +18,7 @@ import orjson
 from peewee import Database
 
 from velvet_core import clock
-from velvet_core.experiments.client import APIError, Client, Reply
+from velvet_core.api.client import APIError, Client, Reply
 from velvet_core.experiments.plan import Plan, PlanLine
 from velvet_core.experiments.select import EXPERIMENT_TAG, LINE_TAG
 from velvet_core.humanize import Progress

@@ -36,7 +36,7 @@ def cmd_batches(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_batch(db: Database, a: argparse.Namespace) -> None:
-    from velvet_core.evals.summary import for_batch
+    from velvet_core.storage.scores import for_batch
 
     b = queries.batch(db, a.batch_id)
     b["evals"] = for_batch(db, b["id"])
@@ -97,7 +97,7 @@ def cmd_lines(db: Database, a: argparse.Namespace) -> None:
 
 
 def cmd_show(db: Database, a: argparse.Namespace) -> None:
-    from velvet_core.evals.summary import for_answer
+    from velvet_core.storage.scores import for_answer
 
     if a.custom_id is not None:
         r = queries.batch_line(db, a.ref, a.custom_id)

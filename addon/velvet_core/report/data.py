@@ -63,7 +63,7 @@ def collect(db: Database, since: datetime, until: datetime,
                            for d in days for m in sorted(m for dd, m in spend if dd == d)]
     out["cache_by_day"] = cache_store.hits_by_day(db, since, until)  # calls the response cache answered
     step("reading answer quality")
-    from velvet_core.evals import summary as evals_summary
+    from velvet_core.storage import scores as evals_summary
 
     out["evals"] = evals_summary.summary(db, since, until, previous=False)  # velvet_evals' scores
     out["evals_by_day"] = evals_summary.by_day(db, since, until)

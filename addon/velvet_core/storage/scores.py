@@ -1,6 +1,7 @@
-"""What the scores say, per eval: judged, passed, failed, pending and skipped answers in a window (by when the
-answer was given), the pass rate against the window before, the mean score, the judges' cost and the worst
-examples; and per batch, per answer and per day (``velvet batch``, ``velvet show``, the report)."""
+"""The scores table (velvet_evals) as the readers see it: per eval, the answers judged, passed, failed, pending
+and skipped in a window (by when the answer was given), the pass rate against the window before, the mean score,
+the judges' cost and the worst examples; per batch, per answer and per day (``velvet batch``, ``velvet show``,
+the report, the eval alert kinds)."""
 
 from __future__ import annotations
 
