@@ -42,8 +42,36 @@ def test_completions_round_trip():
     assert res.complete and res.text == "Once upon a time" and res.usage["completion_tokens"] == 3
 
 
+RESPONSE = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "gpt-4o",
+            "output": [
+                {"type": "reasoning", "id": "rs_1", "summary": []},
+                {"type": "message", "id": "msg_1", "status": "completed", "role": "assistant",
+                 "content": [{"type": "output_text", "text": "Hello ", "annotations": []},
+                             {"type": "output_text", "text": "there.", "annotations": []}]},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_1", "name": "f", "arguments": "{\"a\":1}",
+                 "status": "completed"}],
+            "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}}
+
+
+@pytest.mark.parametrize("status", ["completed", "incomplete"])
+def test_responses_round_trip(status):
+    answer = {**RESPONSE, "status": status}
+    data = as_stream("responses", answer, False)
+    res = reassemble(data, "responses")
+    assert res.complete and res.text == "Hello there."
+    assert res.body == answer and res.usage["total_tokens"] == 7
+    events = [orjson.loads(chunk.split(b"\ndata: ", 1)[1]) for chunk in data.split(b"\n\n") if chunk]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created" and events[0]["response"]["output"] == []
+    assert events[-1]["type"] == f"response.{status}"
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Hello there."
+    assert [e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done"] == ['{"a":1}']
+    assert all(chunk.startswith(b"event: " + orjson.loads(chunk.split(b"\ndata: ", 1)[1])["type"].encode())
+               for chunk in data.split(b"\n\n") if chunk)
+
+
 @pytest.mark.parametrize(("kind", "answer"), [
-    ("responses", {"output": []}), ("embeddings", {"data": []}), ("chat.completions", {"choices": "x"}),
+    ("responses", {"output": []}), ("responses", {"object": "response", "output": ["x"]}), ("embeddings", {"data": []}), ("chat.completions", {"choices": "x"}),
     ("chat.completions", {"choices": ["x"]})])
 def test_what_cannot_be_rebuilt_is_refused(kind, answer):
     with pytest.raises(ValueError):

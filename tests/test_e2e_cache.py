@@ -177,6 +177,35 @@ def test_stream_from_a_plain_answer_and_back(cproxy, monkeypatch):
     client.close()
 
 
+def test_responses_stream_from_a_plain_answer_and_back(cproxy, monkeypatch):
+    client = cproxy.client(monkeypatch)
+    plain = client.responses.with_raw_response.create(model="gpt-4o-mini", input="cache test r", store=False,
+                                                      extra_headers=ON)
+    text = plain.parse().output_text
+    settled(cproxy, plain.http_response)
+    events = list(client.responses.create(model="gpt-4o-mini", input="cache test r", store=False, stream=True,
+                                          extra_headers=ON))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == text
+    done = events[-1].response
+    assert done.output_text == text and done.usage.total_tokens == plain.parse().usage.total_tokens
+    assert done.id == plain.parse().id  # the stored answer, not a new one from the API
+    # the other way round: a stream first, then a plain request served from its answer
+    s2 = [e for e in client.responses.create(model="gpt-4o-mini", input="cache test s", store=False, stream=True,
+                                             extra_headers=ON)]
+    first = s2[-1].response
+    wait_for(lambda: any(e["stream"] and first.id in e["body"] for e in entries(cproxy)),
+             what="the stream's entry")
+    time.sleep(0.6)
+    again = client.responses.with_raw_response.create(model="gpt-4o-mini", input="cache test s", store=False,
+                                                      extra_headers=ON)
+    assert again.headers["x-velvet-cache"] == "HIT" and again.parse().output_text == first.output_text
+    assert again.parse().id == first.id
+    client.close()
+
+
 @pytest.mark.parametrize("option", ["velvet_cache_ttl=0", "velvet_cache_scope=team", "velvet_cache_bucket=21"])
 def test_a_bad_cache_option_is_one_line_at_start(tmp_path, standin, option):
     import contextlib
