@@ -71,7 +71,8 @@ def test_responses_round_trip(status):
 
 
 @pytest.mark.parametrize(("kind", "answer"), [
-    ("responses", {"output": []}), ("responses", {"object": "response", "output": ["x"]}), ("embeddings", {"data": []}), ("chat.completions", {"choices": "x"}),
+    ("responses", {"output": []}), ("responses", {"object": "response", "output": ["x"]}),
+    ("embeddings", {"data": []}), ("chat.completions", {"choices": "x"}),
     ("chat.completions", {"choices": ["x"]})])
 def test_what_cannot_be_rebuilt_is_refused(kind, answer):
     with pytest.raises(ValueError):
