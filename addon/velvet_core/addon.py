@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from velvet_core.alerts.runner import AlertRunner
     from velvet_core.cache.lookup import Found, Lookup
     from velvet_core.evals.rules import EvalSet
-    from velvet_core.evals.worker import EvalProcess
+    from velvet_core.jobs.worker import JobsProcess
     from velvet_core.storage.prune import Pruner, Retention
     from velvet_core.writer.writer import Writer
 
@@ -94,6 +94,11 @@ def _last_value_wins(options: Any) -> list[str]:
     return fixed
 
 
+# what the background process (velvet_evals, velvet_refresh) is started with: a change starts it again
+JOBS_OPTIONS = {"velvet_db", "velvet_evals", "velvet_eval_interval", "velvet_eval_key_env", "velvet_prices",
+                "velvet_refresh", "velvet_refresh_key_env", "velvet_refresh_download"}
+
+
 class Velvet:
     """Capture OpenAI API traffic into SQLite or PostgreSQL."""
 
@@ -116,7 +121,7 @@ class Velvet:
         self.alert_interval = 30.0
         self.eval_rules: EvalSet | None = None
         self.eval_interval = 60.0
-        self.evals: EvalProcess | None = None
+        self.jobs: JobsProcess | None = None
         self.retention: Retention | None = None
         self.pruner: Pruner | None = None
         # the response cache (velvet_cache): its look-up (threads of its own, made at the first one)
@@ -186,10 +191,9 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_alerts", "velvet_alert_interval"}:
             self._stop_alerts()
             self._start_alerts()
-        if self.writer is not None and updated & {"velvet_db", "velvet_evals", "velvet_eval_interval",
-                                                  "velvet_eval_key_env", "velvet_prices"}:
-            self._stop_evals()
-            self._start_evals()
+        if self.writer is not None and updated & JOBS_OPTIONS:
+            self._stop_jobs()
+            self._start_jobs()
         if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
             self._stop_pruner()
             self._start_pruner()
@@ -223,8 +227,8 @@ class Velvet:
             self._start_alerts()
         if self.pruner is None:
             self._start_pruner()
-        if self.evals is None:
-            self._start_evals()
+        if self.jobs is None:
+            self._start_jobs()
         if self.cache_mode == "on" and self.lookup is None:
             self._start_lookup()
 
@@ -247,7 +251,7 @@ class Velvet:
         if self.lookup is not None:
             self.lookup.close()
             self.lookup = None
-        self._stop_evals()
+        self._stop_jobs()
         self._stop_pruner()
         self._stop_alerts()
         self._stop_writer()
@@ -333,21 +337,28 @@ class Velvet:
             self.pruner = Pruner(lambda: open_db(url), self.retention)
             self.pruner.start()
 
-    def _start_evals(self) -> None:
-        """velvet_evals: checks and judges in a process of their own (:mod:`velvet_core.evals.worker`)."""
-        if self.eval_rules is not None and self.evals is None:
-            from velvet_core.evals.worker import EvalProcess, route_args
+    def _start_jobs(self) -> None:
+        """velvet_evals (checks and judges) and velvet_refresh (open batches kept current): a process of their own
+        (:mod:`velvet_core.jobs.worker`), its API requests through this proxy."""
+        opts = ctx.options
+        if self.jobs is not None or (self.eval_rules is None and opts.velvet_refresh <= 0):
+            return
+        from velvet_core.jobs.worker import JobsProcess, route_args
 
-            opts = ctx.options
-            self.evals = EvalProcess(self.db_url(), [
-                "--rules", self.eval_rules.path, "--interval", str(self.eval_interval),
-                "--key-env", opts.velvet_eval_key_env, "--prices", opts.velvet_prices, *route_args(opts)])
-            self.evals.start()
+        args = ["--interval", str(self.eval_interval), "--key-env", opts.velvet_eval_key_env,
+                "--refresh", str(opts.velvet_refresh), "--refresh-key-env", opts.velvet_refresh_key_env,
+                "--prices", opts.velvet_prices, *route_args(opts)]
+        if self.eval_rules is not None:
+            args += ["--rules", self.eval_rules.path]
+        if opts.velvet_refresh_download:
+            args.append("--refresh-download")
+        self.jobs = JobsProcess(self.db_url(), args)
+        self.jobs.start()
 
-    def _stop_evals(self) -> None:
-        if self.evals is not None:
-            e, self.evals = self.evals, None
-            e.stop()
+    def _stop_jobs(self) -> None:
+        if self.jobs is not None:
+            j, self.jobs = self.jobs, None
+            j.stop()
 
     def _stop_pruner(self) -> None:
         if self.pruner is not None:

@@ -28,6 +28,7 @@ def parser() -> argparse.ArgumentParser:
     from velvet_core.query import cli as query_cli
     from velvet_core.report import cli as report_cli
     from velvet_core.serve import cli as serve_cli
+    from velvet_core.sync import cli as sync_cli
 
     ap = argparse.ArgumentParser(
         prog="velvet", description="Query the OpenAI traffic velvet captured.",
@@ -54,6 +55,7 @@ def parser() -> argparse.ArgumentParser:
     serve_cli.add_commands(command)  # proxy, addon-path
     cache_cli.add_commands(command)  # cache what-if, stats, clear
     evals_cli.add_commands(command)  # evals, evals run
+    sync_cli.add_commands(command)  # sync, reconcile
     return ap
 
 

@@ -175,6 +175,16 @@ OPTIONS: tuple[Option, ...] = (
            "answers), and between two polls of the open judge batches.", parse=_seconds),
     Option("velvet_eval_key_env", str, "OPENAI_API_KEY",
            "The environment variable that holds the API key judges use (read when needed, never stored)."),
+    Option("velvet_refresh", int, 300,
+           "Seconds between two refreshes of the batches not final in the logs and created in the last 48 h: each "
+           "is retrieved through this proxy (so its state is logged even when no app polls it); 0 turns it off. "
+           "Needs the key named by velvet_refresh_key_env.", parse=_not_negative),
+    Option("velvet_refresh_key_env", str, "OPENAI_API_KEY",
+           "The environment variable that holds the API key the refresh uses (read when needed, never stored); "
+           "without it, the refresh is off and velvet status says so."),
+    Option("velvet_refresh_download", bool, False,
+           "Also download the output and error files of batches that ended (through this proxy), so their "
+           "answers are in the logs even when the app reads them elsewhere, or never."),
     Option("velvet_retention", str, "",
            "How long to keep what is logged, e.g. bodies=30d,rows=400d (h, d or w): request and answer bodies, "
            "then whole rows, older than that are removed once an hour, in the background (a batch whole, by "

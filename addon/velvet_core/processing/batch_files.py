@@ -283,6 +283,37 @@ def ingest_buffered(s: CallSnapshot, data: bytes | None, resp: Any, pricer: Pric
     yield from _ingest(s, resp, pricer, problems, None if data is None else read, cut, encoded=False)
 
 
+def ingest_content(file_id: str, read: Read | None, encoding: str | None, pricer: Pricer, seen: datetime,
+                   cut: bool, problems: list[str]) -> Iterator[Op]:
+    """Lines, then the file's operations, for a file's content (``GET /v1/files/{id}/content``): input lines, or
+    result lines priced at the batch rate. The proxy reads a download's body with it, ``velvet sync`` what it
+    downloads itself."""
+    unreadable = {"id": file_id, "updated_at": seen, "first_seen_at": seen, "content_seen": True,
+                  "complete": False}
+    try:
+        ingest = ContentIngest(file_id, encoding, pricer, seen)
+    except DecodeError as e:
+        problems.append(str(e))
+        read = None
+    if read is None:
+        yield FileSeen({**unreadable, "problem": "; ".join(problems)})
+        return
+    yield from _feed(ingest, read)
+    yield from ingest.end(whole=not cut)
+    problems += ingest.problems
+    row: dict[str, Any] = {**unreadable, "lines": ingest.lines, "bad_lines": ingest.bad,
+                           "complete": not (cut or ingest.problems)}
+    if ingest.mode == "requests":
+        row["role"] = "input"
+    if problems:
+        row["problem"] = "; ".join(problems)
+    yield FileSeen(row)
+    if ingest.mode == "requests":
+        yield InputDone(file_id)
+    else:  # all lines failed: an error file (for the flow comment)
+        yield OutputDone(file_id, all_failed=0 < ingest.lines == ingest.failed_lines)
+
+
 def _ingest(s: CallSnapshot, resp: Any, pricer: Pricer, problems: list[str], read: Read | None, cut: bool,
             encoded: bool) -> Iterator[Op]:
     """Lines, then file (or part) operations, for an upload, an upload part or a file download."""
@@ -291,30 +322,8 @@ def _ingest(s: CallSnapshot, resp: Any, pricer: Pricer, problems: list[str], rea
     if route.action == "content":
         if not route.object_id or s.status_code is None or s.status_code >= 400:
             return
-        unreadable = {"id": route.object_id, "updated_at": seen, "first_seen_at": seen, "content_seen": True,
-                      "complete": False}
-        try:
-            ingest = ContentIngest(route.object_id, s.response_encoding if encoded else None, pricer, seen)
-        except DecodeError as e:
-            problems.append(str(e))
-            read = None
-        if read is None:
-            yield FileSeen({**unreadable, "problem": "; ".join(problems)})
-            return
-        yield from _feed(ingest, read)
-        yield from ingest.end(whole=not cut)
-        problems += ingest.problems
-        row: dict[str, Any] = {**unreadable, "lines": ingest.lines, "bad_lines": ingest.bad,
-                               "complete": not (cut or ingest.problems)}
-        if ingest.mode == "requests":
-            row["role"] = "input"
-        if problems:
-            row["problem"] = "; ".join(problems)
-        yield FileSeen(row)
-        if ingest.mode == "requests":
-            yield InputDone(route.object_id)
-        else:  # all lines failed: an error file (for the flow comment)
-            yield OutputDone(route.object_id, all_failed=0 < ingest.lines == ingest.failed_lines)
+        yield from ingest_content(route.object_id, read, s.response_encoding if encoded else None, pricer, seen,
+                                  cut, problems)
         return
     ok = s.status_code is not None and s.status_code < 400 and isinstance(resp, dict) \
         and isinstance(resp.get("id"), str)

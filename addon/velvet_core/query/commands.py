@@ -53,7 +53,7 @@ def cmd_batch(db: Database, a: argparse.Namespace) -> None:
            ("queued", duration(d["queue_seconds"])), ("processing", duration(d["processing_seconds"])),
            ("finalizing", duration(d["finalize_seconds"])), ("turnaround", duration(d["turnaround_seconds"])),
            ("cost", money(b["cost_usd"])), ("metadata", orjson.dumps(b["metadata"]).decode()
-                                              if b["metadata"] else None)])
+                                              if b["metadata"] else None), ("problem", b["problem"])])
     print("\nStatus history")
     table(["STATUS", "OBSERVED", "API TIME", "SEEN BY"],
           [[e["status"], when(e["observed_at"]), when(e["api_at"]), e["source"]] for e in b["events"]])
@@ -244,6 +244,13 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
             print(f"database: {size(d['size_bytes'])}, oldest call {when(d['oldest_call_at'])}, oldest batch "
                   f"{when(d['oldest_batch_at'])}; retention: {printable(d['retention'] or 'off')}"
                   + (f" (last run {when(last.get('at'))})" if isinstance(last, dict) else ""))
+            if isinstance(r := d.get("refresh"), dict):
+                print(f"batch refresh ({printable(str(r.get('proxy')))}): " + (
+                    f"on, every {r.get('interval')} s" + (", downloading output" if r.get("download") else "")
+                    + (f"; last round {when(r.get('at'))}: {r.get('retrieved', 0)} of {r.get('open_batches', 0)} "
+                       "open batches retrieved" if r.get("at") and "retrieved" in r else "")
+                    + (f"; last error: {printable(str(r['error']))}" if r.get("error") else "")
+                    if r.get("state") == "on" else f"off ({printable(str(r.get('why')))})"))
         print(f"spool: {printable(s['spool_dir'])}: {len(s['spooled_files'])} spool files, "
               f"{s['dead_letters']} dead letters ({s['dead_letter_file']}), "
               f"{len(s['quarantined'])} quarantined files")

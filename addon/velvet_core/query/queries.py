@@ -82,6 +82,7 @@ def batch(db: Database, batch_id: str) -> dict[str, Any]:
     out = _batch(r)
     out["metadata"] = json_value(r.get("metadata"))
     out["key_fingerprint"] = r.get("key_fingerprint")
+    out["problem"] = r.get("problem")  # (velvet sync: a file gone)
     out["durations"] = {"queue_seconds": r.get("queue_s"), "processing_seconds": r.get("processing_s"),
                         "finalize_seconds": r.get("finalize_s"), "turnaround_seconds": r.get("turnaround_s")}
     out["usage"] = {k: r.get(k) for k in ("input_tokens", "output_tokens", "cached_tokens", "reasoning_tokens",

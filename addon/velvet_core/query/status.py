@@ -89,11 +89,13 @@ def database_facts(db: Database, files: Sequence[Path] = ()) -> dict[str, Any]:
     oldest_batch = rows(db, "SELECT min(COALESCE(created_at, first_seen_at)) AS t FROM batches")[0]["t"] \
         if db.table_exists("batches") else None
     meta = {r["key"]: r["value"] for r in rows(db, "SELECT key, value FROM velvet_meta WHERE key IN "
-                                                   "('retention', 'retention_last_run')")} \
+                                                   "('retention', 'retention_last_run', 'refresh')")} \
         if db.table_exists("velvet_meta") else {}
     last = meta.get("retention_last_run")
+    refresh = meta.get("refresh")  # the last proxy's velvet_refresh: on (its last round) or off (and why)
     return {"size_bytes": size, "oldest_call_at": iso(oldest_call), "oldest_batch_at": iso(oldest_batch),
-            "retention": meta.get("retention"), "retention_last_run": orjson.loads(last) if last else None}
+            "retention": meta.get("retention"), "retention_last_run": orjson.loads(last) if last else None,
+            "refresh": orjson.loads(refresh) if refresh else None}
 
 
 def database_files(url: str) -> list[Path]:

@@ -904,6 +904,13 @@ def _scores(db: Database) -> None:
         WHERE "status" IN ('pending', 'sent')""")
 
 
+def _batch_problem(db: Database) -> None:
+    # velvet sync: a batch whose file is gone (expired, deleted) says so
+    db.execute_sql('ALTER TABLE "batches" ADD COLUMN "problem" TEXT')
+    db.execute_sql("DROP VIEW batch_summary")  # (PostgreSQL fixed b.* when the view was made: made again)
+    db.execute_sql(VIEW_SUMMARY_V5)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -931,6 +938,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(14, "retention", _retention),
     Migration(15, "cache", _cache),
     Migration(16, "scores", _scores),
+    Migration(17, "batch_problem", _batch_problem),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -260,6 +260,7 @@ class Batch(Base):
     last_seen_at = DateTimeField()
     pruned = TextField(null=True)  # 'bodies' (its lines' bodies removed) or 'rows' (its lines, files, events)
     pruned_at = DateTimeField(null=True)
+    problem = TextField(null=True)  # what went wrong fetching it (velvet sync: a file gone), migration 17
 
     class Meta:
         table_name = "batches"

@@ -253,6 +253,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def send(self, status: int, body: Any, *, content_type: str = "application/json",
              headers: dict[str, str] | None = None, cut: bool = False) -> None:
+        if status == 200 and isinstance(body, dict) and self.command == "POST" and \
+                urlsplit(self.path).path in _MODEL_PATHS:
+            self.server.used(int(time.time()), body, batch=False)
         data = body if isinstance(body, bytes) else orjson.dumps(body)
         hdrs = {**self._common_headers(), **(headers or {})}
         if self.headers.get("x-standin-gzip") == "1" and "gzip" in self.headers.get("accept-encoding", ""):
@@ -328,6 +331,9 @@ class Handler(BaseHTTPRequestHandler):
         raw = self._body()
         url = urlsplit(self.path)
         path = url.path
+        self.query = parse_qs(url.query)
+        if self.server.take_broken():
+            return self.send_error_json(503, "The stand-in is down (StandIn.break_after).", "server_error", None)
         deployment = None
         if path.startswith("/openai/"):
             path, deployment, refused = self._azure(path, parse_qs(url.query))
@@ -422,6 +428,41 @@ class Handler(BaseHTTPRequestHandler):
         wire = [b"data: " + orjson.dumps(e) + b"\n\n" for e in events] + [b"data: [DONE]\n\n"]
         drop = 3 if self.headers.get("x-standin-scenario") == "drop" else None
         self.stream(wire, drop_after=drop)
+
+    def h_usage(self, path: str, body: Any, raw: bytes) -> None:
+        """``GET /v1/organization/usage/completions`` (an admin key, ``sk-admin…``): daily buckets of what this
+        stand-in served, grouped by model, filtered by ``batch``; pages of ``limit`` buckets (default 7)."""
+        if not self.headers.get("authorization", "").startswith("Bearer sk-admin"):
+            return self.send_error_json(401, "An admin key is required.", "invalid_request_error",
+                                        "invalid_api_key")
+        q = self.query
+        start = int(q["start_time"][0]) // 86400 * 86400
+        end = int((q.get("end_time") or [str(int(time.time()) + 86400)])[0])
+        batch = {"true": True, "false": False}.get((q.get("batch") or [""])[0])
+        by_model = "model" in (q.get("group_by") or q.get("group_by[]") or [])
+        limit = int((q.get("limit") or ["7"])[0])
+        first = int((q.get("page") or ["0"])[0])
+        days = list(range(start, end, 86400))
+        page = days[first:first + limit]
+        with self.server._usage_lock:
+            served = list(self.server.usage)
+        data = []
+        for day in page:
+            groups: dict[tuple[str | None, bool | None], list[int]] = {}
+            for at, model, is_batch, inp, out in served:
+                if day <= at < day + 86400 and (batch is None or is_batch == batch):
+                    g = groups.setdefault((model if by_model else None, batch), [0, 0, 0])
+                    g[0] += inp
+                    g[1] += out
+                    g[2] += 1
+            data.append({"object": "bucket", "start_time": day, "end_time": day + 86400, "results": [
+                {"object": "organization.usage.completions.result", "input_tokens": g[0], "output_tokens": g[1],
+                 "input_cached_tokens": 0, "input_audio_tokens": 0, "output_audio_tokens": 0,
+                 "num_model_requests": g[2], "project_id": None, "user_id": None, "api_key_id": None,
+                 "model": model, "batch": b} for (model, b), g in sorted(groups.items(), key=str)]})
+        more = first + limit < len(days)
+        self.send(200, {"object": "page", "data": data, "has_more": more,
+                        "next_page": str(first + limit) if more else None})
 
     def h_completions(self, path: str, body: dict[str, Any], raw: bytes) -> None:
         """Legacy completions: streamed chunks carry ``choices[0].text``, not a ``delta``."""
@@ -567,6 +608,7 @@ class BatchAPI:
         self.lock = threading.Lock()
         self.clock = int(time.time())  # fake API time: starts now, advances 60 s per step
         self.paused = False  # True: no batch moves on (a test holds one open)
+        self.used: Any = lambda at, body, batch: None  # the server's usage record (StandIn.used)
 
     def tick(self) -> int:
         self.clock += 60
@@ -632,6 +674,8 @@ class BatchAPI:
         usage = [o["response"]["body"].get("usage") or {} for o in out]
         inp = sum(u.get("prompt_tokens", u.get("input_tokens", 0)) for u in usage)
         outp = sum(u.get("completion_tokens", u.get("output_tokens", 0)) for u in usage)
+        for o in out:
+            self.used(self.clock + 60, o["response"]["body"], batch=True)  # (at its end, on the API's clock)
         b.update(status=status, request_counts={"total": len(lines), "completed": len(out), "failed": len(err)},
                  model=_snapshot((lines[0].get("body") or {}).get("model")) if lines else None,
                  usage={"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
@@ -708,10 +752,16 @@ class BatchAPI:
 
     def batches_get(self, h: Handler, path: str, body: Any, raw: bytes) -> None:
         parts = path.split("/")
-        if len(parts) == 3:  # list
-            data = sorted(self.batches.values(), key=lambda b: b["created_at"], reverse=True)
-            return h.send(200, {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
-                                "last_id": data[-1]["id"] if data else None, "has_more": False})
+        if len(parts) == 3:  # list, newest first, a page of ``limit`` (default 20, at most 100) ``after`` an id
+            data = sorted(self.batches.values(), key=lambda b: (b["created_at"], b["id"]), reverse=True)
+            after = (h.query.get("after") or [None])[0]
+            if after is not None:
+                ids = [b["id"] for b in data]
+                data = data[ids.index(after) + 1:] if after in ids else []
+            limit = max(1, min(100, int((h.query.get("limit") or ["20"])[0])))
+            page, more = data[:limit], len(data) > limit
+            return h.send(200, {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+                                "last_id": page[-1]["id"] if page else None, "has_more": more})
         b = self.batches.get(parts[3])
         if b is None:
             return h.send_error_json(404, "No such batch", "invalid_request_error", None)
@@ -761,6 +811,11 @@ class StandIn(ThreadingHTTPServer):
             ("GET", "/v1/batches/"): lambda h, *a: api.batches_get(h, *a),
             ("GET", "/v1/videos/"): Handler.h_video_get,
         }
+        self.routes[("GET", "/v1/organization/usage/completions")] = Handler.h_usage
+        api.used = self.used
+        self.usage: list[tuple[int, str, bool, int, int]] = []  # (unix time, model, batch, input, output tokens)
+        self._usage_lock = threading.Lock()
+        self._broken_in: int | None = None  # requests left before the API is down (break_after)
         self.videos: dict[str, dict[str, Any]] = {}
         self.thread: threading.Thread | None = None
         self.canned: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
@@ -771,6 +826,29 @@ class StandIn(ThreadingHTTPServer):
         """The next ``n`` model calls (chat, responses, embeddings) get a 429."""
         with self._rate_lock:
             self._rate_limited = n
+
+    def used(self, at: int, body: dict[str, Any], batch: bool) -> None:
+        """Record an answered model request for the Usage API (what it served: live answers as sent, batch
+        lines when their batch ends)."""
+        u = body.get("usage") if isinstance(body.get("usage"), dict) else {}
+        inp = u.get("prompt_tokens", u.get("input_tokens", 0)) or 0
+        out = u.get("completion_tokens", u.get("output_tokens", 0)) or 0
+        with self._usage_lock:
+            self.usage.append((at, str(body.get("model")), batch, int(inp), int(out)))
+
+    def break_after(self, n: int | None) -> None:
+        """After ``n`` more requests every request gets a 503 (None: mended)."""
+        with self._rate_lock:
+            self._broken_in = n
+
+    def take_broken(self) -> bool:
+        with self._rate_lock:
+            if self._broken_in is None:
+                return False
+            if self._broken_in > 0:
+                self._broken_in -= 1
+                return False
+            return True
 
     def take_rate_limit(self) -> bool:
         with self._rate_lock:
