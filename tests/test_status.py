@@ -25,7 +25,7 @@ def test_velvet_status_reads_the_database_and_the_spool(db_url, tmp_path, capsys
     assert set(s) == {"proxies", "database_error", "spool_dir", "spooled_files", "dead_letters",
                       "dead_letter_file", "quarantined", "world_readable", "spool_unsafe", "database"}
     assert set(s["database"]) == {"size_bytes", "oldest_call_at", "oldest_batch_at", "retention",
-                                  "retention_last_run"}
+                                  "retention_last_run", "refresh"}
     d = s["database"]
     assert d["size_bytes"] > 0 and d["oldest_call_at"] and d["retention"] is None
     assert s["spool_unsafe"] is None

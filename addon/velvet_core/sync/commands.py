@@ -64,7 +64,7 @@ def cmd_sync(url: str, a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reconcile(db: Database, a: argparse.Namespace) -> int:
+def cmd_reconcile(db: Database | None, a: argparse.Namespace, db_error: str | None = None) -> int:
     from velvet_core.api.client import APIError, Client
     from velvet_core.sync.reconcile import reconcile, row_differs
 

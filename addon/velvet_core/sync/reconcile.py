@@ -38,8 +38,10 @@ def buckets(client: Client, start: datetime, batch: bool, group_by: str = "model
         page = got["next_page"]
 
 
-def logged(db: Database, start: datetime) -> dict[tuple[str, str, bool], dict[str, int]]:
-    """(day, model, batch) -> requests and tokens, as velvet logged them."""
+def logged(db: Database | None, start: datetime) -> dict[tuple[str, str, bool], dict[str, int]]:
+    """(day, model, batch) -> requests and tokens, as velvet logged them (nothing without a database)."""
+    if db is None or not db.table_exists("calls"):
+        return {}
     def day(col: str) -> str:
         return f"to_char({col}, 'YYYY-MM-DD')" if is_pg(db) else f"substr({col}, 1, 10)"
 
@@ -63,7 +65,7 @@ def differs(a: int, b: int) -> bool:
     return abs(a - b) > TOLERANCE * max(abs(a), abs(b)) if a or b else False
 
 
-def reconcile(db: Database, client: Client, since: datetime) -> dict[str, Any]:
+def reconcile(db: Database | None, client: Client, since: datetime) -> dict[str, Any]:
     """The ``--json`` document, ``{"since", "rows", "complete"}``, with ``advice`` for people."""
     start = since.replace(hour=0, minute=0, second=0, microsecond=0)
     api: dict[tuple[str, str, bool], dict[str, int]] = {}

@@ -27,7 +27,7 @@ class Refresher:
     def __init__(self, db: Database, client: Client, interval: float, download: bool) -> None:
         self.db, self.client, self.interval, self.download = db, client, interval, download
         self.wait = interval
-        self.next = 0.0  # (monotonic) the first round at once
+        self.next = time.monotonic() + interval  # the first round after one interval (a restart hammers nothing)
         self.rounds = 0
         self.last: dict[str, Any] = {}
 
