@@ -188,3 +188,33 @@ def test_reconcile_shows_the_gap_then_is_complete(db_url, api, capsys, tmp_path,
     monkeypatch.setenv("OPENAI_ADMIN_KEY", "sk-not-admin")
     code, _, err = run(capsys, "--db", db_url, "reconcile")
     assert code == 1 and "Usage API cannot be read" in err and "sk-not-admin" not in err
+
+
+def test_a_big_file_is_synced_in_constant_memory(api, tmp_path):
+    """A 40 MB input file (10,000 lines of 4 kB) downloaded and stored by ``velvet sync`` in a process of its own:
+    its peak memory stays far below the file's size (bounded pieces, a few thousand lines per transaction)."""
+    import resource  # noqa: F401  (the child measures itself)
+    import subprocess
+    import sys
+
+    h = {"Authorization": f"Bearer {KEY}"}
+    pad = "x" * 4000
+    data = jsonl([{"custom_id": f"big-{i}", "method": "POST", "url": "/v1/chat/completions",
+                   "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": pad}]}}
+                  for i in range(10_000)])
+    assert len(data) > 40_000_000
+    with httpx.Client(base_url=api.url + "/v1", headers=h, timeout=60) as c:
+        f = c.post("/files", files={"file": ("in.jsonl", io.BytesIO(data))}, data={"purpose": "batch"}).json()
+        b = c.post("/batches", json={"input_file_id": f["id"], "endpoint": "/v1/chat/completions",
+                                     "completion_window": "24h"}).json()
+    del data
+    url = f"sqlite:///{tmp_path / 'velvet.db'}"
+    code = ("import resource, subprocess, sys; r = subprocess.run([sys.executable, '-m', 'velvet_core.cli', "
+            f"'--db', {url!r}, 'sync', '--batch', {b['id']!r}, '--json']); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    *_, rss_kb = r.stdout.split()
+    assert q(url, "SELECT COUNT(*) AS n FROM batch_requests")[0]["n"] == 10_000
+    print(f"velvet sync of a 40 MB file: peak RSS {int(rss_kb) // 1024} MB")
+    assert int(rss_kb) < 128_000, f"peak RSS {int(rss_kb) // 1024} MB for a 40 MB file"
