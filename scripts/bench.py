@@ -704,6 +704,13 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
             n = 5_000 if quick else 20_000
             log(f"bench: the writer alone, {n:,} prepared live-call snapshots into PostgreSQL")
             out["pg_calls_per_s"] = round(pg_writer_rate(pg_url, n, tmp / "spool-pg"), 1)
+            log(f"bench: the writer alone, {n:,} snapshots into a PostgreSQL database with calls partitioned")
+            os.environ["VELVET_PG_PARTITIONS"] = "month"  # (velvet_pg_partitions, as the proxy passes it on)
+            try:
+                with pg_schema(pg_base, keep=False) as parted:
+                    out["pg_calls_per_s_partitioned"] = round(pg_writer_rate(parted, n, tmp / "spool-parted"), 1)
+            finally:
+                del os.environ["VELVET_PG_PARTITIONS"]
             for k in (2, 4):  # several proxies on one PostgreSQL: the sum of their writers' rates
                 log(f"bench: {k} writers at once, {n:,} snapshots each, into one PostgreSQL")
                 with pg_schema(pg_base, keep=False) as shared:

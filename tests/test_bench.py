@@ -17,7 +17,8 @@ KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_rati
         "download_s_plain", "download_s_velvet", "download_rss_mb_velvet", "rows_lost", "ingest_s_pg",
         "pg_calls_per_s", "live_cpu_us_plain", "live_cpu_us_velvet", "live_cpu_ratio", "live_cpu_us_thread",
         "cli_ms_bare_python", "cli_ms_version", "cli_ms_batches_sqlite", "cli_ms_stats_sqlite",
-        "cli_ms_batches_pg", "cli_ms_stats_pg", "cli_ms_version_over_bare", "cli_ms_batches_sqlite_over_bare"}
+        "cli_ms_batches_pg", "cli_ms_stats_pg", "cli_ms_version_over_bare", "cli_ms_batches_sqlite_over_bare",
+        "evals_live_rps_ratio", "evals_backfill_per_s", "pg_calls_per_s_partitioned"}
 SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
               "export_rows_per_s", "report_s", "report_rss_mb"}
 
@@ -26,7 +27,7 @@ def test_bench_quick_json(tmp_path):
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     env["TMPDIR"] = str(tmp_path)  # (where it builds its databases: nothing is left there afterwards)
     r = subprocess.run([str(ROOT / "scripts" / "bench"), "--quick", "--json", "--pg", pg_base_url()],
-                       capture_output=True, text=True, env=env, timeout=280)
+                       capture_output=True, text=True, env=env, timeout=420)
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert set(out) >= KEYS, KEYS - set(out)

@@ -174,6 +174,11 @@ class Velvet:
             if keep := self._KEEP.get(name):
                 owner, _, attr = keep.rpartition(".")
                 setattr(getattr(self, owner) if owner else self, attr, value)
+        if "velvet_pg_partitions" in updated:  # read where a new database is made: the writer (its own process)
+            if ctx.options.velvet_pg_partitions:
+                os.environ["VELVET_PG_PARTITIONS"] = ctx.options.velvet_pg_partitions
+            else:
+                os.environ.pop("VELVET_PG_PARTITIONS", None)
         if updated & {"velvet_db", "velvet_spool_dir"}:
             for folder in (self.spool_dir(), self.spool_dir() / "journal"):
                 if why := unsafe_dir(folder):  # someone else could have put a spool file or a journal there

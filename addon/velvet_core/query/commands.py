@@ -261,3 +261,20 @@ def cmd_status(db: Database | None, a: argparse.Namespace, db_error: str | None 
                   f"mode alone: chmod go-rwx it)")
     failing = any(p["running"] and p["failing_since"] for p in s["proxies"])
     return 1 if failing or db_error else 0
+
+
+def cmd_migrate(db: Database, a: argparse.Namespace) -> None:
+    """The schema is migrated on open; ``--partition`` then makes calls partitioned (PostgreSQL)."""
+    from velvet_core import clock
+    from velvet_core.storage import partitions
+    from velvet_core.storage.migrations import schema_version
+
+    out: dict[str, Any] = {"schema_version": schema_version(db), "partitions": partitions.period_of(db)}
+    if a.partition:
+        out["partitioned"] = partitions.partition(db, a.partition, clock.now())
+        out["partitions"] = a.partition
+    if a.json:
+        return jsonout.dump(out)
+    print(f"schema v{out['schema_version']}; calls partitioned by {out['partitions'] or '(not partitioned)'}")
+    if done := out.get("partitioned"):
+        print(f"{count(done['moved'])} calls copied into {done['partitions']} partitions")

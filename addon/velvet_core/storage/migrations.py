@@ -985,6 +985,13 @@ def migrate(db: Database) -> int:
                 done.append(f"velvet: migrated database schema to v{step.version} ({step.name})")
         if new:  # a new database was not upgraded: one line, not the steps it is built with
             done = [f"velvet: created database schema v{current}"]
+            from velvet_core.storage import partitions
+
+            if isinstance(db, PostgresqlDatabase) and (period := partitions.requested()):
+                from velvet_core import clock
+
+                partitions.partition(db, period, clock.now())
+                done.append(f"velvet: calls partitioned by {period} (velvet_pg_partitions)")
     for message in done:
         log.info("%s", message)
     return current

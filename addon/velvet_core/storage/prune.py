@@ -184,6 +184,10 @@ class _Job:
                              (rollups.PRUNED_BEFORE, before.isoformat(sep=" ")))
         select, params = "SELECT id FROM calls WHERE started_at < ?", (ts(self.db, before),)
         self.sizes("calls", _CALL_BODIES, select, params)
+        if not self.dry_run:  # PostgreSQL, velvet_pg_partitions: the periods wholly before go whole
+            from velvet_core.storage import partitions
+
+            self.out.calls_pruned += self.timed(lambda: partitions.drop_before(self.db, before))[1]
         self.out.calls_pruned += self.chunks(
             select, params, lambda ids: self.run(f"DELETE FROM calls WHERE id IN ({self.marks(ids)})", ids))
 
