@@ -154,6 +154,11 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
                    prune_old_rows_left=sum(x.old_left for x in pr),
                    prune_rows_per_s=min(x.pruned_rows_per_s for x in pr),
                    prune_max_writer_delay_ms=max(x.longest_prune_transaction_ms for x in pr))
+        say("faults: the same on PostgreSQL with calls partitioned by day (velvet migrate --partition day)")
+        pp = fk.prune_under_traffic(standin, tmp("prune-partitioned"), cluster.fresh_url(),
+                                    old=2000 if quick else 20_000, partition="day")
+        out.update(prune_partitioned_calls_lost=pp.calls - pp.stored, prune_partitioned_old_rows_left=pp.old_left,
+                   prune_partitioned_max_writer_delay_ms=pp.longest_prune_transaction_ms)
 
         # what velvet promises about secrets and files: each probe returns figures, merged here (all must be 0)
         security: dict[str, Any] = {}
@@ -228,6 +233,10 @@ def table(r: dict[str, Any]) -> str:
         rows.append(("velvet prune under traffic", f"{r['prune_calls_lost']}/{r['prune_calls']} new calls lost, "
                      f"{r['prune_old_rows_left']} old rows left, {r['prune_rows_per_s']:,.0f} rows/s, the "
                      f"writer waited at most {r['prune_max_writer_delay_ms']} ms"))
+    if has("prune_partitioned_calls_lost"):
+        rows.append(("  PostgreSQL, calls partitioned", f"{r['prune_partitioned_calls_lost']} new calls lost, "
+                     f"{r['prune_partitioned_old_rows_left']} old rows left, the writer waited at most "
+                     f"{r['prune_partitioned_max_writer_delay_ms']} ms"))
     rows += [(f"security: {k}", str(v)) for k, v in r.get("security", {}).items()]
     if has("report_fuzz"):
         rf = r["report_fuzz"]

@@ -270,7 +270,8 @@ def test_fuzzed_bodies_through_the_hooks(db_url, tmp_path, caplog):
 KEYS = {"outage_s", "served_during_outage", "stored_after_outage", "scored_after_outage", "kill9_calls_lost",
         "kill9_stream_lines_lost",
         "poison_values_tried", "rows_lost_to_poison", "fuzz_requests", "fuzz_rows_missing", "tracebacks",
-        "prune_calls", "prune_calls_lost", "prune_old_rows_left", "prune_rows_per_s", "prune_max_writer_delay_ms"}
+        "prune_calls", "prune_calls_lost", "prune_old_rows_left", "prune_rows_per_s", "prune_max_writer_delay_ms",
+        "prune_partitioned_calls_lost", "prune_partitioned_old_rows_left"}
 
 
 def test_faults_script_quick_json():
@@ -287,6 +288,7 @@ def test_faults_script_quick_json():
     assert out["fuzz_requests"] > 0 and out["outage_s"] > 0
     assert out["scored_after_outage"] == out["stored_after_outage"]  # the eval scored every call once back
     assert out["prune_calls"] > 0 and out["prune_old_rows_left"] == 0  # every old row went, in both backends
+    assert out["prune_partitioned_old_rows_left"] == 0
     sec = out["security"]  # what velvet promises (docs/security.md): each figure 0
     assert {"sql_writes_blocked", "files_written_by_readonly", "secrets_found", "world_readable_files",
             "unpickled_foreign"} <= set(sec) and sec["foreign_files_planted"] == 4

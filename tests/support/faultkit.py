@@ -1065,9 +1065,11 @@ class PruneUnderTraffic:
 
 
 def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000, pace: float = 0.02,
-                        extra_seconds: float = 1.0) -> PruneUnderTraffic:
+                        extra_seconds: float = 1.0, partition: str | None = None) -> PruneUnderTraffic:
     """``velvet prune --rows-after`` of ``old`` seeded calls (with bodies) while a client makes calls through a
-    running proxy on the same database: every new call stored, every old row gone."""
+    running proxy on the same database: every new call stored, every old row gone. With ``partition`` (PostgreSQL)
+    the database is first converted (``velvet migrate --partition``): the old days go as whole partitions, and
+    the proxy's writer makes its partitions ahead meanwhile."""
     from velvet_core import clock
     from velvet_core.storage.database import open_db
     from velvet_core.storage.prune import prune
@@ -1083,6 +1085,10 @@ def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000
                                       "endpoint": "chat.completions", "action": "create", "request_body": body,
                                       "response_body": body} for i in range(start, min(old, start + 1000))]
                                     ).execute()
+    if partition:
+        from velvet_core.storage import partitions
+
+        partitions.partition(db, partition, clock.now())
     db.close()
     proxy = start_proxy(url, standin, tmp)
     made: list[str] = []
