@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     building the parser imports no command's code (``velvet --help`` and ``--version`` start fast).
     """
     from velvet_core.alerts import cli as alerts_cli
+    from velvet_core.ask import cli as ask_cli
     from velvet_core.cache import cli as cache_cli
     from velvet_core.experiments import cli as experiments_cli
     from velvet_core.query import cli as query_cli
@@ -52,6 +53,7 @@ def parser() -> argparse.ArgumentParser:
     query_cli.add_maintenance(command)  # rebuild
     serve_cli.add_commands(command)  # proxy, addon-path
     cache_cli.add_commands(command)  # cache what-if, stats, clear
+    ask_cli.add_commands(command)  # ask
     return ap
 
 
