@@ -18,6 +18,7 @@ from velvet_core.humanize import printable, table
 
 PROMPT = "ask> "
 HISTORY = "ask_history"
+SHOW_SQL = 2000  # characters of a failed answer's SQL printed
 
 
 def _cell(v: Any) -> Any:
@@ -54,8 +55,11 @@ def failure(answer: Answer) -> str:
     """The one line (and the last SQL) said when a question could not be answered."""
     if answer.unsupported is not None:
         return f"velvet ask: the model says it cannot answer: {printable(answer.unsupported)}"
+    sql = answer.sql or "(none)"
+    if len(sql) > SHOW_SQL:
+        sql = sql[:SHOW_SQL] + f"... ({len(sql)} characters)"
     return (f"velvet ask: no answer after {answer.attempts} attempts: {printable(answer.error or '?')}\n"
-            f"last SQL:\n{answer.sql or '(none)'}")
+            f"last SQL:\n{sql}")
 
 
 def cmd_ask(db: Database, a: argparse.Namespace) -> int:
