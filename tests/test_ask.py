@@ -240,7 +240,7 @@ def test_a_local_server_needs_no_key_but_openai_does(filled: dict[str, Any], mod
     model.copilot.queue[:] = [fence("SELECT count(*) AS n FROM calls")]
     monkeypatch.setenv("VELVET_ASK_BASE_URL", model.url + "/v1")
     monkeypatch.setenv("VELVET_ASK_MODEL", "llama3.1:8b")
-    code, out, err = ask(capsys, filled, "how many calls?", "--json")
+    code, _, err = ask(capsys, filled, "how many calls?", "--json")
     assert code == 0, err
     sent = model.copilot.requests[0]
     assert "authorization" not in sent["headers"] and sent["body"]["model"] == "llama3.1:8b"
@@ -320,7 +320,8 @@ def test_sql_extraction() -> None:
     assert extract_sql("```SQL\nSELECT 1\n") == "SELECT 1" and extract_sql("  SELECT 3;;  ") == "SELECT 3"
     assert extract_sql("```\nSELECT 4\n```") == "SELECT 4"
     assert unsupported("UNSUPPORTED: no such data") == "no such data" and unsupported("SELECT 1") is None
-    assert with_limit("SELECT 1", 9) == "SELECT 1\nLIMIT 9" and with_limit("SELECT 1 limit 2", 9) == "SELECT 1 limit 2"
+    assert with_limit("SELECT 1", 9) == "SELECT 1\nLIMIT 9"
+    assert with_limit("SELECT 1 limit 2", 9) == "SELECT 1 limit 2"
     assert with_limit("SELECT 1 -- why", 9) == "SELECT 1 -- why\nLIMIT 9"
 
 
@@ -420,3 +421,12 @@ def test_through_the_proxy_the_copilot_is_logged_and_tagged(filled: dict[str, An
 def test_help_is_fast_to_import() -> None:
     out = subprocess.run([str(VELVET), "ask", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--sql-only" in out.stdout and "--eval" in out.stdout
+
+
+def test_a_refused_key_is_one_line_and_never_printed(filled: dict[str, Any], capsys: Any,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    bad = "sk-bad-" + "z" * 40
+    monkeypatch.setenv("OPENAI_API_KEY", bad)
+    code, out, err = ask(capsys, filled, "how many calls?")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert " answered 401: " in err and bad not in err and bad[8:] not in err

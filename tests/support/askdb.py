@@ -5,6 +5,7 @@ cancelled)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 from typing import Any
 
@@ -34,12 +35,10 @@ def workload(client: openai.OpenAI) -> dict[str, Any]:
     client.embeddings.create(model="text-embedding-3-small", input=["velvet", "proxy"])
     for scenario, exc in (("429", openai.RateLimitError), ("429", openai.RateLimitError),
                           ("500", openai.InternalServerError)):
-        try:
+        with contextlib.suppress(exc):
             client.chat.completions.create(model="gpt-4o-mini", messages=ASK,
                                            extra_headers={"x-standin-scenario": scenario,
                                                           "velvet-metadata-team": "search"})
-        except exc:
-            pass
     lines = b"".join(orjson.dumps({
         "custom_id": f"review-{i}", "method": "POST", "url": "/v1/chat/completions",
         "body": {"model": "bad-model" if i in BAD_LINES else "gpt-4o-mini",
@@ -74,7 +73,7 @@ def fill(proxy: Proxy, monkeypatch: Any) -> dict[str, Any]:
         db = open_db(proxy.db_url)
         try:
             n = db.execute_sql("SELECT count(*) FROM batch_results").fetchone()[0]
-            c = db.execute_sql("SELECT count(*) FROM calls WHERE object_id = %s" % db.param, (made["cancelled"],)
+            c = db.execute_sql(f"SELECT count(*) FROM calls WHERE object_id = {db.param}", (made["cancelled"],)
                                ).fetchone()[0]
             return n >= BATCH_LINES and c >= 2
         finally:

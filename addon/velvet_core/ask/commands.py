@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -43,7 +44,8 @@ def show(answer: Answer, as_json: bool, sql_only: bool, out: Any = None) -> None
         return
     if r.columns:
         numeric = [i for i in range(len(r.columns)) if r.rows and all(
-            isinstance(row[i], int | float) and not isinstance(row[i], bool) for row in r.rows if row[i] is not None)]
+            isinstance(row[i], int | float) and not isinstance(row[i], bool)
+            for row in r.rows if row[i] is not None)]
         table(r.columns, [[_cell(v) for v in row] for row in r.rows], right=numeric, out=out)
     n = len(r.rows)
     more = f" (stopped at --max-rows {n}: there may be more)" if r.truncated else ""
@@ -110,10 +112,8 @@ def interactive(cp: Copilot, as_json: bool, sql_only: bool) -> int:
     except ImportError:  # (a Python built without it)
         readline = None  # type: ignore[assignment]
     if readline is not None:
-        try:
+        with contextlib.suppress(OSError):
             readline.read_history_file(history)
-        except OSError:
-            pass
     tty = sys.stdin.isatty()
     if tty:
         print("Ask about the logs in words; a follow-up refines the last question. \\sql shows the last SQL, "

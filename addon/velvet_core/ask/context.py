@@ -23,8 +23,9 @@ ALWAYS = ("calls", "batches", "batch_lines")  # shown when the schema is cut dow
 
 DIALECT = {
     "sqlite": """Dialect: SQLite.
-- JSON columns are JSON text: read them with json_extract(col, '$.a.b'), json_extract(col, '$."key-with-dash"'),
-  json_extract(col, '$.messages[0].content'); json_each(col) to expand; a JSON string's text: json_extract(col, '$').
+- JSON columns are JSON text: read them with json_extract(col, '$.a.b'),
+  json_extract(col, '$."key-with-dash"'), json_extract(col, '$.messages[0].content');
+  json_each(col) to expand; a JSON string's text: json_extract(col, '$').
 - Timestamps are text 'YYYY-MM-DD HH:MM:SS.ffffff' in UTC: compare with datetime('now', '-7 days'),
   group by day with date(started_at), by hour with strftime('%Y-%m-%d %H:00', started_at);
   seconds between two: (julianday(b) - julianday(a)) * 86400.
@@ -32,14 +33,15 @@ DIALECT = {
     "postgres": """Dialect: PostgreSQL.
 - JSON columns are jsonb: col->>'key' (text), col->'a'->>'b', col->'messages'->0->>'content', col ? 'key';
   cast for numbers: (col->'usage'->>'total_tokens')::bigint; text search needs col::text LIKE '%x%'.
-- Timestamps are timestamp without time zone, in UTC: compare with now() AT TIME ZONE 'utc' - interval '7 days',
-  group by day with date_trunc('day', started_at); seconds between two: extract(epoch from b - a).
-- Booleans are true/false. Percentiles: percentile_cont(0.95) WITHIN GROUP (ORDER BY latency_ms).""",
+- Timestamps are timestamp without time zone, in UTC: compare with
+  now() AT TIME ZONE 'utc' - interval '7 days', group by day with date(started_at) or
+  date_trunc('day', started_at); seconds between two: extract(epoch from b - a).
+- Booleans are true/false. Percentiles: percentile_disc(0.95) WITHIN GROUP (ORDER BY latency_ms).""",
 }
 
-RULES = """Answer with exactly one read-only SQL statement (SELECT or WITH ... SELECT) in a ```sql fenced block, and
-nothing that writes. Use only the tables and columns listed. Name result columns plainly. If the question cannot be
-answered from these tables, answer only: UNSUPPORTED: <why, in one line>."""
+RULES = """Answer with exactly one read-only SQL statement (SELECT or WITH ... SELECT) in a ```sql fenced block,
+and nothing that writes. Use only the tables and columns listed. Name result columns plainly. If the question
+cannot be answered from these tables, answer only: UNSUPPORTED: <why, in one line>."""
 
 
 @dataclass(slots=True)

@@ -20,7 +20,8 @@ MAX_ATTEMPTS = 3
 DEFAULT_MODEL = "gpt-4.1-mini"
 MAX_ROWS = 1000
 TAG = "velvet-copilot"
-"""The tag of the copilot's calls (header ``velvet-metadata-velvet-copilot``: ``calls.tags->>'velvet-copilot'``)."""
+"""The tag of the copilot's calls: header ``velvet-metadata-velvet-copilot: ask``, so
+``calls.tags->>'velvet-copilot' = 'ask'``."""
 ERROR_CHARS = 1000  # of a database error sent back to the model
 
 _FENCE = re.compile(r"```[ \t]*sql[^\n]*\n(.*?)(?:```|\Z)", re.S | re.I)
@@ -120,7 +121,7 @@ def run_sql(db: Database, sql: str, *, max_rows: int = MAX_ROWS, timeout: float 
                 final = limited
             except readonly.ReadOnlyError:
                 raise
-            except Exception:  # noqa: BLE001 - a statement that takes no LIMIT: capped when read instead
+            except Exception:
                 final = sql
         if not execute:
             return Result(final, [], [], False)
@@ -133,7 +134,7 @@ def run_sql(db: Database, sql: str, *, max_rows: int = MAX_ROWS, timeout: float 
         raise DBError(_error(e)) from None
     except (KeyboardInterrupt, SystemExit):
         raise
-    except Exception as e:  # noqa: BLE001 - whatever the driver raises is the database's answer
+    except Exception as e:
         raise DBError(_error(e)) from None
     truncated = len(rows) > max_rows or (final != sql and len(rows) >= max_rows)
     return Result(final, columns, rows[:max_rows], truncated)
@@ -162,7 +163,8 @@ class Copilot:
             raise ModelDown(f"the model at {self.client.base_url} is unreachable: {_error(e)}") from None
         body = reply.body if isinstance(reply.body, dict) else {}
         if reply.status >= 300:
-            err = body.get("error") if isinstance(body.get("error"), dict) else {}
+            err = body.get("error")
+            err = err if isinstance(err, dict) else {}
             raise ModelDown(f"the model at {self.client.base_url} answered {reply.status}: "
                             f"{redact(str(err.get('message') or reply.body)[:300])}")
         try:
@@ -205,8 +207,8 @@ class Copilot:
 
 
 def make_client(base_url: str | None) -> Client:
-    """The model's client: ``--base-url`` / ``$VELVET_ASK_BASE_URL`` (a local server: no key needed), else the SDK's
-    environment (``OPENAI_API_KEY`` required, ``OPENAI_BASE_URL``, ``HTTPS_PROXY``)."""
+    """The model's client: ``--base-url`` / ``$VELVET_ASK_BASE_URL`` (a local server: no key needed), else the
+    SDK's environment (``OPENAI_API_KEY`` required, ``OPENAI_BASE_URL``, ``HTTPS_PROXY``)."""
     base = base_url or os.environ.get("VELVET_ASK_BASE_URL")
     key = os.environ.get("OPENAI_API_KEY") or None
     if not base and not key:

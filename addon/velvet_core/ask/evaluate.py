@@ -97,7 +97,8 @@ class Report:
             "accuracy": _ratio(sum(o.correct for o in self.outcomes), n),
             "attempts": sum(o.attempts for o in self.outcomes),
             "by_category": {c: {"questions": len(v), "correct": sum(o.correct for o in v),
-                                "accuracy": _ratio(sum(o.correct for o in v), len(v))} for c, v in sorted(cats.items())},
+                                "accuracy": _ratio(sum(o.correct for o in v), len(v))}
+                            for c, v in sorted(cats.items())},
             "misses": [{"question": o.question, "category": o.category, "attempts": o.attempts,
                         "gold_sql": o.gold_sql, "sql": o.sql, "error": o.error}
                        for o in self.outcomes if not o.correct],

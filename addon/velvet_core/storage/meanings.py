@@ -209,7 +209,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "first_seen_at": "UTC time velvet first saw it",
         "updated_at": "UTC time of its last change",
     }),
-    "call_rollups": ("live calls summed per hour or day × model × endpoint × key (kept after pruning)", {
+    "call_rollups": ("live calls summed per hour or day x model x endpoint x key (kept after pruning)", {
         "id": "row id",
         "hours": "1 (an hour) or 24 (a day)",
         "period": "the hour's or day's UTC start",
@@ -221,7 +221,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "input_tokens": "input tokens",
         "output_tokens": "output tokens",
         "cost_usd": "cost in USD",
-        "latency_hist": "JSON {bucket: count}, bucket = round(50 × ln ms)",
+        "latency_hist": "JSON {bucket: count}, bucket = round(50 x ln ms)",
         "ttft_hist": "JSON {bucket: count} of time to first token",
     }),
     "batch_counts": ("per-batch counters behind batch_summary", {
@@ -240,7 +240,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
 
 def meaning(table: str, column: str) -> str | None:
     """The column's one-line meaning (batch_summary's inherited columns from batches)."""
-    row, cols = TABLES.get(table, ("", {}))
+    cols = TABLES.get(table, ("", {}))[1]
     if column in cols:
         return cols[column]
     if table == "batch_summary":
