@@ -127,11 +127,11 @@ def load_questions(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def system_prompt(db: Database, question: str, now: datetime | None = None,
-                  budget: int = SCHEMA_BUDGET) -> str:
-    """The whole system message for ``question`` on ``db``."""
+def system_prompt(db: Database, question: str, now: datetime | None = None, budget: int = SCHEMA_BUDGET,
+                  texts: dict[str, str] | None = None) -> str:
+    """The whole system message for ``question`` on ``db`` (``texts``: :func:`schema_text` already read)."""
     kind = dialect(db)
-    texts = schema_text(live_schema(db))
+    texts = texts if texts is not None else schema_text(live_schema(db))
     names = pick_tables(texts, question, budget)
     now = now or datetime.now(UTC)
     parts = [MARK + " You turn questions about velvet's logs of OpenAI API traffic (live calls and Batch API "

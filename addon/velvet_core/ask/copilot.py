@@ -153,6 +153,12 @@ class Copilot:
     allow_powerful_role: bool = False
     history: list[dict[str, str]] = field(default_factory=list)
     last_sql: str | None = None
+    schema: dict[str, str] | None = None  # the tables' descriptions, read from the database once
+
+    def prompt(self, question: str) -> str:
+        if self.schema is None:
+            self.schema = context.schema_text(context.live_schema(self.db))
+        return context.system_prompt(self.db, question, texts=self.schema)
 
     def chat(self, messages: list[dict[str, str]]) -> str:
         try:
@@ -177,7 +183,7 @@ class Copilot:
         """Ask; at most :data:`MAX_ATTEMPTS` replies, each database error sent back. :class:`ModelDown` when the
         model cannot be reached. ``fresh``: without the earlier questions."""
         history = [] if fresh else self.history
-        system = {"role": "system", "content": context.system_prompt(self.db, question)}
+        system = {"role": "system", "content": self.prompt(question)}
         turn: list[dict[str, str]] = [{"role": "user", "content": question}]
         answer = Answer(question)
         while answer.attempts < MAX_ATTEMPTS:
