@@ -85,6 +85,13 @@ def _cell(text: Any) -> str:
     return str(text).replace("|", "\\|").replace("<", "&lt;").replace("\n", " ")
 
 
+def column_reference() -> str:
+    """Markdown: every column of the tables people query with its meaning (velvet_core.storage.meanings)."""
+    from velvet_core.storage.meanings import reference
+
+    return reference()
+
+
 def options_table() -> str:
     """Markdown table: option, type, default, choices and help, as velvet declares them to mitmproxy."""
     with stable_env():

@@ -39,7 +39,7 @@ def test_cli_reference_covers_every_command():
     """Every command and subcommand of the parser has its section (the walk is recursive)."""
     text = (ROOT / "docs" / "cli.md").read_text()
     for cmd in ("batches", "batch", "lines", "show", "calls", "stats", "status", "sql", "export", "replay",
-                "compare", "alerts", "alerts check", "report", "rebuild"):
+                "compare", "alerts", "alerts check", "report", "rebuild", "ask"):
         assert f"`velvet {cmd}`\n\n```text\nusage: velvet {cmd} " in text, cmd
 
 

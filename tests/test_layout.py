@@ -15,7 +15,7 @@ LEAVES = ("config", "humanize", "redact", "pids", "jsonout", "private", "secret_
 # The layers, bottom first: each may import only the layers before it (and the leaves). The data path is
 # capture (hooks) -> storage.snapshot -> writer -> processing -> storage (store); the commands read storage.
 LAYERS = ("parsing", "cost", "api", "storage", "processing", "writer", "capture", "query", "alerts", "evals",
-          "experiments", "sync", "jobs", "report", "cache", "options", "addon", "serve", "script", "cli")
+          "experiments", "sync", "jobs", "report", "cache", "ask", "options", "addon", "serve", "script", "cli")
 
 
 def velvet_imports(path: Path) -> set[str]:

@@ -22,6 +22,7 @@ def parser() -> argparse.ArgumentParser:
     building the parser imports no command's code (``velvet --help`` and ``--version`` start fast).
     """
     from velvet_core.alerts import cli as alerts_cli
+    from velvet_core.ask import cli as ask_cli
     from velvet_core.cache import cli as cache_cli
     from velvet_core.evals import cli as evals_cli
     from velvet_core.experiments import cli as experiments_cli
@@ -56,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     cache_cli.add_commands(command)  # cache what-if, stats, clear
     evals_cli.add_commands(command)  # evals, evals run
     sync_cli.add_commands(command)  # sync, reconcile
+    ask_cli.add_commands(command)  # ask
     return ap
 
 

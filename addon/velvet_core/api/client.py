@@ -76,16 +76,20 @@ def backoff(attempt: int, headers: httpx2.Headers | None = None) -> float:
 
 
 class Client:
-    def __init__(self, api_key: str, base_url: str | None = None, max_retries: int = 5,
+    def __init__(self, api_key: str | None, base_url: str | None = None, max_retries: int = 5,
                  timeout: float = 600.0, sleep: Callable[[float], None] = time.sleep, *,
                  proxy: str | None = None, ca_file: str | None = None, tags: dict[str, str] | None = None) -> None:
-        """``proxy`` and ``ca_file`` (a proxy and the CA it signs with) take the place of the environment's;
-        ``tags`` go on every request as ``velvet-metadata-*`` headers (a velvet proxy tags the calls with them)."""
+        """``api_key`` None: no ``Authorization`` header (a local server: Ollama, vLLM, llama.cpp). ``proxy`` and
+        ``ca_file`` (a proxy and the CA it signs with) take the place of the environment's; ``tags`` go on every
+        request as ``velvet-metadata-*`` headers (a velvet proxy tags the calls with them)."""
         self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.max_retries = max_retries
         self.sleep = sleep
-        self.key_fingerprint = key_fingerprint({"authorization": f"Bearer {api_key}"})  # what velvet stores
-        headers = {"Authorization": f"Bearer {api_key}", "User-Agent": f"velvet/{__version__}"}
+        # what velvet stores of the key
+        self.key_fingerprint = key_fingerprint({"authorization": f"Bearer {api_key}"}) if api_key else None
+        headers = {"User-Agent": f"velvet/{__version__}"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
         if org := os.environ.get("OPENAI_ORG_ID"):
             headers["OpenAI-Organization"] = org
         if project := os.environ.get("OPENAI_PROJECT_ID"):

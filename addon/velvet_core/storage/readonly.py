@@ -1,6 +1,6 @@
 """Read-only means no write of any kind: the one door for SQL that velvet did not write.
 
-``velvet sql``, ``velvet replay --sql`` (and any future command that runs a user's or a model's SQL) go through
+``velvet sql``, ``velvet replay --sql``, ``velvet ask`` (a model's SQL) and any future such command go through
 :func:`statement`. The database engine enforces it, not a keyword filter:
 
 - SQLite: every read-only connection (:class:`ReadOnlySqlite`, made by ``database.connect(readonly=True)``) is

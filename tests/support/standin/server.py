@@ -341,7 +341,9 @@ class Handler(BaseHTTPRequestHandler):
                 return
         else:
             auth = self.headers.get("authorization", "")
-            if not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
+            if self.server.keyless and not auth:
+                pass  # playing a local model server (Ollama, vLLM): no key asked for
+            elif not auth.startswith("Bearer sk-") or auth.startswith("Bearer sk-bad"):
                 return self.send_error_json(401, "Incorrect API key provided.", "invalid_request_error",
                                             "invalid_api_key")
         if canned := self.server.canned.get(self.headers.get("x-standin-canned", "")):
@@ -408,6 +410,10 @@ class Handler(BaseHTTPRequestHandler):
     # -- live endpoints --------------------------------------------------------------------------
 
     def h_chat(self, path: str, body: dict[str, Any], raw: bytes) -> None:
+        if (reply := self.server.copilot.reply(body, dict(self.headers.items()))) is not None:
+            resp = chat_completion(body)
+            resp["choices"][0]["message"]["content"] = reply
+            return self.send(200, resp)
         resp = chat_completion(body)
         if not body.get("stream"):
             return self.send(200, resp)
@@ -778,6 +784,48 @@ class BatchAPI:
         h.send(200, b)
 
 
+COPILOT_MARK = "You are velvet's SQL copilot."
+
+
+class Copilot:
+    """Scripted replies for ``velvet ask`` (a chat request whose system message starts with
+    :data:`COPILOT_MARK`), and every such request received (``requests``: body and headers).
+
+    A reply comes from ``queue`` (first in, first out) while it holds any; else from ``answers``: the replies for
+    the last user message of the conversation that is a key of it, the n-th reply for the n-th attempt (the last
+    one repeated); else ``UNSUPPORTED: ...``.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.queue: list[str] = []
+        self.answers: dict[str, list[str]] = {}
+        self.requests: list[dict[str, Any]] = []
+
+    def reset(self) -> None:
+        with self.lock:
+            self.queue.clear()
+            self.answers.clear()
+            self.requests.clear()
+
+    def reply(self, body: Any, headers: dict[str, str]) -> str | None:
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not (isinstance(messages, list) and messages and isinstance(messages[0], dict)
+                and str(messages[0].get("content", "")).startswith(COPILOT_MARK)):
+            return None
+        with self.lock:
+            self.requests.append({"body": body, "headers": {k.lower(): v for k, v in headers.items()}})
+            if self.queue:
+                return self.queue.pop(0)
+            for i in range(len(messages) - 1, 0, -1):
+                m = messages[i]
+                if m.get("role") == "user" and m.get("content") in self.answers:
+                    replies = self.answers[m["content"]]
+                    n = sum(1 for x in messages[i + 1:] if x.get("role") == "assistant")
+                    return replies[min(n, len(replies) - 1)]
+        return "UNSUPPORTED: the stand-in has no scripted reply for this question"
+
+
 class StandIn(ThreadingHTTPServer):
     """The server. ``StandIn.start()`` runs it in a thread on a free port."""
 
@@ -821,6 +869,8 @@ class StandIn(ThreadingHTTPServer):
         self.canned: dict[str, tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
         self._rate_limited = 0
         self._rate_lock = threading.Lock()
+        self.copilot = Copilot()
+        self.keyless = False  # True: requests without a key are answered (a local model server)
 
     def rate_limit(self, n: int) -> None:
         """The next ``n`` model calls (chat, responses, embeddings) get a 429."""
