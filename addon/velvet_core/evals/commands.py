@@ -76,7 +76,11 @@ def cmd_run(url: str, a: argparse.Namespace) -> int:
     db = open_db(url)
     ev = Evaluator(db, rules, Pricer.from_file(os.environ.get("VELVET_PRICES")), Route())
     try:
-        ev.take(since=a.since, until=started, names=names)
+        tty = sys.stderr.isatty() and not a.json
+        ev.take(since=a.since, until=started, names=names, progress=(lambda n: print(
+            f"\rvelvet evals run: {n:,} answers read", end="", file=sys.stderr, flush=True)) if tty else None)
+        if tty:
+            print(file=sys.stderr)
         if any(r.check == "judge" for r in rules.evals if names is None or r.name in names):
             ev.judge_step(now=True)
             while a.wait and _waiting(db, [r.name for r in ev.judges() if names is None or r.name in names]):

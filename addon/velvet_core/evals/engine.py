@@ -88,11 +88,12 @@ class Evaluator:
     # -- answers -----------------------------------------------------------------------------------------
 
     def take(self, *, since: datetime | None = None, until: datetime | None = None, names: set[str] | None = None,
-             limit: int = TAKE) -> dict[str, Counts]:
+             limit: int = TAKE, progress: Callable[[int], None] | None = None) -> dict[str, Counts]:
         """Score the answers each eval has not seen. The proxy's process goes on from each eval's mark (an eval new
         to this database starts with the answers after it); a backfill (``since``) reads that window whole."""
         out: dict[str, Counts] = {}
         backfill = since is not None
+        read = 0
         # evals with the same filters read their answers once (each answer is parsed once for all of them)
         groups: dict[tuple[Any, ...], list[Eval]] = {}
         for rule in self.evals.evals:
@@ -126,6 +127,9 @@ class Evaluator:
                         if point < rule.sample and ident > marks[rule.name]:
                             records.append(self._score(rule, a, out[rule.name], stamp))
                 after = max(a.call_id or a.result_id or 0 for a in got)
+                read += len(got)
+                if progress is not None:
+                    progress(read)
                 with self.db.atomic():
                     store.insert(self.db, records)
                     if not backfill:

@@ -898,6 +898,7 @@ def _scores(db: Database) -> None:
     )""")
     db.execute_sql('CREATE UNIQUE INDEX "scores_eval_subject" ON "scores" ("eval", "subject")')
     db.execute_sql('CREATE INDEX "scores_eval_judged_at" ON "scores" ("eval", "judged_at")')
+    db.execute_sql('CREATE INDEX "scores_answered_at" ON "scores" ("answered_at")')  # velvet evals, the report
     db.execute_sql('CREATE INDEX "scores_call_id" ON "scores" ("call_id")')
     db.execute_sql('CREATE INDEX "scores_batch_id_custom_id" ON "scores" ("batch_id", "custom_id")')
     db.execute_sql("""CREATE INDEX "scores_waiting" ON "scores" ("eval", "id")

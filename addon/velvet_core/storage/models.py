@@ -535,7 +535,7 @@ class Score(Base):
     result_id = BigIntegerField(null=True)
     batch_id = TextField(null=True)
     custom_id = TextField(null=True)
-    answered_at = DateTimeField(null=True)
+    answered_at = DateTimeField(null=True, index=True)
     status = TextField()  # pending | sent | scored | error | skipped
     score = FloatField(null=True)
     passed = BooleanField(null=True)
