@@ -34,7 +34,7 @@ log = logging.getLogger("velvet")
 TAKE = 5000  # answers read at a time
 SUBMIT_AT = 10_000  # pending judge work that is submitted at once, without waiting for the interval
 BATCH_MAX = 10_000  # lines in one judge batch
-LIVE_PER_STEP = 200  # live judge calls per eval and step
+LIVE_PER_STEP = 20  # live judge calls per eval and step (the checks wait for a step to end)
 CLAIMED = "submitting:%"  # (a LIKE pattern, as a parameter: psycopg reads a % in the query's text)
 STALE_SUBMISSION = timedelta(minutes=10)  # a claim older than this was left by a process that stopped
 
