@@ -108,15 +108,20 @@ class RuleSet:
     path: str = ""
 
 
-def load_rules(path: str | Path) -> RuleSet:
-    """Read and check a rules file; :class:`RulesError` names the rule and key at fault."""
+def read_toml(path: str | Path, what: str, error: type[RulesError] = RulesError) -> tuple[Path, dict[str, Any]]:
+    """A rules file's path and tables (alert rules, eval rules: one file may hold both); ``error`` says why not."""
     p = Path(path).expanduser()
     try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
+        return p, tomllib.loads(p.read_text(encoding="utf-8"))
     except OSError as e:
-        raise RulesError(f"cannot read alert rules {p}: {e.strerror or e}") from None
+        raise error(f"cannot read {what} {p}: {e.strerror or e}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise RulesError(f"{p}: not valid TOML: {e}") from None
+        raise error(f"{p}: not valid TOML: {e}") from None
+
+
+def load_rules(path: str | Path) -> RuleSet:
+    """Read and check a rules file; :class:`RulesError` names the rule and key at fault."""
+    p, data = read_toml(path, "alert rules")
     return parse_rules(data, str(p))
 
 

@@ -13,12 +13,11 @@ The same file may hold alert rules (``[[rule]]``, ``[notify]``): each reader tak
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from velvet_core.alerts.rules import RulesError, _endpoint
+from velvet_core.alerts.rules import RulesError, _endpoint, read_toml
 from velvet_core.alerts.rules import _Checker as _AlertChecker
 
 MODEL_FREE = ("json_valid", "json_schema", "regex", "not_regex", "contains", "not_contains", "max_chars",
@@ -90,13 +89,7 @@ class EvalSet:
 
 def load_evals(path: str | Path) -> EvalSet:
     """Read and check the ``[[eval]]`` tables of a file."""
-    p = Path(path).expanduser()
-    try:
-        data = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise EvalsError(f"cannot read eval rules {p}: {e.strerror or e}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise EvalsError(f"{p}: not valid TOML: {e}") from None
+    p, data = read_toml(path, "eval rules", EvalsError)
     return parse_evals(data, str(p), base=p.parent)
 
 
