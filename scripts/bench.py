@@ -852,6 +852,9 @@ def main() -> int:
                          "real (a 1.5 kB prompt, an 800-byte answer)")
     ap.add_argument("--backend", choices=("both", "sqlite", "pg"), default="both",
                     help="with --scale: which backends to build and time (default both)")
+    ap.add_argument("--partition", choices=("month", "week", "day"),
+                    help="with --scale: convert the PostgreSQL database's calls to partitions (velvet migrate "
+                         "--partition) after the build, and time it")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -865,7 +868,7 @@ def main() -> int:
         # --quick: small enough for the test suite, big enough that stats reads the rollups (> EXACT_CALLS)
         lines = a.lines or (60_000 if a.quick else 10_000_000)
         calls = a.calls if a.calls is not None else 25_000 if a.quick and not a.lines else lines // 10
-        r = run_scale(lines, calls, a.pg, a.keep, log, a.bodies, a.backend)
+        r = run_scale(lines, calls, a.pg, a.keep, log, a.bodies, a.backend, a.partition)
         print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k:<28} {v}" for k, v in r.items()))
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:

@@ -338,12 +338,12 @@ def pg_schema(base: str, keep: bool) -> Iterator[str]:
 
 
 def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None],
-              bodies: str = "small", backends: str = "both") -> dict[str, Any]:
+              bodies: str = "small", backends: str = "both", partition: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"scale_lines": lines, "scale_calls": calls, "scale_bodies": bodies}
     if backends in ("both", "sqlite"):
         out.update(_sqlite(lines, calls, keep, log, bodies))
     if backends in ("both", "pg"):
-        out.update(_postgres(lines, calls, pg, keep, log, bodies))
+        out.update(_postgres(lines, calls, pg, keep, log, bodies, partition))
     return out
 
 
@@ -365,18 +365,38 @@ def _sqlite(lines: int, calls: int, keep: bool, log: Callable[[str], None], bodi
     return out
 
 
-def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None], bodies: str
-              ) -> dict[str, Any]:
+def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None], bodies: str,
+              partition: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with postgres(pg, log) as base, pg_schema(base, keep) as pg_url:
         log(f"scale: building {lines:,} batch lines and {calls:,} calls in PostgreSQL")
         out["build_s_pg"] = round(build(pg_url, lines, calls, log, bodies), 1)
         import psycopg
 
+        if partition:  # velvet migrate --partition PERIOD on the database built, timed
+            from velvet_core import clock
+            from velvet_core.storage import partitions
+            from velvet_core.storage.database import open_db
+
+            log(f"scale: converting calls to partitions by {partition} (velvet migrate --partition)")
+            t = time.perf_counter()
+            db = open_db(pg_url)
+            try:
+                done = partitions.partition(db, partition, clock.now())
+            finally:
+                db.close()
+            out["partition_s_pg"] = round(time.perf_counter() - t, 1)
+            out["partitions_pg"] = done["partitions"]
+
         schema = pg_url.rsplit("%3D", 1)[1]
         with psycopg.connect(base, autocommit=True) as conn:  # planner statistics, as autovacuum makes in time
-            for table in ("calls", "batches", "batch_requests", "batch_results", "files", "batch_counts",
-                          "call_rollups", "batch_events"):
+            tables = ["calls", "batches", "batch_requests", "batch_results", "files", "batch_counts",
+                      "call_rollups", "batch_events"]
+            tables += [r[0] for r in conn.execute(  # (a partitioned table's statistics are its partitions')
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON "
+                "p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace WHERE p.relname = 'calls' AND "
+                "n.nspname = %s", (schema,)).fetchall()]
+            for table in tables:
                 conn.execute(f'VACUUM ANALYZE {schema}."{table}"')
             size = conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "
                                 "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relkind = 'r'",
