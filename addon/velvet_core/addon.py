@@ -197,7 +197,7 @@ class Velvet:
             self._stop_alerts()
             self._start_alerts()
         if self.writer is not None and updated & JOBS_OPTIONS:
-            self._stop_jobs()
+            self._stop_jobs(wait=False)  # (the old process finishes its step in the background: not on the loop)
             self._start_jobs()
         if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
             self._stop_pruner()
@@ -360,10 +360,13 @@ class Velvet:
         self.jobs = JobsProcess(self.db_url(), args)
         self.jobs.start()
 
-    def _stop_jobs(self) -> None:
+    def _stop_jobs(self, wait: bool = True) -> None:
         if self.jobs is not None:
             j, self.jobs = self.jobs, None
-            j.stop()
+            if wait:
+                j.stop()
+            else:
+                threading.Thread(target=j.stop, name="velvet-jobs-retire", daemon=True).start()
 
     def _stop_pruner(self) -> None:
         if self.pruner is not None:
