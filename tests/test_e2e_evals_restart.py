@@ -12,7 +12,7 @@ from datetime import timedelta
 import httpx
 import orjson
 import pytest
-from support.helpers import chat, start_writer
+from support.helpers import chat, q, start_writer
 from support.pg import fresh_pg_url
 from support.rig import Proxy, wait_for
 from support.standin import StandIn
@@ -21,7 +21,7 @@ from velvet_core.cost.prices import Pricer
 from velvet_core.evals import judge
 from velvet_core.evals.engine import Evaluator, Route
 from velvet_core.evals.rules import parse_evals
-from velvet_core.storage.database import open_db, open_readonly
+from velvet_core.storage.database import open_db
 from velvet_core.storage.sql import rows, ts
 
 KEY = "sk-judge-restart-" + "R" * 30
@@ -34,13 +34,6 @@ prompt = "Rate: <answer>{output}</answer>"
 tags = {case = "restart"}
 """
 
-
-def q(url: str, sql: str, params: tuple = ()) -> list[dict]:
-    db = open_readonly(url)
-    try:
-        return rows(db, sql, params)
-    finally:
-        db.close()
 
 
 def judge_batches(standin: StandIn) -> list[dict]:

@@ -8,23 +8,14 @@ import io
 import time
 
 import pytest
-from support.helpers import js, jsonl, run
+from support.helpers import js, jsonl, q, run
 from support.pg import fresh_pg_url
 from support.rig import Proxy, wait_for
 from support.standin import StandIn
-from velvet_core.storage.database import open_readonly
-from velvet_core.storage.sql import rows
 
 KEY = "sk-refresh-" + "F" * 40
 RULES = '[[rule]]\nname = "late batches"\nkind = "batch_overdue"\nhours = 1\n'
 
-
-def q(url: str, sql: str, params: tuple = ()) -> list[dict]:
-    db = open_readonly(url)
-    try:
-        return rows(db, sql, params)
-    finally:
-        db.close()
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])

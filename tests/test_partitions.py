@@ -9,23 +9,15 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from support.helpers import chat, js, run, start_writer
+from support.helpers import chat, js, q, run, start_writer
 from support.pg import fresh_pg_url
 from support.rig import Proxy, wait_for
 from velvet_core import clock
 from velvet_core.storage import partitions
-from velvet_core.storage.database import open_db, open_readonly
-from velvet_core.storage.sql import rows
+from velvet_core.storage.database import open_db
 
 pytestmark = pytest.mark.pg
 
-
-def q(url: str, sql: str, params: tuple = ()) -> list[dict]:
-    db = open_readonly(url)
-    try:
-        return rows(db, sql, params)
-    finally:
-        db.close()
 
 
 def at(days_ago: float, i: int) -> object:

@@ -9,24 +9,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support.helpers import js, jsonl, run
+from support.helpers import js, jsonl, q, run
 from support.pg import fresh_pg_url
 from support.rig import Proxy, wait_for
 from support.standin import StandIn
-from velvet_core.storage.database import open_readonly
-from velvet_core.storage.sql import rows
 
 KEY = "sk-sync-" + "S" * 40
 ADMIN = "sk-admin-" + "A" * 40
 COUNTS = ("batches", "batch_events", "batch_requests", "batch_results", "files")
 
-
-def q(url: str, sql: str, params: tuple = ()) -> list[dict]:
-    db = open_readonly(url)
-    try:
-        return rows(db, sql, params)
-    finally:
-        db.close()
 
 
 def counts(url: str) -> dict[str, int]:

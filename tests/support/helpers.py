@@ -96,3 +96,15 @@ def calls(url: str) -> dict[str, models.Call]:
     """The stored calls by flow id."""
     with bound(url):
         return {c.flow_id: c for c in models.Call.select()}
+
+
+def q(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    """Rows of ``sql`` on a read-only connection to ``url``."""
+    from velvet_core.storage.database import open_readonly
+    from velvet_core.storage.sql import rows
+
+    db = open_readonly(url)
+    try:
+        return rows(db, sql, params)
+    finally:
+        db.close()

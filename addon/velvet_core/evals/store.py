@@ -14,7 +14,7 @@ from velvet_core.evals.answer import Answer, from_call, from_line
 from velvet_core.evals.checks import Outcome
 from velvet_core.evals.judge import TAG
 from velvet_core.evals.rules import Eval
-from velvet_core.storage.sql import adapt, rows, ts
+from velvet_core.storage.sql import adapt, rows, set_meta, ts
 
 NOT_ANSWERS = ("batches", "files", "uploads", "other")  # endpoints whose calls are not a model's answers
 CALL_COLUMNS = ("c.id, c.flow_id, c.started_at, c.endpoint, c.model, c.model_requested, c.status_code, c.stream, "
@@ -51,9 +51,7 @@ def mark(db: Database, rule: Eval, source: str) -> int | None:
 
 
 def set_mark(db: Database, rule: Eval, source: str, last_id: int) -> None:
-    db.execute_sql(db.param.join(('INSERT INTO velvet_meta ("key", "value") VALUES (', ', ',
-                                  ') ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value"')),
-                   (_meta_key(rule, source), str(last_id)))
+    set_meta(db, _meta_key(rule, source), str(last_id))
 
 
 def newest_id(db: Database, source: str) -> int:

@@ -76,9 +76,9 @@ def _refresh_state(db: Any, state: dict[str, Any]) -> None:
     """What ``velvet status`` shows of the refresh (``velvet_meta`` key ``refresh``)."""
     import orjson
 
-    db.execute_sql(db.param.join(('INSERT INTO velvet_meta ("key", "value") VALUES (', ', ',
-                                  ') ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value"')),
-                   ("refresh", orjson.dumps(state).decode()))
+    from velvet_core.storage.sql import set_meta
+
+    set_meta(db, "refresh", orjson.dumps(state).decode())
 
 
 def main(argv: list[str] | None = None) -> int:

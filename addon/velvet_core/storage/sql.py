@@ -109,3 +109,9 @@ def percentile(values: list[float], p: float) -> float | None:
     s = sorted(values)
     k = max(0, min(len(s) - 1, math.ceil(p / 100 * len(s)) - 1))
     return s[k]
+
+
+def set_meta(db: Database, key: str, value: str) -> None:
+    """Set ``velvet_meta``'s ``key`` (an eval's mark, the refresh's state)."""
+    db.execute_sql(adapt(db, 'INSERT INTO velvet_meta ("key", "value") VALUES (?, ?) '
+                             'ON CONFLICT ("key") DO UPDATE SET "value" = excluded."value"'), (key, value))
