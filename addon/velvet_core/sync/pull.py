@@ -14,6 +14,7 @@ from typing import Any
 
 from peewee import Database
 
+from velvet_core import clock
 from velvet_core.api.client import APIError, Client
 from velvet_core.cost.prices import Pricer
 from velvet_core.processing.batch_files import ingest_content
@@ -117,7 +118,7 @@ class Sync:
                 size += len(chunk)
                 yield chunk
 
-        seen = datetime.now(UTC).replace(tzinfo=None)
+        seen = clock.now()
         try:
             pending: list[Op] = []
             for op in ingest_content(file_id, read, None, self.pricer, seen, False, []):
@@ -141,7 +142,7 @@ class Sync:
     def _gone(self, batch_id: str, file_id: str, role: str, why: str) -> None:
         from velvet_core.storage.ops import FileSeen
 
-        now = datetime.now(UTC).replace(tzinfo=None)
+        now = clock.now()
         problem = f"{role} file {file_id} could not be downloaded (expired or deleted): {why[:200]}"
         self.store.apply([FileSeen({"id": file_id, "updated_at": now, "first_seen_at": now, "complete": False,
                                     "problem": problem})])
