@@ -855,6 +855,9 @@ def main() -> int:
     ap.add_argument("--partition", choices=("month", "week", "day"),
                     help="with --scale: convert the PostgreSQL database's calls to partitions (velvet migrate "
                          "--partition) after the build, and time it")
+    ap.add_argument("--partitioned", choices=("month", "week", "day"),
+                    help="with --scale: build the PostgreSQL database partitioned by this period from the start "
+                         "(velvet_pg_partitions: no conversion, no second copy on disk)")
     ap.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--line-size", type=int, default=4_000, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -868,7 +871,7 @@ def main() -> int:
         # --quick: small enough for the test suite, big enough that stats reads the rollups (> EXACT_CALLS)
         lines = a.lines or (60_000 if a.quick else 10_000_000)
         calls = a.calls if a.calls is not None else 25_000 if a.quick and not a.lines else lines // 10
-        r = run_scale(lines, calls, a.pg, a.keep, log, a.bodies, a.backend, a.partition)
+        r = run_scale(lines, calls, a.pg, a.keep, log, a.bodies, a.backend, a.partition, a.partitioned)
         print(json.dumps(r, indent=2) if a.json else "\n".join(f"{k:<28} {v}" for k, v in r.items()))
         return 0
     for k in [k for k in os.environ if "proxy" in k.lower()]:

@@ -338,12 +338,13 @@ def pg_schema(base: str, keep: bool) -> Iterator[str]:
 
 
 def run_scale(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None],
-              bodies: str = "small", backends: str = "both", partition: str | None = None) -> dict[str, Any]:
+              bodies: str = "small", backends: str = "both", partition: str | None = None,
+              partitioned: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"scale_lines": lines, "scale_calls": calls, "scale_bodies": bodies}
     if backends in ("both", "sqlite"):
         out.update(_sqlite(lines, calls, keep, log, bodies))
     if backends in ("both", "pg"):
-        out.update(_postgres(lines, calls, pg, keep, log, bodies, partition))
+        out.update(_postgres(lines, calls, pg, keep, log, bodies, partition, partitioned))
     return out
 
 
@@ -366,9 +367,22 @@ def _sqlite(lines: int, calls: int, keep: bool, log: Callable[[str], None], bodi
 
 
 def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[[str], None], bodies: str,
-              partition: str | None = None) -> dict[str, Any]:
+              partition: str | None = None, partitioned: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     with postgres(pg, log) as base, pg_schema(base, keep) as pg_url:
+        if partitioned:  # made partitioned (velvet_pg_partitions), with the periods of the 30 days built
+            from velvet_core import clock
+            from velvet_core.storage import partitions
+
+            os.environ[partitions.ENV] = partitioned
+            db = open_db(pg_url)
+            try:
+                partitions.ensure(db, clock.now(), since=clock.now() - timedelta(days=DAYS + 1))
+                out["partitions_pg"] = sum(len(partitions.periods(db, t)) for t in partitions.KEYS)
+            finally:
+                db.close()
+                del os.environ[partitions.ENV]
+            out["partitioned_pg"] = partitioned
         log(f"scale: building {lines:,} batch lines and {calls:,} calls in PostgreSQL")
         out["build_s_pg"] = round(build(pg_url, lines, calls, log, bodies), 1)
         import psycopg
@@ -376,9 +390,8 @@ def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[
         if partition:  # velvet migrate --partition PERIOD on the database built, timed
             from velvet_core import clock
             from velvet_core.storage import partitions
-            from velvet_core.storage.database import open_db
 
-            log(f"scale: converting calls to partitions by {partition} (velvet migrate --partition)")
+            log(f"scale: converting calls and batch lines to partitions by {partition} (migrate --partition)")
             t = time.perf_counter()
             db = open_db(pg_url)
             try:
@@ -394,8 +407,8 @@ def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[
                       "call_rollups", "batch_events"]
             tables += [r[0] for r in conn.execute(  # (a partitioned table's statistics are its partitions')
                 "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON "
-                "p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace WHERE p.relname = 'calls' AND "
-                "n.nspname = %s", (schema,)).fetchall()]
+                "p.oid = i.inhparent JOIN pg_namespace n ON n.oid = p.relnamespace WHERE p.relname IN ('calls', "
+                "'batch_requests', 'batch_results') AND n.nspname = %s", (schema,)).fetchall()]
             for table in tables:
                 conn.execute(f'VACUUM ANALYZE {schema}."{table}"')
             size = conn.execute("SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class c JOIN pg_namespace n "

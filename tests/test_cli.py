@@ -287,3 +287,36 @@ def test_progress_bar_only_on_a_terminal():
         p.close()
     assert "exporting [" in term.getvalue() and "3/3" in term.getvalue() and term.getvalue().endswith("\n")
     assert pipe.getvalue() == ""
+
+
+def test_failed_lines_are_the_failed_answers_and_the_lines_with_a_problem(db_url, capsys):
+    """``velvet lines --failed`` reads from the failed answers and the lines with a problem (not every line): it
+    lists exactly what the whole listing marks failed or with a problem, in line order, each once."""
+    from velvet_core.storage.ops import BatchSeen, FileSeen, InputDone, OutputDone, RequestLines, ResultLines
+    from velvet_core.storage.store import Store
+
+    now = clock.now()
+    db = open_db(db_url)
+    try:
+        store = Store(db)
+        reqs = [{"file_id": "in-f", "line_no": i, "custom_id": f"c-{i}", "method": "POST",
+                 "url": "/v1/chat/completions", "model": "gpt-4o-mini", "body": '{"n": 1}',
+                 "problem": "not JSON" if i in (3, 5, 8) else None} for i in range(1, 11)]
+        store.apply([FileSeen({"id": "in-f", "first_seen_at": now, "updated_at": now}), RequestLines(reqs),
+                     InputDone("in-f")])
+        store.apply([BatchSeen({"id": "batch_f", "status": "completed", "endpoint": "/v1/chat/completions",
+                                "input_file_id": "in-f", "output_file_id": "out-f", "error_file_id": "err-f",
+                                "created_at": now, "completed_at": now}, now, "retrieve")])
+        ok = [i for i in range(1, 11) if i not in (2, 5, 7, 8)]  # 8: a line with a problem and no answer
+        res = [{"file_id": "out-f", "line_no": n, "custom_id": f"c-{i}", "status_code": 200, "seen_at": now}
+               for n, i in enumerate(ok, 1)]
+        res += [{"file_id": "err-f", "line_no": n, "custom_id": c, "status_code": 400, "failed": True,
+                 "error_code": "bad", "seen_at": now} for n, c in enumerate(("c-2", "c-5", "c-7", "c-99"), 1)]
+        store.apply([ResultLines(res), OutputDone("out-f"), OutputDone("err-f")])
+    finally:
+        db.close()
+    every = js(capsys, "--db", db_url, "lines", "batch_f")
+    failed = js(capsys, "--db", db_url, "lines", "batch_f", "--failed")
+    assert failed == [r for r in every if r["failed"] or r["problem"]]
+    assert [r["custom_id"] for r in failed] == ["c-2", "c-3", "c-5", "c-7", "c-8", "c-99"]  # (c-99: no line)
+    assert js(capsys, "--db", db_url, "lines", "batch_f", "--failed", "--custom-id", "c-5") == [failed[2]]

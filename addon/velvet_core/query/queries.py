@@ -156,6 +156,11 @@ _LINE_COLS = (  # (from a request and its answer, from an answer whose request w
 _BODY_COLS = (("r.body AS request_body", "NULL"), ("x.body AS response_body", "x.body"))
 
 
+def _unlogged(cols: tuple[tuple[str, str], ...]) -> str:
+    """The columns of an answer whose input line was not logged, named as those of a line with its answer."""
+    return ", ".join(f"{c[1]} AS {c[0].split(' AS ')[-1].split('.')[-1]}" for c in cols)
+
+
 def _lines_sql(batch_id: str | None, failed: bool = False, custom_id: str | None = None,
                bodies: bool = True) -> list[tuple[str, tuple]]:
     """Queries for one batch's lines (``batch_id`` None: the lines bound to no batch), to run in turn.
@@ -177,10 +182,23 @@ def _lines_sql(batch_id: str | None, failed: bool = False, custom_id: str | None
         req.append("r.custom_id = ?")
         res.append("x.custom_id = ?")
         params.append(custom_id)
+    if failed and batch_id is not None:
+        # from the failed answers (an index of its own) and the lines with a problem, not from every line: on a
+        # partitioned database each line's answer is looked up in every partition (112 ms against 11 ms, 60,000
+        # lines in 35 daily partitions, before this)
+        names = ", ".join(c[0] for c in cols)
+        also = " AND r.custom_id = ?" if custom_id is not None else ""
+        return [(f"SELECT * FROM (SELECT {names} FROM batch_results x JOIN batch_requests r ON r.id = "
+                 f"x.request_row_id WHERE x.batch_id = ? AND x.failed{also} UNION ALL SELECT {names} FROM "
+                 f"batch_requests r LEFT JOIN batch_results x ON x.request_row_id = r.id WHERE r.batch_id = ? AND "
+                 f"r.problem IS NOT NULL AND x.failed IS NOT TRUE{also}) q ORDER BY line_no",
+                 tuple(params * 2)),
+                (f"SELECT {_unlogged(cols)} FROM batch_results x WHERE {' AND '.join(res)} "
+                 "ORDER BY x.custom_id", tuple(params))]
     return [(f"SELECT {', '.join(c[0] for c in cols)} FROM batch_requests r "
              f"LEFT JOIN batch_results x ON x.request_row_id = r.id WHERE {' AND '.join(req)} ORDER BY r.line_no",
              tuple(params[:1] + params)),
-            (f"SELECT {', '.join(c[1] for c in cols)} FROM batch_results x WHERE {' AND '.join(res)} "
+            (f"SELECT {_unlogged(cols)} FROM batch_results x WHERE {' AND '.join(res)} "
              "ORDER BY x.custom_id", tuple(params))]
 
 

@@ -66,8 +66,39 @@ def upsert_file(row: dict[str, Any]) -> None:
 
 
 def add_requests(file_id: str, rows: list[dict[str, Any]]) -> None:
-    insert_rows(BatchRequest, [{**r, "file_id": file_id} for r in rows])
+    add_lines(BatchRequest, [{**r, "file_id": file_id} for r in rows])
     requests_done(file_id)
+
+
+def add_lines(model: type[BatchRequest] | type[BatchResult], rows: list[dict[str, Any]]) -> None:
+    """Insert input or result lines (a line already stored is left as it is), each with ``file_at``.
+
+    ``file_at`` is the partition key of the batch tables on a partitioned PostgreSQL database, and part of their
+    unique keys there, so every line of a file must get the same one, whoever stores it and when: the lines of
+    the file already stored have it; else it is when the file was first seen (``files``), else when the lines
+    were seen. Lines of an upload part not yet a file go by their part until the upload completes."""
+    at: dict[tuple[str, str], datetime] = {}
+    for r in rows:
+        if r.get("file_at") is not None:
+            continue
+        ref = ("file_id", r["file_id"]) if r.get("file_id") is not None else \
+            ("upload_part_id", r["upload_part_id"]) if r.get("upload_part_id") is not None else None
+        if ref is None:
+            r["file_at"] = r.get("seen_at") or utc(time.time())
+            continue
+        if ref not in at:
+            at[ref] = _file_at(model, *ref) or r.get("seen_at") or utc(time.time())
+        r["file_at"] = at[ref]
+    insert_rows(model, rows)
+
+
+def _file_at(model: type[BatchRequest] | type[BatchResult], column: str, value: str) -> datetime | None:
+    field = getattr(model, column)
+    got = (model.select(model.file_at).where(field == value, model.file_at.is_null(False)).limit(1)
+           .scalar())
+    if got is None and column == "file_id":
+        got = File.select(File.first_seen_at).where(File.id == value).scalar()
+    return cast(datetime | None, got)
 
 
 def recount(file_id: str) -> None:
@@ -155,8 +186,9 @@ def link(b: Batch, pricer: Pricer | None = None) -> None:
     for fid, role in ((b.output_file_id, "output"), (b.error_file_id, "error")):
         if not fid:
             continue
-        if File.get_or_none(File.id == fid) is None:
-            File.insert(id=fid, role=role, batch_id=b.id, first_seen_at=now, updated_at=now
+        if File.get_or_none(File.id == fid) is None:  # (first seen when the batch naming it was)
+            seen = b.last_seen_at or now
+            File.insert(id=fid, role=role, batch_id=b.id, first_seen_at=seen, updated_at=seen
                         ).on_conflict_ignore().execute()
         else:
             File.update(batch_id=b.id, role=role).where(File.id == fid).execute()
@@ -247,6 +279,9 @@ def complete_upload(p: UploadCompleted) -> None:
     fid = frow["id"]
     parts = {u.id: u for u in UploadPart.select().where(UploadPart.id.in_(part_ids))}
     missing = [pid for pid in part_ids if pid not in parts]
+    frow = {**frow, "role": "input", "complete": not missing}
+    upsert_file(frow)  # (first: its first sight is the file_at of all its lines)
+    file_at = _file_at(BatchRequest, "file_id", fid)
     n, carry, stitched = 0, b"", []
     for pid in part_ids:
         part = parts.get(pid)
@@ -258,7 +293,7 @@ def complete_upload(p: UploadCompleted) -> None:
             continue
         n += 1
         stitched.append(_line(n, carry + head))
-        BatchRequest.update(file_id=fid, line_no=BatchRequest.part_line_no + n).where(
+        BatchRequest.update(file_id=fid, line_no=BatchRequest.part_line_no + n, file_at=file_at).where(
             BatchRequest.upload_part_id == pid, BatchRequest.file_id.is_null()).execute()
         n += part.lines
         carry = bytes(part.tail)
@@ -268,7 +303,7 @@ def complete_upload(p: UploadCompleted) -> None:
         last.final_newline = False
         stitched.append(last)
     rows = [{**request_row(line), "line_no": line.no} for line in stitched]
-    frow = {**frow, "role": "input", "lines": n, "content_seen": True, "complete": not missing}
+    frow = {**frow, "lines": n, "content_seen": True}
     if missing:
         frow["problem"] = f"parts not seen by the proxy: {', '.join(missing)}"
     upsert_file(frow)

@@ -152,6 +152,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "body": "JSON: the line's request body",
         "problem": "what was wrong with the line",
         "batch_id": "the batch it belongs to",
+        "file_at": "UTC time its file was first seen (the partition key with velvet_pg_partitions)",
     }),
     "batch_results": ("one row per line of a batch output or error file", {
         "id": "row id",
@@ -172,6 +173,7 @@ TABLES: dict[str, tuple[str, dict[str, str]]] = {
         "failed": "true for a failed line",
         "problem": "what was wrong with the result line",
         "seen_at": "UTC time velvet read it",
+        "file_at": "UTC time its file was first seen (the partition key with velvet_pg_partitions)",
     }),
     "batch_events": ("one row per batch status observed", {
         "id": "row id",

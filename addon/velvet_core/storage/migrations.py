@@ -912,6 +912,14 @@ def _batch_problem(db: Database) -> None:
     db.execute_sql(VIEW_SUMMARY_V5)
 
 
+def _line_file_at(db: Database) -> None:
+    # the batch tables' partition key (velvet_pg_partitions): when the line's file was first seen; filled from
+    # now on, and for older lines when a database is partitioned (storage/partitions.py)
+    kind = "DATETIME" if isinstance(db, SqliteDatabase) else "TIMESTAMP"
+    for table in ("batch_requests", "batch_results"):
+        db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "file_at" {kind}')
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -940,6 +948,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(15, "cache", _cache),
     Migration(16, "scores", _scores),
     Migration(17, "batch_problem", _batch_problem),
+    Migration(18, "line_file_at", _line_file_at),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
@@ -992,7 +1001,7 @@ def migrate(db: Database) -> int:
                 from velvet_core import clock
 
                 partitions.partition(db, period, clock.now())
-                done.append(f"velvet: calls partitioned by {period} (velvet_pg_partitions)")
+                done.append(f"velvet: calls and batch lines partitioned by {period} (velvet_pg_partitions)")
     for message in done:
         log.info("%s", message)
     return current

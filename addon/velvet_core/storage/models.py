@@ -312,6 +312,7 @@ class BatchRequest(Base):
     body = JSONField(null=True)
     problem = TextField(null=True)
     batch_id = TextField(null=True)  # indexed by (batch_id, custom_id)
+    file_at = DateTimeField(null=True)  # when its file was first seen: the partition key (storage/partitions.py)
 
     class Meta:
         table_name = "batch_requests"
@@ -355,6 +356,7 @@ class BatchResult(Base):
     failed = BooleanField(default=False)
     problem = TextField(null=True)
     seen_at = DateTimeField()
+    file_at = DateTimeField(null=True)  # when its file was first seen: the partition key (storage/partitions.py)
 
     class Meta:
         table_name = "batch_results"

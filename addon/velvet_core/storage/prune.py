@@ -99,6 +99,7 @@ def prune(db: Database, *, bodies_before: datetime | None = None, rows_before: d
     job = _Job(db, out, dry_run, stop)
     if rows_before is not None:
         job.call_rows(rows_before)
+        job.line_partitions(rows_before)
         for batch_id in job.ended_batches(rows_before, "rows"):
             job.batch_rows(batch_id)
         job.loose_lines(rows_before, delete=True)
@@ -232,6 +233,17 @@ class _Job:
                 self.run(f"{verb} WHERE id IN ({self.marks(ids)})", ids)
             n += self.chunks(select, params, apply)
         return n
+
+    def line_partitions(self, before: datetime) -> None:
+        """PostgreSQL, velvet_pg_partitions: the batch tables' partitions wholly before the cutoff that hold only
+        lines retention takes go whole (the batches they belong to then lose the rest of their lines below)."""
+        if self.dry_run:
+            return
+        from velvet_core.storage import partitions
+
+        _, lines, size = self.timed(lambda: partitions.drop_lines_before(self.db, before))
+        self.out.lines_pruned += lines
+        self.out.bytes_freed += size
 
     def batch_bodies(self, batch_id: str) -> None:
         self.lines("batch_id = ?", (batch_id,), delete=False)

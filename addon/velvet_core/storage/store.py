@@ -9,7 +9,6 @@ from peewee import Database, SqliteDatabase
 
 from velvet_core.cost.prices import Pricer
 from velvet_core.storage import batch_store, cache_store, models, rollups
-from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import (
     BatchSeen,
     CacheHit,
@@ -38,8 +37,8 @@ def _each(apply: Callable[[Any], None]) -> Callable[[list[Any]], None]:
 HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     # consecutive operations of one type are handed over together: rows go in with one executemany
     CallRow: lambda ops: rollups.add_calls([op.row for op in ops]),  # and the hourly/daily rollups
-    RequestLines: lambda ops: insert_rows(models.BatchRequest, [r for op in ops for r in op.rows]),
-    ResultLines: lambda ops: insert_rows(models.BatchResult, [r for op in ops for r in op.rows]),
+    RequestLines: lambda ops: batch_store.add_lines(models.BatchRequest, [r for op in ops for r in op.rows]),
+    ResultLines: lambda ops: batch_store.add_lines(models.BatchResult, [r for op in ops for r in op.rows]),
     FileSeen: _each(lambda op: batch_store.upsert_file(op.row)),
     UploadSeen: _each(lambda op: batch_store.upsert_upload(op.row)),
     UploadCompleted: _each(batch_store.complete_upload),
