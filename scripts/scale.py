@@ -301,6 +301,63 @@ def report_run(url: str) -> tuple[float, float]:
     return round(best, 2), round(rss, 1)
 
 
+# -- retention under writes --------------------------------------------------------------------------
+
+PRUNE_KEEP_DAYS = 7  # the phase keeps the last week: about three quarters of the database goes
+
+
+def prune_under_writes(url: str, log: Callable[[str], None]) -> dict[str, Any]:
+    """``velvet prune --rows-after 7d`` on the database built while a writer stores new calls into it (groups of
+    100 through the store, as a proxy's writer does): the rows pruned per second, and the longest a write waited
+    against its median before the prune started. Run last: it removes most of the database."""
+    import threading
+
+    from velvet_core.storage.prune import prune
+
+    rng = random.Random(99)
+    stop, pruning = threading.Event(), threading.Event()
+    before: list[float] = []
+    during: list[float] = []
+
+    def writer() -> None:
+        db = open_db(url)
+        store, n = Store(db), 0
+        try:
+            while not stop.is_set():
+                now = datetime.now(UTC).replace(tzinfo=None)
+                rows = call_rows(rng, 0, 100, 100, now, "small")
+                for r in rows:
+                    r["flow_id"], r["started_at"] = f"live-{n}-{secrets.token_hex(6)}", now
+                    n += 1
+                t = time.perf_counter()
+                store.apply([CallRow(r) for r in rows])
+                (during if pruning.is_set() else before).append((time.perf_counter() - t) * 1000)
+                time.sleep(0.05)
+        finally:
+            db.close()
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    time.sleep(3)
+    log(f"scale: pruning rows older than {PRUNE_KEEP_DAYS} days while a writer stores calls")
+    db = open_db(url)
+    try:
+        pruning.set()
+        done = prune(db, rows_before=datetime.now(UTC).replace(tzinfo=None) - timedelta(days=PRUNE_KEEP_DAYS))
+    finally:
+        db.close()
+        stop.set()
+        thread.join(60)
+    rows_gone = done.calls_pruned + done.lines_pruned
+    return {"prune_s": round(done.seconds, 1), "prune_calls_pruned": done.calls_pruned,
+            "prune_lines_pruned": done.lines_pruned, "prune_batches_pruned": done.batches_pruned,
+            "prune_rows_per_s": round(rows_gone / max(done.seconds, 1e-9)),
+            "prune_longest_transaction_ms": round(done.longest_transaction_ms, 1),
+            "prune_writes_during": len(during),
+            "prune_writer_p50_ms_before": round(statistics.median(before), 1) if before else None,
+            "prune_max_writer_delay_ms": round(max(during), 1) if during else None}
+
+
 # -- PostgreSQL ------------------------------------------------------------------------------------
 
 @contextlib.contextmanager
@@ -357,6 +414,7 @@ def _sqlite(lines: int, calls: int, keep: bool, log: Callable[[str], None], bodi
     out["db_mb"] = round((tmp / "velvet.db").stat().st_size / 1e6, 1)
     log("scale: timing the queries on SQLite")
     out.update(measure(url, lines))
+    out.update(prune_under_writes(url, log))
     if keep:
         log(f"scale: kept {url}")
     else:
@@ -417,6 +475,7 @@ def _postgres(lines: int, calls: int, pg: str | None, keep: bool, log: Callable[
             out["db_mb_pg"] = round(int(size[0] or 0) / 1e6, 1) if size else None
         log("scale: timing the queries on PostgreSQL")
         out.update({f"{k}_pg": v for k, v in measure(pg_url, lines).items()})
+        out.update({f"{k}_pg": v for k, v in prune_under_writes(pg_url, log).items()})
         if keep:
             log(f"scale: kept {pg_url}")
     return out
