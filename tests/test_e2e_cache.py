@@ -356,3 +356,31 @@ def test_what_if_matches_what_the_cache_then_does(standin, tmp_path, any_url, ca
     assert predicted["repeats"] == hits == 3
     actual = js(capsys, "--db", url2, "stats")["totals"]
     assert actual["cache_hits"] == 3 and actual["saved_usd"] == pytest.approx(predicted["saved_usd"])
+
+
+def test_project_scope_shares_across_keys_and_a_compressed_body_is_left_alone(standin, tmp_path, any_url):
+    """``velvet_cache_scope=project``: two API keys of one project share an entry, another project never gets it;
+    a request whose body is compressed (``content-encoding``) goes to the API untouched."""
+    import gzip
+
+    p = start_proxy(standin, tmp_path / "project", any_url, "velvet_cache_scope=project")
+    try:
+        team = {**ON, "openai-project": "proj_team"}
+        with http(p) as c:
+            first = post(c, prompt("project"), team)
+            assert first.headers["x-velvet-cache"] == "MISS"
+            settled(p, first)
+        with http(p, key="sk-test-" + "p" * 40) as c:  # another key, the same project: its answer
+            shared = post(c, prompt("project"), team)
+            assert shared.headers["x-velvet-cache"] == "HIT" and shared.content == first.content
+            other = post(c, prompt("project"), {**ON, "openai-project": "proj_other"})
+            assert other.headers["x-velvet-cache"] == "MISS" and other.content != first.content
+            squeezed = {**team, "content-encoding": "gzip"}
+            for _ in range(2):
+                zipped = post(c, gzip.compress(orjson.dumps(prompt("project"))), squeezed)
+                assert "x-velvet-cache" not in zipped.headers  # (the stand-in reads no gzip: its 400 comes back)
+                assert zipped.content != first.content
+        time.sleep(1.5)
+        assert len(entries(p)) == 2  # the two projects' answers; nothing of the compressed requests
+    finally:
+        p.stop()

@@ -74,13 +74,16 @@ def _same(value: Any, default: Any) -> bool:
 
 def _norm(v: Any) -> Any:
     """Numbers spelled one way (an integral float as an int), recursively; NaN and infinities are refused by
-    orjson's parser anyway."""
-    if isinstance(v, float) and math.isfinite(v) and v.is_integer() and abs(v) < 2**53:
-        return int(v)
-    if isinstance(v, dict):
+    orjson's parser anyway. (Exact type tests: this walks every request body on the event loop.)"""
+    t = type(v)
+    if t is str or t is int or t is bool or v is None:
+        return v
+    if t is dict:
         return {k: _norm(x) for k, x in v.items()}
-    if isinstance(v, list):
+    if t is list:
         return [_norm(x) for x in v]
+    if t is float and math.isfinite(v) and v.is_integer() and abs(v) < 2**53:
+        return int(v)
     return v
 
 
@@ -106,12 +109,9 @@ def scope_value(scope: str, key_fingerprint: str | None, project: str | None) ->
 
 def cache_key(scope: str, method: str, host: str, path: str, canonical_body: bytes, seed: str = "") -> str:
     """The entry's key: sha256 hex of the parts, each length-prefixed (no two lists of parts hash alike)."""
-    h = hashlib.sha256()
-    for part in (scope.encode(), method.upper().encode(), host.lower().encode(), path.encode(),
-                 seed.encode("utf-8", "surrogateescape"), canonical_body):
-        h.update(len(part).to_bytes(8, "big"))
-        h.update(part)
-    return h.hexdigest()
+    parts = (scope.encode(), method.upper().encode(), host.lower().encode(), path.encode(),
+             seed.encode("utf-8", "surrogateescape"), canonical_body)
+    return hashlib.sha256(b"".join(len(p).to_bytes(8, "big") + p for p in parts)).hexdigest()
 
 
 def request_key(kind: str, body: bytes | dict[str, Any], *, scope: str, method: str, host: str, path: str,
