@@ -1,0 +1,64 @@
+"""The proxy's cache index (``cache/lookup.py``) on both backends: a reload of every live key in chunks (the GIL
+given back between two), new entries followed, an expired key unknown, a cleared key dropped after one read."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import timedelta
+
+from support.helpers import q
+from support.rig import wait_for
+from velvet_core import clock
+from velvet_core.cache import lookup as lookup_mod
+from velvet_core.cache.lookup import Found, Lookup
+from velvet_core.storage import models
+from velvet_core.storage.database import open_db
+from velvet_core.storage.ops import CacheStore
+from velvet_core.storage.store import Store
+
+
+def key(n: int) -> str:
+    return hashlib.sha256(str(n).encode()).hexdigest()
+
+
+def add(db, first: int, n: int, ttl: float = 3600.0) -> None:
+    now = clock.now()
+    Store(db).apply([CacheStore({"key": key(i), "flow_id": f"f-{i}", "created_at": now,
+                                 "expires_at": now + timedelta(seconds=ttl), "hits": 0,
+                                 "endpoint": "chat.completions", "content_type": "application/json",
+                                 "body": '{"id": "x", "choices": []}', "size": 26, "stream": False}, 1)
+                     for i in range(first, first + n)])
+
+
+def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(db_url, monkeypatch):
+    monkeypatch.setattr(lookup_mod, "RELOAD_CHUNK", 7)  # (a reload of 50 keys in 8 chunks)
+    monkeypatch.setattr(lookup_mod, "POLL", 0.05)
+    db = open_db(db_url)
+    try:
+        add(db, 0, 50)
+        add(db, 50, 1, ttl=1)  # expires in a second
+        look = Lookup(db_url)
+        try:
+            assert look.loaded.wait(10)
+            assert all(look.known(key(i)) for i in range(51))
+            add(db, 100, 3)  # written after the reload: followed
+            wait_for(lambda: all(look.known(key(i)) for i in range(100, 103)), what="the new keys")
+            assert not look.known(key(999))
+            time.sleep(1.1)
+            assert not look.known(key(50))  # expired: a miss without a read
+            got = look.fetch_now("chat.completions", Found(key(3)), 1)
+            assert got.content == b'{"id": "x", "choices": []}'
+            with models.use(db):
+                db.execute_sql(f"DELETE FROM cache_entries WHERE key = {db.param}", (key(4),))  # (cache clear)
+            assert look.known(key(4))  # the index still holds it: one read says it is gone ...
+            assert look.fetch_now("chat.completions", Found(key(4)), 1).content is None
+            assert not look.known(key(4))  # ... and it is dropped, read no more
+            # the next reload keeps only what is live (the deleted and the expired gone)
+            monkeypatch.setattr(lookup_mod, "FULL", 0.0)
+            wait_for(lambda: len(look.keys) == 52, what="the reload")
+        finally:
+            look.close()
+    finally:
+        db.close()
+    assert q(db_url, "SELECT count(*) AS n FROM cache_entries")[0]["n"] == 53
