@@ -309,3 +309,31 @@ def models_use(db):
     from velvet_core.storage import models
 
     return models.use(db)
+
+
+def test_migrate_partitions_a_released_database_upgraded(capsys):
+    """A database velvet made at schema v2 (lines with no file_at, no files rows), upgraded, then partitioned: the
+    lines keep their ids and links, in a period's partition (their batch's time), and the views read them."""
+    from test_migrations import insert_lines, load_released
+    from velvet_core.storage.database import connect
+    from velvet_core.storage.migrations import SCHEMA_VERSION, migrate
+
+    url = fresh_pg_url()
+    db = connect(url)  # (no migration: the released schema first)
+    try:
+        load_released(db, 2)
+        insert_lines(db)
+        db.execute_sql("UPDATE batches SET created_at = '2026-11-24 09:00', completed_at = '2026-11-24 11:00'")
+        assert migrate(db) == SCHEMA_VERSION
+    finally:
+        db.close()
+    before = q(url, "SELECT r.id, r.custom_id, x.request_row_id FROM batch_requests r JOIN batch_results x ON "
+                    "x.request_row_id = r.id")
+    shown = js(capsys, "--db", url, "lines", "batch_1")
+    out = js(capsys, "--db", url, "migrate", "--partition", "month")
+    assert out["partitioned"]["lines"] == 2
+    assert q(url, "SELECT r.id, r.custom_id, x.request_row_id FROM batch_requests r JOIN batch_results x ON "
+                  "x.request_row_id = r.id") == before
+    assert line_tables(url, "batch_requests") == {"batch_requests_p20261101": 1}  # (its batch's creation)
+    assert line_tables(url, "batch_results") == {"batch_results_p20261101": 1}
+    assert js(capsys, "--db", url, "lines", "batch_1") == shown

@@ -186,9 +186,9 @@ OPTIONS: tuple[Option, ...] = (
            "Also download the output and error files of batches that ended (through this proxy), so their "
            "answers are in the logs even when the app reads them elsewhere, or never."),
     Option("velvet_pg_partitions", str, "",
-           "PostgreSQL: a NEW database gets calls partitioned by time: 'month', 'week' or 'day' (the periods "
-           "ahead made by the proxy, retention dropping whole partitions). An existing one: velvet migrate "
-           "--partition.",
+           "PostgreSQL: a NEW database gets calls and batch lines partitioned by time: 'month', 'week' or "
+           "'day' (the periods ahead made by the proxy, retention dropping whole partitions). An existing one: "
+           "velvet migrate --partition.",
            choices=("", "month", "week", "day"), parse=_choice),
     Option("velvet_retention", str, "",
            "How long to keep what is logged, e.g. bodies=30d,rows=400d (h, d or w): request and answer bodies, "

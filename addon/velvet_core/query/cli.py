@@ -68,11 +68,11 @@ def add_maintenance(command: Callable[..., argparse.ArgumentParser]) -> None:
                                                 "(writes)")
     p.set_defaults(opens="writable")
     p = command("migrate", RUN + "cmd_migrate",
-                "bring the schema up to date (as the proxy does at start); with --partition, make calls "
-                "partitioned by time on PostgreSQL (stop the proxies first: the table is locked while its rows "
-                "are copied)")
+                "bring the schema up to date (as the proxy does at start); with --partition, make calls and "
+                "batch lines partitioned by time on PostgreSQL (stop the proxies first: the tables are locked "
+                "while their rows are copied)")
     p.add_argument("--partition", choices=("month", "week", "day"), metavar="PERIOD",
-                   help="month, week or day: the period of each partition of calls")
+                   help="month, week or day: the period of each partition of calls and batch lines")
     p.set_defaults(opens="writable")
     p = command("prune", RUN + "cmd_prune", "remove request and answer bodies, or whole rows, older than WHEN "
                                             "(a batch whole, by when it ended; the rollups and counters stay)")
