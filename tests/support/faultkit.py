@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1064,6 +1064,24 @@ class PruneUnderTraffic:
     tracebacks: int = 0
 
 
+def _old_batch(db: Any, then: datetime, lines: int) -> int:
+    """A batch that ended at ``then``, its input and output lines stored through the store; returns its lines."""
+    from velvet_core.storage.ops import BatchSeen, FileSeen, InputDone, OutputDone, RequestLines, ResultLines
+    from velvet_core.storage.store import Store
+
+    store = Store(db)
+    store.apply([FileSeen({"id": "file-old-in", "purpose": "batch", "first_seen_at": then, "updated_at": then}),
+                 RequestLines([{"file_id": "file-old-in", "line_no": i, "custom_id": f"o-{i}", "body": '{"n": 1}'}
+                               for i in range(1, lines + 1)]), InputDone("file-old-in")])
+    store.apply([BatchSeen({"id": "batch_old", "status": "completed", "endpoint": "/v1/chat/completions",
+                            "input_file_id": "file-old-in", "output_file_id": "file-old-out", "created_at": then,
+                            "completed_at": then + timedelta(hours=1)}, then + timedelta(hours=1), "retrieve")])
+    store.apply([ResultLines([{"file_id": "file-old-out", "line_no": i, "custom_id": f"o-{i}", "status_code": 200,
+                               "body": '{"ok": true}', "seen_at": then + timedelta(hours=2)}
+                              for i in range(1, lines + 1)]), OutputDone("file-old-out")])
+    return 2 * lines
+
+
 def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000, pace: float = 0.02,
                         extra_seconds: float = 1.0, partition: str | None = None) -> PruneUnderTraffic:
     """``velvet prune --rows-after`` of ``old`` seeded calls (with bodies) while a client makes calls through a
@@ -1085,6 +1103,7 @@ def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000
                                       "endpoint": "chat.completions", "action": "create", "request_body": body,
                                       "response_body": body} for i in range(start, min(old, start + 1000))]
                                     ).execute()
+    lines = _old_batch(db, then, max(10, old // 10))  # and a batch that ended then: its lines go too, whole
     if partition:
         from velvet_core.storage import partitions
 
@@ -1118,7 +1137,10 @@ def prune_under_traffic(standin: StandIn, tmp: Path, url: str, old: int = 20_000
         worker.join(30)
         ids = [i for i in made if i]
         result.calls, result.stored = len(made), len(stored_ids(url, ids, timeout=60))
-        result.old_left = count_rows(url, models.Call, models.Call.flow_id.startswith("old-"))
+        result.old_left = count_rows(url, models.Call, models.Call.flow_id.startswith("old-")) \
+            + count_rows(url, models.BatchRequest, models.BatchRequest.file_id == "file-old-in") \
+            + count_rows(url, models.BatchResult, models.BatchResult.file_id == "file-old-out")
+        result.old_rows += lines
         result.pruned_rows_per_s = round(done.calls_pruned / max(done.seconds, 1e-9), 1)
         result.longest_prune_transaction_ms = round(done.longest_transaction_ms, 1)
     finally:
