@@ -77,19 +77,17 @@ def add_lines(model: type[BatchRequest] | type[BatchResult], rows: list[dict[str
     unique keys there, so every line of a file must get the same one, whoever stores it and when: the lines of
     the file already stored have it; else it is when the file was first seen (``files``), else when the lines
     were seen. Lines of an upload part not yet a file go by their part until the upload completes."""
-    at: dict[tuple[str, str], datetime] = {}
+    at: dict[tuple[str, str] | None, datetime] = {}
+    out = []
     for r in rows:
-        if r.get("file_at") is not None:
-            continue
-        ref = ("file_id", r["file_id"]) if r.get("file_id") is not None else \
-            ("upload_part_id", r["upload_part_id"]) if r.get("upload_part_id") is not None else None
-        if ref is None:
-            r["file_at"] = r.get("seen_at") or utc(time.time())
-            continue
-        if ref not in at:
-            at[ref] = _file_at(model, *ref) or r.get("seen_at") or utc(time.time())
-        r["file_at"] = at[ref]
-    insert_rows(model, rows)
+        if r.get("file_at") is None:  # (a copy: a group written again after a rollback looks it up again)
+            ref = ("file_id", r["file_id"]) if r.get("file_id") is not None else \
+                ("upload_part_id", r["upload_part_id"]) if r.get("upload_part_id") is not None else None
+            if ref not in at:
+                at[ref] = (_file_at(model, *ref) if ref else None) or r.get("seen_at") or utc(time.time())
+            r = {**r, "file_at": at[ref]}
+        out.append(r)
+    insert_rows(model, out)
 
 
 def _file_at(model: type[BatchRequest] | type[BatchResult], column: str, value: str) -> datetime | None:
