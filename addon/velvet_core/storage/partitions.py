@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -126,29 +127,35 @@ def _add(db: Database, table: str, lo: datetime, hi: datetime) -> str:
     return name
 
 
-def _drop(db: Database, table: str, name: str, sizes: str = "") -> tuple[int, int]:
+Timer = Callable[[Callable[[], Any]], Any]  # runs a transaction, timing it (retention's longest transaction)
+
+
+def _drop(db: Database, table: str, name: str, sizes: str = "", timed: Timer = lambda f: f()) -> tuple[int, int]:
     """Detach and drop one partition; returns its rows and the bytes of ``sizes`` (an SQL sum), counted first,
     outside the transaction (which then holds the parent's lock for the detach and drop alone)."""
     n, size = db.execute_sql(f'SELECT count(*), {sizes or "0"} FROM "{name}"').fetchone()
-    with db.atomic():
-        db.execute_sql(f'ALTER TABLE "{table}" DETACH PARTITION "{name}"')
-        db.execute_sql(f'DROP TABLE "{name}"')
+
+    def detach() -> None:
+        with db.atomic():
+            db.execute_sql(f'ALTER TABLE "{table}" DETACH PARTITION "{name}"')
+            db.execute_sql(f'DROP TABLE "{name}"')
+    timed(detach)
     return int(n), int(size or 0)
 
 
-def drop_before(db: Database, cutoff: datetime) -> tuple[int, int]:
+def drop_before(db: Database, cutoff: datetime, timed: Timer = lambda f: f()) -> tuple[int, int]:
     """Drop the ``calls`` partitions wholly before ``cutoff`` (retention's rows); returns (partitions, rows)."""
     if "calls" not in partitioned(db):
         return 0, 0
     dropped = rows = 0
     for name, (_lo, hi) in sorted(periods(db).items(), key=lambda x: x[1][0]):
         if hi <= cutoff:
-            rows += _drop(db, "calls", name)[0]
+            rows += _drop(db, "calls", name, timed=timed)[0]
             dropped += 1
     return dropped, rows
 
 
-def drop_lines_before(db: Database, cutoff: datetime) -> tuple[int, int, int]:
+def drop_lines_before(db: Database, cutoff: datetime, timed: Timer = lambda f: f()) -> tuple[int, int, int]:
     """Drop the batch tables' partitions wholly before ``cutoff`` whose every line retention takes: lines of
     batches that ended before the cutoff (whose other lines retention then deletes row by row, so each batch
     goes whole), and lines of no batch whose file is older than the cutoff and no later batch takes. A
@@ -171,7 +178,7 @@ def drop_lines_before(db: Database, cutoff: datetime) -> tuple[int, int, int]:
                 f'"{name}" WHERE batch_id IS NULL AND file_id IN ({young}))', {"cutoff": cutoff}).fetchone()[0]
             if blocked:
                 continue
-            n, b = _drop(db, table, name, "COALESCE(sum(octet_length(body::text)), 0)")
+            n, b = _drop(db, table, name, "COALESCE(sum(octet_length(body::text)), 0)", timed)
             rows, size, dropped = rows + n, size + b, dropped + 1
     return dropped, rows, size
 

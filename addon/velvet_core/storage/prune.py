@@ -188,7 +188,7 @@ class _Job:
         if not self.dry_run:  # PostgreSQL, velvet_pg_partitions: the periods wholly before go whole
             from velvet_core.storage import partitions
 
-            self.out.calls_pruned += self.timed(lambda: partitions.drop_before(self.db, before))[1]
+            self.out.calls_pruned += partitions.drop_before(self.db, before, self.timed)[1]
         self.out.calls_pruned += self.chunks(
             select, params, lambda ids: self.run(f"DELETE FROM calls WHERE id IN ({self.marks(ids)})", ids))
 
@@ -241,7 +241,7 @@ class _Job:
             return
         from velvet_core.storage import partitions
 
-        _, lines, size = self.timed(lambda: partitions.drop_lines_before(self.db, before))
+        _, lines, size = partitions.drop_lines_before(self.db, before, self.timed)
         self.out.lines_pruned += lines
         self.out.bytes_freed += size
 
