@@ -202,8 +202,8 @@ class Lookup:
                 cols = f"SELECT id, substr(key, 1, 16), {epoch} FROM cache_entries"
                 now = time.time()
                 if now - full_at >= FULL:
-                    self._reload(db, cols + " WHERE expires_at > ? AND id > ? ORDER BY id LIMIT "
-                                 f"{RELOAD_CHUNK}", ts(db, clock.now()), adapt)
+                    self._reload(db, adapt(db, cols + " WHERE expires_at > ? AND id > ? ORDER BY id LIMIT "
+                                           f"{RELOAD_CHUNK}"), ts(db, clock.now()))
                     full_at = now
                 else:
                     new = db.execute_sql(adapt(db, cols + " WHERE id > ? ORDER BY id"),
@@ -219,11 +219,12 @@ class Lookup:
                 self._failed(e)
             self._stop.wait(POLL)
 
-    def _reload(self, db: Any, chunk_sql: str, now: Any, adapt: Any) -> None:
+    def _reload(self, db: Any, chunk_sql: str, now: Any) -> None:
+        """Every live key again, :data:`RELOAD_CHUNK` at a time (``chunk_sql`` takes the time and the last id)."""
         keys: dict[int, float] = {}
         last = 0
         while not self._stop.is_set():
-            got = db.execute_sql(adapt(db, chunk_sql), (now, last)).fetchall()
+            got = db.execute_sql(chunk_sql, (now, last)).fetchall()
             for _, prefix, expires in got:
                 k = int(prefix, 16)
                 keys[k] = max(keys.get(k, 0.0), float(expires))

@@ -130,7 +130,12 @@ def _add(db: Database, table: str, lo: datetime, hi: datetime) -> str:
 Timer = Callable[[Callable[[], Any]], Any]  # runs a transaction, timing it (retention's longest transaction)
 
 
-def _drop(db: Database, table: str, name: str, sizes: str = "", timed: Timer = lambda f: f()) -> tuple[int, int]:
+def _run(step: Callable[[], Any]) -> Any:
+    """A :data:`Timer` that only runs the step."""
+    return step()
+
+
+def _drop(db: Database, table: str, name: str, sizes: str = "", timed: Timer = _run) -> tuple[int, int]:
     """Detach and drop one partition; returns its rows and the bytes of ``sizes`` (an SQL sum), counted first,
     outside the transaction (which then holds the parent's lock for the detach and drop alone)."""
     n, size = db.execute_sql(f'SELECT count(*), {sizes or "0"} FROM "{name}"').fetchone()
@@ -143,7 +148,7 @@ def _drop(db: Database, table: str, name: str, sizes: str = "", timed: Timer = l
     return int(n), int(size or 0)
 
 
-def drop_before(db: Database, cutoff: datetime, timed: Timer = lambda f: f()) -> tuple[int, int]:
+def drop_before(db: Database, cutoff: datetime, timed: Timer = _run) -> tuple[int, int]:
     """Drop the ``calls`` partitions wholly before ``cutoff`` (retention's rows); returns (partitions, rows)."""
     if "calls" not in partitioned(db):
         return 0, 0
@@ -155,7 +160,7 @@ def drop_before(db: Database, cutoff: datetime, timed: Timer = lambda f: f()) ->
     return dropped, rows
 
 
-def drop_lines_before(db: Database, cutoff: datetime, timed: Timer = lambda f: f()) -> tuple[int, int, int]:
+def drop_lines_before(db: Database, cutoff: datetime, timed: Timer = _run) -> tuple[int, int, int]:
     """Drop the batch tables' partitions wholly before ``cutoff`` whose every line retention takes: lines of
     batches that ended before the cutoff (whose other lines retention then deletes row by row, so each batch
     goes whole), and lines of no batch whose file is older than the cutoff and no later batch takes. A
