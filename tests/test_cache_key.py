@@ -89,6 +89,13 @@ def test_scope_separates_keys_and_projects():
         scope_value("team", "a", None)
 
 
+def test_a_project_that_is_not_utf8_has_its_own_key():
+    """An ``OpenAI-Project`` header's bytes that are not UTF-8 (decoded with surrogateescape) make a scope."""
+    odd = key(BASE, scope=scope_value("project", None, b"p\xff".decode("utf-8", "surrogateescape")))
+    assert odd != key(BASE, scope=scope_value("project", None, b"p\xfe".decode("utf-8", "surrogateescape")))
+    assert odd != key(BASE, scope=scope_value("project", None, "p"))
+
+
 def test_seed_method_host_and_path_are_in():
     k = key(BASE)
     assert key(BASE, seed="s1") != k != key(BASE, seed="s2") != key(BASE, seed="s1")

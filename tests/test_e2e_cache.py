@@ -375,12 +375,21 @@ def test_project_scope_shares_across_keys_and_a_compressed_body_is_left_alone(st
             assert shared.headers["x-velvet-cache"] == "HIT" and shared.content == first.content
             other = post(c, prompt("project"), {**ON, "openai-project": "proj_other"})
             assert other.headers["x-velvet-cache"] == "MISS" and other.content != first.content
+            odd = {**ON, "openai-project": b"proj_\xff\xfe"}  # (not UTF-8: its bytes make the scope)
+            oddly = post(c, prompt("project"), odd)
+            assert oddly.headers["x-velvet-cache"] == "MISS"
+            assert oddly.content not in (first.content, other.content)
+            settled(p, oddly)
+            again = post(c, prompt("project"), odd)
+            assert again.headers["x-velvet-cache"] == "HIT" and again.content == oddly.content
+            assert post(c, prompt("project"), {**ON, "openai-project": b"proj_\xff"}).headers["x-velvet-cache"] \
+                == "MISS"
             squeezed = {**team, "content-encoding": "gzip"}
             for _ in range(2):
                 zipped = post(c, gzip.compress(orjson.dumps(prompt("project"))), squeezed)
                 assert "x-velvet-cache" not in zipped.headers  # (the stand-in reads no gzip: its 400 comes back)
                 assert zipped.content != first.content
         time.sleep(1.5)
-        assert len(entries(p)) == 2  # the two projects' answers; nothing of the compressed requests
+        assert len(entries(p)) == 4  # the four projects' answers; nothing of the compressed requests
     finally:
         p.stop()

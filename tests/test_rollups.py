@@ -137,6 +137,31 @@ def test_call_rollups_count_each_call_once_and_equal_a_rebuild(db_url, capsys):
     assert "from 400 calls" in capsys.readouterr().out
 
 
+def test_cache_entries_between_call_rows_do_not_split_them(db_url, monkeypatch):
+    """Each miss gives a call row then its cache entry: the group's call rows still go to ``add_calls`` together
+    (the entries after them), so a cache that only misses does not write each call alone; all are stored."""
+    from velvet_core.storage import store as store_mod
+    from velvet_core.storage.ops import CacheStore
+
+    handed: list[int] = []
+    real = store_mod.HANDLERS[CallRow]
+    monkeypatch.setitem(store_mod.HANDLERS, CallRow, lambda ops: (handed.append(len(ops)), real(ops)))
+    rng = random.Random(3)
+    calls = [call(i, rng) for i in range(50)]
+    group = []
+    for c in calls:
+        group += [CallRow(c), CacheStore({
+            "key": f"{c['flow_id']:0>64}", "flow_id": c["flow_id"], "created_at": T0,
+            "expires_at": T0 + timedelta(1), "hits": 0, "endpoint": "chat.completions",
+            "content_type": "application/json", "body": "{}", "size": 2, "stream": False}, 1)]
+    db = open_db(db_url)
+    Store(db).apply(group)
+    assert handed == [50]
+    assert rows(db, "SELECT count(*) FROM calls") == rows(db, "SELECT count(*) FROM cache_entries") == [(50,)]
+    assert sum(r[5] for r in rollup_rows(db) if r[0] == rollups.DAY) == 50
+    db.close()
+
+
 @pytest.mark.parametrize("by", queries.GROUPS)
 def test_stats_from_rollups_agree_with_the_calls(db_url, by, monkeypatch):
     db = open_db(db_url)

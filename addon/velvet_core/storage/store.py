@@ -46,6 +46,12 @@ HANDLERS: dict[type, Callable[[list[Any]], object]] = {
     CacheStore: cache_store.add_entries,
     CacheHit: cache_store.count_hits,
 }
+# Operations that neither need another operation of their transaction nor are needed by one: the cache's (an
+# entry carries its own copy of the answer; a hit names an entry committed before, or the proxy could not have
+# found it). They are applied last, so a miss's entry does not cut its flow's call row from the next flow's: with
+# every call a miss, the writer stored each call alone (its own look-up of known flow ids, its own rollup
+# update) and spent 95 us per call instead of 41 (in-process, 20,000 snapshots into SQLite).
+INDEPENDENT = (CacheStore, CacheHit)
 # the operations that match answers to requests, and so price the answers that name no model (images)
 PRICED: dict[type, Callable[[Any, Pricer], None]] = {
     BatchSeen: batch_store.upsert_batch,
@@ -65,7 +71,10 @@ class Store:
         self._lock = {"lock_type": "IMMEDIATE"} if isinstance(db, SqliteDatabase) else {}
 
     def apply(self, ops: list[Op]) -> None:
-        """Write ``ops`` atomically, handing consecutive operations of one type to their handler together."""
+        """Write ``ops`` atomically, handing consecutive operations of one type to their handler together (in
+        their order, but for the :data:`INDEPENDENT` ones, which come last)."""
+        if any(type(op) in INDEPENDENT for op in ops):
+            ops = [op for op in ops if type(op) not in INDEPENDENT] + [op for op in ops if type(op) in INDEPENDENT]
         with models.use(self.db), self.db.atomic(**self._lock):
             group: list[Op] = []
             for op in ops:
