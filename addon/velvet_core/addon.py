@@ -506,7 +506,7 @@ class Velvet:
             except ValueError:
                 log.info("velvet: velvet-cache-ttl %r is not a TTL; using velvet_cache_ttl", asked["ttl"])
         args = (snap.route.kind, body, scope_value(self.cache_scope, snap.key_fingerprint, project),
-                req.method, snap.host, snap.path, asked.get("seed", ""))
+                snap.method, snap.host, snap.path, asked.get("seed", ""))
         if len(body) > BIG_BODY:
             return self._look_up_later(flow, snap, None, args, refresh, ttl)
         found = self.lookup.key_for(*args)
@@ -565,16 +565,24 @@ class Velvet:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if flow.id not in self.snapshots or flow.response is None:
             return
-        if (cached := self.snapshots[flow.id].cache) is not None:
-            if "hit" in cached:
-                return  # answered from the cache: the whole body is there
-            if "key" in cached:
-                h = flow.response.headers
-                if any(k.lower() == b"x-velvet-cache" for k, _ in h.fields):  # (another velvet upstream said)
-                    h["x-velvet-cache"] = "MISS"
-                else:  # (appended to the raw fields: a third of the cost of setting a header)
-                    h.fields = (*h.fields, (b"x-velvet-cache", b"MISS"))
-        if "text/event-stream" in flow.response.headers.get("content-type", ""):
+        cached = self.snapshots[flow.id].cache
+        if cached is not None and "hit" in cached:
+            return  # answered from the cache: the whole body is there
+        # one pass over the raw header fields (for every call, on the event loop: a headers.get costs more)
+        stream = marked = False
+        for k, v in flow.response.headers.fields:
+            name = k.lower()
+            if name == b"content-type":
+                stream = stream or b"text/event-stream" in v
+            elif name == b"x-velvet-cache":
+                marked = True  # (another velvet upstream said)
+        if cached is not None and "key" in cached:
+            h = flow.response.headers
+            if marked:
+                h["x-velvet-cache"] = "MISS"
+            else:  # (appended to the raw fields: a third of the cost of setting a header)
+                h.fields = (*h.fields, (b"x-velvet-cache", b"MISS"))
+        if stream:
             strip = None
             if flow.id in self.injected:
                 h = flow.response.headers

@@ -191,8 +191,10 @@ def api_error(body: Any) -> ApiError:
 def key_fingerprint(headers: dict[str, str]) -> str | None:
     """First 12 hex digits of sha256 of the API key (``Authorization: Bearer``, Azure ``api-key``, Google's
     ``x-goog-api-key``...)."""
-    raw = next((v for h in KEY_HEADERS if (v := headers.get(h))), None)
-    return _fingerprint(raw) if raw else None
+    for h in KEY_HEADERS:  # (a loop, not a generator: a sixth of the time, on the event loop for every call)
+        if raw := headers.get(h):
+            return _fingerprint(raw)
+    return None
 
 
 @functools.lru_cache(maxsize=256)  # (a proxy sees a few keys, once per call: on the event loop)
