@@ -85,7 +85,7 @@ class Lookup:
         except orjson.JSONDecodeError:
             return Found(None, why="the body is not JSON")
         try:
-            key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed)
+            key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed, raw=body)
         except NotCacheable as e:
             return Found(None, why=str(e))
         stream = is_stream(req)
