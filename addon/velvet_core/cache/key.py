@@ -125,8 +125,8 @@ def cache_key(scope: str, method: str, host: str, path: str, canonical_body: byt
 
 
 # A hash of the parts before the body (length-prefixed) by (scope, method, host, path, seed), copied for each key:
-# a proxy sees few of them. Joining them and making a hash afresh (OpenSSL looks the digest up by name) cost a miss
-# about a third of its key's time on the event loop (py-spy, cache on, every call a miss).
+# a proxy sees few of them. Joining them and making a hash afresh (OpenSSL looks the digest up by name each time)
+# was about a quarter of the key's time (0.9 of 3.8 us in a tight loop).
 _heads: dict[tuple[str, str, str, str, str], Any] = {}
 
 
