@@ -280,3 +280,78 @@ def test_stats_counts_estimated_calls_through_an_index(db_url):
         db.execute_sql("RESET enable_seqscan")
         assert "calls_usage_estimated" in plan, plan
     db.close()
+
+
+def at_version(db: Database, version: int) -> None:
+    """Make ``db`` (empty) what the steps up to ``version`` make of velvet 0.1's schema."""
+    from velvet_core.storage.migrations import _set_version
+
+    load_released(db, BASELINE_VERSION)
+    with db.atomic():
+        for step in MIGRATIONS:
+            if BASELINE_VERSION < step.version <= version:
+                step.apply(db)
+        _set_version(db, version)
+
+
+def test_single_precision_columns_become_the_numbers_meant(new_db):
+    """Schema v19: PostgreSQL's 4-byte REAL columns become doubles holding the number that was stored (0.0003, not
+    the REAL's 0.00030000001), in a plain and a partitioned database, and the user's views on them (one reading
+    another) survive; on SQLite (8-byte REALs already) nothing changes."""
+    from datetime import datetime
+
+    from velvet_core.storage import partitions
+
+    first = new_db()
+    for db in [first] if is_sqlite(first) else [first, new_db()]:
+        at_version(db, 18)
+        if db is not first:
+            partitions.partition(db, "month", datetime(2026, 11, 24))
+        p = db.param
+        db.execute_sql(f"INSERT INTO calls (flow_id, started_at, method, host, path, endpoint, action, model, "
+                       f"stream, complete, cost_usd, latency_ms, ttft_ms) VALUES ('f1', '2026-11-24 10:00:00', "
+                       f"'POST', 'api.openai.com', '/v1/chat/completions', 'chat.completions', 'create', "
+                       f"'gpt-4o-mini', {p}, {p}, {p}, {p}, {p})", (False, True, 0.0003, 123.456, 0.1))
+        db.execute_sql(f"INSERT INTO alerts (at, rule, kind, subject, state, value, threshold, text) VALUES "
+                       f"('2026-11-24 10:00:00', 'r', 'cost', 's', 'firing', {p}, {p}, 't')", (1.1e-5, 7.77))
+        db.execute_sql("CREATE VIEW spend AS SELECT model, sum(cost_usd) AS usd FROM calls GROUP BY model")
+        db.execute_sql("CREATE VIEW spend_top AS SELECT * FROM spend WHERE usd > 0")
+        migrate(db)
+        assert db.execute_sql("SELECT cost_usd, latency_ms, ttft_ms FROM calls").fetchall() == [
+            (0.0003, 123.456, 0.1)]
+        assert db.execute_sql("SELECT value, threshold FROM alerts").fetchall() == [(1.1e-5, 7.77)]
+        assert db.execute_sql("SELECT model, usd FROM spend_top").fetchall() == [("gpt-4o-mini", 0.0003)]
+        assert db.execute_sql("SELECT count(*) FROM batch_lines").fetchone() == (0,)  # velvet's views, made again
+        if not is_sqlite(db):
+            assert partitions.partitioned(db) == ([] if db is first else list(partitions.KEYS))
+            single = db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
+                                    "WHERE table_schema = current_schema() AND data_type = 'real'").fetchall()
+            assert single == []
+
+
+def test_money_keeps_every_digit_when_summed(db_url):
+    """Every float column holds a double on both backends, and SQL sums them as doubles: 20,000 calls of
+    $0.000123 are $2.46 (PostgreSQL's REAL made it 2.4598…), and a cost keeps its 15th digit."""
+    from peewee import DoubleField, FloatField
+    from velvet_core.storage.database import open_db
+
+    db = open_db(db_url)
+    with models.use(db):
+        rows = [{"flow_id": f"f{i}", "started_at": "2026-11-24 10:00:00", "method": "POST", "host": "h",
+                 "path": "/v1/chat/completions", "endpoint": "chat.completions", "action": "create",
+                 "stream": False, "complete": True, "cost_usd": 0.000123} for i in range(20_000)]
+        for i in range(0, len(rows), 1000):
+            models.Call.insert_many(rows[i:i + 1000]).execute()
+        models.Call.insert(flow_id="exact", started_at="2026-11-24 10:00:00", method="POST", host="h", path="/",
+                           endpoint="e", action="a", stream=False, complete=True,
+                           cost_usd=0.123456789012345).execute()
+        for model in models.MODELS:
+            for f in model._meta.sorted_fields:
+                assert not isinstance(f, FloatField) or isinstance(f, DoubleField), (model, f.name)
+    (total,) = db.execute_sql("SELECT sum(cost_usd) FROM calls WHERE flow_id <> 'exact'").fetchone()
+    assert total == pytest.approx(2.46, rel=1e-12)
+    assert db.execute_sql("SELECT cost_usd FROM calls WHERE flow_id = 'exact'").fetchone() == (0.123456789012345,)
+    if not is_sqlite(db):
+        assert db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
+                              "WHERE table_schema = current_schema() AND data_type = 'real'").fetchall() == []
+    db.close()

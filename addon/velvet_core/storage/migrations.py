@@ -920,6 +920,36 @@ def _line_file_at(db: Database) -> None:
         db.execute_sql(f'ALTER TABLE "{table}" ADD COLUMN "file_at" {kind}')
 
 
+# Every REAL column of schema v18. On PostgreSQL a REAL is 4 bytes (7 digits), and sum() over REALs adds in
+# 4 bytes: a million calls of $0.000123 summed to $122.19, not $123 (SQLite's REAL is 8 bytes).
+_SINGLE_COLUMNS = {
+    "calls": "latency_ms ttft_ms cost_usd saved_usd",
+    "cache_entries": "cost_usd",
+    "batches": "usage_cost_usd queue_s processing_s finalize_s turnaround_s",
+    "batch_results": "cost_usd",
+    "experiments": "estimated_cost_usd",
+    "alerts": "value threshold",
+    "scores": "score cost_usd",
+}
+
+
+def _double_precision(db: Database) -> None:
+    if isinstance(db, SqliteDatabase):
+        return  # a SQLite REAL is already 8 bytes
+    from velvet_core.storage import views
+
+    # each value as the shortest text that reads back as the same REAL ("0.0003"), then read as a double: the
+    # number that was meant, not the REAL's nearest binary neighbour (0.00030000001)
+    db.execute_sql("SET LOCAL extra_float_digits = 1")
+    kept = views.saved(db)  # PostgreSQL refuses to retype a column that a view reads
+    views.drop(db, kept)
+    for table, columns in _SINGLE_COLUMNS.items():
+        alters = ", ".join(f'ALTER COLUMN "{c}" TYPE DOUBLE PRECISION USING "{c}"::text::double precision'
+                           for c in columns.split())
+        db.execute_sql(f'ALTER TABLE "{table}" {alters}')
+    views.remake(db, kept)
+
+
 @dataclass(frozen=True)
 class Migration:
     """One step: ``apply`` brings a database at ``version - 1`` to ``version``."""
@@ -949,6 +979,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(16, "scores", _scores),
     Migration(17, "batch_problem", _batch_problem),
     Migration(18, "line_file_at", _line_file_at),
+    Migration(19, "double_precision", _double_precision),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version

@@ -26,7 +26,6 @@ from peewee import (
     DateTimeField,
     DoubleField,
     Field,
-    FloatField,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -128,8 +127,8 @@ class Call(Base):
     request_end_at = DateTimeField(null=True)
     first_byte_at = DateTimeField(null=True)
     ended_at = DateTimeField(null=True)
-    latency_ms = FloatField(null=True)
-    ttft_ms = FloatField(null=True)
+    latency_ms = DoubleField(null=True)
+    ttft_ms = DoubleField(null=True)
     processing_ms = IntegerField(null=True)
     method = TextField()
     host = TextField()
@@ -159,7 +158,7 @@ class Call(Base):
     cached_tokens = BigIntegerField(null=True)
     reasoning_tokens = BigIntegerField(null=True)
     total_tokens = BigIntegerField(null=True)
-    cost_usd = FloatField(null=True)
+    cost_usd = DoubleField(null=True)
     error_type = TextField(null=True)
     error_code = TextField(null=True)
     error_message = TextField(null=True)
@@ -178,7 +177,7 @@ class Call(Base):
     port = IntegerField(null=True)
     pruned_at = DateTimeField(null=True)  # its bodies were removed then (velvet prune, velvet_retention)
     cache_hit = BooleanField(default=False, constraints=[SQL("DEFAULT FALSE")])  # answered by the proxy's cache
-    saved_usd = FloatField(null=True)  # a hit: the cost of the answer it gave again
+    saved_usd = DoubleField(null=True)  # a hit: the cost of the answer it gave again
 
     class Meta:
         table_name = "calls"
@@ -250,11 +249,11 @@ class Batch(Base):
     cached_tokens = BigIntegerField(null=True)
     reasoning_tokens = BigIntegerField(null=True)
     total_tokens = BigIntegerField(null=True)
-    usage_cost_usd = FloatField(null=True)
-    queue_s = FloatField(null=True)
-    processing_s = FloatField(null=True)
-    finalize_s = FloatField(null=True)
-    turnaround_s = FloatField(null=True)
+    usage_cost_usd = DoubleField(null=True)
+    queue_s = DoubleField(null=True)
+    processing_s = DoubleField(null=True)
+    finalize_s = DoubleField(null=True)
+    turnaround_s = DoubleField(null=True)
     key_fingerprint = TextField(null=True)
     first_seen_at = DateTimeField()
     last_seen_at = DateTimeField()
@@ -352,7 +351,7 @@ class BatchResult(Base):
     cached_tokens = BigIntegerField(null=True)
     reasoning_tokens = BigIntegerField(null=True)
     total_tokens = BigIntegerField(null=True)
-    cost_usd = FloatField(null=True)
+    cost_usd = DoubleField(null=True)
     failed = BooleanField(default=False)
     problem = TextField(null=True)
     seen_at = DateTimeField()
@@ -435,7 +434,7 @@ class Experiment(Base):
     endpoint = TextField(null=True)
     model = TextField(null=True)
     lines = IntegerField()
-    estimated_cost_usd = FloatField(null=True)
+    estimated_cost_usd = DoubleField(null=True)
     batch_id = TextField(null=True, index=True)
     input_file_id = TextField(null=True)
     key_fingerprint = TextField(null=True)
@@ -487,8 +486,8 @@ class Alert(Base):
     kind = TextField()
     subject = TextField()  # "" for a rule on all traffic, else a batch id or a proxy
     state = TextField()
-    value = FloatField(null=True)
-    threshold = FloatField(null=True)
+    value = DoubleField(null=True)
+    threshold = DoubleField(null=True)
     rule_window = TextField(null=True)
     text = TextField()
     details = TextField(null=True)  # JSON
@@ -518,7 +517,7 @@ class CacheEntry(Base):
     stream = BooleanField()  # the original was a stream (body: the answer reassembled)
     input_tokens = BigIntegerField(null=True)
     output_tokens = BigIntegerField(null=True)
-    cost_usd = FloatField(null=True)
+    cost_usd = DoubleField(null=True)
 
     class Meta:
         table_name = "cache_entries"
@@ -539,7 +538,7 @@ class Score(Base):
     custom_id = TextField(null=True)
     answered_at = DateTimeField(null=True, index=True)
     status = TextField()  # pending | sent | scored | error | skipped
-    score = FloatField(null=True)
+    score = DoubleField(null=True)
     passed = BooleanField(null=True)
     reason = TextField(null=True)
     created_at = DateTimeField()
@@ -548,7 +547,7 @@ class Score(Base):
     judge_call = TextField(null=True)  # a live judge's call: its request id (calls.request_id)
     judge_batch_id = TextField(null=True)
     judge_custom_id = TextField(null=True)
-    cost_usd = FloatField(null=True)
+    cost_usd = DoubleField(null=True)
 
     class Meta:
         table_name = "scores"

@@ -29,6 +29,8 @@ from typing import Any
 
 from peewee import Database, PostgresqlDatabase
 
+from velvet_core.storage import views
+
 log = logging.getLogger("velvet")
 PERIODS = ("month", "week", "day")
 ENV = "VELVET_PG_PARTITIONS"  # what the proxy's option gives its writer and background processes
@@ -210,11 +212,10 @@ def partition(db: Database, period: str, now: datetime) -> dict[str, Any]:
     counts: dict[str, int] = {}
     with db.atomic():
         # the views (batch_lines, batch_summary …) read the tables by name: made again on the new tables
-        views = dict(db.execute_sql("SELECT viewname, definition FROM pg_views WHERE schemaname = "
-                                    "current_schema()").fetchall())
+        kept = views.saved(db)
         for table in todo:
             counts[table] = _convert(db, table, period, now)
-        _remake(db, views)
+        views.remake(db, kept)
         if have is None:
             db.execute_sql("INSERT INTO velvet_meta (key, value) VALUES ('calls_partitions', %s)", (period,))
     made = ensure(db, now, period)
@@ -253,27 +254,8 @@ def _convert(db: Database, table: str, period: str, now: datetime) -> int:
                        f"('{lo.isoformat()}') TO ('{hi.isoformat()}')")
         lo = hi
     moved = db.execute_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}"').rowcount
-    db.execute_sql(f'DROP TABLE "{old}" CASCADE')  # (and the views on it: see _remake)
+    db.execute_sql(f'DROP TABLE "{old}" CASCADE')  # (and the views on it: made again by partition)
     return int(moved)
-
-
-def _remake(db: Database, views: dict[str, str]) -> None:
-    """Make again the views a conversion dropped, each once those it reads exist."""
-    left = {n: d for n, d in views.items() if not db.execute_sql(
-        "SELECT 1 FROM pg_views WHERE schemaname = current_schema() AND viewname = %s", (n,)).fetchone()}
-    while left:
-        made = []
-        for name, definition in left.items():
-            try:
-                with db.atomic():  # (a savepoint: a view whose sources are not back yet waits for the next round)
-                    db.execute_sql(f'CREATE VIEW "{name}" AS {definition}')
-                made.append(name)
-            except Exception:
-                continue
-        if not made:
-            raise RuntimeError(f"could not make the views {', '.join(sorted(left))} again")
-        for name in made:
-            del left[name]
 
 
 def _fill_file_at(db: Database, table: str, now: datetime) -> None:
