@@ -355,3 +355,23 @@ def test_money_keeps_every_digit_when_summed(db_url):
         assert db.execute_sql("SELECT table_name, column_name FROM information_schema.columns "
                               "WHERE table_schema = current_schema() AND data_type = 'real'").fetchall() == []
     db.close()
+
+
+def test_a_view_of_another_schema_is_never_dropped_unseen():
+    """PostgreSQL: a view in another schema that reads velvet's batch_lines: schema 19 stops and says so (nothing
+    dropped, nothing retyped) rather than drop it with CASCADE."""
+    db = connect(fresh_pg_url())
+    db.connect()
+    try:
+        at_version(db, 18)
+        (ns,) = db.execute_sql("SELECT current_schema()").fetchone()
+        other = f"{ns}_mine"
+        db.execute_sql(f'CREATE SCHEMA "{other}"')
+        db.execute_sql(f'CREATE VIEW "{other}".answers AS SELECT custom_id, cost_usd FROM "{ns}".batch_lines')
+        with pytest.raises(Exception, match="could not drop the views batch_lines"):
+            migrate(db)
+        assert schema_version(db) == 18
+        assert db.execute_sql(f'SELECT count(*) FROM "{other}".answers').fetchone() == (0,)
+        db.execute_sql(f'DROP SCHEMA "{other}" CASCADE')
+    finally:
+        db.close()

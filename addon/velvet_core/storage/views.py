@@ -16,9 +16,20 @@ def saved(db: Database) -> dict[str, str]:
 
 
 def drop(db: Database, views: dict[str, str]) -> None:
-    """Drop ``views`` (with those that read them: they are in ``views`` too, being of the same schema)."""
-    for name in views:
-        db.execute_sql(f'DROP VIEW IF EXISTS "{name}" CASCADE')
+    """Drop ``views``, each once no view reads it; never one outside them (no ``CASCADE``): a view of another
+    schema that reads one of them makes this raise instead of going unnoticed."""
+    left = list(views)
+    while left:
+        kept = []
+        for name in left:
+            try:
+                with db.atomic():  # (a savepoint: a view others still read waits for the next round)
+                    db.execute_sql(f'DROP VIEW IF EXISTS "{name}"')
+            except Exception:
+                kept.append(name)
+        if len(kept) == len(left):
+            raise RuntimeError(f"could not drop the views {', '.join(sorted(kept))}: other views read them")
+        left = kept
 
 
 def remake(db: Database, views: dict[str, str]) -> None:
