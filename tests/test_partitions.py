@@ -95,6 +95,26 @@ def test_migrate_converts_an_existing_database_and_retention_drops_whole_partiti
     assert code == 2 and "PostgreSQL" in err
 
 
+def test_a_view_of_another_schema_stops_the_conversion_and_nothing_changes(tmp_path, capsys):
+    """A view in another schema reading calls: `velvet migrate --partition` refuses (DROP TABLE … CASCADE took it
+    along unseen), and the database is as it was: calls not partitioned, the views there, every row."""
+    url = fresh_pg_url()
+    start_writer(url, tmp_path / "spool", [at(1, 1), at(0, 2)])
+    ns = url.split("search_path%3D")[1]
+    db = open_db(url)
+    db.execute_sql(f'CREATE SCHEMA "{ns}_mine"')
+    db.execute_sql(f'CREATE VIEW "{ns}_mine".spend AS SELECT model, sum(cost_usd) AS usd FROM "{ns}".calls '
+                   "GROUP BY model")
+    code, _, err = run(capsys, "--db", url, "migrate", "--partition", "month")
+    assert code != 0 and "depend" in err, err
+    assert partitions.partitioned(db) == []
+    assert db.execute_sql(f'SELECT count(*) FROM "{ns}_mine".spend').fetchone() == (1,)
+    assert db.execute_sql("SELECT count(*) FROM calls").fetchone() == (2,)
+    assert db.execute_sql("SELECT count(*) FROM batch_summary").fetchone() == (0,)  # velvet's views kept
+    db.execute_sql(f'DROP SCHEMA "{ns}_mine" CASCADE')
+    db.close()
+
+
 def test_periods_ahead_and_the_default_partition(tmp_path, monkeypatch):
     monkeypatch.setenv(partitions.ENV, "day")
     url = fresh_pg_url()

@@ -211,8 +211,10 @@ def partition(db: Database, period: str, now: datetime) -> dict[str, Any]:
         raise ValueError(f"calls is already partitioned by {have}")
     counts: dict[str, int] = {}
     with db.atomic():
-        # the views (batch_lines, batch_summary …) read the tables by name: made again on the new tables
+        # the views (batch_lines, batch_summary …) read the tables by name: made again on the new tables (a view
+        # of another schema that reads them stops the conversion: DROP TABLE would take it along unseen)
         kept = views.saved(db)
+        views.drop(db, kept)
         for table in todo:
             counts[table] = _convert(db, table, period, now)
         views.remake(db, kept)
@@ -254,7 +256,7 @@ def _convert(db: Database, table: str, period: str, now: datetime) -> int:
                        f"('{lo.isoformat()}') TO ('{hi.isoformat()}')")
         lo = hi
     moved = db.execute_sql(f'INSERT INTO "{table}" SELECT * FROM "{old}"').rowcount
-    db.execute_sql(f'DROP TABLE "{old}" CASCADE')  # (and the views on it: made again by partition)
+    db.execute_sql(f'DROP TABLE "{old}"')
     return int(moved)
 
 
