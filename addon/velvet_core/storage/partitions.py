@@ -211,8 +211,8 @@ def partition(db: Database, period: str, now: datetime) -> dict[str, Any]:
         raise ValueError(f"calls is already partitioned by {have}")
     counts: dict[str, int] = {}
     with db.atomic():
-        # the views (batch_lines, batch_summary …) read the tables by name: made again on the new tables (a view
-        # of another schema that reads them stops the conversion: DROP TABLE would take it along unseen)
+        # the views (batch_lines, batch_summary …) read the tables by name: made again on the new tables. The old
+        # tables are dropped without CASCADE: a view of another schema that reads them stops the conversion
         kept = views.saved(db)
         views.drop(db, kept)
         for table in todo:

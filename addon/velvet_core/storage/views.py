@@ -18,34 +18,30 @@ def saved(db: Database) -> dict[str, str]:
 def drop(db: Database, views: dict[str, str]) -> None:
     """Drop ``views``, each once no view reads it; never one outside them (no ``CASCADE``): a view of another
     schema that reads one of them makes this raise instead of going unnoticed."""
-    left = list(views)
-    while left:
-        kept = []
-        for name in left:
-            try:
-                with db.atomic():  # (a savepoint: a view others still read waits for the next round)
-                    db.execute_sql(f'DROP VIEW IF EXISTS "{name}"')
-            except Exception:
-                kept.append(name)
-        if len(kept) == len(left):
-            raise RuntimeError(f"could not drop the views {', '.join(sorted(kept))}: other views read them")
-        left = kept
+    _in_rounds(db, {name: f'DROP VIEW IF EXISTS "{name}"' for name in views},
+               "could not drop the views {}: other views read them")
 
 
 def remake(db: Database, views: dict[str, str]) -> None:
-    """Make again those of ``views`` that are gone, each once the views it reads exist."""
-    left = {n: d for n, d in views.items() if not db.execute_sql(
-        "SELECT 1 FROM pg_views WHERE schemaname = current_schema() AND viewname = %s", (n,)).fetchone()}
+    """Make again the ``views`` :func:`drop` dropped, each once the views it reads exist."""
+    _in_rounds(db, {name: f'CREATE VIEW "{name}" AS {definition}' for name, definition in views.items()},
+               "could not make the views {} again")
+
+
+def _in_rounds(db: Database, statements: dict[str, str], failed: str) -> None:
+    """Run each view's statement, in rounds, until all have run; one that fails (a view that another still
+    reads, or that reads one not made yet) waits for the next round. ``failed`` names those no round could run."""
+    left = dict(statements)
     while left:
-        made = []
-        for name, definition in left.items():
+        done = []
+        for name, sql in left.items():
             try:
-                with db.atomic():  # (a savepoint: a view whose sources are not back yet waits for the next round)
-                    db.execute_sql(f'CREATE VIEW "{name}" AS {definition}')
-                made.append(name)
+                with db.atomic():  # (a savepoint: a failed statement leaves the transaction usable)
+                    db.execute_sql(sql)
+                done.append(name)
             except Exception:
                 continue
-        if not made:
-            raise RuntimeError(f"could not make the views {', '.join(sorted(left))} again")
-        for name in made:
+        if not done:
+            raise RuntimeError(failed.format(", ".join(sorted(left))))
+        for name in done:
             del left[name]
