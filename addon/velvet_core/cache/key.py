@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import re
 from typing import Any
 
 import orjson
@@ -88,20 +87,28 @@ def _norm(v: Any) -> Any:
     return v
 
 
-# Every JSON number spelled as a float has a digit followed by ".", "e" or "E" (1.0, 1e0): bytes without one hold
-# no float, and nothing in them to respell (the walk is a fifth of the key's time on the event loop).
-_FLOAT = re.compile(rb"[0-9][.eE]")
+# What canonical() may take out of a body of each kind: a body holding none of these (most) is serialised as it is.
+_DROP = {kind: frozenset(d) | TRANSPORT for kind, d in DEFAULTS.items()}
 
 
-def canonical(kind: str, body: dict[str, Any], raw: bytes | None = None) -> bytes:
-    """The body as canonical JSON bytes: sorted keys, no whitespace, defaults and transport fields out.
-    ``raw``: the bytes ``body`` was parsed from, if at hand (numbers respelled only when they may hold a float)."""
-    defaults = DEFAULTS.get(kind, {})
-    kept = {k: v for k, v in body.items()
-            if k not in TRANSPORT and not (k in defaults and _same(v, defaults[k]))}
-    if raw is None or _FLOAT.search(raw):
-        kept = _norm(kept)
-    return orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+def canonical(kind: str, body: dict[str, Any]) -> bytes:
+    """The body as canonical JSON bytes: sorted keys, no whitespace, defaults and transport fields out, numbers
+    spelled one way.
+
+    orjson writes every float with a "." or an exponent, and an integral one under 2**53 always as ``N.0``: bytes
+    without a "." hold no float to respell (one ``memchr``), and a body is walked only when they do. (A regular
+    expression over the body's bytes for a digit before ".", "e" or "E" took 0.7 us for the bench's 90-byte body
+    and 17 us for a 4 KB one, where the walk takes 1.3.)"""
+    if _DROP.get(kind, TRANSPORT).isdisjoint(body):
+        kept = body
+    else:
+        defaults = DEFAULTS.get(kind, {})
+        kept = {k: v for k, v in body.items()
+                if k not in TRANSPORT and not (k in defaults and _same(v, defaults[k]))}
+    out = orjson.dumps(kept, option=orjson.OPT_SORT_KEYS)
+    if b"." in out:
+        out = orjson.dumps(_norm(kept), option=orjson.OPT_SORT_KEYS)
+    return out
 
 
 def scope_value(scope: str, key_fingerprint: str | None, project: str | None) -> str:
@@ -141,15 +148,14 @@ def _head(scope: str, method: str, host: str, path: str, seed: str) -> Any:
 
 
 def request_key(kind: str, body: bytes | dict[str, Any], *, scope: str, method: str, host: str, path: str,
-                seed: str = "", raw: bytes | None = None) -> str:
-    """The key of a request (its body as bytes, or parsed from ``raw``); raises :class:`NotCacheable` saying why
+                seed: str = "") -> str:
+    """The key of a request (its body as bytes, or parsed); raises :class:`NotCacheable` saying why
     not."""
     if kind not in CACHEABLE_KINDS:
         raise NotCacheable(f"{kind} is not cached")
     if method.upper() != "POST":
         raise NotCacheable(f"{method} is not cached")
     if isinstance(body, bytes | bytearray | memoryview):
-        raw = body
         try:
             body = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -158,7 +164,7 @@ def request_key(kind: str, body: bytes | dict[str, Any], *, scope: str, method: 
         raise NotCacheable("the body is not a JSON object")
     if why := side_effects(kind, body):
         raise NotCacheable(why)
-    return cache_key(scope, method, host, path, canonical(kind, body, raw), seed)
+    return cache_key(scope, method, host, path, canonical(kind, body), seed)
 
 
 def is_stream(body: dict[str, Any]) -> bool:

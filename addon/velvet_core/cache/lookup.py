@@ -65,7 +65,7 @@ class Lookup:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="velvet-cache")
         self._db: Any = None
         self._open = threading.Lock()
-        self.keys: dict[int, float] = {}  # 64-bit key prefix -> when its newest entry expires (epoch seconds)
+        self.keys: dict[str, str] = {}  # key's first 16 hex digits -> when its newest entry expires (UTC text)
         self.loaded = threading.Event()
         self._last_id = 0
         self._stop = threading.Event()
@@ -85,7 +85,7 @@ class Lookup:
         except orjson.JSONDecodeError:
             return Found(None, why="the body is not JSON")
         try:
-            key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed, raw=body)
+            key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed)
         except NotCacheable as e:
             return Found(None, why=str(e))
         stream = is_stream(req)
@@ -100,11 +100,12 @@ class Lookup:
 
     def known(self, key: str) -> bool:
         """Whether the index holds a live entry of ``key`` (if not, the request is a miss: no database read); until
-        the index is loaded, every key may be (the database says)."""
+        the index is loaded, every key may be (the database says). Expiry is to the second, rounded up: an entry
+        in its last second costs a read that finds it gone."""
         if not self.loaded.is_set():
             return True
-        expires = self.keys.get(int(key[:16], 16))
-        return expires is not None and expires > time.time()
+        expires = self.keys.get(key[:16])
+        return expires is not None and expires >= time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
 
     # -- the hit, in the pool ----------------------------------------------------------------------------------
 
@@ -121,7 +122,7 @@ class Lookup:
             return Found(key)
         self.failing = False
         if not entries:  # (cleared, pruned or expired since the index read it: no read for it again)
-            self.keys.pop(int(key[:16], 16), None)
+            self.keys.pop(key[:16], None)
             return Found(key)
         if len(entries) < bucket:
             return Found(key)  # the bucket still fills
@@ -182,61 +183,52 @@ class Lookup:
     # -- the index, in its thread ------------------------------------------------------------------------------
 
     def _follow(self) -> None:
-        """This thread shares the interpreter with mitmproxy's event loop: each poll reads only the new entries
-        (an entry committed out of id order by another writer waits for the next reload: a miss meanwhile), as
-        tuples, the key's prefix and the expiry as epoch seconds computed by the database (profiled with py-spy
-        under the bench's load: this thread was 1.5 % of the proxy's samples when it re-read a margin of 100
-        rows every poll and parsed each timestamp in Python). The reload of every live key reads them in
-        chunks, the GIL given back between two: 1.3-1.8 s of this thread for a million entries (a 1 ms sleep on
-        the main thread meanwhile waited at most 28 ms); every 30 s, as it first was, that was some 4 % of a
-        core, every :data:`FULL` seconds 0.3 %. A key cleared meanwhile costs one read in the pool, which then
-        drops it (:meth:`fetch_now`); an expired one is no longer known (:meth:`known`)."""
-        from velvet_core.storage.sql import adapt, is_pg, ts
-
+        """This thread shares the interpreter (and, under load, the core) with mitmproxy's event loop: each poll
+        reads only the new entries (an entry committed out of id order by another writer waits for the next
+        reload: a miss meanwhile) as one row, the newest id and every entry's :data:`ITEM` joined, which this
+        thread cuts apart: with every call a miss, each adds an entry to read, and a row per entry (the expiry
+        computed as epoch seconds, the prefix made an integer) cost 1.7 us of this thread per entry, the joined
+        text 0.9 (SQLite, in-process). The reload of every live key reads them in chunks, the GIL given back
+        between two: 1.3-1.8 s of this thread for a million entries (a 1 ms sleep on the main thread meanwhile
+        waited at most 28 ms); every 30 s, as it first was, that was some 4 % of a core, every :data:`FULL`
+        seconds 0.3 %. A key cleared meanwhile costs one read in the pool, which then drops it
+        (:meth:`fetch_now`); an expired one is no longer known (:meth:`known`)."""
         full_at = 0.0
         while not self._stop.is_set():
             try:
                 db = self._database()
-                epoch = ("extract(epoch from expires_at)" if is_pg(db)
-                         else "CAST(strftime('%s', expires_at) AS REAL)")
-                cols = f"SELECT id, substr(key, 1, 16), {epoch} FROM cache_entries"
                 now = time.time()
                 if now - full_at >= FULL:
-                    self._reload(db, adapt(db, cols + " WHERE expires_at > ? AND id > ? ORDER BY id LIMIT "
-                                           f"{RELOAD_CHUNK}"), ts(db, clock.now()))
+                    self._reload(db)
                     full_at = now
                 else:
-                    new = db.execute_sql(adapt(db, cols + " WHERE id > ? ORDER BY id"),
-                                         (self._last_id,)).fetchall()
-                    for _, prefix, expires in new:
-                        k = int(prefix, 16)
-                        self.keys[k] = max(self.keys.get(k, 0.0), float(expires))
-                    if new:
-                        self._last_id = max(self._last_id, new[-1][0])
+                    last, items = db.execute_sql(*_new_entries(db, self._last_id)).fetchone()
+                    if last is not None:
+                        _take(self.keys, items)
+                        self._last_id = max(self._last_id, int(last))
                 self.failing = False
                 self.loaded.set()
             except Exception as e:
                 self._failed(e)
             self._stop.wait(POLL)
 
-    def _reload(self, db: Any, chunk_sql: str, now: Any) -> None:
-        """Every live key again, :data:`RELOAD_CHUNK` at a time (``chunk_sql`` takes the time and the last id)."""
-        keys: dict[int, float] = {}
+    def _reload(self, db: Any) -> None:
+        """Every live key again, :data:`RELOAD_CHUNK` at a time."""
+        keys: dict[str, str] = {}
         last = 0
+        now = clock.now()
         while not self._stop.is_set():
-            got = db.execute_sql(chunk_sql, (now, last)).fetchall()
-            for _, prefix, expires in got:
-                k = int(prefix, 16)
-                keys[k] = max(keys.get(k, 0.0), float(expires))
-            if len(got) < RELOAD_CHUNK:
+            newest, items = db.execute_sql(*_new_entries(db, last, now, RELOAD_CHUNK)).fetchone()
+            if newest is None:
                 break
-            last = got[-1][0]
+            _take(keys, items)
+            last = int(newest)
+            if len(items) < RELOAD_CHUNK * ITEM:
+                break
             time.sleep(0.002)  # (the event loop takes the GIL between two chunks)
         else:
             return
         self.keys = keys  # (what was committed meanwhile has a higher id: the next poll reads it)
-        if got:
-            last = got[-1][0]
         self._last_id = max(last, self._last_id)
 
     def close(self) -> None:
@@ -245,3 +237,36 @@ class Lookup:
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
+
+
+# An entry in the index's reads: the key's first 16 characters, then its expiry to the second ('YYYY-MM-DD
+# HH:MM:SS', UTC), both padded to their width (a foreign row's short key never shifts the ones after it).
+ITEM = 16 + 19
+
+
+def _new_entries(db: Any, after: int, live_at: datetime | None = None,
+                 limit: int | None = None) -> tuple[str, tuple[Any, ...]]:
+    """The query of the entries after id ``after`` (live at ``live_at``, at most ``limit``, if given), as one row:
+    the newest id (None: no entry) and every entry's :data:`ITEM`."""
+    from velvet_core.storage.sql import adapt, is_pg, ts
+
+    if is_pg(db):
+        item = "rpad(substr(key, 1, 16), 16) || rpad(to_char(expires_at, 'YYYY-MM-DD HH24:MI:SS'), 19)"
+        joined = "string_agg(k, '' ORDER BY id)"
+    else:
+        item = "printf('%-16.16s%-19.19s', key, expires_at)"
+        joined = "group_concat(k, '')"  # (in any order: the newest expiry of a key wins)
+    where, params = "id > ?", [after]
+    if live_at is not None:
+        where, params = "expires_at > ? AND id > ?", [ts(db, live_at), after]
+    sql = (f"SELECT max(id), {joined} FROM (SELECT id, {item} AS k FROM cache_entries WHERE {where} ORDER BY id"
+           f"{f' LIMIT {int(limit)}' if limit else ''}) AS n")
+    return adapt(db, sql), tuple(params)
+
+
+def _take(keys: dict[str, str], items: str) -> None:
+    """Add the entries of a read to the index (a key's newest expiry wins)."""
+    for i in range(0, len(items), ITEM):
+        k, expires = items[i:i + 16], items[i + 16:i + ITEM]
+        if keys.get(k, "") < expires:
+            keys[k] = expires
