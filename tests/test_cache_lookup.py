@@ -10,7 +10,7 @@ from datetime import timedelta
 from support.helpers import q
 from support.rig import wait_for
 from velvet_core import clock
-from velvet_core.cache import lookup as lookup_mod
+from velvet_core.cache import index as index_mod
 from velvet_core.cache.lookup import Found, Lookup
 from velvet_core.storage import models
 from velvet_core.storage.database import open_db
@@ -32,8 +32,8 @@ def add(db, first: int, n: int, ttl: float = 3600.0) -> None:
 
 
 def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(db_url, monkeypatch):
-    monkeypatch.setattr(lookup_mod, "RELOAD_CHUNK", 7)  # (a reload of 50 keys in 8 chunks)
-    monkeypatch.setattr(lookup_mod, "POLL", 0.05)
+    monkeypatch.setattr(index_mod, "RELOAD_CHUNK", 7)  # (a reload of 50 keys in 8 chunks)
+    monkeypatch.setattr(index_mod, "POLL", 0.05)
     db = open_db(db_url)
     try:
         add(db, 0, 50)
@@ -55,7 +55,7 @@ def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(d
             assert look.fetch_now("chat.completions", Found(key(4)), 1).content is None
             assert not look.known(key(4))  # ... and it is dropped, read no more
             # the next reload keeps only what is live (the deleted and the expired gone)
-            monkeypatch.setattr(lookup_mod, "FULL", 0.0)
+            monkeypatch.setattr(index_mod, "FULL", 0.0)
             wait_for(lambda: len(look.keys) == 52, what="the reload")
         finally:
             look.close()

@@ -229,7 +229,8 @@ class Velvet:
         if self.writer is not None and updated & {"velvet_db", "velvet_retention"}:
             self._stop_pruner()
             self._start_pruner()
-        if updated & {"velvet_db", "velvet_cache"} and self.lookup is not None:
+        if (updated & {"velvet_db", "velvet_cache"} or (updated & restart and self.writer is not None)) \
+                and self.lookup is not None:  # (a new writer process follows the index for a new look-up)
             self.lookup.close()
             self.lookup = None
         self._hook_request()
@@ -271,10 +272,19 @@ class Velvet:
         start-up heap (:func:`settle_heap`); the cache's misses cost 7 % of the proxy's throughput while every
         full collection walked them (bench, quick runs of 8 rounds: cache_on_miss_rps_ratio 0.922-0.931 in six
         runs without the freeze, 0.937-0.952 in four with it)."""
-        from velvet_core.cache.lookup import Lookup
         from velvet_core.storage import database, sql  # noqa: F401  (what the look-up's threads use)
 
-        self.lookup = Lookup(self.db_url())
+        self._make_lookup()
+
+    def _make_lookup(self) -> Lookup:
+        """The look-up; with a writer process, that process follows the index for it (cache/index.py)."""
+        from velvet_core.cache.lookup import Lookup
+
+        w, loop = self.writer, self.notes.loop
+        self.lookup = Lookup(self.db_url(), follow=not isinstance(w, ChildWriter) or loop is None)
+        if isinstance(w, ChildWriter) and loop is not None:
+            w.index(functools.partial(self.lookup.feed, loop=loop))
+        return self.lookup
 
     def done(self) -> None:
         if self.lookup is not None:
@@ -495,10 +505,7 @@ class Velvet:
         encoding, project = _encoding_and_project(snap.request_fields or req.headers.fields)
         if body is None or len(body) > self.processor.body_limit or encoding not in ("", "identity"):
             return self._ask_for_usage(flow) if self.inject_usage else None
-        if self.lookup is None:
-            from velvet_core.cache.lookup import Lookup
-
-            self.lookup = Lookup(self.db_url())  # (its threads import the database modules, off the loop)
+        lookup = self.lookup or self._make_lookup()
         ttl = self.cache_ttl
         if "ttl" in asked:
             try:
@@ -509,8 +516,8 @@ class Velvet:
                 snap.method, snap.host, snap.path, asked.get("seed", ""))
         if len(body) > BIG_BODY:
             return self._look_up_later(flow, snap, None, args, refresh, ttl)
-        found = self.lookup.key_for(*args)
-        if found.key is not None and not refresh and self.lookup.known(found.key):
+        found = lookup.key_for(*args)
+        if found.key is not None and not refresh and lookup.known(found.key):
             return self._look_up_later(flow, snap, found, args, refresh, ttl)
         self._cache_miss(flow, snap, found, ttl)
         return None

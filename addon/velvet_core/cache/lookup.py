@@ -1,9 +1,10 @@
 """The proxy's cache look-up: an in-memory index of the live keys, and the database read off the event loop.
 
 Most requests a cache sees are misses. The proxy keeps the keys of the live entries in memory (a 64-bit prefix
-of each and when it expires), loaded and followed by a thread of its own (new entries every 0.25 s, everything
-again every 10 minutes, which drops the expired ones), so a miss is decided on the event loop from the key
-alone: no thread, no database. A key the index holds is read from the database in a small thread pool (the hook
+of each and when it expires), loaded and followed by :mod:`cache.index` (new entries every 0.25 s, everything
+again every 10 minutes, which drops the expired ones) in the writer process, through a pipe the event loop
+reads, or in a thread of the proxy when the writer is a thread; so a miss is decided on the event loop from the
+key alone: no thread, no database. A key the index holds is read from the database in a small thread pool (the hook
 is a coroutine mitmproxy awaits: the loop serves other flows meanwhile). The key of a body over 64 KiB is
 computed in the pool too. peewee and the driver are imported in those threads, at the first look-up.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +29,7 @@ from typing import Any
 import orjson
 
 from velvet_core import clock
+from velvet_core.cache import index
 from velvet_core.cache.key import NotCacheable, is_stream, request_key, wants_usage
 from velvet_core.cache.replay import STREAMABLE, as_stream
 from velvet_core.redact import redact
@@ -34,9 +37,7 @@ from velvet_core.redact import redact
 log = logging.getLogger("velvet")
 
 BIG_BODY = 64 * 1024  # bodies over this are parsed and hashed in the pool, not on the event loop
-POLL = 0.25  # seconds between two reads of the new entries
-FULL = 600.0  # seconds between two reloads of every live key (drops the expired ones, finds any committed late)
-RELOAD_CHUNK = 5000  # keys read per step of a reload, the GIL given back between two
+FEED_READ = 1 << 16  # bytes of the index's pipe read per callback on the event loop (some 1,800 keys, 0.5 ms)
 
 
 @dataclass(slots=True)
@@ -60,20 +61,26 @@ def _epoch(v: Any) -> float:
 
 
 class Lookup:
-    def __init__(self, url: str, workers: int = 2) -> None:
+    """The look-up; ``follow``: read the index in a thread of its own (else :meth:`feed` gives it a pipe)."""
+
+    def __init__(self, url: str, workers: int = 2, follow: bool = True) -> None:
         self.url = url
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="velvet-cache")
         self._db: Any = None
         self._open = threading.Lock()
         self.keys: dict[str, str] = {}  # key's first 16 hex digits -> when its newest entry expires (UTC text)
+        self._next: dict[str, str] | None = None  # a reload's keys, until it is done
         self.loaded = threading.Event()
-        self._last_id = 0
         self._stop = threading.Event()
+        self._feed: tuple[Any, int, index.Frames] | None = None  # (loop, fd, frames) of the writer process's pipe
         self.turns: dict[str, int] = {}  # key -> answers served (the bucket's turn), bounded
         self.bad: set[int] = set()  # corrupt entries already logged
         self.failing = False
-        self._index = threading.Thread(target=self._follow, name="velvet-cache-index", daemon=True)
-        self._index.start()
+        self._index: threading.Thread | None = None
+        if follow:
+            self._index = threading.Thread(target=index.Follower(url, self._stop).run, args=(self.apply,),
+                                           name="velvet-cache-index", daemon=True)
+            self._index.start()
 
     # -- the key, on the event loop (or in the pool for a big body) ------------------------------------------
 
@@ -180,93 +187,59 @@ class Lookup:
             "hit": e["id"], "flow_id": e["flow_id"], "cost_usd": e["cost_usd"],
             "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"], "model": e["model"]})
 
-    # -- the index, in its thread ------------------------------------------------------------------------------
+    # -- the index's updates (cache/index.py), from its thread or on the event loop -----------------------------
 
-    def _follow(self) -> None:
-        """This thread shares the interpreter (and, under load, the core) with mitmproxy's event loop: each poll
-        reads only the new entries (an entry committed out of id order by another writer waits for the next
-        reload: a miss meanwhile) as one row, the newest id and every entry's :data:`ITEM` joined, which this
-        thread cuts apart: with every call a miss, each adds an entry to read, and a row per entry (the expiry
-        computed as epoch seconds, the prefix made an integer) cost 1.7 us of this thread per entry, the joined
-        text 0.9 (SQLite, in-process). The reload of every live key reads them in chunks, the GIL given back
-        between two: 1.3-1.8 s of this thread for a million entries (a 1 ms sleep on the main thread meanwhile
-        waited at most 28 ms); every 30 s, as it first was, that was some 4 % of a core, every :data:`FULL`
-        seconds 0.3 %. A key cleared meanwhile costs one read in the pool, which then drops it
-        (:meth:`fetch_now`); an expired one is no longer known (:meth:`known`)."""
-        full_at = 0.0
-        while not self._stop.is_set():
-            try:
-                db = self._database()
-                now = time.time()
-                if now - full_at >= FULL:
-                    self._reload(db)
-                    full_at = now
-                else:
-                    last, items = db.execute_sql(*_new_entries(db, self._last_id)).fetchone()
-                    if last is not None:
-                        _take(self.keys, items)
-                        self._last_id = max(self._last_id, int(last))
-                self.failing = False
-                self.loaded.set()
-            except Exception as e:
-                self._failed(e)
-            self._stop.wait(POLL)
+    def apply(self, kind: bytes, items: str) -> None:
+        if kind == index.ADD:
+            index.take(self.keys, items)
+        elif kind == index.RELOAD:
+            self._next = {}
+        elif kind == index.CHUNK and self._next is not None:
+            index.take(self._next, items)
+        elif kind == index.DONE and self._next is not None:
+            self.keys, self._next = self._next, None
+            self.loaded.set()
 
-    def _reload(self, db: Any) -> None:
-        """Every live key again, :data:`RELOAD_CHUNK` at a time."""
-        keys: dict[str, str] = {}
-        last = 0
-        now = clock.now()
-        while not self._stop.is_set():
-            newest, items = db.execute_sql(*_new_entries(db, last, now, RELOAD_CHUNK)).fetchone()
-            if newest is None:
-                break
-            _take(keys, items)
-            last = int(newest)
-            if len(items) < RELOAD_CHUNK * ITEM:
-                break
-            time.sleep(0.002)  # (the event loop takes the GIL between two chunks)
-        else:
-            return
-        self.keys = keys  # (what was committed meanwhile has a higher id: the next poll reads it)
-        self._last_id = max(last, self._last_id)
+    def feed(self, fd: int, loop: asyncio.AbstractEventLoop) -> None:
+        """Read the index's updates from the pipe ``fd`` (the writer process's :class:`index.Follower`) on
+        ``loop``, a frame at a time as they come; a new pipe (a writer process started again) replaces the old,
+        and brings a reload."""
+        self._unfeed()
+        os.set_blocking(fd, False)
+        self._feed = (loop, fd, index.Frames())
+        loop.add_reader(fd, self._read_feed)
+
+    def _read_feed(self) -> None:
+        assert self._feed is not None
+        _, fd, frames = self._feed
+        try:
+            data = os.read(fd, FEED_READ)
+            if not data:  # (the writer process has stopped)
+                self._unfeed()
+                return
+            for kind, items in frames.feed(data):
+                self.apply(kind, items)
+        except BlockingIOError:
+            pass
+        except Exception as e:  # a damaged pipe: no longer followed, every key may be (the database says)
+            log.warning("velvet: the cache index's pipe failed (%s): each look-up reads the database", e)
+            self._unfeed()
+            self.loaded.clear()
+
+    def _unfeed(self) -> None:
+        if self._feed is not None:
+            loop, fd, _ = self._feed
+            self._feed = None
+            with contextlib.suppress(Exception):
+                loop.remove_reader(fd)
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def close(self) -> None:
         self._stop.set()
+        self._unfeed()
         self.pool.shutdown(wait=False, cancel_futures=True)
         if self._db is not None:
             with contextlib.suppress(Exception):
                 self._db.close()
 
-
-# An entry in the index's reads: the key's first 16 characters, then its expiry to the second ('YYYY-MM-DD
-# HH:MM:SS', UTC), both padded to their width (a foreign row's short key never shifts the ones after it).
-ITEM = 16 + 19
-
-
-def _new_entries(db: Any, after: int, live_at: datetime | None = None,
-                 limit: int | None = None) -> tuple[str, tuple[Any, ...]]:
-    """The query of the entries after id ``after`` (live at ``live_at``, at most ``limit``, if given), as one row:
-    the newest id (None: no entry) and every entry's :data:`ITEM`."""
-    from velvet_core.storage.sql import adapt, is_pg, ts
-
-    if is_pg(db):
-        item = "rpad(substr(key, 1, 16), 16) || rpad(to_char(expires_at, 'YYYY-MM-DD HH24:MI:SS'), 19)"
-        joined = "string_agg(k, '' ORDER BY id)"
-    else:
-        item = "printf('%-16.16s%-19.19s', key, expires_at)"
-        joined = "group_concat(k, '')"  # (in any order: the newest expiry of a key wins)
-    where, params = "id > ?", [after]
-    if live_at is not None:
-        where, params = "expires_at > ? AND id > ?", [ts(db, live_at), after]
-    sql = (f"SELECT max(id), {joined} FROM (SELECT id, {item} AS k FROM cache_entries WHERE {where} ORDER BY id"
-           f"{f' LIMIT {int(limit)}' if limit else ''}) AS n")
-    return adapt(db, sql), tuple(params)
-
-
-def _take(keys: dict[str, str], items: str) -> None:
-    """Add the entries of a read to the index (a key's newest expiry wins)."""
-    for i in range(0, len(items), ITEM):
-        k, expires = items[i:i + 16], items[i + 16:i + ITEM]
-        if keys.get(k, "") < expires:
-            keys[k] = expires

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ NICE = 19
 # the database about a second after its call.
 LINGER = 1.0
 ENV_DB = "VELVET_WRITER_DB"
+INDEX = b"i"  # written to the child's stdin: follow the cache index (see ChildWriter.index)
 
 
 def tag_of(url: str) -> str:
@@ -72,6 +74,8 @@ class ChildWriter:
                      "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit),
                      "--flush-timeout", str(flush_timeout)]
         self.proc: subprocess.Popen[bytes] | None = None
+        self.index_fd: int | None = None  # the read end of the child's pipe of cache index updates
+        self._on_index: Callable[[int], None] | None = None
         self.written = 0
         self._respawned_at = 0.0
         self._check_at = 0.0  # when to look again whether the child is alive
@@ -80,8 +84,30 @@ class ChildWriter:
         package = str(Path(__file__).resolve().parent.parent.parent)  # where velvet_core is importable from
         paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), ENV_DB: self.url}
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, env=env)
+        read, write = os.pipe()
+        try:
+            self.proc = subprocess.Popen([*self.args, "--index-fd", str(write)], stdin=subprocess.PIPE, env=env,
+                                         pass_fds=(write,))
+        finally:
+            os.close(write)
+        if self.index_fd is not None and self._on_index is None:
+            os.close(self.index_fd)  # (else its reader closes it)
+        self.index_fd = read
         self._respawned_at = time.monotonic()
+        if self._on_index is not None:
+            self.index(self._on_index)
+
+    def index(self, on_fd: Callable[[int], None]) -> None:
+        """Have the child follow the response cache's index (:class:`cache.index.Follower`), and call ``on_fd``
+        with the pipe it writes the updates to: now, and with a new pipe whenever the child is started again."""
+        self._on_index = on_fd
+        if self.proc is None or self.index_fd is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(INDEX)
+            self.proc.stdin.flush()
+        on_fd(self.index_fd)
 
     def submit(self, snapshot: CallSnapshot) -> None:
         """Journal the flow (the child reads it from there). Never blocks on the child."""
@@ -108,6 +134,9 @@ class ChildWriter:
     def stop(self, timeout: float) -> bool:
         """Close the journal, tell the child (stdin closed) and wait up to ``timeout`` s for it."""
         self.journal.close()
+        if self.index_fd is not None and self._on_index is None:
+            os.close(self.index_fd)
+            self.index_fd = None
         fallback_clean = self.fallback.stop(timeout) if self.fallback is not None else True
         if self.proc is None:
             return True
@@ -183,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prices", default="")
     ap.add_argument("--body-limit", type=int, default=BODY_LIMIT)
     ap.add_argument("--flush-timeout", type=float, default=30.0)
+    ap.add_argument("--index-fd", type=int, default=-1)
     a = ap.parse_args(argv)
     url = os.environ[ENV_DB]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -200,12 +230,20 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
                     pricer=lambda: processor.pricer, serves=a.parent, linger=LINGER)
     writer.start()
-    stopping = threading.Event()
+    stopping, indexing = threading.Event(), threading.Event()
 
-    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone)
+    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone); INDEX: it wants the cache index
         with contextlib.suppress(Exception):
-            sys.stdin.buffer.read()
+            while data := os.read(sys.stdin.fileno(), 64):
+                if INDEX in data and a.index_fd >= 0 and not indexing.is_set():
+                    indexing.set()
+                    threading.Thread(target=follow_index, name="velvet-cache-index", daemon=True).start()
         stopping.set()
+
+    def follow_index() -> None:
+        from velvet_core.cache.index import Follower, to_pipe
+
+        Follower(url, stopping).run(to_pipe(a.index_fd))
 
     threading.Thread(target=watch_stdin, daemon=True).start()
     tail = Tail(journal_dir, tag_of(url), a.parent)

@@ -1,0 +1,107 @@
+"""cache/index.py: the cache index followed by the writer process and read by the proxy's event loop through a pipe
+(no thread of the proxy takes the GIL from the loop for it), on both backends; the pipe's frames as bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+from support.helpers import chat
+from test_cache_lookup import add, key
+from velvet_core.cache import index
+from velvet_core.cache.lookup import Lookup
+from velvet_core.storage import models
+from velvet_core.storage.database import open_db
+
+
+async def until(check: Callable[[], bool], what: str, timeout: float = 45) -> None:
+    """Let the loop run (it reads the pipe) until ``check()`` holds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+def test_the_writer_process_follows_the_index_and_the_loop_reads_it(db_url, tmp_path):
+    """With a writer process, the proxy's look-up starts no thread: the child reads the live keys and sends them
+    through a pipe the event loop reads. New entries are followed; a child started again (the first was killed)
+    brings a new pipe and a reload, which keeps only what is live."""
+    from velvet_core.writer.child import ChildWriter
+
+    db = open_db(db_url)
+    add(db, 0, 20)
+    w = ChildWriter(db_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w.start()
+    look = Lookup(db_url, follow=False)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        w.index(functools.partial(look.feed, loop=loop))
+        assert look._index is None and not any(t.name == "velvet-cache-index" for t in threading.enumerate())
+        await until(look.loaded.is_set, "the first load")
+        assert all(look.known(key(i)) for i in range(20)) and not look.known(key(999))
+        add(db, 100, 3)
+        await until(lambda: all(look.known(key(i)) for i in range(100, 103)), "the new keys")
+        assert w.proc is not None
+        w.proc.kill()  # a new child: a new pipe, and a reload from the database
+        w.proc.wait()
+        await until(lambda: look._feed is None, "the old pipe's end")  # (read to its end, closed)
+        with models.use(db):
+            db.execute_sql(f"DELETE FROM cache_entries WHERE key = {db.param}", (key(5),))  # (cache clear)
+        look.loaded.clear()
+        w.start()
+        await until(look.loaded.is_set, "the reload")
+        assert not look.known(key(5)) and look.known(key(4)) and look.known(key(101))
+        w.submit(chat(1))  # (the writer still writes)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        look.close()
+        assert w.stop(60)
+        db.close()
+
+
+def test_frames_cut_anywhere_come_back_whole():
+    updates = [(index.ADD, "a" * 16 + "2030-01-01 00:00:00"), (index.RELOAD, ""),
+               (index.CHUNK, ("b" * 16 + "2030-01-01 00:00:01") * 3), (index.DONE, "")]
+    data = b"".join(index.frame(k, items) for k, items in updates)
+    for size in (1, 2, 5, 7, 64, len(data)):
+        frames, got = index.Frames(), []
+        for i in range(0, len(data), size):
+            got += frames.feed(data[i:i + size])
+        assert got == updates and not frames.buf
+
+
+@pytest.mark.parametrize("junk", [
+    b"A\xff\xff\xff\xff",  # a length past any frame's
+    b"A\x00\x00\x00\x23" + "é".encode() * 17 + b"!",  # not ASCII: replaced, never raised
+    b"Z\x00\x00\x00\x00",  # an unknown kind: ignored
+    b"A\x00\x00\x00\x05short",  # items shorter than an entry: a key never asked for
+])
+def test_a_damaged_pipe_never_breaks_the_loop(sqlite_url, junk):
+    """Bad bytes from the pipe: the look-up ignores what it cannot use, or stops reading it and lets the database
+    decide every look-up (known() says "maybe"); the loop goes on."""
+    look = Lookup(sqlite_url, follow=False)
+    read, write = os.pipe()
+
+    async def scenario() -> None:
+        look.feed(read, asyncio.get_running_loop())
+        os.write(write, index.frame(index.RELOAD, "") + index.frame(index.CHUNK, key(1)[:16] + "2999-01-01 00:00:00")
+                 + index.frame(index.DONE, "") + junk)
+        await asyncio.sleep(0.2)
+
+    try:
+        asyncio.run(scenario())
+        if junk.startswith(b"A\xff"):
+            assert look._feed is None and not look.loaded.is_set() and look.known(key(2))
+        else:
+            assert look.known(key(1)) and not look.known(key(2))
+    finally:
+        look.close()
+        os.close(write)
