@@ -67,6 +67,37 @@ def test_the_writer_process_follows_the_index_and_the_loop_reads_it(db_url, tmp_
         db.close()
 
 
+def test_a_second_look_up_gets_a_pipe_of_its_own(sqlite_url, tmp_path):
+    """The cache turned off and on again (a look-up closed, another made, one writer process): the new look-up
+    gets a new pipe and a whole load, never the rest of the old pipe (cut mid-frame) nor its number."""
+    from velvet_core.writer.child import ChildWriter
+
+    db = open_db(sqlite_url)
+    add(db, 0, 3000)  # (a load of 105,000 bytes: more than one read of the pipe)
+    w = ChildWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w.start()
+    first, second = Lookup(sqlite_url, follow=False), Lookup(sqlite_url, follow=False)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        w.index(functools.partial(first.feed, loop=loop))
+        await until(lambda: first.loaded.is_set() or (first._feed is not None and first._feed[2].buf),
+                    "some of the first load")
+        first.close()  # (mid-load, most often: the pipe closed with bytes in it)
+        add(db, 5000, 1)
+        w.index(functools.partial(second.feed, loop=loop))
+        await until(second.loaded.is_set, "the second look-up's load")
+        await until(lambda: second.known(key(5000)), "the new key")
+        assert all(second.known(key(i)) for i in range(3000)) and not second.known(key(3000))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        second.close()
+        assert w.stop(60)
+        db.close()
+
+
 def test_frames_cut_anywhere_come_back_whole():
     updates = [(index.ADD, "a" * 16 + "2030-01-01 00:00:00"), (index.RELOAD, ""),
                (index.CHUNK, ("b" * 16 + "2030-01-01 00:00:01") * 3), (index.DONE, "")]
@@ -92,8 +123,8 @@ def test_a_damaged_pipe_never_breaks_the_loop(sqlite_url, junk):
 
     async def scenario() -> None:
         look.feed(read, asyncio.get_running_loop())
-        os.write(write, index.frame(index.RELOAD, "") + index.frame(index.CHUNK, key(1)[:16] + "2999-01-01 00:00:00")
-                 + index.frame(index.DONE, "") + junk)
+        load = index.frame(index.CHUNK, key(1)[:16] + "2999-01-01 00:00:00")
+        os.write(write, index.frame(index.RELOAD, "") + load + index.frame(index.DONE, "") + junk)
         await asyncio.sleep(0.2)
 
     try:

@@ -8,7 +8,9 @@ around each statement), 0.3-0.5 ms of CPU per poll under load against 3 us in a 
 rig, the hook returning at once: 0.959 and 0.956 against 0.967 and 0.968 without the thread). With a writer
 process, :class:`Follower` runs there instead, on another core, and sends what it reads through a pipe the
 event loop reads (:meth:`Lookup.feed <velvet_core.cache.lookup.Lookup.feed>`): no thread in the proxy, no
-database module either. With a writer thread (one core, mitmweb) it runs in a thread of the proxy, as before.
+database module either. Each look-up gets a pipe of its own, handed to the writer process over a socket pair
+(:meth:`ChildWriter.index <velvet_core.writer.child.ChildWriter.index>`), and a whole load first. With a writer
+thread (one core, mitmweb) the follower runs in a thread of the proxy, as before.
 
 What it hands over are *updates* ``(kind, items)``: ``ADD`` (new entries), ``RELOAD`` (a reload begins),
 ``CHUNK`` (some of its keys) and ``DONE`` (the reload replaces the index; the index is loaded). ``items`` is
@@ -76,15 +78,26 @@ def take(keys: dict[str, str], items: str) -> None:
 class Follower:
     """Reads the live keys of ``url``'s cache entries and emits them as updates until ``stop`` is set."""
 
-    def __init__(self, url: str, stop: threading.Event) -> None:
-        self.url, self.stop = url, stop
+    def __init__(self, url: str, stop: threading.Event, also: threading.Event | None = None) -> None:
+        self.url, self.stop, self.also = url, stop, also
         self._db: Any = None
         self._last_id = 0
         self.failing = False
 
+    def stopped(self) -> bool:
+        return self.stop.is_set() or (self.also is not None and self.also.is_set())
+
+    def into_pipe(self, fd: int) -> None:
+        """:meth:`run`, each update written to the pipe ``fd`` (closed at the end)."""
+        try:
+            self.run(to_pipe(fd))
+        finally:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def run(self, emit: Emit) -> None:
         full_at = 0.0
-        while not self.stop.is_set():
+        while not self.stopped():
             try:
                 if self._db is None:
                     from velvet_core.storage.database import open_db
@@ -115,7 +128,7 @@ class Follower:
         next poll reads it)."""
         last, now = 0, clock.now()
         emit(RELOAD, "")
-        while not self.stop.is_set():
+        while not self.stopped():
             newest, items = self._db.execute_sql(*new_entries(self._db, last, now, RELOAD_CHUNK)).fetchone()
             if newest is None:
                 break

@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -52,7 +53,6 @@ NICE = 19
 # the database about a second after its call.
 LINGER = 1.0
 ENV_DB = "VELVET_WRITER_DB"
-INDEX = b"i"  # written to the child's stdin: follow the cache index (see ChildWriter.index)
 
 
 def tag_of(url: str) -> str:
@@ -74,7 +74,7 @@ class ChildWriter:
                      "--parent", str(os.getpid()), "--prices", prices, "--body-limit", str(body_limit),
                      "--flush-timeout", str(flush_timeout)]
         self.proc: subprocess.Popen[bytes] | None = None
-        self.index_fd: int | None = None  # the read end of the child's pipe of cache index updates
+        self._control: socket.socket | None = None  # hands the child a pipe to send the cache index through
         self._on_index: Callable[[int], None] | None = None
         self.written = 0
         self._respawned_at = 0.0
@@ -84,30 +84,35 @@ class ChildWriter:
         package = str(Path(__file__).resolve().parent.parent.parent)  # where velvet_core is importable from
         paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), ENV_DB: self.url}
-        read, write = os.pipe()
+        mine, theirs = socket.socketpair()
         try:
-            self.proc = subprocess.Popen([*self.args, "--index-fd", str(write)], stdin=subprocess.PIPE, env=env,
-                                         pass_fds=(write,))
+            self.proc = subprocess.Popen([*self.args, "--control-fd", str(theirs.fileno())], stdin=subprocess.PIPE,
+                                         env=env, pass_fds=(theirs.fileno(),))
         finally:
-            os.close(write)
-        if self.index_fd is not None and self._on_index is None:
-            os.close(self.index_fd)  # (else its reader closes it)
-        self.index_fd = read
+            theirs.close()
+        if self._control is not None:
+            self._control.close()
+        self._control = mine
         self._respawned_at = time.monotonic()
         if self._on_index is not None:
             self.index(self._on_index)
 
     def index(self, on_fd: Callable[[int], None]) -> None:
-        """Have the child follow the response cache's index (:class:`cache.index.Follower`), and call ``on_fd``
-        with the pipe it writes the updates to: now, and with a new pipe whenever the child is started again."""
+        """Have the child follow the response cache's index (:class:`cache.index.Follower`) into a new pipe, and
+        call ``on_fd`` with its read end (``on_fd``'s owner closes it): now, and whenever the child is started
+        again. A second call gives the child a new pipe, and the one before is dropped."""
         self._on_index = on_fd
-        if self.proc is None or self.index_fd is None:
+        if self._control is None:
             return
-        with contextlib.suppress(OSError, ValueError):
-            assert self.proc.stdin is not None
-            self.proc.stdin.write(INDEX)
-            self.proc.stdin.flush()
-        on_fd(self.index_fd)
+        read, write = os.pipe()
+        try:
+            socket.send_fds(self._control, [b"i"], [write])
+        except OSError:  # (the child is gone: the next one gets a pipe when it starts)
+            os.close(read)
+            return
+        finally:
+            os.close(write)
+        on_fd(read)
 
     def submit(self, snapshot: CallSnapshot) -> None:
         """Journal the flow (the child reads it from there). Never blocks on the child."""
@@ -134,9 +139,9 @@ class ChildWriter:
     def stop(self, timeout: float) -> bool:
         """Close the journal, tell the child (stdin closed) and wait up to ``timeout`` s for it."""
         self.journal.close()
-        if self.index_fd is not None and self._on_index is None:
-            os.close(self.index_fd)
-            self.index_fd = None
+        if self._control is not None:
+            self._control.close()
+            self._control = None
         fallback_clean = self.fallback.stop(timeout) if self.fallback is not None else True
         if self.proc is None:
             return True
@@ -205,6 +210,29 @@ def _record_cut(streams: Path, referenced: set[Path], proxy: int, writer: Writer
         writer.queue.put(QueuedFlow(None, ops=(row,), after=(spill, sidecar(spill))))
 
 
+def follow_index(url: str, control: socket.socket, stopping: threading.Event) -> None:
+    """Each pipe the proxy sends (:meth:`ChildWriter.index`) gets the cache index's updates from a follower of its
+    own; a new pipe retires the one before."""
+    from velvet_core.cache.index import Follower
+
+    current: threading.Event | None = None
+    with contextlib.suppress(OSError):
+        while not stopping.is_set():
+            msg, fds, _, _ = socket.recv_fds(control, 16, 4)
+            if not msg:
+                break  # (the proxy closed it: stopping, or gone)
+            for fd in fds[:-1]:
+                os.close(fd)
+            if fds:
+                if current is not None:
+                    current.set()
+                current = threading.Event()
+                threading.Thread(target=Follower(url, current, stopping).into_pipe, args=(fds[-1],),
+                                 name="velvet-cache-follower", daemon=True).start()
+    if current is not None:
+        current.set()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="velvet-writer", description=__doc__)
     ap.add_argument("--spool-dir", required=True, type=Path)
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prices", default="")
     ap.add_argument("--body-limit", type=int, default=BODY_LIMIT)
     ap.add_argument("--flush-timeout", type=float, default=30.0)
-    ap.add_argument("--index-fd", type=int, default=-1)
+    ap.add_argument("--control-fd", type=int, default=-1)
     a = ap.parse_args(argv)
     url = os.environ[ENV_DB]
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
@@ -230,22 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     writer = Writer(url, processor.operations, spool_dir=a.spool_dir, setup=processor.warm, journaled=False,
                     pricer=lambda: processor.pricer, serves=a.parent, linger=LINGER)
     writer.start()
-    stopping, indexing = threading.Event(), threading.Event()
+    stopping = threading.Event()
 
-    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone); INDEX: it wants the cache index
+    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone)
         with contextlib.suppress(Exception):
-            while data := os.read(sys.stdin.fileno(), 64):
-                if INDEX in data and a.index_fd >= 0 and not indexing.is_set():
-                    indexing.set()
-                    threading.Thread(target=follow_index, name="velvet-cache-index", daemon=True).start()
+            sys.stdin.buffer.read()
         stopping.set()
 
-    def follow_index() -> None:
-        from velvet_core.cache.index import Follower, to_pipe
-
-        Follower(url, stopping).run(to_pipe(a.index_fd))
-
     threading.Thread(target=watch_stdin, daemon=True).start()
+    if a.control_fd >= 0:
+        threading.Thread(target=follow_index, args=(url, socket.socket(fileno=a.control_fd), stopping),
+                         name="velvet-cache-index", daemon=True).start()
     tail = Tail(journal_dir, tag_of(url), a.parent)
     referenced: set[Path] = set()  # the spill files the journal's flows name
     while True:
