@@ -136,3 +136,31 @@ def test_a_damaged_pipe_never_breaks_the_loop(sqlite_url, junk):
     finally:
         look.close()
         os.close(write)
+
+
+def test_where_pipes_cannot_be_handed_over_the_look_up_follows_the_index_itself(sqlite_url, tmp_path, monkeypatch):
+    """(Windows: no pass_fds, no send_fds.) The writer process starts without a control socket, and the proxy's
+    look-up reads the index in a thread of its own, as with a writer thread."""
+    from mitmproxy.test import taddons
+    from velvet_core.addon import Velvet
+    from velvet_core.writer.child import ChildWriter
+
+    monkeypatch.setattr(ChildWriter, "can_index", False)
+    w = ChildWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w.start()
+    handed: list[int] = []
+    w.index(handed.append)
+    v = Velvet()
+    try:
+        assert not handed and w._control is None
+        with taddons.context(v) as tctx:
+            tctx.configure(v, velvet_db=sqlite_url, velvet_spool_dir=str(tmp_path / "spool2"))
+            v.writer, v.notes.loop = w, asyncio.new_event_loop()
+            look = v._make_lookup()
+            assert look._index is not None and look._index.is_alive()
+            assert look.loaded.wait(30)
+            look.close()
+            v.writer = None
+            v.notes.loop.close()
+    finally:
+        assert w.stop(60)

@@ -281,8 +281,10 @@ class Velvet:
         from velvet_core.cache.lookup import Lookup
 
         w, loop = self.writer, self.notes.loop
-        self.lookup = Lookup(self.db_url(), follow=not isinstance(w, ChildWriter) or loop is None)
-        if isinstance(w, ChildWriter) and loop is not None:
+        fed = isinstance(w, ChildWriter) and w.can_index and loop is not None
+        self.lookup = Lookup(self.db_url(), follow=not fed)
+        if fed:
+            assert isinstance(w, ChildWriter) and loop is not None
             w.index(functools.partial(self.lookup.feed, loop=loop))
         return self.lookup
 

@@ -62,6 +62,9 @@ def tag_of(url: str) -> str:
 class ChildWriter:
     """The proxy's side: the same interface as :class:`Writer` (``submit``, ``stop``, ``status``)."""
 
+    # whether the child can follow the cache index for the proxy (it is handed pipes: POSIX only)
+    can_index = os.name == "posix" and hasattr(socket, "send_fds")
+
     def __init__(self, url: str, *, spool_dir: Path, prices: str = "", body_limit: int = BODY_LIMIT,
                  flush_timeout: float = 30.0) -> None:
         self.url = url
@@ -84,14 +87,19 @@ class ChildWriter:
         package = str(Path(__file__).resolve().parent.parent.parent)  # where velvet_core is importable from
         paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), ENV_DB: self.url}
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if not self.can_index:
+            self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, env=env)
+            self._respawned_at = time.monotonic()
+            return
         mine, theirs = socket.socketpair()
         try:
             self.proc = subprocess.Popen([*self.args, "--control-fd", str(theirs.fileno())], stdin=subprocess.PIPE,
                                          env=env, pass_fds=(theirs.fileno(),))
         finally:
             theirs.close()
-        if self._control is not None:
-            self._control.close()
         self._control = mine
         self._respawned_at = time.monotonic()
         if self._on_index is not None:
