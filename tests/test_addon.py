@@ -330,3 +330,20 @@ def test_every_option_can_be_set_from_the_command_line():
                 assert opt.typespec in (str, int, bool, Sequence[str]), name
                 text = str(opt.default).lower() if opt.typespec is bool else opt.default
                 tctx.options.set(f"{name}={text if opt.typespec is not Sequence[str] else 'api.openai.com'}")
+
+
+@pytest.mark.parametrize("fields,want", [
+    ([(b"Host", b"api.openai.com"), (b"Content-Type", b"application/json")], ("", None)),
+    ([(b"Content-Encoding", b" GZip ")], ("gzip", None)),
+    ([(b"CONTENT-ENCODING", b"identity"), (b"OpenAI-Project", b"proj_a")], ("identity", "proj_a")),
+    ([(b"openai-project", b"proj_a"), (b"x", b"y"), (b"OPENAI-PROJECT", b"proj_\xff")],
+     ("", "proj_a, proj_\udcff")),
+    ([(b"X-Content-Encoding-Hint", b"gzip"), (b"x-openai-project-name", b"p")], ("", None)),  # (in other names)
+    ([], ("", None)),
+])
+def test_the_encoding_and_the_project_are_found_in_any_case(fields, want):
+    """The cache's look-up reads the request's content-encoding and OpenAI-Project headers (names in any case,
+    several projects joined, bytes not UTF-8 kept); a header whose name holds one of them is neither."""
+    from velvet_core.addon import _encoding_and_project
+
+    assert _encoding_and_project(fields) == want

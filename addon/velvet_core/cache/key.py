@@ -162,13 +162,15 @@ def request_key(kind: str, body: bytes | dict[str, Any], *, scope: str, method: 
             raise NotCacheable("the body is not JSON") from None
     if not isinstance(body, dict):
         raise NotCacheable("the body is not a JSON object")
+    return key_of(kind, body, scope, method, host, path, seed)
+
+
+def key_of(kind: str, body: dict[str, Any], scope: str, method: str, host: str, path: str, seed: str = "") -> str:
+    """:func:`request_key` of a parsed body of a cacheable kind, POSTed (the proxy's hook has checked both);
+    raises :class:`NotCacheable` for a request with side effects."""
     if why := side_effects(kind, body):
         raise NotCacheable(why)
     return cache_key(scope, method, host, path, canonical(kind, body), seed)
-
-
-def is_stream(body: dict[str, Any]) -> bool:
-    return body.get("stream") is True
 
 
 def wants_usage(body: dict[str, Any]) -> bool:

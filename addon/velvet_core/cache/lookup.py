@@ -30,7 +30,7 @@ import orjson
 
 from velvet_core import clock
 from velvet_core.cache import index
-from velvet_core.cache.key import NotCacheable, is_stream, request_key, wants_usage
+from velvet_core.cache.key import NotCacheable, key_of, wants_usage
 from velvet_core.cache.replay import STREAMABLE, as_stream
 from velvet_core.redact import redact
 
@@ -86,19 +86,23 @@ class Lookup:
 
     @staticmethod
     def key_for(kind: str, body: bytes, scope: str, method: str, host: str, path: str, seed: str) -> Found:
-        """The request's key (``key`` None and ``why`` for a request the cache leaves alone)."""
+        """The key of a request of a cacheable kind, POSTed (``key`` None and ``why`` for a request the cache
+        leaves alone)."""
         try:
             req = orjson.loads(body)
         except orjson.JSONDecodeError:
             return Found(None, why="the body is not JSON")
+        if type(req) is not dict:
+            return Found(None, why="the body is not a JSON object")
         try:
-            key = request_key(kind, req, scope=scope, method=method, host=host, path=path, seed=seed)
+            key = key_of(kind, req, scope, method, host, path, seed)
         except NotCacheable as e:
             return Found(None, why=str(e))
-        stream = is_stream(req)
-        if stream and kind not in STREAMABLE:
-            return Found(None, why=f"a {kind} stream is not rebuilt from the cache")
-        return Found(key, stream=stream, usage=stream and wants_usage(req))
+        if req.get("stream") is True:
+            if kind not in STREAMABLE:
+                return Found(None, why=f"a {kind} stream is not rebuilt from the cache")
+            return Found(key, stream=True, usage=wants_usage(req))
+        return Found(key)
 
     async def key_off_loop(self, kind: str, body: bytes, scope: str, method: str, host: str, path: str,
                            seed: str) -> Found:
