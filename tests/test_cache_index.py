@@ -1,5 +1,6 @@
-"""cache/index.py: the cache index followed by the writer process and read by the proxy's event loop through a pipe
-(no thread of the proxy takes the GIL from the loop for it), on both backends; the pipe's frames as bad input."""
+"""storage/cache_index.py: the cache index followed by the writer process and read by the proxy's event loop
+through a pipe (no thread of the proxy takes the GIL from the loop for it), on both backends; the pipe's frames as
+bad input."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from collections.abc import Callable
 import pytest
 from support.helpers import chat
 from test_cache_lookup import add, key
-from velvet_core.cache import index
 from velvet_core.cache.lookup import Lookup
+from velvet_core.storage import cache_index as index
 from velvet_core.storage import models
 from velvet_core.storage.database import open_db
 

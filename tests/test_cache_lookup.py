@@ -10,8 +10,8 @@ from datetime import timedelta
 from support.helpers import q
 from support.rig import wait_for
 from velvet_core import clock
-from velvet_core.cache import index as index_mod
 from velvet_core.cache.lookup import Found, Lookup
+from velvet_core.storage import cache_index as index_mod
 from velvet_core.storage import models
 from velvet_core.storage.database import open_db
 from velvet_core.storage.ops import CacheStore
@@ -34,6 +34,7 @@ def add(db, first: int, n: int, ttl: float = 3600.0) -> None:
 def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(db_url, monkeypatch):
     monkeypatch.setattr(index_mod, "RELOAD_CHUNK", 7)  # (a reload of 50 keys in 8 chunks)
     monkeypatch.setattr(index_mod, "POLL", 0.05)
+    monkeypatch.setattr(index_mod, "POLL_LIMIT", 2)  # (3 new keys: read in two polls)
     db = open_db(db_url)
     try:
         add(db, 0, 50)

@@ -286,7 +286,7 @@ class Velvet:
         self._make_lookup()
 
     def _make_lookup(self) -> Lookup:
-        """The look-up; with a writer process, that process follows the index for it (cache/index.py)."""
+        """The look-up; with a writer process, that process follows the index for it (storage/cache_index.py)."""
         from velvet_core.cache.lookup import Lookup
 
         w, loop = self.writer, self.notes.loop

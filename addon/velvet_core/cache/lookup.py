@@ -1,12 +1,12 @@
 """The proxy's cache look-up: an in-memory index of the live keys, and the database read off the event loop.
 
 Most requests a cache sees are misses. The proxy keeps the keys of the live entries in memory (a 64-bit prefix
-of each and when it expires), loaded and followed by :mod:`cache.index` (new entries every 0.25 s, everything
-again every 10 minutes, which drops the expired ones) in the writer process, through a pipe the event loop
-reads, or in a thread of the proxy when the writer is a thread; so a miss is decided on the event loop from the
-key alone: no thread, no database. A key the index holds is read from the database in a small thread pool (the hook
-is a coroutine mitmproxy awaits: the loop serves other flows meanwhile). The key of a body over 64 KiB is
-computed in the pool too. peewee and the driver are imported in those threads, at the first look-up.
+of each and when it expires), loaded and followed by :mod:`storage.cache_index` (new entries every 0.25 s,
+everything again every 10 minutes, which drops the expired ones) in the writer process, through a pipe the event
+loop reads, or in a thread of the proxy when the writer is a thread; so a miss is decided on the event loop from
+the key alone: no thread, no database. A key the index holds is read from the database in a small thread pool
+(the hook is a coroutine mitmproxy awaits: the loop serves other flows meanwhile). The key of a body over 64 KiB
+is computed in the pool too. peewee and the driver are imported in those threads, at the first look-up.
 
 Entries are written by the writer (a miss's answer, once it is logged), so proxies sharing a PostgreSQL database
 share them, and a restart keeps them; an entry becomes visible to a proxy's index within a quarter of a second
@@ -29,10 +29,10 @@ from typing import Any
 import orjson
 
 from velvet_core import clock
-from velvet_core.cache import index
 from velvet_core.cache.key import NotCacheable, key_of, wants_usage
 from velvet_core.cache.replay import STREAMABLE, as_stream
 from velvet_core.redact import redact
+from velvet_core.storage import cache_index as index
 
 log = logging.getLogger("velvet")
 
@@ -191,7 +191,7 @@ class Lookup:
             "hit": e["id"], "flow_id": e["flow_id"], "cost_usd": e["cost_usd"],
             "input_tokens": e["input_tokens"], "output_tokens": e["output_tokens"], "model": e["model"]})
 
-    # -- the index's updates (cache/index.py), from its thread or on the event loop -----------------------------
+    # -- the index's updates (storage/cache_index.py), from its thread or on the event loop --------------
 
     def apply(self, kind: bytes, items: str) -> None:
         if kind == index.ADD:

@@ -106,9 +106,9 @@ class ChildWriter:
             self.index(self._on_index)
 
     def index(self, on_fd: Callable[[int], None]) -> None:
-        """Have the child follow the response cache's index (:class:`cache.index.Follower`) into a new pipe, and
-        call ``on_fd`` with its read end (``on_fd``'s owner closes it): now, and whenever the child is started
-        again. A second call gives the child a new pipe, and the one before is dropped."""
+        """Have the child follow the response cache's index (:class:`storage.cache_index.Follower`) into a new
+        pipe, and call ``on_fd`` with its read end (``on_fd``'s owner closes it): now, and whenever the child is
+        started again. A second call gives the child a new pipe, and the one before is dropped."""
         self._on_index = on_fd
         if self._control is None:
             return
@@ -221,7 +221,7 @@ def _record_cut(streams: Path, referenced: set[Path], proxy: int, writer: Writer
 def follow_index(url: str, control: socket.socket, stopping: threading.Event) -> None:
     """Each pipe the proxy sends (:meth:`ChildWriter.index`) gets the cache index's updates from a follower of its
     own; a new pipe retires the one before."""
-    from velvet_core.cache.index import Follower
+    from velvet_core.storage.cache_index import Follower
 
     current: threading.Event | None = None
     with contextlib.suppress(OSError):

@@ -1,4 +1,4 @@
-"""The cache index's source: the live entries' keys, read from the database and handed to the proxy's look-up.
+"""The response cache's index: the live entries' keys, read from the database and handed to the proxy's look-up.
 
 The proxy decides a miss on its event loop from an in-memory index of the live keys (:mod:`cache.lookup`).
 Something must read the new entries into it, every :data:`POLL` seconds, and every key again every :data:`FULL`
@@ -37,6 +37,7 @@ log = logging.getLogger("velvet")
 POLL = 0.25  # seconds between two reads of the new entries
 FULL = 600.0  # seconds between two reloads of every live key (drops the expired ones, finds any committed late)
 RELOAD_CHUNK = 5000  # keys read per step of a reload
+POLL_LIMIT = 50_000  # new keys read per poll at most (1.75 MB; the next poll reads the rest)
 ADD, RELOAD, CHUNK, DONE = b"A", b"R", b"C", b"D"
 # An entry in the index's reads: the key's first 16 characters, then its expiry to the second ('YYYY-MM-DD
 # HH:MM:SS', UTC), both padded to their width (a foreign row's short key never shifts the ones after it).
@@ -108,7 +109,8 @@ class Follower:
                     self._reload(emit)
                     full_at = now
                 else:
-                    last, items = self._db.execute_sql(*new_entries(self._db, self._last_id)).fetchone()
+                    last, items = self._db.execute_sql(
+                        *new_entries(self._db, self._last_id, limit=POLL_LIMIT)).fetchone()
                     if last is not None:
                         emit(ADD, items)
                         self._last_id = max(self._last_id, int(last))
