@@ -648,13 +648,12 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         out.update(stream_ttft_ms_plain=round(statistics.median(tt_p), 2),
                    stream_ttft_ms_plain_streaming=round(statistics.median(tt_s), 2),
                    stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
+        # the live phase's proxies stop here: idle, they still woke on the proxies' core (writer threads)
+        for proc in (velvet, thread, nojournal, streaming):
+            proc.stop()
         out.update(cache_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
         out.update(evals_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
         plain.stop()
-        velvet.stop()
-        thread.stop()
-        nojournal.stop()
-        streaming.stop()
 
         data = batch_input(lines, line_size)
         ca = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"
