@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -244,6 +245,30 @@ def test_the_hooks_keep_raw_header_fields_without_secrets_and_the_writer_decodes
     assert s.request_encoding == "gzip" and s.response_encoding == "br"
     assert s.response_headers["x-request-id"] == "req_1"
     assert settle(s) == s  # (a second time changes nothing)
+
+
+def test_a_request_whose_header_names_are_known_is_snapshotted_alike():
+    """begin() keeps the names it knows to be plain in C and looks only at the others: the first flow (every name
+    new), the second (its plain names known) and one in other letter cases give the same fields, secrets out."""
+    from velvet_core.capture.take import begin, finish
+    from velvet_core.storage.snapshot import settle
+
+    def snap(case: Callable[[str], str]) -> Any:
+        f = flow(req_headers={case("X-Stainless-Lang"): "python", case("api-key"): "azure-secret",
+                              case("velvet-metadata-team"): "ml", case("X-New-Gateway-Token"): "tok-secret"})
+        f.request.headers.add(case("X-Repeated"), "a")
+        f.request.headers.add(case("X-Repeated"), "b")
+        s = begin(f, classify("POST", "/v1/chat/completions"), "api.openai.com")
+        kept = b"".join(k + v for k, v in s.request_fields)
+        assert b"secret" not in kept and KEY.encode() not in kept and b"velvet-metadata" not in kept.lower()
+        return settle(finish(s, f))
+
+    first, second, upper = snap(str), snap(str), snap(str.upper)
+    for s in (first, second, upper):
+        assert s.request_headers == first.request_headers and s.key_fingerprint == first.key_fingerprint
+        assert s.tags == {"team": "ml"}
+    assert first.request_headers["x-repeated"] == "a, b" and first.request_headers["x-stainless-lang"] == "python"
+    assert "x-new-gateway-token" not in first.request_headers and "api-key" not in first.request_headers
 
 
 async def test_changing_the_database_never_waits_on_the_event_loop(tmp_path, sqlite_url):

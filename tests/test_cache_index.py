@@ -110,6 +110,22 @@ def test_frames_cut_anywhere_come_back_whole():
         assert got == updates and not frames.buf
 
 
+def test_an_update_keeps_each_keys_newest_expiry():
+    """A key held twice in one update, or already in the index, keeps its newest expiry whatever the order."""
+    def item(k: str, when: str) -> str:
+        return k * 16 + f"2030-01-01 00:00:{when}"
+
+    keys = {"a" * 16: "2030-01-01 00:00:05"}
+    index.take(keys, item("b", "01") + item("c", "02"))  # (new keys only: the fast path)
+    assert keys == {"a" * 16: "2030-01-01 00:00:05", "b" * 16: "2030-01-01 00:00:01",
+                    "c" * 16: "2030-01-01 00:00:02"}
+    index.take(keys, item("a", "03") + item("d", "09") + item("d", "04") + item("b", "07"))
+    assert keys == {"a" * 16: "2030-01-01 00:00:05", "b" * 16: "2030-01-01 00:00:07",
+                    "c" * 16: "2030-01-01 00:00:02", "d" * 16: "2030-01-01 00:00:09"}
+    index.take(keys, "")
+    assert len(keys) == 4
+
+
 @pytest.mark.parametrize("junk", [
     b"A\xff\xff\xff\xff",  # a length past any frame's
     b"A\x00\x00\x00\x23" + "é".encode() * 17 + b"!",  # not ASCII: replaced, never raised

@@ -173,6 +173,21 @@ def test_not_cacheable():
         key({**BASE, "store": True})
 
 
+@given(st.sampled_from(sorted(CACHEABLE_KINDS)),
+       st.dictionaries(st.sampled_from(["store", "background", "conversation", "model", "input"]),
+                       st.sampled_from([True, False, None, 0, 1, "x", {}])))
+def test_a_request_is_refused_exactly_when_it_has_side_effects(kind, extra):
+    """key_of asks side_effects only of the requests that can have any: it refuses exactly those it says."""
+    body = {**BASE, **extra}
+    why = side_effects(kind, body)
+    try:
+        key(body, kind=kind)
+    except NotCacheable as e:
+        assert why and str(e) == why
+    else:
+        assert why is None
+
+
 def test_responses_only_with_store_false_and_no_background_or_conversation():
     body = {"model": "gpt-4o-mini", "input": "hi"}
     assert side_effects("responses", body)

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import operator
 import os
 import threading
 import time
@@ -73,12 +72,9 @@ def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
 
 def _encoding_and_project(fields: Any) -> tuple[str, str | None]:
     """The request's content-encoding (lower case, "" when none) and OpenAI-Project header (the cache's look-up,
-    on the event loop for every call). Most requests have neither: the header names, joined, say so in C (a
-    loop over SDK requests' dozen headers cost more than the rest of the hook; a ``headers.get`` each, three
-    times that)."""
-    names = b"\n".join(map(_name, fields)).lower()
-    if b"content-encoding" not in names and b"openai-project" not in names:
-        return "", None
+    on the event loop for every call): one pass over the raw fields. (Joining the names to search them in C first
+    took three times as long for the bench's 4 headers, 1.46 us against 0.46, and 2.0 against 1.3 for an SDK's 15:
+    timed in one process, alternated, the best of 15; the Python steps it saved cost less than the C calls.)"""
     encoding, project = "", None
     for k, v in fields:
         name = k.lower()
@@ -88,9 +84,6 @@ def _encoding_and_project(fields: Any) -> tuple[str, str | None]:
             value = v.decode("utf-8", "surrogateescape")
             project = value if project is None else f"{project}, {value}"
     return encoding, project
-
-
-_name = operator.itemgetter(0)
 
 
 def _azure_knows_stream_options(api_version: str) -> bool:
@@ -592,7 +585,7 @@ class Velvet:
         for k, v in flow.response.headers.fields:
             name = k.lower()
             if name == b"content-type":
-                stream = stream or b"text/event-stream" in v
+                stream = stream or v.find(b"text/event-stream") >= 0
             elif name == b"x-velvet-cache":
                 marked = True  # (another velvet upstream said)
         if cached is not None and "key" in cached:

@@ -29,7 +29,7 @@ def ask_for_usage(req: http.Request) -> bytes | None:
     JSON object, compressed, over :data:`INJECT_MAX`, or a body mitmproxy streams: those go upstream untouched).
     """
     raw = req.raw_content
-    if not raw or req.stream or len(raw) > INJECT_MAX or b'"stream"' not in raw:
+    if not raw or req.stream or len(raw) > INJECT_MAX or raw.find(b'"stream"') < 0:
         return None
     if req.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         return None
@@ -56,6 +56,9 @@ def ask_for_usage(req: http.Request) -> bytes | None:
 
 # an event ends with an empty line; each line ends with \r\n, \n or \r
 # (a \r followed by \n is one line end, never two: a chunk ending between "\r\n" and "\r\n" ends no event)
+# (Byte searches use .find() or a byte's value: in CPython 3.12 ``b"x" in data`` first reads the needle as an int,
+# raising and clearing a TypeError each time: 0.4-0.7 us, three to ten times a .find(); tests/test_layout.py.)
+_CR = ord("\r")
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\n|\r(?!\n))")
 # the member include_usage adds to every other chunk (in JSON text a bare quote cannot be inside a string,
 # so this matches only a real "usage": null member)
@@ -98,9 +101,9 @@ class UsageStripper:
 
 def _filter(block: bytes) -> bytes:
     """Events (the last one may be unterminated at the end of the stream), without what include_usage added."""
-    if b'"usage"' not in block:
+    if block.find(b'"usage"') < 0:
         return block
-    if block.find(b"\n\n") == len(block) - 2 and b"\r" not in block:  # the usual block: one event
+    if block.find(b"\n\n") == len(block) - 2 and _CR not in block:  # the usual block: one event
         return _event(block[:-2], b"\n\n")
     out: list[bytes] = []
     pos = 0
@@ -113,9 +116,9 @@ def _filter(block: bytes) -> bytes:
 
 
 def _event(ev: bytes, end: bytes) -> bytes:
-    if b'"usage"' not in ev:
+    if ev.find(b'"usage"') < 0:
         return ev + end
-    if b',"usage":null' in ev:  # OpenAI's compact JSON: a plain byte search
+    if ev.find(b',"usage":null') >= 0:  # OpenAI's compact JSON: a plain byte search
         return ev.replace(b',"usage":null', b"", 1) + end
     if _USAGE_NULL.search(ev):
         return _USAGE_NULL.sub(b"", ev, count=1) + end

@@ -12,6 +12,8 @@ from email.message import Message
 
 from velvet_core.parsing.decode import DecodeError, Decoder
 
+_COLON = ord(":")  # (a byte's value: ``b":" in line`` raises and clears a TypeError each time; test_layout.py)
+
 
 class MultipartError(ValueError):
     pass
@@ -123,7 +125,7 @@ class MultipartScanner:
 def _part_start(raw: bytes) -> PartStart:
     headers: dict[str, str] = {}
     for line in raw.split(b"\r\n"):
-        if b":" in line:
+        if _COLON in line:
             k, _, v = line.decode("utf-8", "replace").partition(":")
             headers[k.strip().lower()] = v.strip()
     m = Message()
