@@ -90,19 +90,22 @@ class ChildWriter:
         if self._control is not None:
             self._control.close()
             self._control = None
-        if not self.can_index:
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, env=env)
-            self._respawned_at = time.monotonic()
-            return
-        mine, theirs = socket.socketpair()
+        # the control socket hands the child the cache index's pipes (where descriptors can be passed)
+        mine, theirs = socket.socketpair() if self.can_index else (None, None)
+        args, fds = (self.args, ()) if theirs is None else \
+            ([*self.args, "--control-fd", str(theirs.fileno())], (theirs.fileno(),))
         try:
-            self.proc = subprocess.Popen([*self.args, "--control-fd", str(theirs.fileno())], stdin=subprocess.PIPE,
-                                         env=env, pass_fds=(theirs.fileno(),))
+            self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, env=env, pass_fds=fds)
+        except BaseException:
+            if mine is not None:
+                mine.close()
+            raise
         finally:
-            theirs.close()
+            if theirs is not None:
+                theirs.close()
         self._control = mine
         self._respawned_at = time.monotonic()
-        if self._on_index is not None:
+        if mine is not None and self._on_index is not None:
             self.index(self._on_index)
 
     def index(self, on_fd: Callable[[int], None]) -> None:
