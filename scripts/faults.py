@@ -180,8 +180,7 @@ def run(quick: bool, say: Callable[[str], None]) -> dict[str, Any]:
 
         out["dead_lettered"] = fk.dead_letters(root)
         out["writer_processes_lingering"] = len(fk.LINGERED)
-        out["tracebacks"] = sum(p.read_text(errors="replace").count("Traceback")
-                                for p in root.rglob("mitmdump.log"))
+        out["tracebacks"] = sum(fk.crashes(p.read_text(errors="replace")) for p in root.rglob("mitmdump.log"))
         out.update(quick=quick, writer=" ".join(fk.EXTRA).removeprefix("--set velvet_writer=") or "auto",
                    machine=f"{platform.machine()}, {os.cpu_count()} cores, "
                                         f"Python {platform.python_version()}, {platform.system()}")

@@ -39,6 +39,8 @@ def proxy(request: pytest.FixtureRequest, standin: StandIn, tmp_path_factory) ->
     p = Proxy(url, standin.url, tmp).start()
     yield p
     p.stop()
+    # (the proxy's background processes write to its log too: none may die, even at its shutdown)
+    assert "Fatal Python error" not in p.output(), p.output()[-3000:]
 
 
 # -- markers: what a test needs, found from its fixtures and its code ----------------------------------------

@@ -93,3 +93,28 @@ def test_once_the_proxy_stops_the_writer_process_leaves_the_idle_class_if_allowe
                          env={**os.environ, "PYTHONPATH": str(ROOT / "addon")}).stdout
     allowed = os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
     assert out.strip() == str([os.SCHED_OTHER] if allowed else [os.SCHED_IDLE])
+
+
+@pytest.mark.parametrize("watcher", ["jobs", "helper"])
+def test_a_background_process_that_ends_first_exits_cleanly(sqlite_url, tmp_path, watcher):
+    """The proxy's background processes stop when their stdin ends, watched from a daemon thread. One that ends
+    first while the proxy still holds that pipe open (the jobs process with nothing to do: no evals, no refresh
+    key, at every start by default) exits with 0 and nothing on stderr but its own lines: the watch reads the raw
+    descriptor (through ``sys.stdin.buffer`` it held the reader's lock, and the interpreter died at shutdown with
+    "Fatal Python error: _enter_buffered_busy")."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "addon"), "VELVET_JOBS_DB": sqlite_url}
+    env.pop("OPENAI_API_KEY", None)
+    if watcher == "jobs":
+        args = [sys.executable, "-m", "velvet_core.jobs.worker", "--parent", str(os.getpid()), "--refresh", "3600"]
+    else:  # the helper itself, in a process that ends at once (as the writer process does on a bad spool dir)
+        args = [sys.executable, "-c", "import threading; from velvet_core.pids import until_stdin_ends; "
+                "until_stdin_ends(threading.Event()); print('done')"]
+    p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        p.wait(60)  # (stdin still open: the process ends on its own)
+        err = p.stderr.read().decode() if p.stderr else ""
+    finally:
+        assert p.stdin is not None
+        p.stdin.close()
+    assert p.returncode == 0, err
+    assert "Fatal Python error" not in err and "Traceback" not in err, err

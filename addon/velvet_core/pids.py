@@ -1,8 +1,11 @@
-"""Whether a process still runs: whose leftovers (journals, spool and spill files, status files) are whose."""
+"""Processes: whether one still runs (whose leftovers, journals, spool and spill files, status files, are whose),
+and a background process's watch on the proxy that started it (its standard input)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 
 def alive(pid: int) -> bool:
@@ -16,3 +19,20 @@ def alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def until_stdin_ends(stopping: threading.Event) -> threading.Thread:
+    """Set ``stopping`` when standard input ends (the proxy closed it, or died), from a daemon thread reading the
+    raw descriptor. (Read through ``sys.stdin.buffer``, the thread held the reader's lock while it waited: a
+    process that ended first, as the jobs process does when it has nothing to do, died at interpreter shutdown
+    with "Fatal Python error: _enter_buffered_busy", printed in the proxy's terminal at every start.)"""
+
+    def watch() -> None:
+        with contextlib.suppress(OSError):
+            while os.read(0, 1 << 16):
+                pass
+        stopping.set()
+
+    t = threading.Thread(target=watch, name="velvet-stdin", daemon=True)
+    t.start()
+    return t

@@ -109,8 +109,13 @@ def count_rows(url: str, model: type[models.Base], *where: Any) -> int:
         return (q.where(*where) if where else q).count()
 
 
+def crashes(text: str) -> int:
+    """Python tracebacks and interpreter deaths ("Fatal Python error", which prints no traceback) in a log."""
+    return text.count("Traceback") + text.count("Fatal Python error")
+
+
 def tracebacks(*proxies: Proxy) -> int:
-    return sum(p.log_path.read_text(errors="replace").count("Traceback") for p in proxies if p.log_path.exists())
+    return sum(crashes(p.log_path.read_text(errors="replace")) for p in proxies if p.log_path.exists())
 
 
 # -- clients ---------------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from velvet_core.cost.prices import Pricer
     from velvet_core.evals.engine import Evaluator, Route
     from velvet_core.evals.rules import load_evals
+    from velvet_core.pids import until_stdin_ends
     from velvet_core.redact import redact
     from velvet_core.storage.database import open_db
     from velvet_core.sync.refresh import Refresher
@@ -117,12 +118,7 @@ def main(argv: list[str] | None = None) -> int:
            + "Z", "why": "velvet_refresh is 0" if a.refresh <= 0 else f"${a.refresh_key_env} is not set"}
     stopping = threading.Event()
 
-    def watch_stdin() -> None:
-        with contextlib.suppress(Exception):
-            sys.stdin.buffer.read()
-        stopping.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    until_stdin_ends(stopping)  # (the proxy is stopping, or gone)
     route = Route(a.base_url, a.proxy, a.ca)
     ev: Evaluator | None = None
     refresher: Refresher | None = None

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from velvet_core.config import BODY_LIMIT
+from velvet_core.pids import until_stdin_ends
 from velvet_core.private import unsafe_dir
 from velvet_core.redact import redact
 from velvet_core.storage.snapshot import CallSnapshot
@@ -271,12 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     writer.start()
     stopping = threading.Event()
 
-    def watch_stdin() -> None:  # EOF: the proxy is stopping (or gone)
-        with contextlib.suppress(Exception):
-            sys.stdin.buffer.read()
-        stopping.set()
-
-    threading.Thread(target=watch_stdin, daemon=True).start()
+    until_stdin_ends(stopping)  # (the proxy is stopping, or gone)
     if a.control_fd >= 0:
         threading.Thread(target=follow_index, args=(url, socket.socket(fileno=a.control_fd), stopping),
                          name="velvet-cache-index", daemon=True).start()
