@@ -116,7 +116,7 @@ def test_an_update_keeps_each_keys_newest_expiry():
         return k * 16 + f"2030-01-01 00:00:{when}"
 
     keys = {"a" * 16: "2030-01-01 00:00:05"}
-    index.take(keys, item("b", "01") + item("c", "02"))  # (new keys only: the fast path)
+    index.take(keys, item("b", "01") + item("c", "02"))  # (new keys only)
     assert keys == {"a" * 16: "2030-01-01 00:00:05", "b" * 16: "2030-01-01 00:00:01",
                     "c" * 16: "2030-01-01 00:00:02"}
     index.take(keys, item("a", "03") + item("d", "09") + item("d", "04") + item("b", "07"))

@@ -96,7 +96,7 @@ def test_once_the_proxy_stops_the_writer_process_leaves_the_idle_class_if_allowe
 
 
 @pytest.mark.parametrize("watcher", ["jobs", "helper"])
-def test_a_background_process_that_ends_first_exits_cleanly(sqlite_url, tmp_path, watcher):
+def test_a_background_process_that_ends_first_exits_cleanly(sqlite_url, watcher):
     """The proxy's background processes stop when their stdin ends, watched from a daemon thread. One that ends
     first while the proxy still holds that pipe open (the jobs process with nothing to do: no evals, no refresh
     key, at every start by default) exits with 0 and nothing on stderr but its own lines: the watch reads the raw
@@ -106,7 +106,7 @@ def test_a_background_process_that_ends_first_exits_cleanly(sqlite_url, tmp_path
     env.pop("OPENAI_API_KEY", None)
     if watcher == "jobs":
         args = [sys.executable, "-m", "velvet_core.jobs.worker", "--parent", str(os.getpid()), "--refresh", "3600"]
-    else:  # the helper itself, in a process that ends at once (as the writer process does on a bad spool dir)
+    else:  # the helper itself, in a process that ends at once
         args = [sys.executable, "-c", "import threading; from velvet_core.pids import until_stdin_ends; "
                 "until_stdin_ends(threading.Event()); print('done')"]
     p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)

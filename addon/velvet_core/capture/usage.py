@@ -54,11 +54,11 @@ def ask_for_usage(req: http.Request) -> bytes | None:
     return raw
 
 
-# an event ends with an empty line; each line ends with \r\n, \n or \r
-# (a \r followed by \n is one line end, never two: a chunk ending between "\r\n" and "\r\n" ends no event)
 # (Byte searches use .find() or a byte's value: in CPython 3.12 ``b"x" in data`` first reads the needle as an int,
 # raising and clearing a TypeError each time: 0.4-0.7 us, three to ten times a .find(); tests/test_layout.py.)
 _CR = ord("\r")
+# an event ends with an empty line; each line ends with \r\n, \n or \r
+# (a \r followed by \n is one line end, never two: a chunk ending between "\r\n" and "\r\n" ends no event)
 _EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\n|\r(?!\n))")
 # the member include_usage adds to every other chunk (in JSON text a bare quote cannot be inside a string,
 # so this matches only a real "usage": null member)
