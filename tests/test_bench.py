@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
+import sys
 
 from support.pg import pg_base_url
 from support.rig import ROOT
@@ -19,6 +21,8 @@ KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_rati
         "cli_ms_bare_python", "cli_ms_version", "cli_ms_batches_sqlite", "cli_ms_stats_sqlite",
         "cli_ms_batches_pg", "cli_ms_stats_pg", "cli_ms_version_over_bare", "cli_ms_batches_sqlite_over_bare",
         "evals_live_rps_ratio", "evals_backfill_per_s", "pg_calls_per_s_partitioned"}
+CI_KEYS = ("live_rps_ratio", "cache_off_rps_ratio", "cache_on_miss_rps_ratio", "cache_miss_over_off_rps_ratio",
+           "evals_live_rps_ratio")
 SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
               "export_rows_per_s", "report_s", "report_rss_mb"}
 
@@ -35,6 +39,27 @@ def test_bench_quick_json(tmp_path):
     assert all(isinstance(out[k], int | float) and out[k] > 0 for k in KEYS - {"rows_lost"})
     assert out["writer_cpu_us_per_call"] >= 0  # 0 where the writer is a thread (one core)
     assert not list(tmp_path.glob("velvet-bench-*"))
+    for key in CI_KEYS:  # each ratio's 95 % interval (a bootstrap of its rounds)
+        lo, hi = out[f"{key}_ci95"]
+        assert 0 < lo <= hi, (key, lo, hi)
+
+
+def test_median_ci_brackets_the_median_and_narrows_with_rounds():
+    """The interval is a seeded bootstrap: the same rounds give the same interval, it holds the median, and more
+    rounds of the same spread give a narrower one."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from bench import median_ci, paired
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    rounds = paired([400.0] * 8, [380.0, 420.0, 360.0, 395.0, 410.0, 300.0, 390.0, 405.0])
+    assert rounds[0] == 0.95
+    lo, hi = median_ci(rounds)
+    assert lo <= statistics.median(rounds) <= hi and lo < hi
+    assert median_ci(rounds) == [lo, hi]
+    lo4, hi4 = median_ci(rounds * 4)
+    assert lo <= lo4 <= hi4 <= hi and hi4 - lo4 < hi - lo
+    assert median_ci([0.97] * 5) == [0.97, 0.97]
 
 
 def test_bench_scale_quick_json():
