@@ -133,6 +133,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+IDLE_SETTLE = 3.0  # seconds for a writer process to write the last flows and go to sleep (writer/child.py)
 PROXY_CPUS: set[int] = set()  # when pinning: the proxies' core; the client and upstream get the others
 
 
@@ -231,6 +232,44 @@ def children_cpu_seconds(pid: int) -> float:
     except OSError:
         return float("nan")
     return total
+
+
+def runs(pid: int) -> tuple[float, int]:
+    """CPU seconds and times scheduled (each a wake-up) so far of every thread of ``pid`` and of its children
+    (Linux schedstat, to the nanosecond: an idle process uses less than a clock tick)."""
+    def tasks(p: int | str) -> list[Path]:
+        try:
+            return list(Path(f"/proc/{p}/task").iterdir())
+        except OSError:
+            return []
+
+    kids = [k for t in tasks(pid) for k in _read(t / "children").split()]
+    cpu, slices = 0.0, 0
+    for task in [t for p in (pid, *kids) for t in tasks(p)]:
+        with contextlib.suppress(ValueError, IndexError):
+            ns, _, n = _read(task / "schedstat").split()[:3]
+            cpu, slices = cpu + int(ns) / 1e9, slices + int(n)
+    return cpu, slices
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def idle_phase(procs: dict[str, int], seconds: float) -> dict[str, float]:
+    """What idle proxies cost (no traffic, all at once): CPU ms and wake-ups per second, each with its children
+    (velvet's writer process); ``idle_cpu_ms_per_s_<name>``, ``idle_wakeups_per_s_<name>``."""
+    before = {name: runs(pid) for name, pid in procs.items()}
+    time.sleep(seconds)
+    out = {}
+    for name, pid in procs.items():
+        (c0, n0), (c1, n1) = before[name], runs(pid)
+        out[f"idle_cpu_ms_per_s_{name}"] = round((c1 - c0) * 1e3 / seconds, 3)
+        out[f"idle_wakeups_per_s_{name}"] = round((n1 - n0) / seconds, 1)
+    return out
 
 
 # -- figures -----------------------------------------------------------------------------------------
@@ -672,6 +711,10 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         out.update(stream_ttft_ms_plain=round(statistics.median(tt_p), 2),
                    stream_ttft_ms_plain_streaming=round(statistics.median(tt_s), 2),
                    stream_ttft_ms_velvet=round(statistics.median(tt_v), 2))
+        idle_s = 3.0 if quick else 10.0
+        log(f"bench: idle proxies, {idle_s:.0f} s")
+        time.sleep(IDLE_SETTLE)  # (the writer process has written the last round, and gone to sleep)
+        out.update(idle_phase({"plain": plain.p.pid, "velvet": velvet.p.pid}, idle_s))
         # the live phase's proxies stop here: idle, they still woke on the proxies' core (writer threads)
         for proc in (velvet, thread, nojournal, streaming):
             proc.stop()
@@ -826,6 +869,10 @@ def _ci(r: dict[str, Any], key: str) -> str:
     return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _idle(r: dict[str, Any], name: str) -> str:
+    return f"{r[f'idle_cpu_ms_per_s_{name}']} / {r[f'idle_wakeups_per_s_{name}']}"
+
+
 def table(r: dict[str, Any]) -> str:
     rows = [
         ("live calls/s", r["live_rps_plain"], r["live_rps_velvet"], f"ratio {r['live_rps_ratio']:.2f}"),
@@ -838,6 +885,8 @@ def table(r: dict[str, Any]) -> str:
         ("live latency p50 / p95", "", "", f"ratios {r['live_p50_ms_ratio']:.2f} / {r['live_p95_ms_ratio']:.2f}"),
         ("proxy CPU per live call, µs", r["live_cpu_us_plain"], r["live_cpu_us_velvet"],
          f"ratio {r['live_cpu_ratio']:.2f}; writer process {r['writer_cpu_us_per_call']} µs on the other core"),
+        ("idle proxy: CPU ms / wake-ups per s", _idle(r, "plain"), _idle(r, "velvet"),
+         "velvet's with its writer process"),
         ("stream TTFT ms (median)", r["stream_ttft_ms_plain"], r["stream_ttft_ms_velvet"],
          f"plain streaming {r['stream_ttft_ms_plain_streaming']} ms"),
         (f"upload {r['upload_mb']} MB / {r['upload_lines']:,} lines, s", r["upload_s_plain"], r["upload_s_velvet"],

@@ -38,6 +38,9 @@ def test_bench_quick_json(tmp_path):
     assert out["rows_lost"] == 0 and out["upload_lines"] == 5000  # correctness, not speed
     assert all(isinstance(out[k], int | float) and out[k] > 0 for k in KEYS - {"rows_lost"})
     assert out["writer_cpu_us_per_call"] >= 0  # 0 where the writer is a thread (one core)
+    idle = [f"idle_{what}_per_s_{name}" for what in ("cpu_ms", "wakeups") for name in ("plain", "velvet")]
+    assert all(isinstance(out[k], float) and out[k] >= 0 for k in idle), {k: out.get(k) for k in idle}
+    assert out["idle_wakeups_per_s_velvet"] > 0  # (its threads wait with timeouts: a count that reads 0 is broken)
     assert not list(tmp_path.glob("velvet-bench-*"))
     for key in CI_KEYS:  # each ratio's 95 % interval (a bootstrap of its rounds)
         lo, hi = out[f"{key}_ci95"]

@@ -118,3 +118,93 @@ def test_a_background_process_that_ends_first_exits_cleanly(sqlite_url, watcher)
         p.stdin.close()
     assert p.returncode == 0, err
     assert "Fatal Python error" not in err and "Traceback" not in err, err
+
+
+def _wakeups(pid: int) -> int:
+    """How many times the main thread of ``pid`` has run (the third field of its schedstat)."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[2])
+
+
+def _written(url: str) -> set[str]:
+    """The flows in the database so far (none before the child has made it)."""
+    from peewee import OperationalError
+
+    try:
+        return set(calls(url))
+    except OperationalError:
+        return set()
+
+
+@pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="reads /proc/PID/schedstat")
+def test_an_idle_writer_process_sleeps_until_the_proxy_nudges_it(sqlite_url, tmp_path):
+    """With no flows for a second, the child stops looking at the journal 20 times a second (an idle proxy cost
+    0.6 % of a core, and kept the CPU from deep sleep) and sleeps until the proxy's next flow nudges it (a byte on
+    its stdin): that flow is written as soon as one that comes under load."""
+    from velvet_core.writer.child import IDLE_POLLS, IDLE_WAIT, LINGER, POLL, ChildWriter
+
+    w = ChildWriter(sqlite_url, spool_dir=tmp_path / "spool", flush_timeout=30)
+    w.start()
+    assert w.proc is not None
+    try:
+        w.submit(chat(0))  # (the child is up once it is written)
+        while "flow-0" not in _written(sqlite_url):
+            time.sleep(0.05)
+        for i in range(1, 4):  # (three times: a flow the 5-s safety look happened to catch would pass once)
+            time.sleep(IDLE_POLLS * POLL + 0.5)  # idle by now
+            before = _wakeups(w.proc.pid)
+            time.sleep(2.0)
+            woke = _wakeups(w.proc.pid) - before
+            assert woke <= 4, f"the idle writer process's main thread ran {woke} times in 2 s"  # (polling: 40)
+            sent = time.monotonic()
+            w.submit(chat(i))
+            while f"flow-{i}" not in _written(sqlite_url):
+                assert time.monotonic() - sent < IDLE_WAIT, f"flow-{i} not written"
+                time.sleep(0.05)
+            assert time.monotonic() - sent < LINGER + 1.5, "the nudge did not wake the writer process"
+    finally:
+        assert w.stop(60)
+    assert set(calls(sqlite_url)) == {f"flow-{i}" for i in range(4)}
+
+
+def test_the_tail_forgets_the_segments_it_has_deleted(tmp_path):
+    """The writer process's list of complete segments holds only those still on disk: it grew by one per
+    segment (one per 1,000 flows or 2 s; one per call under sparse traffic) for as long as the proxy ran."""
+    from velvet_core.writer.journal import Journal
+    from velvet_core.writer.tail import Tail
+
+    journal = Journal(tmp_path, "tag", max_entries=1)  # (a segment per flow)
+    tail = Tail(tmp_path, "tag", os.getpid())
+    for i in range(50):
+        journal.append(chat(i))
+    got = tail.poll()
+    assert [s.flow_id for s, _ in got] == [f"flow-{i}" for i in range(50)]
+    assert len(tail.done) == 49  # the last one is still being written
+    for _, seg in got[:40]:
+        seg.release()
+    tail.poll()
+    assert len(tail.done) == 9 and len(list(tmp_path.glob("journal-*"))) == 10
+    for _, seg in got[40:]:
+        seg.release()
+    journal.close()
+    tail.poll(final=True)
+    assert list(tmp_path.glob("journal-*")) == []
+    tail.poll()
+    assert tail.done == set()
+
+
+def test_a_jobs_process_with_nothing_to_do_is_reaped_at_once(sqlite_url, monkeypatch):
+    """The jobs process ends at once when it has nothing to do (no evals, no refresh key: every start by default);
+    the proxy reaps it then, not at its own exit (a zombie beside the proxy for as long as it runs)."""
+    from velvet_core.jobs.worker import JobsProcess
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    j = JobsProcess(sqlite_url, ["--refresh", "3600"])
+    j.start()
+    assert j.proc is not None
+    stat = Path(f"/proc/{j.proc.pid}/stat")
+    deadline = time.monotonic() + 60
+    while stat.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not stat.exists(), f"the jobs process is left as {stat.read_text().split()[2]!r}"
+    j.stop()
+    assert j.proc.returncode == 0

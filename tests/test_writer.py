@@ -59,6 +59,43 @@ def test_health_is_published(db_url, tmp_path):
     assert row.proxy == w.health.proxy and row.written >= 3 and row.stopped_at is not None
 
 
+def test_health_is_published_less_often_while_nothing_changes(db_url, tmp_path, monkeypatch):
+    """The status file every 2 s and the database row every 5 s while the writer works; both every 10 s (a
+    heartbeat, well within the 30 s after which ``velvet status`` calls a proxy stopped) while nothing changes:
+    an idle proxy does not write its row every 5 s for as long as it runs."""
+    from types import SimpleNamespace
+
+    from velvet_core.query.status import STALE
+    from velvet_core.storage.database import open_db
+    from velvet_core.writer import health as health_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(health_mod, "time", SimpleNamespace(monotonic=lambda: now[0], time=time.time))
+    h = health_mod.Health(db_url, tmp_path, "tag")
+    db = open_db(db_url)
+    try:
+        def published(at: float) -> tuple[bool, bool]:
+            """(file, row) written by a publish at ``at``."""
+            now[0] = 1000.0 + at
+            h.file.unlink(missing_ok=True)
+            db.execute_sql("DELETE FROM velvet_proxies")
+            h.publish(db)
+            return h.file.exists(), db.execute_sql("SELECT count(*) FROM velvet_proxies").fetchone()[0] == 1
+
+        assert published(0) == (True, True)
+        assert [published(t) for t in (3, 6, 9.5)] == [(False, False)] * 3  # quiet: nothing before 10 s
+        assert published(10) == (True, True)
+        h.wrote(5)  # a change: the file within 2 s, the row within 5 s
+        assert published(11) == (False, False)
+        assert published(12) == (True, False)
+        assert published(15) == (False, True)
+        h.queue_depth = 3
+        assert published(17) == (True, False)
+        assert STALE.total_seconds() > health_mod.QUIET * 2
+    finally:
+        db.close()
+
+
 def test_outage_warns_then_recovers(tmp_path, caplog):
     """Writes failing for longer than a few seconds: one warning, then one when they recover."""
     target = tmp_path / "later"

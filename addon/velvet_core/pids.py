@@ -21,17 +21,21 @@ def alive(pid: int) -> bool:
     return True
 
 
-def until_stdin_ends(stopping: threading.Event) -> threading.Thread:
+def until_stdin_ends(stopping: threading.Event, woken: threading.Event | None = None) -> threading.Thread:
     """Set ``stopping`` when standard input ends (the proxy closed it, or died), from a daemon thread reading the
-    raw descriptor. (Read through ``sys.stdin.buffer``, the thread held the reader's lock while it waited: a
-    process that ended first, as the jobs process does when it has nothing to do, died at interpreter shutdown
-    with "Fatal Python error: _enter_buffered_busy", printed in the proxy's terminal at every start.)"""
+    raw descriptor; set ``woken`` (if given) whenever bytes come (the proxy's nudges), and at the end. (Read
+    through ``sys.stdin.buffer``, the thread held the reader's lock while it waited: a process that ended first,
+    as the jobs process does when it has nothing to do, died at interpreter shutdown with "Fatal Python error:
+    _enter_buffered_busy", printed in the proxy's terminal at every start.)"""
 
     def watch() -> None:
         with contextlib.suppress(OSError):
             while os.read(0, 1 << 16):
-                pass
+                if woken is not None:
+                    woken.set()
         stopping.set()
+        if woken is not None:
+            woken.set()
 
     t = threading.Thread(target=watch, name="velvet-stdin", daemon=True)
     t.start()

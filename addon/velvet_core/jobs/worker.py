@@ -39,6 +39,8 @@ class JobsProcess:
         paths = [package, *filter(None, [os.environ.get("PYTHONPATH")])]
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), ENV_DB: self.url}
         self.proc = subprocess.Popen(self.args, stdin=subprocess.PIPE, env=env)
+        # reaped as soon as it ends (with nothing to do, at once): never a zombie beside the proxy until it stops
+        threading.Thread(target=self.proc.wait, name="velvet-jobs-reaper", daemon=True).start()
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.proc is None:

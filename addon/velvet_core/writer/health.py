@@ -28,6 +28,9 @@ log = logging.getLogger("velvet")
 
 
 _utc = clock.from_epoch
+# seconds between two publications while nothing changes (an idle proxy: its database row is not written every
+# 5 s for as long as it runs)
+QUIET = 10.0
 
 
 class Health:
@@ -56,6 +59,8 @@ class Health:
         self._file_at = 0.0
         self._row_at = 0.0
         self._partitions_at = -3600.0  # (the first publish with a database looks at once)
+        self._file_state: tuple[Any, ...] = ()  # what the last file and row published (see QUIET)
+        self._row_state: tuple[Any, ...] = ()
 
     def wrote(self, n: int) -> None:
         now = time.time()
@@ -93,19 +98,25 @@ class Health:
                 "written": self.written}
 
     def publish(self, db: Any | None, force: bool = False) -> None:
-        """The status file every 2 s, the database row every 5 s (``force``: now, e.g. at shutdown)."""
+        """The status file every 2 s, the database row every 5 s (``force``: now, e.g. at shutdown); both every
+        :data:`QUIET` s while nothing changes (a heartbeat: ``velvet status`` calls a proxy silent for 30 s
+        stopped)."""
         now = time.monotonic()
-        snap = self.snapshot()
-        if force or now - self._file_at >= 2.0:
-            self._file_at = now
+        state = (self.written, self.dead_lettered, self.spooled, self.quarantined, self.queue_depth, self.pending,
+                 self.failing_since, self.last_error_at, self.stopped_at)
+        snap: dict[str, Any] = {}
+        if force or now - self._file_at >= (QUIET if state == self._file_state else 2.0):
+            self._file_at, self._file_state = now, state
+            snap = self.snapshot()
             with contextlib.suppress(OSError):
                 private_dir(self.file.parent)
                 tmp = self.file.with_suffix(".tmp")
                 write_private(tmp, orjson.dumps({**snap, "quarantined": self.quarantined},
                                                 option=orjson.OPT_NAIVE_UTC | orjson.OPT_UTC_Z))
                 tmp.replace(self.file)
-        if db is not None and (force or now - self._row_at >= 5.0):
-            self._row_at = now
+        if db is not None and (force or now - self._row_at >= (QUIET if state == self._row_state else 5.0)):
+            self._row_at, self._row_state = now, state
+            snap = snap or self.snapshot()
             try:
                 with models.use(db), db.atomic():
                     models.ProxyStatus.insert(**snap).on_conflict(

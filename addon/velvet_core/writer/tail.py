@@ -58,12 +58,15 @@ class Tail:
         self.dir = directory
         self.pattern = f"journal-{tag}-{pid}-*.log"
         self.segments: dict[Path, TailSegment] = {}
-        self.done: set[Path] = set()
+        self.done: set[Path] = set()  # complete segments still on disk (some of their flows are not yet safe)
 
     def poll(self, final: bool = False) -> list[tuple[CallSnapshot, TailSegment]]:
         """The flows appended since the last call; ``final``: the proxy has stopped, every segment is complete."""
         out: list[tuple[CallSnapshot, TailSegment]] = []
-        paths = sorted((p for p in self.dir.glob(self.pattern) if p not in self.done), key=_number)
+        found = list(self.dir.glob(self.pattern))
+        if self.done:  # (a deleted segment is never listed again: forgotten, else the set grows while it runs)
+            self.done.intersection_update(found)
+        paths = sorted((p for p in found if p not in self.done), key=_number)
         for i, path in enumerate(paths):
             seg = self.segments.setdefault(path, TailSegment(path))
             self._read(seg, out)
