@@ -63,3 +63,38 @@ def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(d
     finally:
         db.close()
     assert q(db_url, "SELECT count(*) AS n FROM cache_entries")[0]["n"] == 53
+
+
+def test_the_writer_removes_the_expired_entries(db_url, tmp_path, caplog):
+    """Once an hour (and once the database first answers) the writer removes the entries that have expired, a
+    thousand per transaction: before, the table kept a copy of every answer the cache ever stored (the default
+    retention keeps everything). Live entries stay, and look-ups keep finding them."""
+    import logging
+
+    from support.helpers import calls, chat
+    from velvet_core.cost.prices import Pricer
+    from velvet_core.processing.processor import Processor
+    from velvet_core.writer.writer import Writer
+
+    db = open_db(db_url)
+    try:
+        add(db, 0, 2500, ttl=-60)  # expired a minute ago
+        add(db, 5000, 3)
+        caplog.set_level(logging.INFO, logger="velvet")
+        w = Writer(db_url, Processor(Pricer()).operations, spool_dir=tmp_path / "spool")
+        w.start()
+        try:
+            w.submit(chat(1))
+            wait_for(lambda: "flow-1" in calls(db_url), what="the flow")
+            wait_for(lambda: "2500 expired cache entries removed" in caplog.text, what="the upkeep")
+        finally:
+            assert w.stop(60)
+        assert [r["key"] for r in q(db_url, "SELECT key FROM cache_entries ORDER BY id")] == \
+            [key(i) for i in range(5000, 5003)]
+        look = Lookup(db_url, follow=False)
+        try:
+            assert [e["flow_id"] for e in look._entries(key(5000), 1)] == ["f-5000"]
+        finally:
+            look.close()
+    finally:
+        db.close()

@@ -58,7 +58,6 @@ class Health:
         self._warned = False
         self._file_at = 0.0
         self._row_at = 0.0
-        self._partitions_at = -3600.0  # (the first publish with a database looks at once)
         self._file_state: tuple[Any, ...] = ()  # what the last file and row published (see QUIET)
         self._row_state: tuple[Any, ...] = ()
 
@@ -124,16 +123,6 @@ class Health:
                         update={k: v for k, v in snap.items() if k != "proxy"}).execute()
             except Exception as e:  # health must never cost a write
                 log.debug("velvet: could not record health: %s", e)
-        if db is not None and now - self._partitions_at >= 3600.0:  # velvet_pg_partitions: the periods ahead
-            self._partitions_at = now
-            try:
-                from velvet_core import clock
-                from velvet_core.storage import partitions
-
-                if made := partitions.ensure(db, clock.now()):
-                    log.info("velvet: calls partitions made: %s", ", ".join(made))
-            except Exception as e:  # (the default partition takes the rows meanwhile)
-                log.warning("velvet: could not make the calls partitions ahead: %s", e)
 
     def remove_stale_files(self) -> None:
         """Status files of proxies that are gone (their database row keeps the history)."""

@@ -51,6 +51,7 @@ class Origin(Protocol):
 
 _STOP = object()
 MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated as bad data
+UPKEEP = 3600.0  # seconds between two rounds of upkeep (:meth:`Writer._upkeep`)
 
 
 @dataclass(slots=True)
@@ -123,6 +124,7 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._abandon = threading.Event()
         self._stopping = threading.Event()  # cuts a linger short: everything queued is written at once
+        self._upkeep_at = 0.0  # (the first time the database answers)
 
     # -- event-loop side -------------------------------------------------------------------------
 
@@ -195,6 +197,8 @@ class Writer:
                 self._spill()
             self.health.queue_depth, self.health.pending = self.queue.qsize(), len(self.pending)
             self.health.publish(self.store.db if self.store else None)
+            if not stopping:
+                self._upkeep()
             if stopping and (not self.pending or self._abandon.is_set()):
                 break
             if self.pending and self.store is None:
@@ -210,6 +214,27 @@ class Writer:
         self.health.pending = len(self.pending)
         self.health.publish(self.store.db if self.store else None, force=True)
         self._close()
+
+    def _upkeep(self) -> None:
+        """Once an hour while the database answers: the calls partitions of the periods ahead
+        (``velvet_pg_partitions``) and the response cache's expired entries removed."""
+        if self.store is None or self.pending or time.monotonic() < self._upkeep_at:
+            return
+        self._upkeep_at = time.monotonic() + UPKEEP
+        from velvet_core import clock
+        from velvet_core.storage import cache_store, partitions
+
+        db = self.store.db
+        try:
+            if made := partitions.ensure(db, clock.now()):
+                log.info("velvet: calls partitions made: %s", ", ".join(made))
+        except Exception as e:  # (the default partition takes the rows meanwhile)
+            log.warning("velvet: could not make the calls partitions ahead: %s", redact(str(e)))
+        try:
+            if n := cache_store.drop_expired(db, clock.now(), stop=self._stopping):
+                log.info("velvet: %d expired cache %s removed", n, "entry" if n == 1 else "entries")
+        except Exception as e:  # (the next round tries again)
+            log.warning("velvet: could not remove the expired cache entries: %s", redact(str(e)))
 
     def _wait(self, seconds: float, stopping: bool) -> bool:
         """Sleep between retries (True: abandoned while stopping), keeping health current meanwhile."""
