@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import pytest
 from support.helpers import chat
+from support.rig import wait_for
 from test_cache_lookup import add, key
-from velvet_core.cache.lookup import Lookup
+from velvet_core.cache.lookup import Found, Lookup
 from velvet_core.storage import cache_index as index
 from velvet_core.storage import models
 from velvet_core.storage.database import open_db
@@ -181,3 +182,52 @@ def test_where_pipes_cannot_be_handed_over_the_look_up_follows_the_index_itself(
             v.notes.loop.close()
     finally:
         assert w.stop(60)
+
+
+def test_a_postgresql_restart_does_not_end_the_cache(tmp_path):
+    """Every connection of the cache's look-up and of its index is cut, as a server restart or a failover cuts
+    them: the look-up answers from a new connection at once, and the index follows new entries again. Before,
+    both kept their dead connections: every look-up a miss and no new key followed, until the proxy restarted."""
+    from support.pg import fresh_pg_url
+
+    url = fresh_pg_url()
+    db = open_db(url)
+    try:
+        add(db, 0, 3)
+        look = Lookup(url)  # (the index followed in a thread of its own, as with a writer thread)
+        try:
+            assert look.loaded.wait(10)
+            assert look.fetch_now("chat.completions", Found(key(0)), 1).content is not None
+            for _ in range(2):  # (twice: a connection made after the first cut is cut as well)
+                cut = db.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                     "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
+                assert cut[0] >= 2  # the look-up's and the index's
+                hit = look.fetch_now("chat.completions", Found(key(1)), 1)
+                assert hit.content is not None, "the look-up kept its dead connection"
+                n = len(look.keys)
+                add(db, 100 + n, 1)
+                wait_for(lambda n=n: look.known(key(100 + n)), what="a key added after the cut", timeout=15)
+        finally:
+            look.close()
+    finally:
+        db.close()
+
+
+def test_while_the_database_fails_a_look_up_is_a_miss_at_once(tmp_path, monkeypatch):
+    """A look-up whose database does not answer is a miss; for the next few seconds look-ups do not ask it again
+    (a client never waits on an outage), then one does."""
+    from velvet_core.cache import lookup as lookup_mod
+
+    look = Lookup(f"sqlite:///{tmp_path / 'not-a-dir' / 'x' / 'v.db'}", follow=False)
+    (tmp_path / "not-a-dir").write_text("a file where the database's folder should be")
+    try:
+        asked = []
+        real = look._entries
+        monkeypatch.setattr(look, "_entries", lambda *a: (asked.append(1), real(*a))[1])
+        assert look.fetch_now("chat.completions", Found(key(0)), 1).content is None and asked == [1]
+        assert look.failing
+        assert look.fetch_now("chat.completions", Found(key(0)), 1).content is None and asked == [1]
+        look._retry_at = time.monotonic() - lookup_mod.RETRY  # (as RETRY seconds later)
+        assert look.fetch_now("chat.completions", Found(key(0)), 1).content is None and asked == [1, 1]
+    finally:
+        look.close()

@@ -225,3 +225,13 @@ def test_first_opens_of_a_new_sqlite_database_at_once(tmp_path):
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_a_connect_timeout_joins_a_postgresql_url_unless_it_has_one():
+    from velvet_core.storage.urls import with_connect_timeout
+
+    assert with_connect_timeout("sqlite:////tmp/v.db", 3) == "sqlite:////tmp/v.db"
+    assert with_connect_timeout("postgresql://u:p%40ss@h:5/db", 3) == "postgresql://u:p%40ss@h:5/db?connect_timeout=3"
+    assert with_connect_timeout("postgresql://h/db?sslmode=require", 3) == \
+        "postgresql://h/db?sslmode=require&connect_timeout=3"
+    assert with_connect_timeout("postgresql://h/db?connect_timeout=9", 3) == "postgresql://h/db?connect_timeout=9"

@@ -37,6 +37,8 @@ from velvet_core.storage import cache_index as index
 log = logging.getLogger("velvet")
 
 BIG_BODY = 64 * 1024  # bodies over this are parsed and hashed in the pool, not on the event loop
+RETRY = 5.0  # seconds of misses without asking the database after it failed (a client never waits on an outage)
+CONNECT_TIMEOUT = 3  # seconds a look-up waits for a PostgreSQL server to answer a new connection
 FEED_READ = 1 << 16  # bytes of the index's pipe read per callback on the event loop (some 1,800 keys, 0.5 ms)
 
 
@@ -76,6 +78,7 @@ class Lookup:
         self.turns: dict[str, int] = {}  # key -> answers served (the bucket's turn), bounded
         self.bad: set[int] = set()  # corrupt entries already logged
         self.failing = False
+        self._retry_at = 0.0  # (monotonic) until then, a look-up is a miss without a read: the database failed
         self._index: threading.Thread | None = None
         if follow:
             self._index = threading.Thread(target=index.Follower(url, self._stop).run, args=(self.apply,),
@@ -126,10 +129,13 @@ class Lookup:
     def fetch_now(self, kind: str, asked: Found, bucket: int) -> Found:
         key = asked.key
         assert key is not None
+        if time.monotonic() < self._retry_at:
+            return Found(key)
         try:
-            entries = self._entries(key, bucket)
+            entries = self._read(key, bucket)
         except Exception as e:  # the database down or not yet migrated: a miss, logged once per outage
             self._failed(e)
+            self._retry_at = time.monotonic() + RETRY
             return Found(key)
         self.failing = False
         if not entries:  # (cleared, pruned or expired since the index read it: no read for it again)
@@ -147,13 +153,33 @@ class Lookup:
                 return hit
         return Found(key)
 
+    def _read(self, key: str, bucket: int) -> list[dict[str, Any]]:
+        """The live entries of ``key``; a connection that fails is dropped, and one that had worked before is
+        tried again at once with a new one (a server restarted meanwhile: its connections are dead for good)."""
+        for last in (self._db is None, True):
+            try:
+                return self._entries(key, bucket)
+            except Exception:
+                self._drop_connection()
+                if last:
+                    raise
+        raise AssertionError("unreachable")
+
     def _database(self) -> Any:
         with self._open:
             if self._db is None:
                 from velvet_core.storage.database import open_db
+                from velvet_core.storage.urls import with_connect_timeout
 
-                self._db = open_db(self.url)
+                self._db = open_db(with_connect_timeout(self.url, CONNECT_TIMEOUT))
             return self._db
+
+    def _drop_connection(self) -> None:
+        with self._open:
+            db, self._db = self._db, None
+        if db is not None:
+            with contextlib.suppress(Exception):
+                db.close()
 
     def _failed(self, e: Exception) -> None:
         if not self.failing:
@@ -243,7 +269,5 @@ class Lookup:
         self._stop.set()
         self._unfeed()
         self.pool.shutdown(wait=False, cancel_futures=True)
-        if self._db is not None:
-            with contextlib.suppress(Exception):
-                self._db.close()
+        self._drop_connection()
 

@@ -35,6 +35,7 @@ from velvet_core.redact import redact
 log = logging.getLogger("velvet")
 
 POLL = 0.25  # seconds between two reads of the new entries
+RETRY = 2.0  # seconds between two tries while the database fails
 FULL = 600.0  # seconds between two reloads of every live key (drops the expired ones, finds any committed late)
 RELOAD_CHUNK = 5000  # keys read per step of a reload
 POLL_LIMIT = 50_000  # new keys read per poll at most (1.75 MB; the next poll reads the rest)
@@ -122,7 +123,8 @@ class Follower:
                     self.failing = True
                     log.warning("velvet: the cache index could not read the database (retrying): %s",
                                 redact(str(e).splitlines()[0] if str(e) else type(e).__name__))
-            self.stop.wait(POLL)
+                self.close()  # (a server restarted: its connection is dead for good; the next look opens one)
+            self.stop.wait(RETRY if self.failing else POLL)
         self.close()
 
     def _reload(self, emit: Emit) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from velvet_core.redact import redact
 
@@ -29,3 +29,12 @@ def check_url(url: str) -> str:
 def sqlite_path(url: str) -> str:
     """As SQLAlchemy and peewee: ``sqlite:///rel.db`` is relative, ``sqlite:////abs.db`` absolute."""
     return unquote(urlsplit(url).path)[1:]
+
+
+def with_connect_timeout(url: str, seconds: int) -> str:
+    """``url`` with ``connect_timeout`` (PostgreSQL) unless it has one: libpq otherwise waits for the system's TCP
+    timeout (about two minutes) on a server that does not answer. A SQLite URL is returned as it is."""
+    parts = urlsplit(url)
+    if parts.scheme.startswith("sqlite") or "connect_timeout" in dict(parse_qsl(parts.query)):
+        return url
+    return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, f"connect_timeout={seconds}"]))))

@@ -52,6 +52,7 @@ class Origin(Protocol):
 _STOP = object()
 MAX_ATTEMPTS = 5  # a group failing this often on a live connection is treated as bad data
 UPKEEP = 3600.0  # seconds between two rounds of upkeep (:meth:`Writer._upkeep`)
+IDLE_TAKE = 2.0  # seconds an idle writer waits for a flow before it looks up (health: the status file's 2 s)
 
 
 @dataclass(slots=True)
@@ -268,7 +269,7 @@ class Writer:
         if stopping:
             block = False
         try:
-            first = self.queue.get(timeout=0.5) if block else self.queue.get_nowait()
+            first = self.queue.get(timeout=IDLE_TAKE) if block else self.queue.get_nowait()
         except queue.Empty:
             return items, stopping
         if first is not _STOP and not stopping and self.queue.qsize() < self.batch_size and not _whole_file(first):
