@@ -323,6 +323,42 @@ def test_two_proxies_on_one_postgresql_share_an_entry(standin, tmp_path):
         p2.stop()
 
 
+def test_the_cache_outlives_a_postgresql_restart(standin, tmp_path):
+    """Every connection of a real mitmdump (its look-up's and its writer process's: the index's follower, the
+    writer's) cut, as a server restart or a failover cuts them: an entry stored before is a hit at once, and a
+    miss after it is stored, followed and then a hit. Before, the look-up and the index kept their dead
+    connections until the proxy restarted."""
+    from support.pg import fresh_pg_url
+    from velvet_core.storage.database import connect
+
+    url = fresh_pg_url()
+    p = start_proxy(standin, tmp_path / "p", url, "velvet_cache=on")
+    admin = connect(url)
+    try:
+        with http(p) as c:
+            before = post(c, prompt("before the cut"))
+            settled(p, before)
+            assert post(c, prompt("before the cut")).headers["x-velvet-cache"] == "HIT"  # (its connection is open)
+            cut = admin.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+            assert cut >= 3  # the look-up's, the follower's, the writer's
+            again = post(c, prompt("before the cut"))
+            assert again.headers["x-velvet-cache"] == "HIT" and again.content == before.content
+            after = post(c, prompt("after the cut"))
+            assert after.headers["x-velvet-cache"] == "MISS"
+            settled(p, after)
+            time.sleep(2.5)  # (the follower tries again 2 s after its connection failed)
+            deadline = time.monotonic() + 20
+            while (hit := post(c, prompt("after the cut"))).headers["x-velvet-cache"] != "HIT":
+                assert time.monotonic() < deadline, "an entry stored after the cut is never followed"
+                time.sleep(0.5)
+            assert hit.content == after.content
+    finally:
+        admin.close()
+        p.stop()
+    assert "Traceback" not in p.output()
+
+
 def test_what_if_matches_what_the_cache_then_does(standin, tmp_path, any_url, capsys):
     from support.helpers import js
 
