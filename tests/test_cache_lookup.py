@@ -66,7 +66,7 @@ def test_the_index_reloads_in_chunks_follows_new_keys_and_forgets_what_is_gone(d
 
 
 def test_the_writer_removes_the_expired_entries(db_url, tmp_path, caplog):
-    """Once an hour (and once the database first answers) the writer removes the entries that have expired, a
+    """Once an hour (and once the database first answers) the writer removes the entries expired for an hour, a
     thousand per transaction: before, the table kept a copy of every answer the cache ever stored (the default
     retention keeps everything). Live entries stay, and look-ups keep finding them."""
     import logging
@@ -78,8 +78,9 @@ def test_the_writer_removes_the_expired_entries(db_url, tmp_path, caplog):
 
     db = open_db(db_url)
     try:
-        add(db, 0, 2500, ttl=-60)  # expired a minute ago
-        add(db, 5000, 3)
+        add(db, 0, 2500, ttl=-3700)  # expired over an hour ago
+        add(db, 5000, 2)
+        add(db, 5002, 1, ttl=-60)  # expired a minute ago: stays until the next round
         caplog.set_level(logging.INFO, logger="velvet")
         w = Writer(db_url, Processor(Pricer()).operations, spool_dir=tmp_path / "spool")
         w.start()

@@ -37,7 +37,7 @@ from velvet_core.storage import cache_index as index
 log = logging.getLogger("velvet")
 
 BIG_BODY = 64 * 1024  # bodies over this are parsed and hashed in the pool, not on the event loop
-RETRY = 5.0  # seconds of misses without asking the database after it failed (a client never waits on an outage)
+RETRY = 5.0  # seconds of misses without asking the database once it failed twice (no client waits on an outage)
 CONNECT_TIMEOUT = 3  # seconds a look-up waits for a PostgreSQL server to answer a new connection
 FEED_READ = 1 << 16  # bytes of the index's pipe read per callback on the event loop (some 1,800 keys, 0.5 ms)
 
@@ -134,8 +134,9 @@ class Lookup:
         try:
             entries = self._read(key, bucket)
         except Exception as e:  # the database down or not yet migrated: a miss, logged once per outage
+            if self.failing:  # (twice in a row: an outage, not a passing error)
+                self._retry_at = time.monotonic() + RETRY
             self._failed(e)
-            self._retry_at = time.monotonic() + RETRY
             return Found(key)
         self.failing = False
         if not entries:  # (cleared, pruned or expired since the index read it: no read for it again)

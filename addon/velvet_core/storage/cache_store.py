@@ -108,10 +108,10 @@ def stats(db: Database, now: datetime) -> dict[str, Any]:
             "hits": hits, "saved_usd": saved, "by_model": by_model}
 
 
-def drop_expired(db: Database, now: datetime, chunk: int = 1000, stop: Any = None) -> int:
-    """Remove the entries expired by ``now`` (no look-up reads them again), ``chunk`` per transaction, until none
-    is left or ``stop`` (an Event) is set; how many went. Without it the table kept a copy of every answer the
-    cache ever stored, for as long as the proxy ran."""
+def drop_expired(db: Database, before: datetime, chunk: int = 1000, stop: Any = None) -> int:
+    """Remove the entries expired by ``before`` (no look-up reads them again), ``chunk`` per transaction, until
+    none is left or ``stop`` (an Event) is set; how many went. Without it the table kept a copy of every answer
+    the cache ever stored, for as long as the proxy ran."""
     if not has_cache(db):
         return 0
     sql = adapt(db, "DELETE FROM cache_entries WHERE id IN "
@@ -119,7 +119,7 @@ def drop_expired(db: Database, now: datetime, chunk: int = 1000, stop: Any = Non
     total = 0
     while True:
         with db.atomic():
-            n = int(db.execute_sql(sql, (ts(db, now), chunk)).rowcount)
+            n = int(db.execute_sql(sql, (ts(db, before), chunk)).rowcount)
         total += n
         if n < chunk or (stop is not None and stop.is_set()):
             return total

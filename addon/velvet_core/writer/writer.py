@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -218,7 +219,8 @@ class Writer:
 
     def _upkeep(self) -> None:
         """Once an hour while the database answers: the calls partitions of the periods ahead
-        (``velvet_pg_partitions``) and the response cache's expired entries removed."""
+        (``velvet_pg_partitions``), and the response cache's entries expired for an hour removed (an entry may
+        expire before it is even written: one just expired stays for ``velvet cache stats`` to count)."""
         if self.store is None or self.pending or time.monotonic() < self._upkeep_at:
             return
         self._upkeep_at = time.monotonic() + UPKEEP
@@ -232,7 +234,7 @@ class Writer:
         except Exception as e:  # (the default partition takes the rows meanwhile)
             log.warning("velvet: could not make the calls partitions ahead: %s", redact(str(e)))
         try:
-            if n := cache_store.drop_expired(db, clock.now(), stop=self._stopping):
+            if n := cache_store.drop_expired(db, clock.now() - timedelta(seconds=UPKEEP), stop=self._stopping):
                 log.info("velvet: %d expired cache %s removed", n, "entry" if n == 1 else "entries")
         except Exception as e:  # (the next round tries again)
             log.warning("velvet: could not remove the expired cache entries: %s", redact(str(e)))
