@@ -107,7 +107,8 @@ def run() -> int:
             del os.environ[k]
         os.environ.update(HTTPS_PROXY=f"http://127.0.0.1:{port}", SSL_CERT_FILE=str(ca))
         print("demo: the official openai SDK makes 5 live calls and runs a 20-line batch through the proxy")
-        workload(openai.OpenAI(api_key="sk-demo-not-a-real-key", max_retries=0))
+        with openai.OpenAI(api_key="sk-demo-not-a-real-key", max_retries=0) as client:
+            workload(client)  # (its connections closed before mitmdump stops: none is cut at shutdown)
     finally:
         proc.send_signal(signal.SIGINT)  # velvet writes everything queued before mitmdump exits
         proc.wait(60)

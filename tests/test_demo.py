@@ -38,3 +38,34 @@ def test_demo(tmp_path, capsys):
     demo = readme[start:readme.index("\n## ", start)]
     shown = set(re.findall(r"/tmp/(velvet-demo[^/\s]*)/velvet\.db", demo))
     assert len(shown) == 1 and DEMO_DIR.fullmatch(shown.pop()), shown  # one dir, shaped like the real one
+
+
+def test_the_stand_in_is_quiet_when_a_client_goes_away(capfd):
+    """A proxy stopped while its keep-alive connection to the stand-in is open (the demo's end, every test's end)
+    resets it: the stand-in prints nothing for that (the demo's output once ended with a traceback). A broken
+    handler still prints its traceback."""
+    import socket
+    import struct
+    import time
+
+    from support.standin.server import StandIn
+
+    s = StandIn().start()
+    try:
+        port = s.server_address[1]
+        for _ in range(5):
+            c = socket.create_connection(("127.0.0.1", port))
+            c.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100000\r\n\r\n{")
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+            c.close()
+        time.sleep(0.5)
+        assert "Traceback" not in capfd.readouterr().err
+        for error in (ConnectionResetError(), BrokenPipeError(), ZeroDivisionError()):
+            try:
+                raise error
+            except Exception:
+                s.handle_error(None, ("127.0.0.1", 1))
+        err = capfd.readouterr().err
+        assert "ZeroDivisionError" in err and "ConnectionResetError" not in err and "BrokenPipe" not in err
+    finally:
+        s.stop()

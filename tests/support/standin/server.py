@@ -872,6 +872,14 @@ class StandIn(ThreadingHTTPServer):
         self.copilot = Copilot()
         self.keyless = False  # True: requests without a key are answered (a local model server)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that went away (a proxy stopped while its keep-alive connection was open) is no error of the
+        stand-in's: nothing printed. Anything else is printed, as socketserver does."""
+        import sys
+
+        if not isinstance(sys.exception(), ConnectionError):
+            super().handle_error(request, client_address)
+
     def rate_limit(self, n: int) -> None:
         """The next ``n`` model calls (chat, responses, embeddings) get a 429."""
         with self._rate_lock:
