@@ -133,6 +133,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+KEEPALIVE_CHUNK = 100  # calls per proxy's turn in the cache phase's keep-alive reading (keepalive())
 IDLE_SETTLE = 3.0  # seconds for a writer process to write the last flows and go to sleep (writer/child.py)
 PROXY_CPUS: set[int] = set()  # when pinning: the proxies' core; the client and upstream get the others
 
@@ -344,6 +345,42 @@ async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int,
     return total / elapsed, lat
 
 
+async def keepalive(ports: dict[str, int], ctx: ssl.SSLContext, chunks: int, per_chunk: int, concurrency: int,
+                    unique: str) -> dict[str, list[float]]:
+    """Each proxy's requests/s in ``chunks`` short turns of ``per_chunk`` calls, the proxies in turn (the order
+    turning each time), over tunnels opened once and kept: no TLS handshake in the measure, and a slower
+    second of the machine falls on neighbouring turns of every proxy. On this machine a figure read this way
+    varied about a quarter as much from run to run as one read in rounds of 500 calls over new tunnels
+    (session 17: five runs each, standard deviation 0.7 against 2.8 points), and it reads each request's own
+    cost undiluted by handshakes (so lower). Every request's body differs (``unique`` and a number)."""
+    names = list(ports)
+    conns = {n: [await tunnel(ports[n], ctx) for _ in range(concurrency)] for n in names}
+    out: dict[str, list[float]] = {n: [] for n in names}
+    seq = [0]
+
+    async def turn(name: str) -> float:
+        left = [per_chunk]
+
+        async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while left[0] > 0:
+                left[0] -= 1
+                seq[0] += 1
+                writer.write(request(REQ_BODY[:-1] + b',"user":"%s-%d"}' % (unique.encode(), seq[0])))
+                await read_response(reader)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(r, w) for r, w in conns[name]))
+        return per_chunk / (time.perf_counter() - t0)
+
+    for c in range(chunks):
+        for name in names[c % len(names):] + names[:c % len(names)]:
+            out[name].append(await turn(name))
+    for n in names:
+        for _, w in conns[n]:
+            w.close()
+    return out
+
+
 async def ttft(port: int, ctx: ssl.SSLContext, n: int) -> list[float]:
     """Time from sending a streamed chat request to the first SSE bytes at the client, in ms."""
     reader, writer = await tunnel(port, ctx)
@@ -543,6 +580,12 @@ def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
                 res[name].append(asyncio.run(live(ports[name], ctx, per_round, conc, unique=f"r{r}"))[0])
         off_r, miss_r, own = paired(res["plain"], res["off"]), paired(res["plain"], res["miss"]), \
             paired(res["off"], res["miss"])
+        chunks = rounds * per_round // KEEPALIVE_CHUNK
+        log(f"bench: the same, {chunks} turns of {KEEPALIVE_CHUNK} calls per proxy over tunnels kept open")
+        ka = asyncio.run(keepalive(ports, ctx, chunks, KEEPALIVE_CHUNK, conc, "ka"))
+        keep = {"cache_off_rps_ratio_keepalive": paired(ka["plain"], ka["off"]),
+                "cache_on_miss_rps_ratio_keepalive": paired(ka["plain"], ka["miss"]),
+                "cache_miss_over_off_rps_ratio_keepalive": paired(ka["off"], ka["miss"])}
         asyncio.run(live(on_port, ctx, 1, 1))  # the answer to repeat, stored by the writer within a second or so
         time.sleep(2.5)
         _, hits = asyncio.run(live(on_port, ctx, 400, 1))
@@ -553,6 +596,8 @@ def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
                 # the cache's own cost: a miss against the cache off, round by round
                 "cache_miss_over_off_rps_ratio": round(statistics.median(own), 3),
                 "cache_miss_over_off_rps_ratio_ci95": median_ci(own),
+                **{k: round(statistics.median(v), 3) for k, v in keep.items()},
+                **{f"{k}_ci95": median_ci(v) for k, v in keep.items()},
                 "cache_hit_p50_ms": round(statistics.median(hits), 3),
                 "plain_p50_ms_one_client": round(statistics.median(plain_lat), 3),
                 "cache_hits_logged": hits_logged(tmp / "cacheon.db")}
@@ -879,6 +924,8 @@ def table(r: dict[str, Any]) -> str:
         ("live calls/s ratio, 95 % interval", "", "", _ci(r, "live_rps_ratio")),
         ("cache off / a miss, calls/s ratio", "", "",
          f"{_ci(r, 'cache_off_rps_ratio')}; {_ci(r, 'cache_on_miss_rps_ratio')}"),
+        ("the same, over tunnels kept open", "", "",
+         f"{_ci(r, 'cache_off_rps_ratio_keepalive')}; {_ci(r, 'cache_on_miss_rps_ratio_keepalive')}"),
         ("cache hit through the proxy, p50 ms", r["plain_p50_ms_one_client"], r["cache_hit_p50_ms"],
          f"{r['cache_hits_logged']} hits logged"),
         ("velvet_evals (3 checks), calls/s ratio", "", "", _ci(r, "evals_live_rps_ratio")),

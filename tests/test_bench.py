@@ -22,7 +22,8 @@ KEYS = {"live_rps_plain", "live_rps_velvet", "live_rps_ratio", "live_p50_ms_rati
         "cli_ms_batches_pg", "cli_ms_stats_pg", "cli_ms_version_over_bare", "cli_ms_batches_sqlite_over_bare",
         "evals_live_rps_ratio", "evals_backfill_per_s", "pg_calls_per_s_partitioned"}
 CI_KEYS = ("live_rps_ratio", "cache_off_rps_ratio", "cache_on_miss_rps_ratio", "cache_miss_over_off_rps_ratio",
-           "evals_live_rps_ratio")
+           "evals_live_rps_ratio", "cache_off_rps_ratio_keepalive", "cache_on_miss_rps_ratio_keepalive",
+           "cache_miss_over_off_rps_ratio_keepalive")
 SCALE_KEYS = {"batches_ms", "batch_ms", "lines_failed_ms", "calls_ms", "stats_ms", "stats_day_ms",
               "export_rows_per_s", "report_s", "report_rss_mb"}
 
