@@ -351,8 +351,8 @@ async def keepalive(ports: dict[str, int], ctx: ssl.SSLContext, chunks: int, per
     turning each time), over tunnels opened once and kept: no TLS handshake in the measure, and a slower
     second of the machine falls on neighbouring turns of every proxy. On this machine a figure read this way
     varied about a quarter as much from run to run as one read in rounds of 500 calls over new tunnels
-    (session 17: five runs each, standard deviation 0.7 against 2.8 points), and it reads each request's own
-    cost undiluted by handshakes (so lower). Every request's body differs (``unique`` and a number)."""
+    (session 17, a miss: five runs each, standard deviation 0.7 against 3.0 points), and it reads each request's
+    own cost undiluted by handshakes (so lower). Every request's body differs (``unique`` and a number)."""
     names = list(ports)
     conns = {n: [await tunnel(ports[n], ctx) for _ in range(concurrency)] for n in names}
     out: dict[str, list[float]] = {n: [] for n in names}
