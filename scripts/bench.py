@@ -559,11 +559,18 @@ def _one_writer(url: str, n: int, spool: Path, ready: Any, results: Any) -> None
 
 # -- the run ---------------------------------------------------------------------------------------
 
-def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
+def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
                 conc: int, log: Any) -> dict[str, Any]:
     """The response cache: live throughput with velvet_cache=off and with velvet_cache=on where every call is a
     miss (a different body each: a look-up off the event loop, then an entry stored), each against plain mitmdump
-    in the same round; then the latency of a hit through the proxy."""
+    in the same round; then the latency of a hit through the proxy.
+
+    Plain mitmdump is started with them, not the live phase's: a mitmdump process serves calls 1-2.5% faster in
+    its first ten thousand or so than once it has served many (session 18: of two plain proxies started together,
+    the one that had not first served 8,000 calls served 1.2, 1.9 and 2.4% more per second in three turns of
+    6,000 calls each, tunnels kept open; after it had served 16,000 more itself, -2.5 to +0.9%). The live phase's,
+    by then some 17,000 calls old, beside new velvet proxies, was in velvet's favour."""
+    plain, plain_port = mitmdump(tmp, up_port, None, "cacheplain")
     off, off_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheoff.db'}", "cacheoff",
                              ("--set", "velvet_cache=off"))
     on, on_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheon.db'}", "cacheon",
@@ -602,8 +609,8 @@ def cache_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
                 "plain_p50_ms_one_client": round(statistics.median(plain_lat), 3),
                 "cache_hits_logged": hits_logged(tmp / "cacheon.db")}
     finally:
-        off.stop()
-        on.stop()
+        for proc in (plain, off, on):
+            proc.stop()
 
 
 EVAL_RULES = """
@@ -624,7 +631,7 @@ chars = 2000
 """
 
 
-def evals_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
+def evals_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_round: int,
                 conc: int, log: Any) -> dict[str, Any]:
     """velvet_evals with three model-free checks at sample 1: live throughput against plain mitmdump in the same
     round (the eval process scores every answer meanwhile); then the same checks run over the stored calls as a
@@ -632,10 +639,12 @@ def evals_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
     rules = tmp / "evals.toml"
     rules.write_text(EVAL_RULES)
     db = tmp / "evals.db"
+    plain, plain_port = mitmdump(tmp, up_port, None, "evalsplain")  # (started with it: see cache_phase)
     ev, ev_port = mitmdump(tmp, up_port, f"sqlite:///{db}", "evals", ("--set", f"velvet_evals={rules}"))
     try:
         log(f"bench: velvet_evals (3 checks, every answer), {rounds} x {per_round:,} calls, alternated")
-        asyncio.run(live(ev_port, ctx, 200, conc))
+        for port in (plain_port, ev_port):
+            asyncio.run(live(port, ctx, 200, conc))
         res: dict[str, list[float]] = {"plain": [], "evals": []}
         ports = {"plain": plain_port, "evals": ev_port}
         names = list(ports)
@@ -645,6 +654,7 @@ def evals_phase(tmp: Path, up_port: int, plain_port: int, ctx: ssl.SSLContext, r
         ratios = paired(res["plain"], res["evals"])
     finally:
         ev.stop()
+        plain.stop()
     from datetime import datetime
 
     from velvet_core.evals.engine import Evaluator
@@ -761,11 +771,10 @@ def run(quick: bool, log: Any, pinned: bool = True, pg: str | None = None,
         time.sleep(IDLE_SETTLE)  # (the writer process has written the last round, and gone to sleep)
         out.update(idle_phase({"plain": plain.p.pid, "velvet": velvet.p.pid}, idle_s))
         # the live phase's proxies stop here: idle, they still woke on the proxies' core (writer threads)
-        for proc in (velvet, thread, nojournal, streaming):
+        for proc in (plain, velvet, thread, nojournal, streaming):
             proc.stop()
-        out.update(cache_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
-        out.update(evals_phase(tmp, up_port, plain_port, ctx, rounds, requests_per_round, conc, log))
-        plain.stop()
+        out.update(cache_phase(tmp, up_port, ctx, rounds, requests_per_round, conc, log))
+        out.update(evals_phase(tmp, up_port, ctx, rounds, requests_per_round, conc, log))
 
         data = batch_input(lines, line_size)
         ca = tmp / "mitmproxy" / "mitmproxy-ca-cert.pem"
