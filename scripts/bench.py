@@ -569,7 +569,7 @@ def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_r
     its first ten thousand or so than once it has served many (session 18: of two plain proxies started together,
     the one that had not first served 8,000 calls served 1.2, 1.9 and 2.4% more per second in three turns of
     6,000 calls each, tunnels kept open; after it had served 16,000 more itself, -2.5 to +0.9%). The live phase's,
-    by then some 17,000 calls old, beside new velvet proxies, was in velvet's favour."""
+    by then some 16,000 calls old, beside new velvet proxies, was in velvet's favour."""
     plain, plain_port = mitmdump(tmp, up_port, None, "cacheplain")
     off, off_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheoff.db'}", "cacheoff",
                              ("--set", "velvet_cache=off"))
