@@ -141,6 +141,26 @@ async def test_our_bug_never_breaks_the_flow(addon, sqlite_url, monkeypatch, cap
     assert "synthetic" in caplog.text and "the flow continues" in caplog.text
 
 
+class _Exploding(dict):
+    """The addon's flow table failing at every touch: a bug of ours inside whichever hook touches it."""
+
+    def get(self, *a, **k):
+        raise RuntimeError("synthetic")
+
+    pop = __setitem__ = get
+
+
+@pytest.mark.parametrize("hook", ["requestheaders", "responseheaders", "response", "error"])
+async def test_our_bug_in_any_hook_is_logged_and_the_flow_goes_on(addon, sqlite_url, hook, caplog):
+    f = flow() if hook != "error" else tflow.tflow(req=flow().request, err=True)
+    if hook != "requestheaders":
+        addon.requestheaders(f)
+    addon.snapshots = _Exploding(addon.snapshots)
+    getattr(addon, hook)(f)  # must not raise
+    assert f"velvet: {hook} failed for POST" in caplog.text and "synthetic" in caplog.text
+    assert "sk-" not in caplog.text  # (the flow's context, never its key)
+
+
 async def test_processing_error_keeps_a_row(addon, sqlite_url, monkeypatch):
     import velvet_core.processing.processor as processor
 

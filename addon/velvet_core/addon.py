@@ -56,16 +56,23 @@ UNCAPTURED_FLOWS = 5
 UNCAPTURED_SECONDS = 30.0
 
 
+def failed(hook: str, flow: http.HTTPFlow) -> None:
+    """Log the exception being handled, with the flow's context; the flow goes on untouched."""
+    log.exception("velvet: %s failed for %s %s (flow %s); the flow continues",
+                  hook, flow.request.method, redact(flow.request.pretty_url), flow.id)
+
+
 def guarded(hook: Callable[..., Any]) -> Callable[..., Any]:
-    """Log any exception of ours with the flow's context; the flow always goes on untouched."""
+    """Log any exception of ours with the flow's context (:func:`failed`). The hooks every captured flow goes
+    through catch their own instead: a wrapper is one more Python frame per hook, on the event loop, for every
+    call."""
 
     @functools.wraps(hook)
     def wrapper(self: Velvet, flow: http.HTTPFlow) -> None:
         try:
             hook(self, flow)
         except Exception:
-            log.exception("velvet: %s failed for %s %s (flow %s); the flow continues",
-                          hook.__name__, flow.request.method, redact(flow.request.pretty_url), flow.id)
+            failed(hook.__name__, flow)
 
     return wrapper
 
@@ -428,16 +435,6 @@ class Velvet:
 
     # -- hooks -----------------------------------------------------------------------------------
 
-    def _host(self, flow: http.HTTPFlow) -> str | None:
-        """The host the client asked for, if it is one of ours (``host`` first: ``pretty_host`` parses
-        the Host header, which costs more on every flow)."""
-        req = flow.request
-        host = req.host.lower()
-        if host in self.hosts:
-            return host
-        pretty = req.pretty_host.lower()
-        return pretty if pretty in self.hosts else None
-
     def _passed(self, flow: http.HTTPFlow) -> None:
         """Count a flow that is not ours, until velvet captures one or has warned."""
         host = flow.request.host.lower()
@@ -465,19 +462,26 @@ class Velvet:
             ", ".join(f"{h} ({c})" for h, c in seen), add)
         self.passed.clear()
 
-    @guarded
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        host = self._host(flow)
-        if host is None:
-            if not (self.warned or self.captured):
-                self._passed(flow)
-            return
-        self.captured += 1
-        route = classify(flow.request.method, flow.request.path)
-        self.snapshots[flow.id] = begin(flow, route, host)
-        flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
-        if route.batch_body == "request":
-            self._tap(flow, flow.request, "request")
+        try:
+            req = flow.request
+            # the host the client asked for, if it is one of ours (``host`` first: ``pretty_host`` parses the
+            # Host header, which costs more on every flow)
+            host = req.host.lower()
+            if host not in self.hosts:
+                host = req.pretty_host.lower()
+                if host not in self.hosts:
+                    if not (self.warned or self.captured):
+                        self._passed(flow)
+                    return
+            self.captured += 1
+            route = classify(req.method, req.path)
+            self.snapshots[flow.id] = begin(flow, route, host)
+            flow.metadata[META_KEY] = {"endpoint": route.kind, "action": route.action}
+            if route.batch_body == "request":
+                self._tap(flow, req, "request")
+        except Exception:
+            failed("requestheaders", flow)
 
     def _request(self, flow: http.HTTPFlow) -> Any:
         """The ``request`` hook with the cache on: a look-up (a coroutine mitmproxy awaits, so the loop serves
@@ -573,44 +577,47 @@ class Velvet:
             snap.client_body = original
             self.injected.add(flow.id)
 
-    @guarded
     def responseheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.id not in self.snapshots or flow.response is None:
-            return
-        cached = self.snapshots[flow.id].cache
-        if cached is not None and "hit" in cached:
-            return  # answered from the cache: the whole body is there
-        # one pass over the raw header fields (for every call, on the event loop: a headers.get costs more)
-        stream = marked = False
-        for k, v in flow.response.headers.fields:
-            name = k.lower()
-            if name == b"content-type":
-                stream = stream or v.find(b"text/event-stream") >= 0
-            elif name == b"x-velvet-cache":
-                marked = True  # (another velvet upstream said)
-        if cached is not None and "key" in cached:
-            h = flow.response.headers
-            if marked:
-                h["x-velvet-cache"] = "MISS"
-            else:  # (appended to the raw fields: a third of the cost of setting a header)
-                h.fields = (*h.fields, (b"x-velvet-cache", b"MISS"))
-        if stream:
-            strip = None
-            if flow.id in self.injected:
+        try:
+            snap = self.snapshots.get(flow.id)
+            if snap is None or flow.response is None:
+                return
+            cached = snap.cache
+            if cached is not None and "hit" in cached:
+                return  # answered from the cache: the whole body is there
+            # one pass over the raw header fields (for every call, on the event loop: a headers.get costs more)
+            stream = marked = False
+            for k, v in flow.response.headers.fields:
+                name = k.lower()
+                if name == b"content-type":
+                    stream = stream or v.find(b"text/event-stream") >= 0
+                elif name == b"x-velvet-cache":
+                    marked = True  # (another velvet upstream said)
+            if cached is not None and "key" in cached:
                 h = flow.response.headers
-                if h.get("content-encoding", "identity").strip().lower() in ("", "identity") \
-                        and "content-length" not in h:
-                    strip = UsageStripper()
-                else:
-                    log.warning("velvet: cannot take the usage chunk out of the stream of %s (compressed or of "
-                                "fixed length): the client gets it too", redact(flow.request.path))
-            rec = StreamRecorder(time.time, strip)
-            self.recorders[flow.id] = rec
-            flow.response.stream = rec
-            return
-        route = self.snapshots[flow.id].route
-        if route.batch_body == "response" and route.object_id and flow.response.status_code < 400:
-            self._tap(flow, flow.response, "response")
+                if marked:
+                    h["x-velvet-cache"] = "MISS"
+                else:  # (appended to the raw fields: a third of the cost of setting a header)
+                    h.fields = (*h.fields, (b"x-velvet-cache", b"MISS"))
+            if stream:
+                strip = None
+                if flow.id in self.injected:
+                    h = flow.response.headers
+                    if h.get("content-encoding", "identity").strip().lower() in ("", "identity") \
+                            and "content-length" not in h:
+                        strip = UsageStripper()
+                    else:
+                        log.warning("velvet: cannot take the usage chunk out of the stream of %s (compressed or "
+                                    "of fixed length): the client gets it too", redact(flow.request.path))
+                rec = StreamRecorder(time.time, strip)
+                self.recorders[flow.id] = rec
+                flow.response.stream = rec
+                return
+            route = snap.route
+            if route.batch_body == "response" and route.object_id and flow.response.status_code < 400:
+                self._tap(flow, flow.response, "response")
+        except Exception:
+            failed("responseheaders", flow)
 
     def _tap(self, flow: http.HTTPFlow, msg: http.Message, side: str) -> None:
         """Stream a big batch body through a :class:`BodyTap` (or one mitmproxy already streams)."""
@@ -637,13 +644,17 @@ class Velvet:
         req_tap, resp_tap = self.taps.get(flow.id, (None, None))
         self.taps[flow.id] = (tap, resp_tap) if side == "request" else (req_tap, tap)
 
-    @guarded
     def response(self, flow: http.HTTPFlow) -> None:
-        self._submit(flow)
+        try:
+            self._submit(flow)
+        except Exception:
+            failed("response", flow)
 
-    @guarded
     def error(self, flow: http.HTTPFlow) -> None:
-        self._submit(flow)
+        try:
+            self._submit(flow)
+        except Exception:
+            failed("error", flow)
 
     def _submit(self, flow: http.HTTPFlow) -> None:
         snap = self.snapshots.pop(flow.id, None)
@@ -673,7 +684,7 @@ class Velvet:
                 flow.marked = markers.FAILED
         elif (mark := markers.marker(snap.route, flow.response.status_code)) and not flow.marked:
             flow.marked = mark  # at once; the writer refines it (batch status) with the comment
-        if self.comments:
+        if self.processor.note is not None:  # (self.comments, without a property's call)
             self.notes.expect(flow)
         if self.writer is None:  # only before running() or after done(): keep the row anyway
             self._start_writer()
