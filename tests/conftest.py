@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 
 import pytest
-from support.pg import fresh_pg_url
+from support.pg import drop_database, fresh_pg_url, own_database_url
 from support.rig import Proxy
 from support.standin import StandIn
 
@@ -17,6 +17,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'velvet.db'}"
     return fresh_pg_url()
+
+
+@pytest.fixture
+def own_pg_url() -> Iterator[str]:
+    """A PostgreSQL database of the test's own (not a schema of the shared one): for a test that cuts every
+    connection to its database (support.pg.cut_connections), which would cut the run's other tests' too."""
+    url = own_database_url()
+    yield url
+    drop_database(url)
 
 
 @pytest.fixture
@@ -49,7 +58,7 @@ def proxy(request: pytest.FixtureRequest, standin: StandIn, tmp_path_factory) ->
 
 _E2E = ("Proxy(", "MITMDUMP", "mitmdump", "mitmweb", "scripts\" / \"run", "scripts/run", "run_node(",
         "start_proxy(", "fk.", "probe(")
-_PG = ("fresh_pg_url(", "pg_base_url(")
+_PG = ("fresh_pg_url(", "pg_base_url(", "own_database_url(")
 _SLOW = ("scripts\" / \"bench", "scripts\" / \"faults", "scripts\" / \"demo", "\"wheel\"", "scale.py")
 
 

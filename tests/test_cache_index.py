@@ -184,13 +184,13 @@ def test_where_pipes_cannot_be_handed_over_the_look_up_follows_the_index_itself(
         assert w.stop(60)
 
 
-def test_a_postgresql_restart_does_not_end_the_cache(tmp_path):
+def test_a_postgresql_restart_does_not_end_the_cache(own_pg_url):
     """Every connection of the cache's look-up and of its index is cut, as a server restart or a failover cuts
     them: the look-up answers from a new connection at once, and the index follows new entries again. Before,
     both kept their dead connections: every look-up a miss and no new key followed, until the proxy restarted."""
-    from support.pg import fresh_pg_url
+    from support.pg import cut_connections
 
-    url = fresh_pg_url()
+    url = own_pg_url
     db = open_db(url)
     try:
         add(db, 0, 3)
@@ -199,9 +199,7 @@ def test_a_postgresql_restart_does_not_end_the_cache(tmp_path):
             assert look.loaded.wait(10)
             assert look.fetch_now("chat.completions", Found(key(0)), 1).content is not None
             for _ in range(2):  # (twice: a connection made after the first cut is cut as well)
-                cut = db.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                     "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()
-                assert cut[0] >= 2  # the look-up's and the index's
+                assert cut_connections(db) >= 2  # the look-up's and the index's
                 hit = look.fetch_now("chat.completions", Found(key(1)), 1)
                 assert hit.content is not None, "the look-up kept its dead connection"
                 n = len(look.keys)

@@ -323,15 +323,15 @@ def test_two_proxies_on_one_postgresql_share_an_entry(standin, tmp_path):
         p2.stop()
 
 
-def test_the_cache_outlives_a_postgresql_restart(standin, tmp_path):
+def test_the_cache_outlives_a_postgresql_restart(standin, tmp_path, own_pg_url):
     """Every connection of a real mitmdump (its look-up's and its writer process's: the index's follower, the
     writer's) cut, as a server restart or a failover cuts them: an entry stored before is a hit at once, and a
     miss after it is stored, followed and then a hit. Before, the look-up and the index kept their dead
     connections until the proxy restarted."""
-    from support.pg import fresh_pg_url
+    from support.pg import cut_connections
     from velvet_core.storage.database import connect
 
-    url = fresh_pg_url()
+    url = own_pg_url
     p = start_proxy(standin, tmp_path / "p", url, "velvet_cache=on")
     admin = connect(url)
     try:
@@ -339,9 +339,7 @@ def test_the_cache_outlives_a_postgresql_restart(standin, tmp_path):
             before = post(c, prompt("before the cut"))
             settled(p, before)
             assert post(c, prompt("before the cut")).headers["x-velvet-cache"] == "HIT"  # (its connection is open)
-            cut = admin.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                                    "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
-            assert cut >= 3  # the look-up's, the follower's, the writer's
+            assert cut_connections(admin) >= 3  # the look-up's, the follower's, the writer's
             again = post(c, prompt("before the cut"))
             assert again.headers["x-velvet-cache"] == "HIT" and again.content == before.content
             after = post(c, prompt("after the cut"))

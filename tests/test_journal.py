@@ -83,6 +83,35 @@ def test_the_tail_reads_a_growing_journal_once_and_deletes_what_is_safe(tmp_path
     assert not list(tmp_path.glob("journal-*"))
 
 
+def test_segments_rotate_by_count_and_by_age_and_each_new_one_is_private(tmp_path):
+    """``append`` opens a new segment when the current one is full or old: every segment it opens is the
+    owner's alone (0600 in a 0700 folder, whatever the umask), and the frames read back whole, in order."""
+    import stat
+
+    from velvet_core.writer.journal import Journal, read
+
+    folder = tmp_path / "journal"
+    j = Journal(folder, "tag", max_entries=3, max_age=0.2)
+    old = os.umask(0)
+    try:
+        segs = [j.append(chat(i)) for i in range(7)]  # full: 3, 3, then 1
+        time.sleep(0.3)
+        segs += [j.append(chat(i)) for i in range(7, 9)]  # old: a new segment at once
+    finally:
+        os.umask(old)
+    opened = list(dict.fromkeys(segs))
+    assert [sum(s is seg for s in segs) for seg in opened] == [3, 3, 1, 2]
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    files = [seg.path for seg in opened]
+    assert {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o600}
+    assert [s.flow_id for f in files for s in read(f)] == [f"flow-{i}" for i in range(9)]
+    for seg in segs:
+        assert seg is not None
+        seg.release()
+    j.close()
+    assert not list(folder.glob("journal-*"))  # every flow safe: no segment left
+
+
 def test_a_journal_frame_is_plain_values_and_reads_back_whole(tmp_path):
     """Frames are tuples of builtins (no class looked up by name on the event loop, nothing imported to read
     them); every field comes back; frames of the older formats (the pickled dataclass, and the tuple without

@@ -95,6 +95,18 @@ def test_no_byte_string_is_searched_with_in():
     assert not found, "search bytes with .find() or a byte's ord():\n" + "\n".join(found)
 
 
+def test_only_a_database_of_the_tests_own_has_its_connections_cut():
+    """scripts/test runs test files side by side, in one PostgreSQL database (a schema per test): a test that cut
+    every connection to it (a server restart, as its clients see it) ended other tests' connections mid-query. Such
+    a test uses support.pg.cut_connections, which refuses the shared database, in a database of its own."""
+    tests = Path(__file__).resolve().parent
+    found = [str(p.relative_to(tests)) for p in sorted(tests.rglob("*.py"))
+             if "pg_terminate_backend" in p.read_text() and p != tests / "support" / "pg.py"
+             and p != Path(__file__).resolve()]
+    assert not found, "cut connections with support.pg.cut_connections (a database of the test's own):\n" + \
+        "\n".join(found)
+
+
 def test_wheel_ships_the_package_only(tmp_path):
     """The stand-in API and the tests stay out of what users install."""
     import zipfile

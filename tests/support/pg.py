@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -46,3 +47,34 @@ def reader_url(admin_url: str, base_url: str | None = None) -> str:
     parts = urlsplit(admin_url)
     netloc = f"{role}@{parts.hostname}:{parts.port}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def own_database_url() -> str:
+    """A new database in the test server, for a test that cuts every connection to its database (as a server
+    restart or a failover cuts them): the run's other tests, in other processes (``scripts/test`` runs files side
+    by side), share the base database, and a cut there ended their connections too."""
+    base = pg_base_url()
+    name = f"t_{secrets.token_hex(5)}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    parts = urlsplit(base)
+    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
+
+
+def drop_database(url: str) -> None:
+    """Drop a database of :func:`own_database_url`, whoever is still connected (a proxy's processes)."""
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(pg_base_url(), autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def cut_connections(db: Any) -> int:
+    """Terminate every other connection to ``db``'s database, as a server restart does to its clients; refused
+    in the run's shared database (use :func:`own_database_url`). Returns how many were cut."""
+    name = db.execute_sql("SELECT current_database()").fetchone()[0]
+    if name == urlsplit(pg_base_url()).path.lstrip("/"):
+        raise AssertionError(f"connections cut in the shared test database {name}: the run's other tests use it "
+                             "(give the test a database of its own: own_database_url())")
+    return db.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                          "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
+

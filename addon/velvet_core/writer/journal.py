@@ -84,7 +84,7 @@ class Journal:
             try:
                 seg = self._current  # (the segment's checks here: a method call less for every flow)
                 if seg is None or seg.count >= self.max_entries or time.monotonic() - seg.opened > self.max_age:
-                    seg = self._segment()
+                    seg = self._next_segment()
                 written = seg.file.write(frame)
                 if written != len(frame):  # (a file size limit, a full disk: the kernel took part of it)
                     raise OSError(f"short write ({written} of {len(frame)} bytes)")
@@ -112,15 +112,13 @@ class Journal:
             if self._current is not None:
                 self._rotate()
 
-    def _segment(self) -> Segment:
-        cur = self._current
-        if cur is not None and (cur.count >= self.max_entries or time.monotonic() - cur.opened > self.max_age):
-            self._rotate()
-        if self._current is None:
-            private_dir(self.dir)
-            self._n += 1
-            name = f"journal-{self.tag}-{os.getpid()}-{int(time.time())}-{self._n}.log"
-            self._current = Segment(self.dir / name, self)
+    def _next_segment(self) -> Segment:
+        """Close the current segment (full, or old: :meth:`append` checked) and open a new one."""
+        self._rotate()
+        private_dir(self.dir)
+        self._n += 1
+        name = f"journal-{self.tag}-{os.getpid()}-{int(time.time())}-{self._n}.log"
+        self._current = Segment(self.dir / name, self)
         return self._current
 
     def _rotate(self) -> None:
