@@ -77,4 +77,3 @@ def cut_connections(db: Any) -> int:
                              "(give the test a database of its own: own_database_url())")
     return db.execute_sql("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                           "WHERE datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0]
-
