@@ -497,8 +497,7 @@ class Velvet:
             if snap.cache is not None:
                 snap.cache = None  # (the headers' values, taken by begin(): nothing for the writer)
         except Exception:
-            log.exception("velvet: request failed for %s %s (flow %s); the flow continues",
-                          flow.request.method, redact(flow.request.pretty_url), flow.id)
+            failed("request", flow)
         if self.inject_usage:
             self._ask_for_usage(flow)
         return None
