@@ -136,6 +136,7 @@ def _written(url: str) -> set[str]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/schedstat").exists(), reason="reads /proc/PID/schedstat")
+@pytest.mark.alone  # (a bound in seconds on an idle-class process: beside another test file it may not run)
 def test_an_idle_writer_process_sleeps_until_the_proxy_nudges_it(sqlite_url, tmp_path):
     """With no flows for a second, the child stops looking at the journal 20 times a second (an idle proxy cost
     0.6 % of a core, and kept the CPU from deep sleep) and sleeps until the proxy's next flow nudges it (a byte on

@@ -158,7 +158,9 @@ def test_error_rate_fires_and_resolves(rig, monkeypatch):
         time.sleep(0.3)
     resolved = rig.hooks.wait_state("chat errors", "resolved")
     check_message(resolved, rig)
-    assert resolved["value"] <= 0.5  # not above the threshold
+    # not above the threshold; or None: a window whose errors have aged out before the answered calls are
+    # written has no data, which resolves the rule (no_data = "ok", the default: docs/alerts.md)
+    assert resolved["value"] is None or resolved["value"] <= 0.5
     # the signature is the HMAC-SHA256 of the timestamp and the exact body (the check of docs/security.md);
     # the path's token reached the hook
     hit = next(r for r in rig.hooks.received if r["json"] == fired)
