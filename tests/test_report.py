@@ -120,7 +120,15 @@ def chromium() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
-def test_report_renders_in_chromium(tmp_path, capsys):
+# What a user opens: an empty database, a small one and a big one (10,000 batches: the largest page we draw).
+SIZES = {"empty": None, "small": {"batches": 400, "calls": 3000}, "big": {"batches": 10_000, "calls": 20_000}}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("size", list(SIZES))
+def test_report_renders_in_chromium(size, tmp_path, capsys):
+    """The page in a real browser: every chart drawn, the inline script run offline without an error, a picture
+    that is not blank."""
     browser = chromium()
     if browser is None:
         why = ("chromium is not installed (Debian: apt-get install chromium); the HTML structure is checked by "
@@ -129,23 +137,33 @@ def test_report_renders_in_chromium(tmp_path, capsys):
             pytest.fail(why)
         pytest.skip(why)
     url = f"sqlite:///{tmp_path / 'r.db'}"
-    fill(url, batches=400, calls=3000, days=7, seed=5)
+    if (amount := SIZES[size]) is None:
+        open_db(url).close()
+    else:
+        fill(url, days=7, seed=5, **amount)
     out = tmp_path / "r.html"
-    _, page = report(capsys, url, out)
+    html, page = report(capsys, url, out)
     args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
             "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}", "--hide-scrollbars",
-            "--window-size=1100,3000", "--virtual-time-budget=3000"]
-    dom = subprocess.run([*args, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=120,
-                         check=True).stdout
-    rendered = Page(dom)
-    assert rendered.tags.get("svg") == page.tags["svg"] >= 11  # every chart is in the rendered page
-    assert rendered.tags.get("rect", 0) > 500 and rendered.tags.get("path", 0) > 20  # bars and lines drawn
-    m = re.search(r'data-tooltips="(\d+)"', dom)  # the inline script ran, offline
-    assert m and int(m[1]) > 500
+            "--window-size=1100,3000", "--virtual-time-budget=3000", "--enable-logging=stderr", "--v=0"]
+    run = subprocess.run([*args, "--dump-dom", out.as_uri()], capture_output=True, text=True, timeout=180,
+                         check=True)
+    console = [line for line in run.stderr.splitlines() if ":CONSOLE" in line]
+    assert not [line for line in console if "Uncaught" in line or "rror" in line], console  # no script error
+    rendered = Page(run.stdout)
+    assert rendered.tags.get("svg") == page.tags.get("svg")  # every chart is in the rendered page
+    m = re.search(r'data-tooltips="(\d+)"', run.stdout)  # the inline script ran, offline
+    assert m is not None
+    if amount is None:
+        assert "No batches created in this period." in run.stdout and int(m[1]) == 0
+    else:
+        assert page.tags["svg"] >= 11 and int(m[1]) > 500
+        assert rendered.tags.get("rect", 0) > 500 and rendered.tags.get("path", 0) > 20  # bars and lines drawn
+        assert f"{amount['batches']:,} batches created in the period" in html
     shot = tmp_path / "r.png"
-    subprocess.run([*args, f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run([*args, f"--screenshot={shot}", out.as_uri()], capture_output=True, timeout=180, check=True)
     data = shot.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 50_000  # a picture, not a blank page
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > (20_000 if amount is None else 50_000)  # not blank
 
 
 @pytest.mark.parametrize("days", [7, 20])  # hourly points, daily points
