@@ -320,3 +320,33 @@ def test_failed_lines_are_the_failed_answers_and_the_lines_with_a_problem(db_url
     assert failed == [r for r in every if r["failed"] or r["problem"]]
     assert [r["custom_id"] for r in failed] == ["c-2", "c-3", "c-5", "c-7", "c-8", "c-99"]  # (c-99: no line)
     assert js(capsys, "--db", db_url, "lines", "batch_f", "--failed", "--custom-id", "c-5") == [failed[2]]
+
+
+# Commands whose output is not a report: proxy runs mitmproxy (its output is mitmproxy's); export writes the data
+# itself, in the format asked for (--format jsonl is the machines' form).
+NO_JSON = {"velvet proxy", "velvet export"}
+
+
+def test_every_command_has_json():
+    import argparse
+
+    from velvet_core.cli import parser
+
+    def leaves(p: argparse.ArgumentParser, name: str):
+        subs = [a for a in p._actions if isinstance(a, argparse._SubParsersAction)]
+        if not subs:
+            yield name, {o for a in p._actions for o in a.option_strings}
+        for s in subs:
+            for n, sp in s.choices.items():
+                yield from leaves(sp, f"{name} {n}")
+
+    found = dict(leaves(parser(), "velvet"))
+    assert len(found) > 25 and set(found) >= NO_JSON
+    assert [n for n, opts in found.items() if "--json" not in opts and n not in NO_JSON] == []
+
+
+def test_addon_path_json(capsys):
+    out = js(capsys, "addon-path")
+    assert set(out) == {"path"} and Path(out["path"]).name == "velvet.py" and Path(out["path"]).is_file()
+    code, text, _ = run(capsys, "addon-path")
+    assert code == 0 and text.strip() == out["path"]

@@ -275,6 +275,9 @@ def test_ttl_expiry_bucket_rotation_off_and_a_corrupt_entry(standin, tmp_path, a
         assert t["cache_hits"] == 4 and t["saved_usd"] == pytest.approx(s["saved_usd"])
         code, out, _ = run(capsys, "--db", p.db_url, "cache", "clear", "--key", "nobody")
         assert code == 0 and out.startswith("0 cache entries")
+        assert js(capsys, "--db", p.db_url, "cache", "clear", "--model", "gpt-4o-mini", "--older-than",
+                  "2020-01-01") == {"removed": 0, "older_than": "2020-01-01T00:00:00Z", "model": "gpt-4o-mini",
+                                    "key": None}
         code, out, _ = run(capsys, "--db", p.db_url, "cache", "clear")
         assert code == 0 and f"{s['entries']} cache entries removed" in out
         with http(p) as c:

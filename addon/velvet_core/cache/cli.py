@@ -40,4 +40,5 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("--older-than", type=since_arg, metavar="WHEN", help="only entries created before WHEN")
     c.add_argument("--model", help="only entries of this model")
     c.add_argument("--key", metavar="FINGERPRINT", help="only entries stored under this API key fingerprint")
+    c.add_argument("--json", action="store_true", help="print JSON for machines")
     c.set_defaults(opens="writable")

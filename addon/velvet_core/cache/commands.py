@@ -47,4 +47,7 @@ def cmd_clear(db: Database, a: argparse.Namespace) -> None:
     from velvet_core.storage.cache_store import clear
 
     n = clear(db, a.older_than, a.model, a.key)
+    if a.json:
+        return jsonout.dump({"removed": n, "older_than": clock.iso_z(a.older_than),
+                             "model": a.model, "key": a.key})
     print(f"{count(n)} cache {'entry' if n == 1 else 'entries'} removed")

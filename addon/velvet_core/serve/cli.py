@@ -26,5 +26,5 @@ def add_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                         "/etc/systemd/system), then exit")
     p.set_defaults(opens="none", passthrough=True)
     p = command("addon-path", RUN + "cmd_addon_path", "print the path of the installed addon script, for "
-                                                     "mitmdump -s \"$(velvet addon-path)\"", json=False)
+                                                     "mitmdump -s \"$(velvet addon-path)\"")
     p.set_defaults(opens="none")

@@ -20,7 +20,12 @@ def addon_path() -> Path:
 
 
 def cmd_addon_path(url: str, a: argparse.Namespace) -> int:
-    print(addon_path())
+    if a.json:
+        from velvet_core import jsonout
+
+        jsonout.dump({"path": str(addon_path())})
+    else:
+        print(addon_path())
     return 0
 
 
