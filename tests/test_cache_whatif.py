@@ -133,3 +133,46 @@ def test_a_hit_is_logged_counted_and_reported(db_url, tmp_path, capsys):
     code, out, _ = run(capsys, "--db", db_url, "report", "--since", "1d", "-o", str(tmp_path / "r.html"))
     html = (tmp_path / "r.html").read_text()
     assert code == 0 and "Answered by velvet's cache" in html and "<td class=n>1</td>" in html
+
+
+def test_expired_entries_are_swept_out_and_change_nothing(db_url, tmp_path, capsys, monkeypatch):
+    """The scan holds only the entries live at each moment: sweeping the expired ones out (here whenever 3 are
+    held) gives the same figures as keeping them all, and what it holds no longer grows with the history."""
+    from velvet_core import clock
+    from velvet_core.cache import whatif
+    from velvet_core.storage.database import open_db
+
+    # 30 prompts, each asked twice 90 s apart, one call every 90 s; an entry lives 900 s: about 10 live at once
+    ask = b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"q%d"}]}'
+    start_writer(db_url, tmp_path / "spool", [at(chat(i), 6000 - 90 * i, body=ask % (i // 2)) for i in range(60)])
+    kept_sizes: list[int] = []
+
+    def watched(entries, now):
+        out = live_at(entries, now)
+        kept_sizes.append(len(out))
+        return out
+
+    live_at = whatif.live_at
+    db = open_db(db_url)
+    try:
+        start = clock.from_epoch(NOW - 7000)
+        kept = whatif.what_if(db, start, 900, "key")  # (SWEEP_AT is 100,000: never swept)
+        monkeypatch.setattr(whatif, "SWEEP_AT", 3)
+        monkeypatch.setattr(whatif, "live_at", watched)
+        swept = whatif.what_if(db, start, 900, "key")
+    finally:
+        db.close()
+    assert kept == swept and (kept["calls"], kept["repeats"]) == (60, 30)
+    assert len(kept_sizes) >= 3 and max(kept_sizes) <= 11  # swept as it went: not the 30 entries of the history
+
+
+def test_what_if_shows_its_progress_on_a_terminal_only(sqlite_url, tmp_path, capsys, monkeypatch):
+    from velvet_core.cache import whatif
+
+    start_writer(sqlite_url, tmp_path / "spool", [at(chat(i), 3000 - i) for i in range(25)])
+    monkeypatch.setattr(whatif, "STEP", 10)
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True, raising=False)
+    code, out, err = run(capsys, "--db", sqlite_url, "cache", "what-if", "--since", "2h")
+    assert code == 0 and "what-if: calls read [" in err and "25/25" in err and err.endswith("\n")
+    code, out, err = run(capsys, "--db", sqlite_url, "cache", "what-if", "--since", "2h", "--json")
+    assert code == 0 and err == "" and orjson.loads(out)["calls"] == 25

@@ -15,7 +15,7 @@ def cmd_what_if(db: Database, a: argparse.Namespace) -> None:
     from velvet_core.cache.whatif import what_if
 
     ttl = parse_ttl(a.ttl)  # (a ValueError is exit status 2, with its message)
-    r = what_if(db, a.since or clock.parse_since("7d"), ttl, a.scope)
+    r = what_if(db, a.since or clock.parse_since("7d"), ttl, a.scope, progress=not a.json)
     if a.json:
         return jsonout.dump(r)
     share = f" ({r['repeats'] / r['calls'] * 100:.1f}%)" if r["calls"] else ""
