@@ -40,6 +40,7 @@ def test_a_dead_writer_process_is_replaced_and_loses_nothing(sqlite_url, tmp_pat
     assert set(calls(sqlite_url)) == {f"flow-{n}" for n in range(i)}
 
 
+@pytest.mark.alone  # (it starts threads once idle-class, and allows 10 s: beside another test file it may not run)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_writer_process_gives_way_to_the_proxy_and_its_clients(sqlite_url, tmp_path):
     """Background work: the child runs niced and in the idle scheduling class (the proxy and the apps on the

@@ -137,11 +137,15 @@ def bound(url: str) -> Iterator[None]:
             db.close()
 
 
-def wait_for[T](fn: Callable[[], T], timeout: float = 45, what: str = "condition") -> T:
-    """Poll ``fn`` until it returns something truthy. The default is generous: the writer process runs
-    idle-class (``writer/child.give_way``), so on a machine whose cores other work keeps busy it writes nothing
-    until they idle (3 busy loops on 2 cores held a proxy's first rows back 47 s); a passing test waits no
-    longer for it."""
+# How long a test waits for what a proxy writes, at most. Generous: the writer process runs idle-class
+# (``writer/child.give_way``), so on a machine whose cores other work keeps busy (the suite runs two files at once)
+# it writes nothing until they idle (3 busy loops on 2 cores held a proxy's first rows back 47 s); a passing test
+# waits no longer for it.
+WAIT = 60.0
+
+
+def wait_for[T](fn: Callable[[], T], timeout: float = WAIT, what: str = "condition") -> T:
+    """Poll ``fn`` until it returns something truthy, for ``timeout`` seconds at most (:data:`WAIT`)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -155,7 +159,7 @@ def wait_for[T](fn: Callable[[], T], timeout: float = 45, what: str = "condition
     raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
-def call_row(url: str, request_id: str, timeout: float = 15) -> models.Call:
+def call_row(url: str, request_id: str, timeout: float = WAIT) -> models.Call:
     def get() -> models.Call | None:
         with bound(url):
             return models.Call.get_or_none(models.Call.request_id == request_id)
@@ -163,7 +167,7 @@ def call_row(url: str, request_id: str, timeout: float = 15) -> models.Call:
     return wait_for(get, timeout, f"call {request_id}")
 
 
-def stored_batch(url: str, batch_id: str, results: int, timeout: float = 20) -> dict[str, Any]:
+def stored_batch(url: str, batch_id: str, results: int, timeout: float = WAIT) -> dict[str, Any]:
     """What velvet stored of a batch once ``results`` output/error lines are in, as plain data to compare
     with what a client saw: the input lines' custom_ids in order, the result lines by custom_id."""
 

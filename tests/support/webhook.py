@@ -12,6 +12,8 @@ from typing import Any
 
 import orjson
 
+from support.rig import WAIT
+
 
 def velvet_webhook_ok(secret: bytes, headers: dict[str, str], body: bytes, tolerance: int = 300,
                       now: float | None = None) -> bool:
@@ -66,7 +68,7 @@ class WebhookServer(ThreadingHTTPServer):
         with self.lock:
             return [r["json"] for r in self.received if rule is None or r["json"]["rule"] == rule]
 
-    def wait(self, pred: Callable[[list[dict[str, Any]]], Any], timeout: float = 30,
+    def wait(self, pred: Callable[[list[dict[str, Any]]], Any], timeout: float = WAIT,
              what: str = "messages") -> Any:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -76,7 +78,7 @@ class WebhookServer(ThreadingHTTPServer):
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}; received: {[m['text'] for m in self.messages()]}")
 
-    def wait_state(self, rule: str, state: str, after: int = 0, timeout: float = 30) -> dict[str, Any]:
+    def wait_state(self, rule: str, state: str, after: int = 0, timeout: float = WAIT) -> dict[str, Any]:
         """The first message of ``rule`` in ``state`` among those after the first ``after`` of the rule."""
         return self.wait(lambda ms: next((m for m in [m for m in ms if m["rule"] == rule][after:]
                                           if m["state"] == state), None), timeout, f"{rule} {state}")
