@@ -17,7 +17,7 @@ import openai
 import orjson
 import pytest
 from support.pg import fresh_pg_url
-from support.rig import Proxy, bound
+from support.rig import WAIT, Proxy, bound
 from support.standin import StandIn
 from support.webhook import WebhookServer, velvet_webhook_ok
 from velvet_core.alerts.history import listing
@@ -151,7 +151,7 @@ def test_error_rate_fires_and_resolves(rig, monkeypatch):
     # no flood: nothing more while it keeps firing
     time.sleep(1)
     assert [m["state"] for m in rig.hooks.messages("chat errors")] == ["firing"]
-    deadline = time.monotonic() + 30  # answered calls bring the error rate down
+    deadline = time.monotonic() + WAIT  # answered calls bring the error rate down (once written: idle-class)
     while not [m for m in rig.hooks.messages("chat errors") if m["state"] == "resolved"]:
         assert time.monotonic() < deadline, "error_rate never resolved"
         client.chat.completions.create(model="gpt-4o-mini", messages=MSG)

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-from support.rig import API_KEY, Proxy, bound, wait_for
+from support.rig import API_KEY, WAIT, Proxy, bound, wait_for
 from velvet_core.storage import models
 from velvet_core.storage.sql import rows
 
@@ -349,7 +349,7 @@ def test_the_cache_outlives_a_postgresql_restart(standin, tmp_path, own_pg_url):
             assert after.headers["x-velvet-cache"] == "MISS"
             settled(p, after)
             time.sleep(2.5)  # (the follower tries again 2 s after its connection failed)
-            deadline = time.monotonic() + 20
+            deadline = time.monotonic() + WAIT  # (the follower runs in the writer process: idle-class)
             while (hit := post(c, prompt("after the cut"))).headers["x-velvet-cache"] != "HIT":
                 assert time.monotonic() < deadline, "an entry stored after the cut is never followed"
                 time.sleep(0.5)
