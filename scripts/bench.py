@@ -134,6 +134,7 @@ def free_port() -> int:
 
 
 KEEPALIVE_CHUNK = 100  # calls per proxy's turn in the cache phase's keep-alive reading (keepalive())
+CACHE_REPLICAS = 2  # proxies of each kind in the cache phase (cache_phase())
 IDLE_SETTLE = 3.0  # seconds for a writer process to write the last flows and go to sleep (writer/child.py)
 PROXY_CPUS: set[int] = set()  # when pinning: the proxies' core; the client and upstream get the others
 
@@ -345,20 +346,21 @@ async def live(port: int, ctx: ssl.SSLContext, total: int, concurrency: int,
     return total / elapsed, lat
 
 
-async def keepalive(ports: dict[str, int], ctx: ssl.SSLContext, chunks: int, per_chunk: int, concurrency: int,
-                    unique: str) -> dict[str, list[float]]:
-    """Each proxy's requests/s in ``chunks`` short turns of ``per_chunk`` calls, the proxies in turn (the order
-    turning each time), over tunnels opened once and kept: no TLS handshake in the measure, and a slower
-    second of the machine falls on neighbouring turns of every proxy. On this machine a figure read this way
-    varied about a quarter as much from run to run as one read in rounds of 500 calls over new tunnels
-    (session 17, a miss: five runs each, standard deviation 0.7 against 3.0 points), and it reads each request's
-    own cost undiluted by handshakes (so lower). Every request's body differs (``unique`` and a number)."""
+async def keepalive(ports: dict[str, list[int]], ctx: ssl.SSLContext, chunks: int, per_chunk: int,
+                    concurrency: int, unique: str) -> dict[str, list[float]]:
+    """Each kind of proxy's requests/s in ``chunks`` short turns of ``per_chunk`` calls, the kinds in turn (the
+    order turning each time; turn ``c`` goes to the ``c``-th of each kind's proxies, in turn), over tunnels
+    opened once and kept: no TLS handshake in the measure, and a slower second of the machine falls on
+    neighbouring turns of every proxy. On this machine a figure read this way varied about a quarter as much
+    from run to run as one read in rounds of 500 calls over new tunnels (session 17, a miss: five runs each,
+    standard deviation 0.7 against 3.0 points), and it reads each request's own cost undiluted by handshakes
+    (so lower). Every request's body differs (``unique`` and a number)."""
     names = list(ports)
-    conns = {n: [await tunnel(ports[n], ctx) for _ in range(concurrency)] for n in names}
+    conns = {n: [[await tunnel(port, ctx) for _ in range(concurrency)] for port in ports[n]] for n in names}
     out: dict[str, list[float]] = {n: [] for n in names}
     seq = [0]
 
-    async def turn(name: str) -> float:
+    async def turn(name: str, replica: int) -> float:
         left = [per_chunk]
 
         async def worker(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -369,15 +371,16 @@ async def keepalive(ports: dict[str, int], ctx: ssl.SSLContext, chunks: int, per
                 await read_response(reader)
 
         t0 = time.perf_counter()
-        await asyncio.gather(*(worker(r, w) for r, w in conns[name]))
+        await asyncio.gather(*(worker(r, w) for r, w in conns[name][replica]))
         return per_chunk / (time.perf_counter() - t0)
 
     for c in range(chunks):
         for name in names[c % len(names):] + names[:c % len(names)]:
-            out[name].append(await turn(name))
+            out[name].append(await turn(name, c % len(ports[name])))
     for n in names:
-        for _, w in conns[n]:
-            w.close()
+        for replica in conns[n]:
+            for _, w in replica:
+                w.close()
     return out
 
 
@@ -569,30 +572,43 @@ def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_r
     its first ten thousand or so than once it has served many (session 18: of two plain proxies started together,
     the one that had not first served 8,000 calls served 1.2, 1.9 and 2.4% more per second in three turns of
     6,000 calls each, tunnels kept open; after it had served 16,000 more itself, -2.5 to +0.9%). The live phase's,
-    by then some 16,000 calls old, beside new velvet proxies, was in velvet's favour."""
-    plain, plain_port = mitmdump(tmp, up_port, None, "cacheplain")
-    off, off_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheoff.db'}", "cacheoff",
-                             ("--set", "velvet_cache=off"))
-    on, on_port = mitmdump(tmp, up_port, f"sqlite:///{tmp / 'cacheon.db'}", "cacheon",
-                           ("--set", "velvet_cache=on"))
+    by then some 16,000 calls old, beside new velvet proxies, was in velvet's favour.
+
+    Each kind runs in :data:`CACHE_REPLICAS` processes, round ``r`` (and keep-alive turn ``r``) going to the
+    ``r``-th of each kind in turn, as many calls in all: processes started alike differ for good by up to a point
+    of throughput (session 22: of four identical proxies, one served 0.7 point more than the others in each of
+    five blocks), which no number of rounds through one process averages out."""
+    kinds = {"plain": (None, ()), "off": ("cacheoff", ("--set", "velvet_cache=off")),
+             "miss": ("cacheon", ("--set", "velvet_cache=on"))}
+    procs: list[Proc] = []
+    ports: dict[str, list[int]] = {name: [] for name in kinds}
     try:
-        ports = {"plain": plain_port, "off": off_port, "miss": on_port}
-        log(f"bench: response cache, {rounds} x {per_round:,} calls per proxy, every call a miss, alternated")
-        for port in ports.values():
-            asyncio.run(live(port, ctx, 200, conc, unique="warm"))
+        for i in range(CACHE_REPLICAS):
+            for name, (db, extra) in kinds.items():
+                proc, port = mitmdump(tmp, up_port, db and f"sqlite:///{tmp / f'{db}{i}.db'}", f"cache{name}{i}",
+                                      extra)
+                procs.append(proc)
+                ports[name].append(port)
+        log(f"bench: response cache, {rounds} x {per_round:,} calls per kind ({CACHE_REPLICAS} proxies each), "
+            f"every call a miss, alternated")
+        for kind in ports.values():
+            for port in kind:
+                asyncio.run(live(port, ctx, 200, conc, unique="warm"))
         res: dict[str, list[float]] = {name: [] for name in ports}
         names = list(ports)
         for r in range(rounds):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                res[name].append(asyncio.run(live(ports[name], ctx, per_round, conc, unique=f"r{r}"))[0])
+                port = ports[name][r % CACHE_REPLICAS]
+                res[name].append(asyncio.run(live(port, ctx, per_round, conc, unique=f"r{r}"))[0])
         off_r, miss_r, own = paired(res["plain"], res["off"]), paired(res["plain"], res["miss"]), \
             paired(res["off"], res["miss"])
         chunks = rounds * per_round // KEEPALIVE_CHUNK
-        log(f"bench: the same, {chunks} turns of {KEEPALIVE_CHUNK} calls per proxy over tunnels kept open")
+        log(f"bench: the same, {chunks} turns of {KEEPALIVE_CHUNK} calls per kind over tunnels kept open")
         ka = asyncio.run(keepalive(ports, ctx, chunks, KEEPALIVE_CHUNK, conc, "ka"))
         keep = {"cache_off_rps_ratio_keepalive": paired(ka["plain"], ka["off"]),
                 "cache_on_miss_rps_ratio_keepalive": paired(ka["plain"], ka["miss"]),
                 "cache_miss_over_off_rps_ratio_keepalive": paired(ka["off"], ka["miss"])}
+        on_port, plain_port = ports["miss"][0], ports["plain"][0]
         asyncio.run(live(on_port, ctx, 1, 1))  # the answer to repeat, stored by the writer within a second or so
         time.sleep(2.5)
         _, hits = asyncio.run(live(on_port, ctx, 400, 1))
@@ -605,11 +621,12 @@ def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_r
                 "cache_miss_over_off_rps_ratio_ci95": median_ci(own),
                 **{k: round(statistics.median(v), 3) for k, v in keep.items()},
                 **{f"{k}_ci95": median_ci(v) for k, v in keep.items()},
+                "cache_replicas": CACHE_REPLICAS,
                 "cache_hit_p50_ms": round(statistics.median(hits), 3),
                 "plain_p50_ms_one_client": round(statistics.median(plain_lat), 3),
-                "cache_hits_logged": hits_logged(tmp / "cacheon.db")}
+                "cache_hits_logged": hits_logged(tmp / "cacheon0.db")}
     finally:
-        for proc in (plain, off, on):
+        for proc in procs:
             proc.stop()
 
 
