@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
+import os
 import re
 import sys
 import time
@@ -117,17 +118,70 @@ def _image_note(b64: str, kind: str) -> str:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = (),
-          out: TextIO | None = None) -> None:
-    """Print an aligned table; ``right`` are the indexes of right-aligned (numeric) columns."""
+          out: TextIO | None = None, whole: Sequence[int] = ()) -> None:
+    """Print an aligned table; ``right`` are the indexes of right-aligned (numeric) columns.
+
+    On a terminal narrower than the table, the widest text columns are narrowed to fit (their longer cells end in
+    "…"), none under its heading or :data:`CUT_FLOOR` characters; numbers (``right``) and ``whole`` columns (ids
+    to copy) are never cut. Written elsewhere (a pipe, a file), every value is whole."""
     out = out or sys.stdout
     cells = [[printable(h) for h in headers]] + [[printable(v) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if limit := terminal_columns(out):
+        cuttable = [i for i in range(len(widths)) if i not in right and i not in whole]
+        floors = [min(w, max(len(h), CUT_FLOOR)) for w, h in zip(widths, cells[0], strict=True)]
+        if (cut := fit(widths, cuttable, floors, limit)) != widths:
+            mark = _ellipsis(out)
+            widths = cut
+            cells = [[v if len(v) <= w else v[:w - len(mark)] + mark for v, w in zip(r, widths, strict=True)]
+                     for r in cells]
     for n, r in enumerate(cells):
         line = "  ".join(v.rjust(w) if i in right else v.ljust(w)
                          for i, (v, w) in enumerate(zip(r, widths, strict=True)))
         out.write(line.rstrip() + "\n")
         if n == 0:
             out.write("  ".join("-" * w for w in widths) + "\n")
+
+
+CUT_FLOOR = 10  # characters a narrowed column keeps at least (more when its heading is longer)
+
+
+def fit(widths: Sequence[int], cuttable: Sequence[int], floors: Sequence[int], limit: int) -> list[int]:
+    """Column widths whose lines (two spaces between columns) fit in ``limit`` characters, the widest of the
+    ``cuttable`` columns narrowed first, none under its floor: as near as the floors allow, and the widths as
+    they are when they fit."""
+    w = list(widths)
+    over = sum(w) + 2 * (len(w) - 1) - limit
+    while over > 0:
+        left = [i for i in cuttable if w[i] > floors[i]]
+        if not left:
+            break
+        i = max(left, key=w.__getitem__)
+        second = max((w[j] for j in left if j != i), default=0)  # (narrowed to it at once, then in turn)
+        step = max(1, min(over, w[i] - max(floors[i], second)))
+        w[i] -= step
+        over -= step
+    return w
+
+
+def terminal_columns(out: TextIO) -> int:
+    """The width of the terminal ``out`` writes to (``COLUMNS`` first, as :func:`shutil.get_terminal_size`
+    reads it); 0 when ``out`` is not a terminal."""
+    try:
+        if not out.isatty():
+            return 0
+        env = os.environ.get("COLUMNS", "")
+        return int(env) if env.isdigit() and int(env) > 0 else os.get_terminal_size(out.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+def _ellipsis(out: TextIO) -> str:
+    try:
+        "…".encode(getattr(out, "encoding", None) or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return "~"
+    return "…"
 
 
 def pairs(items: Sequence[tuple[str, Any]], out: TextIO | None = None) -> None:

@@ -30,7 +30,7 @@ def cmd_batches(db: Database, a: argparse.Namespace) -> None:
           [[b["id"], b["status"], b["endpoint"] or "-", b["model"] or "-", when(b["created_at"]),
             count(b["lines"]),
             count(b["answered"]), count(b["failed"]), duration(b["turnaround_seconds"]), money(b["cost_usd"])]
-           for b in rows], right=(5, 6, 7, 8, 9))
+           for b in rows], right=(5, 6, 7, 8, 9), whole=(0, 4))
     if not rows:
         print("(no batches)")
 
@@ -56,7 +56,8 @@ def cmd_batch(db: Database, a: argparse.Namespace) -> None:
                                               if b["metadata"] else None), ("problem", b["problem"])])
     print("\nStatus history")
     table(["STATUS", "OBSERVED", "API TIME", "SEEN BY"],
-          [[e["status"], when(e["observed_at"]), when(e["api_at"]), e["source"]] for e in b["events"]])
+          [[e["status"], when(e["observed_at"]), when(e["api_at"]), e["source"]] for e in b["events"]],
+          whole=(1, 2))
     if b["errors"]:
         print("\nErrors")
         table(["SOURCE", "CODE", "COUNT", "EXAMPLE"],
@@ -91,7 +92,7 @@ def cmd_lines(db: Database, a: argparse.Namespace) -> None:
     table(["LINE", "CUSTOM_ID", "STATUS", "ERROR", "MODEL", "IN", "OUT", "COST"],
           [[count(r["line"]), r["custom_id"] or "-", r["status_code"] or "-",
             r["error_code"] or (r["problem"] or "")[:40] or "-", r["model"] or "-", count(r["input_tokens"]),
-            count(r["output_tokens"]), money(r["cost_usd"])] for r in rows], right=(0, 5, 6, 7))
+            count(r["output_tokens"]), money(r["cost_usd"])] for r in rows], right=(0, 5, 6, 7), whole=(1,))
     if not rows:
         print("(no lines)")
 
@@ -146,7 +147,7 @@ def cmd_calls(db: Database, a: argparse.Namespace) -> None:
             c["status_code"] or ("cut" if not c["complete"] else "-"), ms(c["latency_ms"]), ms(c["ttft_ms"]),
             _est(c, count(c["input_tokens"])), _est(c, count(c["output_tokens"])), _est(c, money(c["cost_usd"]))]
            for c in rows],
-          right=(0, 5, 6, 7, 8, 9))
+          right=(0, 5, 6, 7, 8, 9), whole=(1,))
     if not rows:
         print("(no calls)")
     elif any(c["usage_estimated"] for c in rows):
