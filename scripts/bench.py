@@ -583,8 +583,8 @@ def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_r
     procs: list[Proc] = []
     ports: dict[str, list[int]] = {name: [] for name in kinds}
     try:
-        for i in range(CACHE_REPLICAS):
-            for name, (db, extra) in kinds.items():
+        for i in range(CACHE_REPLICAS):  # (started in turn one way, then the other: none always started first)
+            for name, (db, extra) in (list(kinds.items()) if i % 2 == 0 else list(kinds.items())[::-1]):
                 proc, port = mitmdump(tmp, up_port, db and f"sqlite:///{tmp / f'{db}{i}.db'}", f"cache{name}{i}",
                                       extra)
                 procs.append(proc)
