@@ -576,8 +576,8 @@ def cache_phase(tmp: Path, up_port: int, ctx: ssl.SSLContext, rounds: int, per_r
 
     Each kind runs in :data:`CACHE_REPLICAS` processes, round ``r`` (and keep-alive turn ``r``) going to the
     ``r``-th of each kind in turn, as many calls in all: processes started alike differ for good by up to a point
-    of throughput (session 22: of four identical proxies, one served 0.7 point more than the others in each of
-    five blocks), which no number of rounds through one process averages out."""
+    of throughput (session 22: of four identical proxies, one served 0.2-1.1 points more than the first in each
+    of five blocks), which no number of rounds through one process averages out."""
     kinds = {"plain": (None, ()), "off": ("cacheoff", ("--set", "velvet_cache=off")),
              "miss": ("cacheon", ("--set", "velvet_cache=on"))}
     procs: list[Proc] = []
