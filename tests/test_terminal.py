@@ -166,8 +166,10 @@ def test_tables_fit_the_terminal_and_stay_whole_elsewhere(db_url):
     # the rule under the headings: the id, three text columns at CUT_FLOOR, the date, the numbers' headings
     assert len(narrow[1]) == len(BATCH_ID) + 3 * CUT_FLOOR + len("2026-12-07 04:53:03") + len(
         "LINESANSWEREDFAILEDTURNAROUNDCOST") + 2 * 9
-    # COLUMNS wins over the terminal's size, as for shutil.get_terminal_size()
+    # COLUMNS wins over the terminal's size, as for shutil.get_terminal_size(); one that is not a width does not
     assert LONG_MODEL in "\n".join(in_terminal(db_url, 80, "batches", env_columns="400"))
+    for junk in ("abc", "-5", "0", ""):
+        assert all(len(line) <= 160 for line in in_terminal(db_url, 160, "batches", env_columns=junk)), junk
     # through a pipe (a file, grep, another program) every value is whole
     for args in (["batches"], ["calls"]):
         out = velvet(db_url, *args).stdout.decode()
