@@ -5,8 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import math
-import os
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -165,14 +165,11 @@ def fit(widths: Sequence[int], cuttable: Sequence[int], floors: Sequence[int], l
 
 
 def terminal_columns(out: TextIO) -> int:
-    """The width of the terminal ``out`` writes to (``COLUMNS`` first, as :func:`shutil.get_terminal_size`
-    reads it); 0 when ``out`` is not a terminal."""
+    """The width of the terminal ``out`` writes to (:func:`shutil.get_terminal_size`: ``COLUMNS`` first); 0 when
+    ``out`` is not a terminal."""
     try:
-        if not out.isatty():
-            return 0
-        env = os.environ.get("COLUMNS", "")
-        return int(env) if env.isdigit() and int(env) > 0 else os.get_terminal_size(out.fileno()).columns
-    except (AttributeError, OSError, ValueError):
+        return shutil.get_terminal_size().columns if out.isatty() else 0
+    except (AttributeError, ValueError):
         return 0
 
 
