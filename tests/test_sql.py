@@ -44,3 +44,52 @@ def test_ints_and_since():
     assert parse_since("2h", now) == datetime(2026, 11, 24, 13, 0)
     with pytest.raises(ValueError, match=r"use e\.g\."):
         parse_since("soon", now)
+
+
+def test_has_table_and_has_column_agree_with_the_catalog(db_url):
+    """The cheap look-ups the read-only commands use agree with peewee's introspection for every table and
+    column of the schema, see views, and find nothing that is not there (a dropped column, a hostile name)."""
+    from velvet_core.storage.database import open_readonly
+    from velvet_core.storage.sql import has_column, has_table, is_pg
+
+    db = open_db(db_url)
+    db.execute_sql("CREATE TABLE probe (a INTEGER, b INTEGER)")
+    if is_pg(db):  # (SQLite's DROP COLUMN needs 3.35: PostgreSQL keeps a dropped column in its catalog)
+        db.execute_sql("ALTER TABLE probe DROP COLUMN b")
+    tables = db.get_tables()
+    columns = {t: [c.name for c in db.get_columns(t)] for t in tables}
+    db.close()
+    ro = open_readonly(db_url)
+    try:
+        assert {"batches", "calls", "velvet_meta", "probe"} <= set(tables)
+        for t in tables:
+            assert has_table(ro, t), t
+            for c in columns[t]:
+                assert has_column(ro, t, c), (t, c)
+        assert has_table(ro, "batch_summary")  # a view
+        assert has_column(ro, "calls", "cache_hit") and has_column(ro, "batches", "pruned")
+        assert not has_table(ro, "nope") and not has_column(ro, "calls", "nope") and not has_column(ro, "nope", "a")
+        assert has_column(ro, "probe", "a") and has_column(ro, "probe", "b") is (not is_pg(ro))
+        for hostile in ("calls; DROP TABLE calls", "x') OR 1=1 --", "calls\x01"):
+            assert not has_table(ro, hostile) and not has_column(ro, hostile, "model")
+            assert not has_column(ro, "calls", hostile)
+        assert has_table(ro, "calls")
+    finally:
+        ro.close()
+
+
+def test_a_read_only_connection_is_read_only_from_its_start(db_url):
+    """open_readonly's PostgreSQL session is read-only from its start-up packet (no statement sets it)."""
+    import peewee
+    from velvet_core.storage.database import open_readonly
+    from velvet_core.storage.sql import is_pg
+
+    open_db(db_url).close()
+    ro = open_readonly(db_url)
+    try:
+        if is_pg(ro):
+            assert rows(ro, "SHOW default_transaction_read_only")[0]["default_transaction_read_only"] == "on"
+        with pytest.raises(peewee.DatabaseError, match="read-only|readonly|not authorized"):
+            ro.execute_sql("INSERT INTO velvet_meta (key, value) VALUES ('x', 'y')")
+    finally:
+        ro.close()

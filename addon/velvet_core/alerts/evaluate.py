@@ -19,7 +19,7 @@ from velvet_core.alerts.rules import BELOW_KINDS, Rule
 from velvet_core.humanize import duration, money
 from velvet_core.redact import redact
 from velvet_core.storage import batch_rule
-from velvet_core.storage.sql import iso, json_field, json_key, rows, to_dt, ts
+from velvet_core.storage.sql import has_table, iso, json_field, json_key, rows, to_dt, ts
 
 FINAL = ("completed", "failed", "expired", "cancelled")
 BAD_FINAL = ("failed", "expired", "cancelled")
@@ -384,7 +384,7 @@ def _eval(db: Database, rule: Rule, now: datetime) -> Reading:
 
 
 def _velvet_stalled(db: Database, rule: Rule, now: datetime) -> Reading:
-    if not db.table_exists("velvet_proxies"):
+    if not has_table(db, "velvet_proxies"):
         return Reading(None, "this database has no velvet_proxies table (schema too old)")
     found = rows(db, "SELECT proxy, hostname, pid, updated_at, failing_since, last_error, last_error_at, "
                       "queue_depth, pending, spooled FROM velvet_proxies WHERE stopped_at IS NULL "

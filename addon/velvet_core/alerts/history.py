@@ -10,7 +10,7 @@ from peewee import Database, PostgresqlDatabase
 
 from velvet_core.alerts.notify import text, threshold_for
 from velvet_core.alerts.state import Change
-from velvet_core.storage.sql import adapt, iso, to_dt, ts
+from velvet_core.storage.sql import adapt, has_table, iso, to_dt, ts
 
 ALERT_KEYS = ("id", "at", "rule", "kind", "subject", "state", "value", "threshold", "window", "text", "details",
               "source")
@@ -34,7 +34,7 @@ def record(db: Database, changes: list[Change], source: str) -> None:
 
 def last_states(db: Database, rules: list[str]) -> list[dict[str, Any]]:
     """The latest row of each (rule, subject) of these rules: ``rule, subject, state, at, value``."""
-    if not rules or not db.table_exists("alerts"):
+    if not rules or not has_table(db, "alerts"):
         return []
     marks = ", ".join("?" * len(rules))
     cur = db.execute_sql(adapt(db, f'SELECT a."rule", a."subject", a."state", a."at", a."value" FROM "alerts" a '
@@ -46,7 +46,7 @@ def last_states(db: Database, rules: list[str]) -> list[dict[str, Any]]:
 
 def listing(db: Database, since: datetime | None = None, until: datetime | None = None) -> list[dict[str, Any]]:
     """Recorded state changes, newest first (keys :data:`ALERT_KEYS`); none on a database without the table."""
-    if not db.table_exists("alerts"):
+    if not has_table(db, "alerts"):
         return []
     where, params = [], []
     if since is not None:

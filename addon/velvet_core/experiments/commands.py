@@ -68,7 +68,7 @@ def _name(db: Database, given: str | None) -> str:
 
 
 def _taken(db: Database, name: str) -> bool:
-    return db.table_exists("experiments") and bool(
+    return sql.has_table(db, "experiments") and bool(
         sql.rows(db, "SELECT name FROM experiments WHERE name = ?", (name,)))
 
 

@@ -21,7 +21,7 @@ from velvet_core import clock
 from velvet_core.experiments.metrics import DEFAULT_METRICS, METRICS
 from velvet_core.parsing import answers
 from velvet_core.storage.models import Comparison, use
-from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt
+from velvet_core.storage.sql import has_table, iso, json_value, percentile, rows, stream_rows, to_dt
 
 _VALUED = ("contains", "regex", "judge")
 
@@ -106,7 +106,7 @@ class Side:
 
 
 def _experiment(db: Database, ref: str) -> dict[str, Any] | None:
-    if not db.table_exists("experiments"):
+    if not has_table(db, "experiments"):
         return None
     found = rows(db, "SELECT * FROM experiments WHERE name = ?", (ref,)) or \
         rows(db, "SELECT * FROM experiments WHERE batch_id = ?", (ref,))
@@ -459,7 +459,7 @@ def latest_comparisons(db: Database, limit: int = 5) -> list[dict[str, Any]]:
     """The latest recorded comparison of each (a, b), newest first, at most ``limit``: ``{"a", "b",
     "created_at", "pairs", "unpaired", "metrics", "judge_batch_id"}`` (``metrics`` as ``velvet compare
     --json`` prints them). Empty when nothing was compared (or the schema predates comparisons)."""
-    if not db.table_exists("comparisons"):
+    if not has_table(db, "comparisons"):
         return []
     out: list[dict[str, Any]] = []
     seen: set[tuple[str, str]] = set()

@@ -16,7 +16,18 @@ from peewee import Database, PostgresqlDatabase
 
 from velvet_core import clock, config
 from velvet_core.storage import batch_rule, cache_store, rollups
-from velvet_core.storage.sql import iso, json_value, percentile, rows, stream_rows, to_dt, to_int, ts
+from velvet_core.storage.sql import (
+    has_column,
+    has_table,
+    iso,
+    json_value,
+    percentile,
+    rows,
+    stream_rows,
+    to_dt,
+    to_int,
+    ts,
+)
 
 
 class NotFound(LookupError):
@@ -40,7 +51,7 @@ _COUNTS_OF_LINES = ("(SELECT batch_id, sum(input_tokens) AS input_tokens, sum(ou
 
 def _batch_sql(db: Database) -> str:
     """batches.* plus lines, answered, failed, cost_usd, and what batch_rule.figures reads."""
-    counts = "batch_counts" if db.table_exists("batch_counts") else _COUNTS_OF_LINES
+    counts = "batch_counts" if has_table(db, "batch_counts") else _COUNTS_OF_LINES
     return (f"SELECT b.*, {batch_rule.columns_sql('b', 'bc')} FROM batch_summary b "
             f"LEFT JOIN {counts} bc ON bc.batch_id = b.id")
 
@@ -227,7 +238,7 @@ def batch_line(db: Database, batch_id: str, custom_id: str) -> dict[str, Any]:
         raise NotFound(f"no line with custom_id {custom_id!r} in batch {batch_id!r}")
     r = found
     pruned = rows(db, "SELECT pruned, pruned_at FROM batches WHERE id = ?", (batch_id,)) \
-        if any(c.name == "pruned" for c in db.get_columns("batches")) else []
+        if has_column(db, "batches", "pruned") else []
     return {"batch_id": batch_id, **_line(r), "url": r["url"], "request_id": r["request_id"],
             "request": json_value(r["request_body"]), "response": json_value(r["response_body"]),
             "pruned_at": iso(pruned[0]["pruned_at"]) if pruned and pruned[0]["pruned"] else None}
@@ -330,7 +341,7 @@ def _group_value(by: str, r: dict[str, Any], when: str) -> str:
 def _estimated(db: Database) -> str:
     """The ``usage_estimated`` column, or false on a database the proxy has not migrated yet (the CLI opens
     databases read-only, without migrating them)."""
-    has = any(c.name == "usage_estimated" for c in db.get_columns("calls"))
+    has = has_column(db, "calls", "usage_estimated")
     return "usage_estimated" if has else "FALSE AS usage_estimated"
 
 
@@ -415,7 +426,7 @@ def _day(v: Any) -> datetime:
 def rollups_cover(db: Database, since: datetime | None) -> bool:
     """Whether to read the rollups: they exist, and the window holds more than :data:`EXACT_CALLS` calls or
     calls pruned (``velvet prune``: only the rollups still count them)."""
-    if not db.table_exists("call_rollups"):  # a database an older velvet still writes to, not migrated yet
+    if not has_table(db, "call_rollups"):  # a database an older velvet still writes to, not migrated yet
         return False
     pruned = rows(db, "SELECT value FROM velvet_meta WHERE key = ?", (rollups.PRUNED_BEFORE,))
     if pruned and (since is None or since < clock.parse(pruned[0]["value"])):  # type: ignore[operator]
@@ -455,7 +466,7 @@ def _live_from_rollups(db: Database, by: str, since: datetime | None) -> list[di
                                  r["input_tokens"], r["output_tokens"], r["cost_usd"])
     estimated: dict[str, int] = defaultdict(int)  # (not in the rollups: few calls, read through an index)
     where, params = ("", ()) if since is None else (" AND started_at >= ?", (ts(db, since),))
-    if any(c.name == "usage_estimated" for c in db.get_columns("calls")):
+    if has_column(db, "calls", "usage_estimated"):
         for r in stream_rows(db, "SELECT COALESCE(model, model_requested) AS model, endpoint, key_fingerprint, "
                                  f"started_at FROM calls WHERE usage_estimated{where}", params):
             estimated[_group_value(by, r, "started_at")] += 1

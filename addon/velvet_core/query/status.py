@@ -18,7 +18,7 @@ from peewee import Database, PostgresqlDatabase
 from velvet_core import clock, config
 from velvet_core.pids import alive
 from velvet_core.private import loose, unsafe_dir
-from velvet_core.storage.sql import iso, rows, to_dt
+from velvet_core.storage.sql import has_table, iso, rows, to_dt
 from velvet_core.storage.urls import sqlite_path
 
 KEYS = ("proxy", "hostname", "pid", "running", "db", "started_at", "updated_at", "stopped_at", "last_write_at",
@@ -32,7 +32,7 @@ def status(db: Database | None, spool_dir: Path, db_error: str | None = None,
     """Every proxy known to the database or the spool directory, newest first, the spool's leftovers, and which
     of ``files``, the spool directory and what it holds other users may read (``world_readable``)."""
     found: dict[str, dict[str, Any]] = {}
-    if db is not None and db.table_exists("velvet_proxies"):
+    if db is not None and has_table(db, "velvet_proxies"):
         cur = db.execute_sql("SELECT * FROM velvet_proxies")
         names = [c[0] for c in cur.description]
         for values in cur.fetchall():
@@ -85,12 +85,12 @@ def database_facts(db: Database, files: Sequence[Path] = ()) -> dict[str, Any]:
         size = int(rows(db, "SELECT pg_database_size(current_database()) AS n")[0]["n"])
     else:
         size = sum(f.stat().st_size for f in files if f.is_file())
-    oldest_call = rows(db, "SELECT min(started_at) AS t FROM calls")[0]["t"] if db.table_exists("calls") else None
+    oldest_call = rows(db, "SELECT min(started_at) AS t FROM calls")[0]["t"] if has_table(db, "calls") else None
     oldest_batch = rows(db, "SELECT min(COALESCE(created_at, first_seen_at)) AS t FROM batches")[0]["t"] \
-        if db.table_exists("batches") else None
+        if has_table(db, "batches") else None
     meta = {r["key"]: r["value"] for r in rows(db, "SELECT key, value FROM velvet_meta WHERE key IN "
                                                    "('retention', 'retention_last_run', 'refresh')")} \
-        if db.table_exists("velvet_meta") else {}
+        if has_table(db, "velvet_meta") else {}
     last = meta.get("retention_last_run")
     refresh = meta.get("refresh")  # the last proxy's velvet_refresh: on (its last round) or off (and why)
     return {"size_bytes": size, "oldest_call_at": iso(oldest_call), "oldest_batch_at": iso(oldest_batch),

@@ -20,7 +20,7 @@ from velvet_core.experiments.compare import latest_comparisons
 from velvet_core.parsing.extract import Tokens
 from velvet_core.query import queries
 from velvet_core.storage import batch_rule, cache_store, rollups
-from velvet_core.storage.sql import adapt, iso, percentile, stream_rows, to_dt, ts
+from velvet_core.storage.sql import adapt, has_table, iso, percentile, stream_rows, to_dt, ts
 
 BAD = ("failed", "expired", "cancelled")
 ENDED = {"completed": "completed_at", "failed": "failed_at", "expired": "expired_at", "cancelled": "cancelled_at"}
@@ -216,7 +216,7 @@ def _batches(db: Database, since: datetime, until: datetime) -> tuple[list[dict[
         "b.request_failed, b.input_tokens, b.cached_tokens, b.output_tokens, b.usage_cost_usd, "
         f"b.key_fingerprint, b.metadata FROM batches b WHERE {created} >= ? AND {created} < ? "
         f"ORDER BY {created}")), params))
-    if db.table_exists("batch_counts"):  # the counters kept per batch: no line is read
+    if has_table(db, "batch_counts"):  # the counters kept per batch: no line is read
         lines = list(stream_rows(db, adapt(db, (
             "SELECT c.batch_id, NULL AS model, c.results AS n, c.failed, c.cost_usd AS cost, "
             "c.input_tokens AS inp, b.cached_tokens AS cached, c.output_tokens AS outp FROM batch_counts c "

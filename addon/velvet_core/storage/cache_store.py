@@ -11,7 +11,7 @@ from peewee import Database
 from velvet_core.storage import models
 from velvet_core.storage.bulk import insert_rows
 from velvet_core.storage.ops import CacheHit, CacheStore
-from velvet_core.storage.sql import adapt, rows, to_dt, ts
+from velvet_core.storage.sql import adapt, has_column, rows, to_dt, ts
 
 
 def _db() -> Database:
@@ -66,7 +66,7 @@ def live_entries(db: Database, key: str, now: datetime, limit: int) -> list[dict
 
 def has_cache(db: Database) -> bool:
     """Whether the database has the cache's tables (a read-only command may open one not yet migrated)."""
-    return any(c.name == "cache_hit" for c in db.get_columns("calls"))
+    return has_column(db, "calls", "cache_hit")
 
 
 def hit_totals(db: Database, since: datetime | None) -> tuple[int, float]:

@@ -15,6 +15,7 @@ from peewee import Database, PostgresqlDatabase, Psycopg3Adapter, SqliteDatabase
 from velvet_core.private import private_dir, touch_private
 from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
+from velvet_core.storage.sql import has_table
 from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path
 
 __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url", "connect", "migrate", "open_db",
@@ -109,6 +110,8 @@ def connect(url: str, *, readonly: bool = False) -> Database:
     # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
     # cost estimates over a big table) only made them slower
     query["options"] = f"{query.get('options', '')} -c jit=off".strip()
+    if readonly:  # (in the start-up packet: no round trip, and no statement runs before it)
+        query["options"] += " -c default_transaction_read_only=on"
     return PostgresDatabase(
         unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
         password=unquote(parts.password or "") or None, host=parts.hostname or None,
@@ -155,9 +158,7 @@ def open_readonly(url: str) -> Database:
         raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
     db = connect(url, readonly=True)
     db.connect()
-    if isinstance(db, PostgresqlDatabase):
-        db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
-    if not db.table_exists("batches"):
+    if not has_table(db, "batches"):
         db.close()
         raise DatabaseURLError(f"{redact(url)}: not a velvet database (no tables yet)")
     return db

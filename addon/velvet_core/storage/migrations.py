@@ -19,6 +19,7 @@ import orjson
 from peewee import Database, PostgresqlDatabase, SqliteDatabase
 
 import velvet_core
+from velvet_core.storage.sql import has_table
 
 log = logging.getLogger(__name__)
 
@@ -989,7 +990,7 @@ if SCHEMA_VERSION != velvet_core.SCHEMA:
 
 def schema_version(db: Database) -> int:
     """The schema version recorded in the database, 0 for an empty one."""
-    if not db.table_exists("velvet_meta"):
+    if not has_table(db, "velvet_meta"):
         return 0
     row = db.execute_sql(f'SELECT "value" FROM "velvet_meta" WHERE "key" = {db.param}',
                          ("schema_version",)).fetchone()

@@ -10,7 +10,7 @@ from typing import Any
 
 from peewee import Database
 
-from velvet_core.storage.sql import is_pg, iso, rows, ts
+from velvet_core.storage.sql import has_table, is_pg, iso, rows, ts
 
 WORST = 5
 JUDGED = "('scored', 'error')"
@@ -74,7 +74,7 @@ def summary(db: Database, since: datetime, until: datetime, *, names: list[str] 
 
 def has_scores(db: Database) -> bool:
     """Whether the database has the scores table (a read-only look at a database older than schema v16)."""
-    return bool(db.table_exists("scores"))
+    return bool(has_table(db, "scores"))
 
 
 def for_batch(db: Database, batch_id: str) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from typing import Any
 from peewee import Database
 
 from velvet_core.api.client import Client
-from velvet_core.storage.sql import is_pg, rows, ts
+from velvet_core.storage.sql import has_table, is_pg, rows, ts
 
 TOLERANCE = 0.01
 LIVE_ENDPOINTS = ("chat.completions", "completions", "responses")  # what the completions usage counts
@@ -40,7 +40,7 @@ def buckets(client: Client, start: datetime, batch: bool, group_by: str = "model
 
 def logged(db: Database | None, start: datetime) -> dict[tuple[str, str, bool], dict[str, int]]:
     """(day, model, batch) -> requests and tokens, as velvet logged them (nothing without a database)."""
-    if db is None or not db.table_exists("calls"):
+    if db is None or not has_table(db, "calls"):
         return {}
     def day(col: str) -> str:
         return f"to_char({col}, 'YYYY-MM-DD')" if is_pg(db) else f"substr({col}, 1, 10)"
