@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from urllib.parse import quote
 
 import pytest
 from velvet_core.clock import parse_since
@@ -68,7 +69,8 @@ def test_has_table_and_has_column_agree_with_the_catalog(db_url):
                 assert has_column(ro, t, c), (t, c)
         assert has_table(ro, "batch_summary")  # a view
         assert has_column(ro, "calls", "cache_hit") and has_column(ro, "batches", "pruned")
-        assert not has_table(ro, "nope") and not has_column(ro, "calls", "nope") and not has_column(ro, "nope", "a")
+        assert not has_table(ro, "nope") and not has_column(ro, "calls", "nope")
+        assert not has_column(ro, "nope", "a")
         assert has_column(ro, "probe", "a") and has_column(ro, "probe", "b") is (not is_pg(ro))
         for hostile in ("calls; DROP TABLE calls", "x') OR 1=1 --", "calls\x01"):
             assert not has_table(ro, hostile) and not has_column(ro, hostile, "model")
@@ -78,18 +80,21 @@ def test_has_table_and_has_column_agree_with_the_catalog(db_url):
         ro.close()
 
 
-def test_a_read_only_connection_is_read_only_from_its_start(db_url):
-    """open_readonly's PostgreSQL session is read-only from its start-up packet (no statement sets it)."""
+def test_a_read_only_connection_is_read_only_whatever_the_url_says(db_url):
+    """open_readonly's session is read-only even where the URL's options ask otherwise (PostgreSQL)."""
     import peewee
     from velvet_core.storage.database import open_readonly
     from velvet_core.storage.sql import is_pg
 
     open_db(db_url).close()
+    if db_url.startswith("postgresql"):
+        sep = "&" if "?" in db_url else "?"
+        db_url += sep + "options=" + quote("-c default_transaction_read_only=off")
     ro = open_readonly(db_url)
     try:
         if is_pg(ro):
             assert rows(ro, "SHOW default_transaction_read_only")[0]["default_transaction_read_only"] == "on"
-        with pytest.raises(peewee.DatabaseError, match="read-only|readonly|not authorized"):
+        with pytest.raises(peewee.DatabaseError, match=r"read-only|readonly|not authorized"):
             ro.execute_sql("INSERT INTO velvet_meta (key, value) VALUES ('x', 'y')")
     finally:
         ro.close()

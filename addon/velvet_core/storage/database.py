@@ -110,8 +110,6 @@ def connect(url: str, *, readonly: bool = False) -> Database:
     # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
     # cost estimates over a big table) only made them slower
     query["options"] = f"{query.get('options', '')} -c jit=off".strip()
-    if readonly:  # (in the start-up packet: no round trip, and no statement runs before it)
-        query["options"] += " -c default_transaction_read_only=on"
     return PostgresDatabase(
         unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
         password=unquote(parts.password or "") or None, host=parts.hostname or None,
@@ -158,6 +156,8 @@ def open_readonly(url: str) -> Database:
         raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
     db = connect(url, readonly=True)
     db.connect()
+    if isinstance(db, PostgresqlDatabase):  # (a statement, not the URL's options: the URL cannot undo it)
+        db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
     if not has_table(db, "batches"):
         db.close()
         raise DatabaseURLError(f"{redact(url)}: not a velvet database (no tables yet)")
