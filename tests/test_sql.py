@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
+from support.pg import fresh_pg_url
 from velvet_core.clock import parse_since
 from velvet_core.storage.database import open_db
 from velvet_core.storage.sql import adapt, json_value, rows, to_int, ts
@@ -78,6 +79,37 @@ def test_has_table_and_has_column_agree_with_the_catalog(db_url):
         assert has_table(ro, "calls")
     finally:
         ro.close()
+
+
+def test_has_table_looks_where_the_migrations_create_tables():
+    """PostgreSQL: a table in a schema further down the search_path is not velvet's (the migrations create theirs
+    in the current schema, and a read-only command must not take another's for them)."""
+    from velvet_core.storage.database import open_readonly
+    from velvet_core.storage.sql import has_column, has_table, is_pg
+
+    db_url = fresh_pg_url()
+    db = open_db(db_url)
+    assert is_pg(db)
+    mine = rows(db, "SELECT current_schema() AS s")[0]["s"]
+    other = f"{mine}_other"
+    db.execute_sql(f"CREATE SCHEMA {other}")
+    db.execute_sql(f"CREATE TABLE {other}.elsewhere (a INTEGER)")
+    db.close()
+    ro = open_readonly(db_url)
+    try:
+        ro.execute_sql(f"SET search_path = {mine}, {other}")
+        assert rows(ro, "SELECT count(*) AS n FROM elsewhere")[0]["n"] == 0  # (the queries would reach it)
+        assert not has_table(ro, "elsewhere") and not has_column(ro, "elsewhere", "a")
+        assert has_table(ro, "calls") and has_column(ro, "calls", "model")
+        ro.execute_sql(f"SET search_path = {other}, {mine}")
+        assert has_table(ro, "elsewhere") and not has_table(ro, "calls")
+        ro.execute_sql("SET search_path = no_such_schema")
+        assert not has_table(ro, "calls") and not has_column(ro, "calls", "model")
+    finally:
+        ro.close()
+        db = open_db(db_url)
+        db.execute_sql(f"DROP SCHEMA {other} CASCADE")
+        db.close()
 
 
 def test_a_read_only_connection_is_read_only_whatever_the_url_says(db_url):

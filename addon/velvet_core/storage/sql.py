@@ -26,15 +26,20 @@ def adapt(db: Database, sql: str) -> str:
     return sql.replace("?", "%s") if is_pg(db) else sql
 
 
+# The relation named by the parameter in the current schema (NULL if there is none, or no current schema).
+_PG_RELATION = "to_regclass(quote_ident(current_schema()) || '.' || quote_ident(%s))"
+
+
 def has_table(db: Database, name: str) -> bool:
     """Whether the queries reach a table (or view) ``name``: a read-only command may open a database that an
     older velvet made and no proxy has migrated yet.
 
     One catalog look-up, about 0.3 ms on PostgreSQL: peewee's ``table_exists`` lists every table of the schema
-    first, and its ``get_columns`` reads ``information_schema``, 4-9 ms a call there. On PostgreSQL the name is
-    quoted (any text is a name, never SQL) and found through the ``search_path``, as the queries' names are."""
+    first, and its ``get_columns`` reads ``information_schema``, 4-9 ms a call there. On PostgreSQL it looks in the
+    current schema, as peewee's did: where the migrations create the tables (a table of that name in a schema
+    further down the ``search_path`` is not velvet's). Any text is a name there, never SQL."""
     if is_pg(db):
-        return bool(db.execute_sql("SELECT to_regclass(quote_ident(%s)) IS NOT NULL", (name,)).fetchone()[0])
+        return bool(db.execute_sql(f"SELECT {_PG_RELATION} IS NOT NULL", (name,)).fetchone()[0])
     found = db.execute_sql("SELECT 1 FROM sqlite_master WHERE type IN ('table', 'view') AND name = ?", (name,))
     return found.fetchone() is not None
 
@@ -42,7 +47,7 @@ def has_table(db: Database, name: str) -> bool:
 def has_column(db: Database, table: str, column: str) -> bool:
     """Whether ``table`` has ``column`` (see :func:`has_table`); false if there is no such table."""
     if is_pg(db):
-        sql = ("SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(quote_ident(%s)) "
+        sql = (f"SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = {_PG_RELATION} "
                "AND attname = %s AND attnum > 0 AND NOT attisdropped")
         return db.execute_sql(sql, (table, column)).fetchone() is not None
     # (the pragma's statement: its table-valued function, pragma_table_info(?), asks the read-only
