@@ -1,4 +1,5 @@
-"""The SQL helpers every reader shares: placeholders, rows, timestamps and JSON values, one definition each.
+"""The SQL helpers every reader shares: placeholders, rows, timestamps, JSON values, and whether a table or column
+exists; one definition each.
 
 velvet's queries are written once for both backends, with ``?`` placeholders; stored timestamps are naive UTC
 (``timestamp`` on PostgreSQL, peewee's text on SQLite); JSON columns hold text (or ``jsonb``).
