@@ -457,3 +457,41 @@ def test_stream_values_that_are_not_text_are_not_kept_as_text(db_url, tmp_path, 
     assert w.health.dead_lettered == 0
     row = calls(db_url)["odd"]
     assert row.model is None and row.model_requested == "gpt-4o-mini" and row.response_text == "hi"
+
+
+def test_a_stream_the_client_hangs_up_on_after_its_end_is_cached_and_a_cut_one_is_not(db_url, tmp_path):
+    """A client may close the connection right after a stream's end event, before the end of the HTTP body: the
+    flow ends in an error, but the answer is whole. Its call row is complete and, asked for by the cache, it is
+    stored, as the same stream ended cleanly is. A stream cut before its end event, and a plain answer whose flow
+    failed, are not (the row and the entry decide alike)."""
+    from support.helpers import calls, q, start_writer
+
+    now = time.time()
+    meta = {"id": "c1", "object": "chat.completion.chunk", "model": "gpt-4o-mini-2024-07-18"}
+    events = [{**meta, "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]},
+              {**meta, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    sse = b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    cut = sse[:sse.index(b"data: [DONE]")]
+    answer = orjson.dumps({"id": "c2", "object": "chat.completion", "model": "gpt-4o-mini-2024-07-18",
+                           "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"},
+                                        "finish_reason": "stop"}]})
+
+    def snap(fid: str, data: bytes, error: str | None, stream: bool = True) -> CallSnapshot:
+        return make_snapshot(
+            flow_id=fid, request_headers={"content-type": "application/json"}, started_at=now,
+            request_body=b'{"model":"gpt-4o-mini","stream":true,"messages":[]}', ended_at=now + 0.01,
+            status_code=200,
+            response_headers={"content-type": "text/event-stream" if stream else "application/json"},
+            response_body=None if stream else data, stream_chunks=[(now, data)] if stream else None,
+            stream_finished=error is None, error=error,
+            cache={"key": fid.ljust(64, "0"), "ttl": 3600.0, "bucket": 1})
+
+    hung_up = "Client disconnected."
+    start_writer(db_url, tmp_path / "spool", [
+        snap("clean", sse, None), snap("hungup", sse, hung_up), snap("cut", cut, hung_up),
+        snap("plain", answer, hung_up, stream=False)])
+    rows = calls(db_url)
+    assert [rows[f].complete for f in ("clean", "hungup", "cut", "plain")] == [True, True, False, False]
+    stored = {r["flow_id"]: r for r in q(db_url, "SELECT flow_id, stream, body FROM cache_entries")}
+    assert sorted(stored) == ["clean", "hungup"]
+    assert stored["hungup"]["body"] == stored["clean"]["body"] and '"hi"' in stored["hungup"]["body"]

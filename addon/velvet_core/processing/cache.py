@@ -32,9 +32,13 @@ def mark_hit(s: CallSnapshot, row: dict[str, Any]) -> Iterator[Op]:
 
 
 def entry(s: CallSnapshot, row: dict[str, Any], resp: Body | None, body_limit: int) -> Iterator[Op]:
-    """A miss whose answer is to be stored: an entry, if the answer is 200, whole, JSON and within the limit."""
+    """A miss whose answer is to be stored: an entry, if the answer is 200, whole, JSON and within the limit.
+
+    Whole is the call row's ``complete`` (:func:`~velvet_core.processing.calls.parse_call` decides it): a flow
+    that ended in a connection error is not, except a stream whose end event had come, which a client may hang up
+    right after."""
     c = s.cache or {}
-    if "key" not in c or "hit" in c or s.status_code != 200 or s.error or not row.get("complete", True) \
+    if "key" not in c or "hit" in c or s.status_code != 200 or not row.get("complete", True) \
             or row.get("error_type"):
         return
     if s.stream_chunks is not None:  # the stream reassembled: served as JSON, or streamed again
