@@ -119,9 +119,9 @@ def test_a_read_only_connection_is_read_only_whatever_the_url_says(db_url):
     from velvet_core.storage.sql import is_pg
 
     open_db(db_url).close()
-    if db_url.startswith("postgresql"):
-        sep = "&" if "?" in db_url else "?"
-        db_url += sep + "options=" + quote("-c default_transaction_read_only=off")
+    if db_url.startswith("postgresql"):  # (added to the URL's one ``options``: a second would replace the first)
+        assert "options=" in db_url
+        db_url = db_url.replace("options=", "options=" + quote("-c default_transaction_read_only=off "), 1)
     ro = open_readonly(db_url)
     try:
         if is_pg(ro):
