@@ -235,3 +235,45 @@ def test_a_connect_timeout_joins_a_postgresql_url_unless_it_has_one():
     assert with_connect_timeout("postgresql://h/db?sslmode=require", 3) == \
         "postgresql://h/db?sslmode=require&connect_timeout=3"
     assert with_connect_timeout("postgresql://h/db?connect_timeout=9", 3) == "postgresql://h/db?connect_timeout=9"
+
+
+def test_a_repeated_url_parameter_is_never_dropped_quietly():
+    """libpq keeps the last of a repeated parameter: velvet joins repeated ``options`` and refuses any other."""
+    from velvet_core.storage.urls import url_params
+
+    assert url_params("postgresql://h/db?options=-csearch_path%3Dx&sslmode=require&options=-c%20jit%3Doff") == \
+        {"options": "-csearch_path=x -c jit=off", "sslmode": "require"}
+    for url in ("postgresql://h/db?sslmode=disable&sslmode=require", "postgres://h/db?host=a&host=b"):
+        with pytest.raises(DatabaseURLError, match="given twice"):
+            check_url(url)
+    with pytest.raises(DatabaseURLError) as e:  # (the message names the parameter, never a password's value)
+        check_url("postgresql://h/db?password=hunter2secret&password=other2secret")
+    assert "'password' is given twice" in str(e.value) and "secret" not in str(e.value)
+
+
+def test_two_options_parameters_both_apply(tmp_path):
+    """A URL with two ``options`` (a schema, then a setting): velvet's tables go to that schema, and the setting
+    holds too; the CLI refuses a URL with another parameter repeated, in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    from urllib.parse import quote
+
+    from support.pg import fresh_pg_url
+    from velvet_core.storage.sql import rows
+
+    url = fresh_pg_url() + "&options=" + quote("-c statement_timeout=4321")
+    db = open_db(url)
+    try:
+        assert rows(db, "SHOW statement_timeout")[0]["statement_timeout"] == "4321ms"
+        schema = url.split("search_path%3D")[1].split("&")[0]
+        assert rows(db, "SELECT current_schema() AS s")[0]["s"] == schema
+        assert rows(db, "SELECT count(*) AS n FROM information_schema.tables WHERE table_schema = %s "
+                        "AND table_name = 'calls'", (schema,))[0]["n"] == 1
+    finally:
+        db.close()
+    bad = url + "&sslmode=disable&sslmode=prefer"
+    out = subprocess.run([str(Path(sys.executable).with_name("velvet")), "--db", bad, "stats", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "'sslmode' is given twice" in out.stderr
+    assert "Traceback" not in out.stderr

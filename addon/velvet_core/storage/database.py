@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 from peewee import Database, PostgresqlDatabase, Psycopg3Adapter, SqliteDatabase
 
@@ -16,7 +16,7 @@ from velvet_core.private import private_dir, touch_private
 from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 from velvet_core.storage.sql import has_table
-from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path
+from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path, url_params
 
 __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url", "connect", "migrate", "open_db",
            "schema_version", "sqlite_path"]
@@ -106,7 +106,7 @@ def connect(url: str, *, readonly: bool = False) -> Database:
 
             return ReadOnlySqlite(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
-    query: dict[str, Any] = dict(parse_qsl(parts.query))
+    query: dict[str, Any] = dict(url_params(url))
     # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
     # cost estimates over a big table) only made them slower
     query["options"] = f"{query.get('options', '')} -c jit=off".strip()

@@ -21,9 +21,26 @@ def check_url(url: str) -> str:
         if not parts.path.strip("/"):
             raise DatabaseURLError(f"{redact(url)!r}: a PostgreSQL URL needs a database name, "
                                    "e.g. postgresql://user:pass@host:5432/velvet")
+        url_params(url)
     else:
         raise DatabaseURLError(f"{redact(url)!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
     return url
+
+
+def url_params(url: str) -> dict[str, str]:
+    """A PostgreSQL URL's query parameters (the connection's keywords). A repeated ``options`` is joined, in order:
+    libpq keeps only the last of a repeated parameter, so ``?options=-csearch_path%3Dx&options=-c%20...`` would
+    quietly lose the schema, and velvet would write to (or read) another one. Any other parameter given twice
+    raises :class:`DatabaseURLError`: which one was meant is not velvet's to guess."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(urlsplit(url).query):
+        if name not in params:
+            params[name] = value
+        elif name == "options":
+            params[name] = f"{params[name]} {value}"
+        else:
+            raise DatabaseURLError(f"{redact(url)!r}: the parameter {name!r} is given twice; give it once")
+    return params
 
 
 def sqlite_path(url: str) -> str:
@@ -35,6 +52,6 @@ def with_connect_timeout(url: str, seconds: int) -> str:
     """``url`` with ``connect_timeout`` (PostgreSQL) unless it has one: libpq otherwise waits for the system's TCP
     timeout (about two minutes) on a server that does not answer. A SQLite URL is returned as it is."""
     parts = urlsplit(url)
-    if parts.scheme.startswith("sqlite") or "connect_timeout" in dict(parse_qsl(parts.query)):
+    if parts.scheme.startswith("sqlite") or "connect_timeout" in url_params(url):
         return url
     return urlunsplit(parts._replace(query="&".join(filter(None, [parts.query, f"connect_timeout={seconds}"]))))
