@@ -251,7 +251,7 @@ def test_a_repeated_url_parameter_is_never_dropped_quietly():
     assert "'password' is given twice" in str(e.value) and "secret" not in str(e.value)
 
 
-def test_two_options_parameters_both_apply(tmp_path):
+def test_two_options_parameters_both_apply():
     """A URL with two ``options`` (a schema, then a setting): velvet's tables go to that schema, and the setting
     holds too; the CLI refuses a URL with another parameter repeated, in one line."""
     import subprocess
