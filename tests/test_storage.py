@@ -277,3 +277,58 @@ def test_two_options_parameters_both_apply():
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "'sslmode' is given twice" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_postgresql_urls_keywords_as_libpq_reads_them():
+    """Host, port, user and database from the URL's parts or its query (a Unix socket's folder, several hosts),
+    never from both: a keyword given twice is refused naming it, where libpq would take one of the two."""
+    from velvet_core.storage.urls import pg_params
+
+    assert pg_params("postgresql://u:p%40ss@db.example:5433/velvet?sslmode=require") == {
+        "dbname": "velvet", "user": "u", "password": "p@ss", "host": "db.example", "port": 5433,
+        "sslmode": "require"}
+    assert pg_params("postgresql:///v?host=/run/postgresql") == {"dbname": "v", "host": "/run/postgresql"}
+    assert pg_params("postgresql://%2FRun%2FPG/velvet")["host"] == "/Run/PG"  # (decoded, its case kept)
+    assert pg_params("postgresql://u@[::1]:5/v")["host"] == "::1"
+    assert pg_params("postgresql://u@/v?host=h1,h2&port=5432,5433") == {
+        "dbname": "v", "user": "u", "host": "h1,h2", "port": "5432,5433"}
+    assert pg_params("postgresql://h/?dbname=velvet")["dbname"] == "velvet"
+    for url, name in [("postgresql://u@h/v?user=x", "user"), ("postgresql://u:p@h/v?password=q", "password"),
+                      ("postgresql://h/v?host=other", "host"), ("postgresql://h:5/v?port=6", "port"),
+                      ("postgresql://h/v?dbname=postgres", "dbname")]:
+        with pytest.raises(DatabaseURLError, match=f"'{name}' is given twice, in the URL and in its query"):
+            check_url(url)
+    for url, why in [("postgresql://h/", "needs a database name"), ("postgresql://h1:5,h2:6/v", "several hosts"),
+                     ("postgresql://h:port/v", "not a number")]:
+        with pytest.raises(DatabaseURLError, match=why):
+            check_url(url)
+
+
+def test_a_postgresql_url_reaches_the_server_by_its_socket_and_by_several_hosts():
+    """libpq's ways to name the server in a URL, against the real one: its Unix socket's folder in the query or
+    percent-encoded in the URL's host, and a list of hosts in the query (the first one down)."""
+    from urllib.parse import quote, urlsplit
+
+    from support.pg import fresh_pg_url
+    from velvet_core.storage.sql import rows
+
+    url = fresh_pg_url()
+    parts = urlsplit(url)
+    db = open_db(url)
+    try:
+        folder = rows(db, "SHOW unix_socket_directories")[0]["unix_socket_directories"].split(",")[0].strip()
+    finally:
+        db.close()
+    assert folder.startswith("/")
+    user, port, name, query = parts.username, parts.port, parts.path, parts.query
+    for other in (f"postgresql://{user}@{name}?host={quote(folder, safe='')}&port={port}&{query}",
+                  f"postgresql://{user}@{quote(folder, safe='')}:{port}{name}?{query}",
+                  f"postgresql://{user}@{name}?host=127.0.0.9,{parts.hostname}&port={port},{port}&{query}"
+                  "&connect_timeout=3"):
+        db = open_db(other)
+        try:
+            assert rows(db, "SELECT count(*) AS n FROM calls")[0]["n"] == 0
+            addr = rows(db, "SELECT inet_server_addr() AS a")[0]["a"]
+            assert (addr is None) == ("127.0.0.9" not in other)  # (None: over the socket)
+        finally:
+            db.close()

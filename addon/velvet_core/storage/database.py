@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from peewee import Database, PostgresqlDatabase, Psycopg3Adapter, SqliteDatabase
 
@@ -16,7 +16,7 @@ from velvet_core.private import private_dir, touch_private
 from velvet_core.redact import redact
 from velvet_core.storage.migrations import SCHEMA_VERSION, migrate, schema_version
 from velvet_core.storage.sql import has_table
-from velvet_core.storage.urls import DatabaseURLError, check_url, sqlite_path, url_params
+from velvet_core.storage.urls import DatabaseURLError, check_url, pg_params, sqlite_path
 
 __all__ = ["SCHEMA_VERSION", "DatabaseURLError", "PostgresDatabase", "check_url", "connect", "migrate", "open_db",
            "schema_version", "sqlite_path"]
@@ -106,15 +106,11 @@ def connect(url: str, *, readonly: bool = False) -> Database:
 
             return ReadOnlySqlite(f"file:{path}?mode=ro", uri=True, pragmas={"busy_timeout": 10000})
         return SqliteDatabase(path, pragmas=pragmas, check_same_thread=False)
-    query: dict[str, Any] = dict(url_params(url))
+    params = pg_params(url)
     # velvet's statements are short and go through indexes: JIT compilation (tens of ms, triggered by
     # cost estimates over a big table) only made them slower
-    query["options"] = f"{query.get('options', '')} -c jit=off".strip()
-    return PostgresDatabase(
-        unquote(parts.path.lstrip("/")), user=unquote(parts.username or "") or None,
-        password=unquote(parts.password or "") or None, host=parts.hostname or None,
-        port=parts.port, **query,
-    )
+    params["options"] = f"{params.get('options', '')} -c jit=off".strip()
+    return PostgresDatabase(params.pop("dbname"), **params)
 
 
 def open_db(url: str) -> Database:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from velvet_core.redact import redact
@@ -18,13 +19,40 @@ def check_url(url: str) -> str:
         if not parts.path or parts.path == "/":
             raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
     elif parts.scheme in ("postgresql", "postgres"):
-        if not parts.path.strip("/"):
-            raise DatabaseURLError(f"{redact(url)!r}: a PostgreSQL URL needs a database name, "
-                                   "e.g. postgresql://user:pass@host:5432/velvet")
-        url_params(url)
+        pg_params(url)
     else:
         raise DatabaseURLError(f"{redact(url)!r}: use sqlite:///path or postgresql://user:pass@host:port/db")
     return url
+
+
+def pg_params(url: str) -> dict[str, Any]:
+    """The keywords of a PostgreSQL URL's connection (``dbname``, ``user``, ``password``, ``host``, ``port`` and
+    the query's libpq parameters), as libpq reads such a URL: ``postgresql:///velvet?host=/run/postgresql`` is
+    a Unix socket. A keyword given twice, in the URL's parts and again in its query, raises
+    :class:`DatabaseURLError` naming it (libpq would take one of the two, and velvet could open another
+    database, as another user, than the URL seems to say)."""
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise DatabaseURLError(f"{redact(url)!r}: the port is not a number (several hosts go in the query: "
+                               "postgresql://user@/velvet?host=h1,h2&port=5432,5433)") from None
+    # (the host as written, percent-decoded as libpq does: %2Frun%2Fpostgresql is a socket's folder, whose case
+    # ``hostname`` would lower)
+    host = parts.netloc.rpartition("@")[2]
+    host = host[1:host.find("]")] if host.startswith("[") else host.partition(":")[0]
+    out: dict[str, Any] = {k: v for k, v in (
+        ("dbname", unquote(parts.path.lstrip("/"))), ("user", unquote(parts.username or "")),
+        ("password", unquote(parts.password or "")), ("host", unquote(host)), ("port", port)) if v}
+    for name, value in url_params(url).items():
+        if name in out:
+            raise DatabaseURLError(f"{redact(url)!r}: {name!r} is given twice, in the URL and in its query; "
+                                   "give it once")
+        out[name] = value
+    if not out.get("dbname"):
+        raise DatabaseURLError(f"{redact(url)!r}: a PostgreSQL URL needs a database name, "
+                               "e.g. postgresql://user:pass@host:5432/velvet")
+    return out
 
 
 def url_params(url: str) -> dict[str, str]:
