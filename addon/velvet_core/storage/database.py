@@ -148,6 +148,7 @@ def _one_opener(url: str) -> Iterator[None]:
 
 def open_readonly(url: str) -> Database:
     """Connect read-only: SQLite with ``mode=ro``, PostgreSQL with read-only transactions."""
+    check_url(url)
     if url.startswith("sqlite:") and not os.path.exists(sqlite_path(url)):
         raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
     db = connect(url, readonly=True)

@@ -18,6 +18,9 @@ def check_url(url: str) -> str:
     if parts.scheme == "sqlite":
         if not parts.path or parts.path == "/":
             raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
+        if parts.query or parts.fragment:  # (``?mode=ro`` would be dropped, and the file opened read-write)
+            raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL takes no parameters (the commands open it "
+                                   "read-only by themselves; a '?' or '#' in a file's name is written %3F or %23)")
     elif parts.scheme in ("postgresql", "postgres"):
         pg_params(url)
     else:
