@@ -64,7 +64,8 @@ def test_concurrent_migrations(db_url):
 
 
 @pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://", "postgresql://host", "nonsense",
-                                 "sqlite:///v.db?mode=ro", "sqlite:////tmp/v.db#x"])
+                                 "sqlite:///v.db?mode=ro", "sqlite:////tmp/v.db#x", "postgresql://u@[::1/v",
+                                 "postgresql://u@h:99999/v", "postgresql://u@h:-1/v"])
 def test_bad_urls(url):
     with pytest.raises(DatabaseURLError):
         check_url(url)
@@ -317,7 +318,7 @@ def test_a_postgresql_urls_keywords_as_libpq_reads_them():
         with pytest.raises(DatabaseURLError, match=f"'{name}' is given twice, in the URL and in its query"):
             check_url(url)
     for url, why in [("postgresql://h/", "needs a database name"), ("postgresql://h1:5,h2:6/v", "several hosts"),
-                     ("postgresql://h:port/v", "not a number")]:
+                     ("postgresql://h:port/v", "not a number"), ("postgresql://h:70000/v", "0 to 65535")]:
         with pytest.raises(DatabaseURLError, match=why):
             check_url(url)
 

@@ -14,7 +14,10 @@ class DatabaseURLError(ValueError):
 
 def check_url(url: str) -> str:
     """Raise :class:`DatabaseURLError` unless ``url`` is a usable sqlite or postgresql URL."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:  # (an unclosed IPv6 bracket)
+        raise DatabaseURLError(f"{redact(url)!r}: {e}") from None
     if parts.scheme == "sqlite":
         if not parts.path or parts.path == "/":
             raise DatabaseURLError(f"{redact(url)!r}: a SQLite URL needs a file path, e.g. sqlite:///var/velvet.db")
@@ -38,8 +41,8 @@ def pg_params(url: str) -> dict[str, Any]:
     try:
         port = parts.port
     except ValueError:
-        raise DatabaseURLError(f"{redact(url)!r}: the port is not a number (several hosts go in the query: "
-                               "postgresql://user@/velvet?host=h1,h2&port=5432,5433)") from None
+        raise DatabaseURLError(f"{redact(url)!r}: the port is not a number from 0 to 65535 (several hosts go in "
+                               "the query: postgresql://user@/velvet?host=h1,h2&port=5432,5433)") from None
     # (the host as written, percent-decoded as libpq does: %2Frun%2Fpostgresql is a socket's folder, whose case
     # ``hostname`` would lower)
     host = parts.netloc.rpartition("@")[2]
