@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+from urllib.parse import quote, urlsplit
 
 import pytest
 from support.helpers import snapshot
+from support.pg import fresh_pg_url
 from support.rig import bound, free_port
 from velvet_core.parsing.classify import classify
 from velvet_core.storage import models
 from velvet_core.storage.database import SCHEMA_VERSION, DatabaseURLError, check_url, open_db, schema_version
 from velvet_core.storage.ops import CallRow
 from velvet_core.storage.snapshot import CallSnapshot
+from velvet_core.storage.sql import rows
+from velvet_core.storage.urls import pg_params, url_params
 from velvet_core.writer.spool import Unprocessed
 from velvet_core.writer.writer import Writer
 
@@ -63,6 +70,14 @@ def test_concurrent_migrations(db_url):
     assert errors == []
 
 
+def refused(url: str, why: str) -> subprocess.CompletedProcess[str]:
+    """``velvet --db URL stats --json``, which must refuse the URL in one line saying ``why``."""
+    out = subprocess.run([str(Path(sys.executable).with_name("velvet")), "--db", url, "stats", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and why in out.stderr and "Traceback" not in out.stderr
+    return out
+
+
 @pytest.mark.parametrize("url", ["mysql://x/y", "sqlite://", "postgresql://host", "nonsense",
                                  "sqlite:///v.db?mode=ro", "sqlite:////tmp/v.db#x", "postgresql://u@[::1/v",
                                  "postgresql://u@h:99999/v", "postgresql://u@h:-1/v"])
@@ -73,19 +88,12 @@ def test_bad_urls(url):
 
 def test_a_sqlite_file_whose_name_holds_a_question_mark(tmp_path):
     """Written %3F in the URL (a bare '?' starts the parameters a SQLite URL refuses): the file of that name."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     db = open_db(f"sqlite:///{tmp_path}/odd%3Fname%23.db")
     db.close()
     assert (tmp_path / "odd?name#.db").exists()
     # a command refuses parameters too, in one line, even on a file that is there (?mode=ro was dropped)
-    out = subprocess.run([str(Path(sys.executable).with_name("velvet")), "--db",
-                          f"sqlite:///{tmp_path}/odd%3Fname%23.db?mode=ro", "stats", "--json"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "a SQLite URL takes no parameters" in out.stderr
-    assert "Traceback" not in out.stderr and out.stdout == ""
+    out = refused(f"sqlite:///{tmp_path}/odd%3Fname%23.db?mode=ro", "a SQLite URL takes no parameters")
+    assert out.stdout == ""
 
 
 def test_writer_writes_everything(db_url, tmp_path):
@@ -258,8 +266,6 @@ def test_a_connect_timeout_joins_a_postgresql_url_unless_it_has_one():
 
 def test_a_repeated_url_parameter_is_never_dropped_quietly():
     """libpq keeps the last of a repeated parameter: velvet joins repeated ``options`` and refuses any other."""
-    from velvet_core.storage.urls import url_params
-
     assert url_params("postgresql://h/db?options=-csearch_path%3Dx&sslmode=require&options=-c%20jit%3Doff") == \
         {"options": "-csearch_path=x -c jit=off", "sslmode": "require"}
     for url in ("postgresql://h/db?sslmode=disable&sslmode=require", "postgres://h/db?host=a&host=b"):
@@ -273,14 +279,6 @@ def test_a_repeated_url_parameter_is_never_dropped_quietly():
 def test_two_options_parameters_both_apply():
     """A URL with two ``options`` (a schema, then a setting): velvet's tables go to that schema, and the setting
     holds too; the CLI refuses a URL with another parameter repeated, in one line."""
-    import subprocess
-    import sys
-    from pathlib import Path
-    from urllib.parse import quote
-
-    from support.pg import fresh_pg_url
-    from velvet_core.storage.sql import rows
-
     url = fresh_pg_url() + "&options=" + quote("-c statement_timeout=4321")
     db = open_db(url)
     try:
@@ -292,17 +290,12 @@ def test_two_options_parameters_both_apply():
     finally:
         db.close()
     bad = url + "&sslmode=disable&sslmode=prefer"
-    out = subprocess.run([str(Path(sys.executable).with_name("velvet")), "--db", bad, "stats", "--json"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode != 0 and "'sslmode' is given twice" in out.stderr
-    assert "Traceback" not in out.stderr
+    refused(bad, "'sslmode' is given twice")
 
 
 def test_a_postgresql_urls_keywords_as_libpq_reads_them():
     """Host, port, user and database from the URL's parts or its query (a Unix socket's folder, several hosts),
     never from both: a keyword given twice is refused naming it, where libpq would take one of the two."""
-    from velvet_core.storage.urls import pg_params
-
     assert pg_params("postgresql://u:p%40ss@db.example:5433/velvet?sslmode=require") == {
         "dbname": "velvet", "user": "u", "password": "p@ss", "host": "db.example", "port": 5433,
         "sslmode": "require"}
@@ -326,11 +319,6 @@ def test_a_postgresql_urls_keywords_as_libpq_reads_them():
 def test_a_postgresql_url_reaches_the_server_by_its_socket_and_by_several_hosts():
     """libpq's ways to name the server in a URL, against the real one: its Unix socket's folder in the query or
     percent-encoded in the URL's host, and a list of hosts in the query (the first one down)."""
-    from urllib.parse import quote, urlsplit
-
-    from support.pg import fresh_pg_url
-    from velvet_core.storage.sql import rows
-
     url = fresh_pg_url()
     parts = urlsplit(url)
     db = open_db(url)

@@ -148,10 +148,9 @@ def _one_opener(url: str) -> Iterator[None]:
 
 def open_readonly(url: str) -> Database:
     """Connect read-only: SQLite with ``mode=ro``, PostgreSQL with read-only transactions."""
-    check_url(url)
+    db = connect(url, readonly=True)  # (checks the URL; nothing is opened or made yet)
     if url.startswith("sqlite:") and not os.path.exists(sqlite_path(url)):
         raise DatabaseURLError(f"no database at {sqlite_path(url)} (has the proxy run yet?)")
-    db = connect(url, readonly=True)
     db.connect()
     if isinstance(db, PostgresqlDatabase):  # (a statement, not the URL's options: the URL cannot undo it)
         db.execute_sql("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY")
